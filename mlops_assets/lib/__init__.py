@@ -1,0 +1,1 @@
+"""Pure, typed ML logic with no Dagster imports: the Dagster layer in `defs/` stays thin."""
