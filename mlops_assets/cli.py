@@ -1,0 +1,90 @@
+"""`mlops-assets`: the commands Dagster does not cover (simulate, status, rollback, trace).
+
+Bad arguments exit with status 2 and a message that names the argument; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mlops_assets import constants as c
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1), got {value}")
+    return value
+
+
+def _cmd_simulate_data(args: argparse.Namespace) -> int:
+    from mlops_assets.lib.dataset_spec import load_spec
+    from mlops_assets.lib.settings import load_settings
+    from mlops_assets.lib.simulator import SimulationConfig, parse_drift, simulate_records, write_batch
+
+    settings = load_settings()
+    spec = load_spec(args.spec or settings.dataset_spec_path)
+    drift = parse_drift(args.drift)
+    config = SimulationConfig(
+        n_rows=args.rows,
+        seed=args.seed,
+        duplicate_share=args.duplicate_share,
+        conflict_share=args.conflict_share,
+        drift=drift,
+    )
+    frame = simulate_records(spec, config)
+    target = write_batch(frame, args.out or settings.landing_url, fmt=args.format, name=args.name)
+    print(f"wrote {len(frame)} records ({spec.name}, seed {args.seed}) to {target}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlops-assets", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    simulate = sub.add_parser("simulate", help="simulate raw data (and, later, traffic and labels)")
+    sim_sub = simulate.add_subparsers(dest="what", required=True)
+    data = sim_sub.add_parser("data", help="write N seeded records into the landing folder")
+    data.add_argument("--rows", type=_positive_int, default=5000, help="records to write (default 5000)")
+    data.add_argument("--seed", type=int, default=c.SIMULATOR_SEED, help="random seed")
+    data.add_argument("--out", default=None, help="landing folder or fsspec URL (default: MLOPS_LANDING_URL)")
+    data.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    data.add_argument("--name", default=None, help="file name (default: batch-<UTC time>.<format>)")
+    data.add_argument("--duplicate-share", type=_share, default=None, help="share of exact duplicate rows")
+    data.add_argument("--conflict-share", type=_share, default=None,
+                      help="share of distinct feature vectors that also appear with the other label")
+    data.add_argument("--drift", action="append", default=[], metavar="FEATURE=AMOUNT",
+                      help="move AMOUNT of FEATURE's value share onto its rarest value (repeatable)")
+    data.add_argument("--spec", default=None, help="dataset spec JSON (default: MLOPS_DATASET_SPEC or phishing)")
+    data.set_defaults(func=_cmd_simulate_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        # Known bad input: one clear line, no traceback.
+        print(f"mlops-assets {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
