@@ -1,0 +1,289 @@
+"""The MLflow model registry as the platform uses it: log, register, promote, roll back, load.
+
+MLflow 3 aliases (`challenger`, `champion`, `previous-champion`), never stages. The model is
+CatBoost's native `model.cb`; its sha256 is recorded on the registry version when it is
+registered and checked before every load, and loading goes through
+`CatBoostClassifier.load_model` so nothing on the load path unpickles.
+Promotion and rollback leave a tag per event on the versions involved (`history.<when>.<action>`),
+so the history can be listed later without a separate store.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from catboost import CatBoostClassifier
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models.model import ModelInfo
+
+from mlops_assets import constants as c
+
+MODEL_ARTIFACT_FILE = "model.cb"  # the file mlflow.catboost writes inside the logged model dir
+TAG_SHA256 = "model_sha256"
+TAG_DECISION_THRESHOLD = "decision_threshold"
+HISTORY_TAG_PREFIX = "history."
+
+
+class ModelIntegrityError(RuntimeError):
+    """The model artifact's hash does not match the one recorded when it was registered."""
+
+
+class NoChampionError(LookupError):
+    """The registered model has no version under the alias asked for."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: CatBoostClassifier
+    model_name: str
+    version: str
+    run_id: str
+    sha256: str
+    tags: dict[str, str]
+
+
+@dataclass(frozen=True)
+class HistoryEvent:
+    version: str
+    action: str
+    at: str
+    by: str
+    details: dict[str, Any]
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def actor() -> str:
+    """Who acts: `MLOPS_ACTOR` (set it in CI or a sensor), else the OS user."""
+    explicit = os.environ.get("MLOPS_ACTOR")
+    if explicit:
+        return explicit
+    try:
+        return getpass.getuser()
+    except Exception:  # no user database entry (some containers)
+        return "unknown"
+
+
+# --- logging -------------------------------------------------------------------------------
+
+
+def log_catboost_model(model: CatBoostClassifier, *, input_example: pd.DataFrame, artifact_name: str = "model") -> ModelInfo:
+    """Log the model in the active MLflow run with a signature (features -> phishing probability)."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    # The signature's output is predict_proba[:, 1], the positive-class probability serving returns.
+    signature = infer_signature(input_example, model.predict_proba(input_example)[:, 1])
+    return mlflow.catboost.log_model(
+        model,
+        name=artifact_name,
+        signature=signature,
+        input_example=input_example,
+    )
+
+
+def _download(client: MlflowClient, artifact_uri: str, dst: str) -> str:
+    import mlflow.artifacts
+
+    return mlflow.artifacts.download_artifacts(
+        artifact_uri=artifact_uri, dst_path=dst, tracking_uri=client.tracking_uri
+    )
+
+
+def _model_id(model_uri: str) -> str | None:
+    # MLflow 3 logged models are addressed as models:/m-<id>; registry URIs are models:/<name>/...
+    tail = model_uri.removeprefix("models:/")
+    return tail if model_uri.startswith("models:/m-") and "/" not in tail else None
+
+
+def artifact_sha256(client: MlflowClient, model_uri: str) -> str:
+    """sha256 of the native model file under a logged model URI, as the store holds it."""
+    # The whole model dir is fetched: `models:/m-<id>/model.cb` would parse as a registry name.
+    with tempfile.TemporaryDirectory(prefix="mlops-model-") as tmp:
+        local = Path(_download(client, model_uri, tmp)) / MODEL_ARTIFACT_FILE
+        if not local.is_file():
+            raise ModelIntegrityError(f"{model_uri} holds no {MODEL_ARTIFACT_FILE}: not a native CatBoost model")
+        return file_sha256(local)
+
+
+# --- registry ------------------------------------------------------------------------------
+
+
+def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        try:
+            client.create_registered_model(
+                model_name, description="Binary classifier trained and gated by mlops_assets."
+            )
+        except MlflowException:
+            client.get_registered_model(model_name)  # created concurrently: fine if it exists now
+
+
+def find_version_for_run(client: MlflowClient, model_name: str, run_id: str) -> ModelVersion | None:
+    found = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
+
+
+def register_version(
+    client: MlflowClient, model_name: str, *, run_id: str, model_uri: str, tags: Mapping[str, str]
+) -> ModelVersion:
+    """Register the run's model as a new version tagged with its hash; alias it `challenger`.
+
+    Idempotent per run: when a version from `run_id` exists it is returned unchanged, so
+    re-materializing the same training run never makes a second version.
+    """
+    _ensure_registered_model(client, model_name)
+    existing = find_version_for_run(client, model_name, run_id)
+    if existing is not None:
+        return existing
+    all_tags = {**{k: str(v) for k, v in tags.items()}, TAG_SHA256: artifact_sha256(client, model_uri)}
+    version = client.create_model_version(
+        model_name, source=model_uri, run_id=run_id, tags=all_tags, model_id=_model_id(model_uri)
+    )
+    client.set_registered_model_alias(model_name, c.ALIAS_CHALLENGER, version.version)
+    _record_event(client, model_name, version.version, "register", run_id=run_id)
+    return client.get_model_version(model_name, version.version)
+
+
+def alias_version(client: MlflowClient, model_name: str, alias: str) -> str | None:
+    """The version under `alias`, or None when the alias (or the model) does not exist."""
+    try:
+        return str(client.get_model_version_by_alias(model_name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _record_event(client: MlflowClient, model_name: str, version: str, action: str, **details: Any) -> None:
+    now = datetime.now(UTC)
+    body = {"action": action, "at": now.isoformat(), "by": actor(), **{k: v for k, v in details.items() if v is not None}}
+    key = f"{HISTORY_TAG_PREFIX}{now.strftime('%Y%m%dT%H%M%S%fZ')}.{action}"
+    client.set_model_version_tag(model_name, version, key, json.dumps(body, sort_keys=True))
+
+
+def promote_to_champion(client: MlflowClient, model_name: str, version: str) -> str | None:
+    """Alias `version` as champion; the former champion becomes `previous-champion`.
+
+    Returns the former champion's version when it was a different one, else None.
+    """
+    version = str(version)
+    client.get_model_version(model_name, version)  # fail clearly on an unknown version
+    former = alias_version(client, model_name, c.ALIAS_CHAMPION)
+    if former == version:
+        return None
+    if former is not None:
+        client.set_registered_model_alias(model_name, c.ALIAS_PREVIOUS_CHAMPION, former)
+        _record_event(client, model_name, former, "demote", replaced_by=version)
+    client.set_registered_model_alias(model_name, c.ALIAS_CHAMPION, version)
+    _record_event(client, model_name, version, "promote", replaced=former)
+    return former
+
+
+def rollback_champion(client: MlflowClient, model_name: str) -> tuple[str, str]:
+    """Swap champion and previous-champion (rolling back twice returns to where it was).
+
+    Returns (new champion, replaced champion).
+    """
+    current = alias_version(client, model_name, c.ALIAS_CHAMPION)
+    if current is None:
+        raise NoChampionError(f"model {model_name!r} has no {c.ALIAS_CHAMPION!r} version: nothing to roll back")
+    previous = alias_version(client, model_name, c.ALIAS_PREVIOUS_CHAMPION)
+    if previous is None:
+        raise NoChampionError(
+            f"model {model_name!r} has no {c.ALIAS_PREVIOUS_CHAMPION!r} version to roll back to "
+            f"(champion is version {current})"
+        )
+    client.set_registered_model_alias(model_name, c.ALIAS_CHAMPION, previous)
+    client.set_registered_model_alias(model_name, c.ALIAS_PREVIOUS_CHAMPION, current)
+    _record_event(client, model_name, previous, "rollback-to", replaced=current)
+    _record_event(client, model_name, current, "rollback-from", replaced_by=previous)
+    return previous, current
+
+
+def resolve_version(
+    client: MlflowClient, model_name: str, *, alias: str | None = None, version: str | None = None
+) -> ModelVersion:
+    """One registry version by alias or number (champion when neither is given)."""
+    if alias and version:
+        raise ValueError("give an alias or a version, not both")
+    if version:
+        return client.get_model_version(model_name, str(version))
+    alias = alias or c.ALIAS_CHAMPION
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except MlflowException as exc:
+        raise NoChampionError(f"model {model_name!r} has no version under alias {alias!r}") from exc
+
+
+def history(client: MlflowClient, model_name: str) -> list[HistoryEvent]:
+    """Registration, promotion and rollback events of every version, oldest first."""
+    events: list[HistoryEvent] = []
+    for mv in client.search_model_versions(f"name = '{model_name}'"):
+        for key, value in (mv.tags or {}).items():
+            if not key.startswith(HISTORY_TAG_PREFIX):
+                continue
+            try:
+                body = json.loads(value)
+            except json.JSONDecodeError:
+                continue
+            details = {k: v for k, v in body.items() if k not in ("action", "at", "by")}
+            events.append(HistoryEvent(str(mv.version), body.get("action", ""), body.get("at", ""),
+                                       body.get("by", ""), details))
+    return sorted(events, key=lambda e: (e.at, int(e.version)))
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_verified_model(
+    tracking_uri: str, model_name: str, *, alias: str | None = None, version: str | None = None
+) -> LoadedModel:
+    """Download a registry version's native model, check its sha256, then load it.
+
+    Raises ModelIntegrityError when the file's hash differs from the version's `model_sha256`
+    tag (or when there is no recorded hash to check against).
+    """
+    client = MlflowClient(tracking_uri=tracking_uri)
+    mv = resolve_version(client, model_name, alias=alias, version=version)
+    tags = dict(mv.tags or {})
+    expected = tags.get(TAG_SHA256)
+    if not expected:
+        raise ModelIntegrityError(f"{model_name} version {mv.version} has no {TAG_SHA256!r} tag; refusing to load")
+    source = client.get_model_version_download_uri(model_name, mv.version)
+    with tempfile.TemporaryDirectory(prefix="mlops-model-") as tmp:
+        local = Path(_download(client, f"{source.rstrip('/')}/{MODEL_ARTIFACT_FILE}", tmp))
+        actual = file_sha256(local)
+        if actual != expected:
+            raise ModelIntegrityError(
+                f"{model_name} version {mv.version}: {MODEL_ARTIFACT_FILE} sha256 {actual} "
+                f"does not match the registered {expected}"
+            )
+        model = CatBoostClassifier()
+        model.load_model(str(local), format="cbm")
+    return LoadedModel(
+        model=model,
+        model_name=model_name,
+        version=str(mv.version),
+        run_id=mv.run_id or "",
+        sha256=actual,
+        tags=tags,
+    )
