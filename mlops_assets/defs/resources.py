@@ -1,6 +1,5 @@
 """Typed resources shared by every asset: platform settings and the Parquet/JSON IO manager."""
 
-from __future__ import annotations
 
 import json
 from typing import Any
