@@ -8,10 +8,11 @@ model, so another tabular binary-classification data set is plugged in by pointi
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 DEFAULT_SPEC_RESOURCE = "phishing_websites.json"
 

@@ -7,9 +7,9 @@ which may be any fsspec URL; MLflow's SQLite store needs a local folder and gets
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from mlops_assets import constants as c
 
