@@ -107,8 +107,16 @@ def _fingerprints(landing_url: str) -> dict[str, str]:
     return {f.name: f.fingerprint for f in ingestion.list_landed_files(landing_url)}
 
 
+# New data runs everything downstream of ingestion: validation, features and, once they exist,
+# training, evaluation, registry and deployment.
+ingestion_onward_job = dg.define_asset_job(
+    "ingestion_onward", selection=dg.AssetSelection.assets("raw_batches").downstream(),
+    description="Ingest landed files and rebuild everything downstream of them.",
+)
+
+
 @dg.sensor(
-    target=dg.AssetSelection.assets("raw_batches").downstream(),
+    job=ingestion_onward_job,
     minimum_interval_seconds=c.RAW_FILES_SENSOR_INTERVAL_SECONDS,
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
@@ -132,4 +140,4 @@ def raw_files_sensor(context: dg.SensorEvaluationContext, platform: PlatformReso
     )
 
 
-defs = dg.Definitions(assets=[raw_batches, raw_dataset], sensors=[raw_files_sensor])
+defs = dg.Definitions(assets=[raw_batches, raw_dataset], jobs=[ingestion_onward_job], sensors=[raw_files_sensor])

@@ -64,6 +64,38 @@ def _shares_for(spec: DatasetSpec, feature: str, label: int) -> dict[int, float]
     return {v: 1.0 / len(values) for v in values}
 
 
+def _draw(spec: DatasetSpec, config: SimulationConfig, rng: np.random.Generator, n: int) -> pd.DataFrame:
+    classes = sorted(spec.label_values)
+    cal = spec.calibration
+    label_p = np.array([cal.label_share.get(k, 0.0) if cal else 1.0 / len(classes) for k in classes])
+    labels = rng.choice(classes, size=n, p=label_p / label_p.sum())
+    data: dict[str, np.ndarray] = {}
+    for feature in spec.features:
+        column = np.empty(n, dtype=np.int64)
+        for label in classes:
+            shares = _shares_for(spec, feature.name, label)
+            if feature.name in config.drift:
+                shares = drifted_shares(shares, config.drift[feature.name])
+            mask = labels == label
+            p = np.array([shares[v] for v in feature.values], dtype=float)
+            column[mask] = rng.choice(feature.values, size=int(mask.sum()), p=p / p.sum())
+        data[feature.name] = column
+    data[spec.label] = labels.astype(np.int64)
+    return pd.DataFrame(data, columns=spec.columns)
+
+
+def _distinct_draws(spec: DatasetSpec, config: SimulationConfig, rng: np.random.Generator, n: int) -> pd.DataFrame:
+    """n records with pairwise distinct feature vectors, so duplicates and conflicts are only
+    the ones configured (independent draws collide now and then)."""
+    frame = _draw(spec, config, rng, n)
+    for _ in range(50):
+        frame = frame.drop_duplicates(subset=spec.feature_names, ignore_index=True)
+        if len(frame) >= n:
+            break
+        frame = pd.concat([frame, _draw(spec, config, rng, n - len(frame) + 16)], ignore_index=True)
+    return frame.head(n)
+
+
 def simulate_records(spec: DatasetSpec, config: SimulationConfig) -> pd.DataFrame:
     """Return `config.n_rows` records with the spec's columns, in the spec's order."""
     unknown = sorted(set(config.drift) - set(spec.feature_names))
@@ -82,22 +114,7 @@ def simulate_records(spec: DatasetSpec, config: SimulationConfig) -> pd.DataFram
     n_conflicts = min(round(n_distinct * conflict_share), n_distinct // 2)
     n_base = n_distinct - n_conflicts
 
-    classes = sorted(spec.label_values)
-    label_p = np.array([cal.label_share.get(k, 0.0) if cal else 1.0 / len(classes) for k in classes])
-    labels = rng.choice(classes, size=n_base, p=label_p / label_p.sum())
-    data: dict[str, np.ndarray] = {}
-    for feature in spec.features:
-        column = np.empty(n_base, dtype=np.int64)
-        for label in classes:
-            shares = _shares_for(spec, feature.name, label)
-            if feature.name in config.drift:
-                shares = drifted_shares(shares, config.drift[feature.name])
-            mask = labels == label
-            p = np.array([shares[v] for v in feature.values], dtype=float)
-            column[mask] = rng.choice(feature.values, size=int(mask.sum()), p=p / p.sum())
-        data[feature.name] = column
-    data[spec.label] = labels.astype(np.int64)
-    base = pd.DataFrame(data, columns=spec.columns)
+    base = _distinct_draws(spec, config, rng, n_base)
 
     # Conflicting labels: copies of some vectors with the other label.
     conflict_rows = base.sample(n=n_conflicts, random_state=int(rng.integers(2**31))) if n_conflicts else base.iloc[:0]
