@@ -13,6 +13,7 @@ export
 
 export DAGSTER_HOME ?= $(CURDIR)/data/dagster_home
 export PATH := $(BIN):$(PATH)
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
 DEMO_ROWS ?= 6000
 DEMO_SEED ?= 42
@@ -36,6 +37,7 @@ typecheck: install
 
 test: install lint
 	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/dg check defs
 	$(BIN)/pytest
 
 $(DAGSTER_HOME)/dagster.yaml:
