@@ -91,10 +91,10 @@ def check_contract(frame: pd.DataFrame, spec: DatasetSpec) -> list[ContractViola
             first = group.iloc[0]
             example = repr(_plain(first["failure_case"]))
             allowed = (spec.feature(str(col)).values if col != spec.label else sorted(spec.label_values))
-            row = None if pd.isna(first["index"]) else int(first["index"]) + 1
+            data_row = None if pd.isna(first["index"]) else int(first["index"]) + 1
             violations.append(ContractViolation(
                 "out_of_domain",
-                f"column {col!r} has values outside {list(allowed)}; found {example} at data row {row}",
-                column=str(col), example=example, row=row, count=len(group),
+                f"column {col!r} has values outside {list(allowed)}; found {example} at data row {data_row}",
+                column=str(col), example=example, row=data_row, count=len(group),
             ))
     return violations
