@@ -15,7 +15,8 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,6 +104,10 @@ def log_catboost_model(model: CatBoostClassifier, *, input_example: pd.DataFrame
 def _download(client: MlflowClient, artifact_uri: str, dst: str) -> str:
     import mlflow.artifacts
 
+    model_id = _model_id(artifact_uri)
+    if model_id is not None:
+        # Resolve logged-model URIs through this client: MLflow would use the global tracking URI.
+        artifact_uri = client.get_logged_model(model_id).artifact_location
     return mlflow.artifacts.download_artifacts(
         artifact_uri=artifact_uri, dst_path=dst, tracking_uri=client.tracking_uri
     )
@@ -125,6 +130,20 @@ def artifact_sha256(client: MlflowClient, model_uri: str) -> str:
 
 
 # --- registry ------------------------------------------------------------------------------
+
+
+@contextmanager
+def _global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's SQL registry resolves `models:/m-<id>` sources through the *global* tracking URI
+    (a TODO in MLflow itself), so point it at this client's store for the call."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
@@ -157,9 +176,10 @@ def register_version(
     if existing is not None:
         return existing
     all_tags = {**{k: str(v) for k, v in tags.items()}, TAG_SHA256: artifact_sha256(client, model_uri)}
-    version = client.create_model_version(
-        model_name, source=model_uri, run_id=run_id, tags=all_tags, model_id=_model_id(model_uri)
-    )
+    with _global_tracking_uri(client.tracking_uri):
+        version = client.create_model_version(
+            model_name, source=model_uri, run_id=run_id, tags=all_tags, model_id=_model_id(model_uri)
+        )
     client.set_registered_model_alias(model_name, c.ALIAS_CHALLENGER, version.version)
     _record_event(client, model_name, version.version, "register", run_id=run_id)
     return client.get_model_version(model_name, version.version)
@@ -254,6 +274,24 @@ def history(client: MlflowClient, model_name: str) -> list[HistoryEvent]:
 # --- loading -------------------------------------------------------------------------------
 
 
+def _load_native(path: Path) -> CatBoostClassifier:
+    model = CatBoostClassifier()
+    model.load_model(str(path), format="cbm")  # CatBoost's own format: nothing is unpickled
+    return model
+
+
+def load_logged_model(client: MlflowClient, model_uri: str, expected_sha256: str) -> CatBoostClassifier:
+    """Load a logged (not necessarily registered) model after checking its file's sha256."""
+    with tempfile.TemporaryDirectory(prefix="mlops-model-") as tmp:
+        local = Path(_download(client, model_uri, tmp)) / MODEL_ARTIFACT_FILE
+        actual = file_sha256(local)
+        if actual != expected_sha256:
+            raise ModelIntegrityError(
+                f"{model_uri}: {MODEL_ARTIFACT_FILE} sha256 {actual} does not match the recorded {expected_sha256}"
+            )
+        return _load_native(local)
+
+
 def load_verified_model(
     tracking_uri: str, model_name: str, *, alias: str | None = None, version: str | None = None
 ) -> LoadedModel:
@@ -277,8 +315,7 @@ def load_verified_model(
                 f"{model_name} version {mv.version}: {MODEL_ARTIFACT_FILE} sha256 {actual} "
                 f"does not match the registered {expected}"
             )
-        model = CatBoostClassifier()
-        model.load_model(str(local), format="cbm")
+        model = _load_native(local)
     return LoadedModel(
         model=model,
         model_name=model_name,
