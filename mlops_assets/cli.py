@@ -53,6 +53,23 @@ def _cmd_simulate_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import os
+
+    from mlops_assets.lib.serving.config import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT
+    from mlops_assets.lib.settings import load_settings
+    from mlops_assets.lib.status import champion_status, format_status, to_json
+
+    settings = load_settings()
+    endpoint = None if args.no_endpoint else (
+        args.endpoint or os.environ.get("MLOPS_SERVE_URL") or f"http://{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}"
+    )
+    status = champion_status(args.tracking_uri or settings.mlflow_tracking_uri,
+                             args.model_name or settings.model_name, endpoint)
+    print(to_json(status) if args.json else format_status(status))
+    return 0 if status["champion"] is not None else 1  # scripts can tell "no champion yet"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlops-assets", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="move AMOUNT of FEATURE's value share onto its rarest value (repeatable)")
     data.add_argument("--spec", default=None, help="dataset spec JSON (default: MLOPS_DATASET_SPEC or phishing)")
     data.set_defaults(func=_cmd_simulate_data)
+
+    status = sub.add_parser("status", help="the champion model: version, metrics, data and feature versions, run")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument("--model-name", default=None, help="registered model (default: MLOPS_MODEL_NAME)")
+    status.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI)")
+    status.add_argument("--endpoint", default=None,
+                        help="serving URL to health-check (default: MLOPS_SERVE_URL, else the local Serve port)")
+    status.add_argument("--no-endpoint", action="store_true", help="skip the endpoint health check")
+    status.set_defaults(func=_cmd_status)
     return parser
 
 
