@@ -2,17 +2,22 @@
 
 import dagster as dg
 
-from mlops_assets.defs import features, ingestion, validation
+from mlops_assets.defs import evaluation, features, ingestion, registry, training, validation
+from mlops_assets.defs.mlflow_resource import MlflowResource
 from mlops_assets.defs.resources import ParquetIOManager, PlatformResource
 
 defs = dg.Definitions.merge(
     ingestion.defs,
     validation.defs,
     features.defs,
+    training.defs,
+    evaluation.defs,
+    registry.defs,
     dg.Definitions(
         resources={
             "platform": PlatformResource(),
             "io_manager": ParquetIOManager(),
+            "mlflow": MlflowResource(),
         },
     ),
 )
