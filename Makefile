@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 lint: install
-	$(BIN)/ruff check mlops_assets mlops_assets_tests bench
+	$(BIN)/ruff check .
 
 typecheck: install
 	$(BIN)/mypy
