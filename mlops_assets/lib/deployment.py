@@ -1,0 +1,376 @@
+"""Deploying a registry version to the running Ray Serve application, and rolling it back.
+
+Steps, each of which fails with a reason and leaves the previous version serving:
+1. load-and-query check: the candidate is loaded through the serving code path (sha256
+   verified), answers the sample records, and its answers equal the offline model's;
+2. declarative deploy: `deploy/serve_config.yaml` with the version pinned in `user_config`,
+   PUT to the dashboard's `/api/serve/applications/` (what `serve deploy` does). A changed
+   user_config is a lightweight update: replicas `reconfigure`, nothing restarts;
+3. live check: the application is RUNNING, `/model` names the candidate, `/healthz` is 200
+   and the sample answered over HTTP equals the offline answers.
+If step 2 or 3 fails, the config that was live before is submitted again.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+import yaml
+
+from mlops_assets.lib.dataset_spec import DatasetSpec
+from mlops_assets.lib.serving.config import APP_NAME, DEPLOYMENT_NAME, ModelRef, ServiceOptions
+from mlops_assets.lib.serving.request import build_request_model, parse_predict_body, records_to_frame
+from mlops_assets.lib.serving.scoring import Scorer, positive_column, scorer_from_loaded
+
+DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
+PROBABILITY_TOLERANCE = 1e-9  # same model file, same inputs: answers must match to float precision
+# Settings replicas need, passed as runtime_env env_vars. The API token is not among them: it
+# reaches workers through the Ray head's environment (a Kubernetes Secret in the RayService),
+# so it never appears in a config that the dashboard shows.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLOPS_DATA_URL", "MLOPS_PREDICTION_LOG_URL", "MLOPS_DATASET_SPEC")
+
+
+class DeploymentError(RuntimeError):
+    """A deploy step failed; the message names the step and the reason."""
+
+
+@dataclass(frozen=True)
+class ServeTarget:
+    """Where the Ray dashboard (deploy API) and the Serve HTTP proxy listen."""
+
+    dashboard_url: str
+    serve_url: str
+    app_name: str = APP_NAME
+    token: str = ""
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.serve_url.rstrip('/')}/predict"
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    endpoint: str
+    live_version: str
+    replaced_version: str | None
+    checked_records: int
+    seconds: float
+    steps: list[str] = field(default_factory=list)
+
+
+# --- pure pieces ----------------------------------------------------------------------------
+
+
+def load_serve_config(path: str | Path | None = None) -> dict[str, Any]:
+    with open(path or DEFAULT_SERVE_CONFIG) as handle:
+        return yaml.safe_load(handle)
+
+
+def render_serve_config(
+    base: Mapping[str, Any],
+    *,
+    ref: ModelRef,
+    app_name: str = APP_NAME,
+    env_vars: Mapping[str, str] | None = None,
+    http_port: int | None = None,
+    args: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The config to submit: `base` with the model pinned and per-environment values filled in."""
+    config = copy.deepcopy(dict(base))
+    apps = [a for a in config.get("applications", []) if a.get("name") == app_name]
+    if len(apps) != 1:
+        raise DeploymentError(f"serve config must have exactly one application named {app_name!r}")
+    app = apps[0]
+    deployments = [d for d in app.setdefault("deployments", []) if d.get("name") == DEPLOYMENT_NAME]
+    if not deployments:
+        deployments = [{"name": DEPLOYMENT_NAME}]
+        app["deployments"].append(deployments[0])
+    deployments[0]["user_config"] = ref.to_user_config()
+    if env_vars:
+        runtime_env = app.setdefault("runtime_env", {})
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **{k: str(v) for k, v in env_vars.items()}}
+    if args:
+        app["args"] = {**app.get("args", {}), **dict(args)}
+    ServiceOptions.from_args(app.get("args"))  # a bad option fails here, not in a replica
+    if http_port is not None:
+        config.setdefault("http_options", {})["port"] = int(http_port)
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(config)  # the same validation the dashboard applies
+    return config
+
+
+def forwarded_env(env: Mapping[str, str]) -> dict[str, str]:
+    return {k: env[k] for k in FORWARDED_ENV if env.get(k)}
+
+
+def mismatches(expected: Sequence[float], got: Sequence[float], tol: float = PROBABILITY_TOLERANCE) -> list[int]:
+    """Indices where two probability lists differ by more than `tol` (length mismatch: all)."""
+    if len(expected) != len(got):
+        return list(range(max(len(expected), len(got))))
+    return [i for i, (a, b) in enumerate(zip(expected, got, strict=True)) if not math.isclose(a, b, abs_tol=tol)]
+
+
+def sample_records(frame: pd.DataFrame, spec: DatasetSpec, n: int = 64) -> list[dict[str, int]]:
+    """Up to `n` feature records (plain ints, spec order) from a test set or simulated frame."""
+    part = frame[spec.feature_names].head(n).astype("int64")
+    return [{k: int(v) for k, v in row.items()} for row in part.to_dict(orient="records")]
+
+
+def offline_probabilities(model: Any, records: Sequence[Mapping[str, int]], spec: DatasetSpec) -> list[float]:
+    """The model applied directly to a DataFrame: the reference the served answers must equal."""
+    frame = pd.DataFrame.from_records(list(records), columns=spec.feature_names)
+    proba = model.predict_proba(frame)
+    return [float(p) for p in proba[:, positive_column(getattr(model, "classes_", None), spec.positive_class)]]
+
+
+def offline_model(tracking_uri: str, model_name: str, version: str) -> Any:
+    """The registered model through MLflow's catboost flavor: a load path independent of serving's."""
+    import mlflow
+    import mlflow.catboost
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.catboost.load_model(f"models:/{model_name}/{version}")
+
+
+# --- step 1: load-and-query check -------------------------------------------------------------
+
+
+def check_candidate(
+    tracking_uri: str,
+    ref: ModelRef,
+    spec: DatasetSpec,
+    records: Sequence[Mapping[str, int]],
+    expected: Sequence[float],
+) -> Scorer:
+    """Load the candidate as a replica would and score `records` through the request path."""
+    import json
+
+    from mlops_assets.lib.model_store import load_verified_model
+
+    if not records:
+        raise DeploymentError("load-and-query check needs at least one sample record")
+    try:
+        loaded = load_verified_model(tracking_uri, ref.model_name, alias=ref.alias, version=ref.version)
+        scorer = scorer_from_loaded(loaded, spec)
+    except Exception as exc:
+        raise DeploymentError(f"load check: {ref.describe()} does not load: {type(exc).__name__}: {exc}") from exc
+    request_model = build_request_model(spec, max(len(records), 1))
+    body = json.dumps({"records": list(records)}).encode()
+    frame = records_to_frame(parse_predict_body(body, request_model), spec)
+    got = scorer.score(frame).probabilities
+    bad = mismatches(expected, got)
+    if bad:
+        i = bad[0]
+        raise DeploymentError(
+            f"query check: {ref.describe()} differs from the offline model on {len(bad)} of {len(records)} "
+            f"sample records (first: record {i}, served {got[i] if i < len(got) else None}, "
+            f"offline {expected[i] if i < len(expected) else None})"
+        )
+    return scorer
+
+
+# --- talking to the cluster ---------------------------------------------------------------------
+
+
+def _client(timeout: float = 10.0) -> httpx.Client:
+    return httpx.Client(timeout=timeout, trust_env=False)  # loopback: never via an HTTP proxy
+
+
+def serve_applications(target: ServeTarget) -> dict[str, Any]:
+    with _client() as client:
+        response = client.get(f"{target.dashboard_url}/api/serve/applications/")
+    response.raise_for_status()
+    return response.json()
+
+
+def app_details(target: ServeTarget) -> dict[str, Any] | None:
+    try:
+        return (serve_applications(target).get("applications") or {}).get(target.app_name)
+    except httpx.HTTPError:
+        return None
+
+
+def live_config(target: ServeTarget) -> dict[str, Any] | None:
+    """The full ServeDeploySchema as last deployed (to restore it), or None when nothing is deployed."""
+    details = serve_applications(target)
+    apps = details.get("applications") or {}
+    if target.app_name not in apps or not apps[target.app_name].get("deployed_app_config"):
+        return None
+    config = {
+        "proxy_location": details.get("proxy_location") or "HeadOnly",
+        "http_options": {k: v for k, v in (details.get("http_options") or {}).items()
+                         if k in ("host", "port", "request_timeout_s", "keep_alive_timeout_s", "root_path")},
+        "applications": [a["deployed_app_config"] for a in apps.values() if a.get("deployed_app_config")],
+    }
+    return config
+
+
+def submit(target: ServeTarget, config: Mapping[str, Any]) -> None:
+    """PUT a ServeDeploySchema to the dashboard: the declarative path `serve deploy` uses."""
+    with _client(30.0) as client:
+        response = client.put(f"{target.dashboard_url}/api/serve/applications/", json=dict(config))
+    if response.status_code != 200:
+        raise DeploymentError(f"deploy request rejected ({response.status_code}): {response.text[:500]}")
+
+
+def get_json(target: ServeTarget, path: str, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+    with _client(timeout) as client:
+        response = client.get(f"{target.serve_url.rstrip('/')}{path}")
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return response.status_code, {"error": response.text[:200]}
+
+
+def live_version(target: ServeTarget) -> str | None:
+    try:
+        status, body = get_json(target, "/model")
+    except httpx.HTTPError:
+        return None
+    return str(body["version"]) if status == 200 and body.get("version") else None
+
+
+def predict_over_http(target: ServeTarget, records: Sequence[Mapping[str, int]], spec: DatasetSpec) -> tuple[str, list[float]]:
+    with _client(30.0) as client:
+        response = client.post(target.endpoint, json={"records": list(records)},
+                               headers={"Authorization": f"Bearer {target.token}"})
+    if response.status_code != 200:
+        raise DeploymentError(f"live query: /predict answered {response.status_code}: {response.text[:300]}")
+    body = response.json()
+    key = f"{spec.positive_name}_probability"
+    return str(body["model_version"]), [float(p[key]) for p in body["predictions"]]
+
+
+def wait_until_serving(target: ServeTarget, version: str, timeout_s: float = 180.0) -> None:
+    """Wait until the app is RUNNING and `/model` names `version` (3 answers in a row)."""
+    deadline = time.monotonic() + timeout_s
+    streak, last = 0, "no answer yet"
+    while time.monotonic() < deadline:
+        details = app_details(target) or {}
+        status = details.get("status")
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise DeploymentError(f"application {target.app_name} is {status}: {details.get('message', '')[:500]}")
+        try:
+            code, body = get_json(target, "/model")
+        except httpx.HTTPError as exc:
+            code, body = 0, {"error": type(exc).__name__}
+        if code == 200 and str(body.get("version")) == version and status == "RUNNING":
+            streak += 1
+            if streak >= 3:
+                return
+        else:
+            streak = 0
+            error = body.get("last_load_error") or body.get("error")
+            if code == 200 and error and version in str(body.get("requested", "")):
+                raise DeploymentError(f"replica could not switch to version {version}: {error}")
+            last = f"status {status}, /model {code} version {body.get('version')} {error or ''}".strip()
+        time.sleep(0.5)
+    raise DeploymentError(f"version {version} not serving after {timeout_s}s ({last})")
+
+
+# --- the whole deploy -------------------------------------------------------------------------
+
+
+def deploy_version(
+    *,
+    target: ServeTarget,
+    tracking_uri: str,
+    spec: DatasetSpec,
+    version: str,
+    records: Sequence[Mapping[str, int]],
+    expected: Sequence[float],
+    model_name: str,
+    base_config: Mapping[str, Any] | None = None,
+    env_vars: Mapping[str, str] | None = None,
+    args: Mapping[str, Any] | None = None,
+    timeout_s: float = 180.0,
+) -> DeployResult:
+    """Check, deploy and verify `version`; on a failure after submitting, restore what was live."""
+    start = time.monotonic()
+    ref = ModelRef(model_name=model_name, version=str(version))
+    steps: list[str] = []
+    check_candidate(tracking_uri, ref, spec, records, expected)
+    steps.append(f"load-and-query check passed on {len(records)} records")
+
+    previous_config = live_config(target) if app_details(target) is not None else None
+    replaced = live_version(target)
+    http_port = int(httpx.URL(target.serve_url).port or 8000)
+    config = render_serve_config(base_config or load_serve_config(), ref=ref, app_name=target.app_name,
+                                 env_vars=env_vars, http_port=http_port, args=args)
+    try:
+        submit(target, config)
+        steps.append("config submitted")
+        wait_until_serving(target, ref.version or "", timeout_s)
+        code, health = get_json(target, "/healthz")
+        if code != 200:
+            raise DeploymentError(f"health check after deploy: /healthz answered {code}: {health}")
+        served_version, got = predict_over_http(target, records, spec)
+        bad = mismatches(expected, got)
+        if served_version != ref.version or bad:
+            raise DeploymentError(
+                f"live query: version {served_version} answered, {len(bad)} of {len(records)} answers differ "
+                "from the offline model"
+            )
+        steps.append("live: healthy and answers equal the offline model")
+    except Exception as exc:
+        restored = _restore(target, previous_config)
+        reason = exc if isinstance(exc, DeploymentError) else f"{type(exc).__name__}: {exc}"
+        raise DeploymentError(f"deploying version {version} failed: {reason}; {restored}") from exc
+    return DeployResult(target.endpoint, str(ref.version), replaced if replaced != ref.version else None,
+                        len(records), time.monotonic() - start, steps)
+
+
+def _restore(target: ServeTarget, previous_config: Mapping[str, Any] | None) -> str:
+    if previous_config is None:
+        return "nothing was deployed before"
+    try:
+        submit(target, previous_config)
+    except Exception as exc:  # report, but the original failure is what the caller must see
+        return f"restoring the previous config failed too: {exc}"
+    return "the previous config was restored (its replicas kept their model)"
+
+
+def delete_app(target: ServeTarget) -> None:
+    """Remove every Serve application (what `serve shutdown` does over the REST API)."""
+    with _client(30.0) as client:
+        client.delete(f"{target.dashboard_url}/api/serve/applications/")
+
+
+def rollback(
+    *,
+    target: ServeTarget,
+    tracking_uri: str,
+    spec: DatasetSpec,
+    model_name: str,
+    records: Sequence[Mapping[str, int]],
+    base_config: Mapping[str, Any] | None = None,
+    env_vars: Mapping[str, str] | None = None,
+    args: Mapping[str, Any] | None = None,
+) -> DeployResult:
+    """Swap `champion` and `previous-champion`, then deploy the new champion, in one step.
+
+    If the deploy fails, the aliases are swapped back, so the registry keeps naming what serves.
+    """
+    from mlflow import MlflowClient
+
+    from mlops_assets.lib.model_store import rollback_champion
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    new, replaced = rollback_champion(client, model_name)
+    try:
+        expected = offline_probabilities(offline_model(tracking_uri, model_name, new), records, spec)
+        return deploy_version(target=target, tracking_uri=tracking_uri, spec=spec, version=new,
+                              records=records, expected=expected, model_name=model_name,
+                              base_config=base_config, env_vars=env_vars, args=args)
+    except Exception as exc:
+        rollback_champion(client, model_name)
+        raise DeploymentError(f"rollback to version {new} (from {replaced}) failed and was undone: {exc}") from exc

@@ -1,0 +1,216 @@
+"""The Ray Serve application: a FastAPI ingress over `ServiceCore`.
+
+Deployed declaratively from `deploy/serve_config.yaml` (import path
+`mlops_assets.lib.serving.app:build_app`); the deployment's `user_config` names the registry
+version, so switching versions is a `reconfigure` on running replicas, not a restart.
+Routes are plain functions over the replica's one `ServiceCore` (one replica per worker
+process), which lets tests run the same FastAPI app without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import pandas as pd
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mlops_assets.lib.dataset_spec import DatasetSpec, load_spec
+from mlops_assets.lib.serving.config import (
+    DEPLOYMENT_NAME,
+    PREDICTION_LOG_ENV,
+    PREDICTIONS_SUBDIR,
+    TOKEN_ENV,
+    ModelRef,
+    ServiceOptions,
+)
+from mlops_assets.lib.serving.metrics import RayServeMetrics, ServingMetrics
+from mlops_assets.lib.serving.prediction_log import PredictionLogWriter
+from mlops_assets.lib.serving.request import RequestError
+from mlops_assets.lib.serving.scoring import ScoredRecords, Scorer, score_many, scorer_from_loaded
+from mlops_assets.lib.serving.service import ServiceCore
+from mlops_assets.lib.settings import Settings, join_url, load_settings
+
+logger = logging.getLogger(__name__)
+
+KNOWN_ROUTES = {"/predict", "/healthz", "/model"}
+
+api = FastAPI(
+    title="mlops_assets prediction service",
+    description="Binary classification over the dataset spec's features. POST /predict needs a bearer token.",
+    version="1",
+)
+
+_core: ServiceCore | None = None  # set by the replica (or a test) before requests arrive
+
+
+def set_core(core: ServiceCore | None) -> None:
+    global _core
+    _core = core
+
+
+def _require_core() -> ServiceCore:
+    if _core is None:
+        raise RequestError(503, "service is starting; no model loaded yet")
+    return _core
+
+
+def prediction_log_url(settings: Settings, options: ServiceOptions, env: dict[str, str] | None = None) -> str:
+    """Configured URL (option, then env MLOPS_PREDICTION_LOG_URL), else `<data root>/predictions`."""
+    env = dict(os.environ) if env is None else env
+    return options.prediction_log_url or env.get(PREDICTION_LOG_ENV) or join_url(settings.data_url, PREDICTIONS_SUBDIR)
+
+
+def registry_loader(tracking_uri: str, spec: DatasetSpec):
+    """Load a version through model_store (sha256 verified, native CatBoost format)."""
+    from mlops_assets.lib.model_store import load_verified_model
+
+    def load(ref: ModelRef) -> Scorer:
+        loaded = load_verified_model(tracking_uri, ref.model_name, alias=ref.alias, version=ref.version)
+        return scorer_from_loaded(loaded, spec)
+
+    return load
+
+
+# --- error handling: a JSON message for every failure, never a traceback or a path -------
+
+
+def _error_response(status: int, body: dict[str, Any]) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+    return _error_response(exc.status_code, exc.body())
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error_response(exc.status_code, {"error": str(exc.detail)})
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(422, {"error": "invalid request"})
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error in the prediction service")
+    return _error_response(500, {"error": "internal error; the server log has the details"})
+
+
+@api.middleware("http")
+async def _count(request: Request, call_next):
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        if _core is not None:
+            route = request.url.path if request.url.path in KNOWN_ROUTES else "other"
+            _core.metrics.request(route, status, time.perf_counter() - start)
+
+
+# --- routes --------------------------------------------------------------------------------
+
+
+@api.post("/predict", summary="Score 1..max_records records", openapi_extra={
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+})
+async def predict(request: Request) -> JSONResponse:
+    core = _require_core()
+    result = await core.predict(request.headers, request.stream())
+    return JSONResponse(result.body())
+
+
+@api.get("/healthz", summary="200 when a model is loaded, else 503")
+async def healthz() -> JSONResponse:
+    if _core is None:
+        return JSONResponse(status_code=503, content={"status": "unavailable", "error": "starting"})
+    ok, body = _core.health()
+    return JSONResponse(status_code=200 if ok else 503, content=body)
+
+
+@api.get("/model", summary="The served version: training run, feature version, trained at, features")
+async def model() -> JSONResponse:
+    return JSONResponse(_require_core().model_info())
+
+
+# --- the Ray Serve deployment ---------------------------------------------------------------
+
+
+@serve.deployment(
+    name=DEPLOYMENT_NAME,
+    # Scoring is a few ms; a small in-flight limit plus a bounded queue turns overload into a
+    # fast 503 ("Request dropped due to backpressure") instead of unbounded latency.
+    max_ongoing_requests=16,
+    max_queued_requests=64,
+    health_check_period_s=5,
+    health_check_timeout_s=10,
+    graceful_shutdown_timeout_s=20,
+    user_config=ModelRef().to_user_config(),
+    ray_actor_options={"num_cpus": 0.5},
+)
+@serve.ingress(api)
+class PredictionService:
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        opts = ServiceOptions.from_args(options)
+        settings = load_settings()
+        spec = load_spec(opts.dataset_spec_path or settings.dataset_spec_path)
+        metrics: ServingMetrics = RayServeMetrics()
+        log = PredictionLogWriter(
+            prediction_log_url(settings, opts),
+            flush_interval_s=opts.log_flush_interval_s,
+            flush_rows=opts.log_flush_rows,
+            max_buffer_rows=opts.log_max_buffer_rows,
+            on_failure=metrics.prediction_log_failure,
+            on_flush=metrics.prediction_log_written,
+        )
+        core = ServiceCore(
+            spec=spec,
+            options=opts,
+            token=os.environ.get(TOKEN_ENV, ""),
+            metrics=metrics,
+            log_writer=log,
+            loader=registry_loader(settings.mlflow_tracking_uri, spec),
+        )
+        core.score_fn = self._score_batched
+        self._core = core
+        set_core(core)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        await self._core.reconfigure(ModelRef.from_user_config(user_config))
+
+    def check_health(self) -> None:
+        self._core.check_health()
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _score_batched(self, frames: list[pd.DataFrame]) -> list[ScoredRecords]:
+        # One model snapshot per batch: every request in it is answered by the same version.
+        import asyncio
+
+        scorer = self._core.require_scorer()
+        return await asyncio.to_thread(score_many, scorer, frames)
+
+    def __del__(self) -> None:
+        # Graceful shutdown: write what the prediction log still holds.
+        core = getattr(self, "_core", None)
+        if core is not None:
+            core.close()
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Application builder for the Serve config's `import_path`; `args` are ServiceOptions."""
+    options = ServiceOptions.from_args(args)  # fail the deploy early on a bad option
+    return PredictionService.bind({k: v for k, v in vars(options).items() if v is not None})

@@ -1,0 +1,208 @@
+"""The service's logic without Ray: auth, body limits, scoring, logging, model switching.
+
+`app.py` wraps this in a Ray Serve deployment; tests drive it directly or through FastAPI's
+test client. One `ServiceCore` lives in each replica process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from mlops_assets.lib.dataset_spec import DatasetSpec
+from mlops_assets.lib.serving.config import ModelRef, ServiceOptions
+from mlops_assets.lib.serving.metrics import ServingMetrics
+from mlops_assets.lib.serving.prediction_log import PredictionLogWriter, prediction_rows
+from mlops_assets.lib.serving.request import (
+    RequestError,
+    build_request_model,
+    parse_predict_body,
+    records_to_frame,
+)
+from mlops_assets.lib.serving.scoring import ScoredRecords, Scorer, prediction_items, score_many
+
+logger = logging.getLogger(__name__)
+
+ScoreFn = Callable[[pd.DataFrame], Awaitable[ScoredRecords]]
+
+
+def bearer_token_ok(authorization: str | None, expected: str) -> bool:
+    """True when the header is `Bearer <expected>`; the comparison takes constant time."""
+    if not authorization or not expected:
+        return False
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(token.strip().encode(), expected.encode())
+
+
+def is_json_content_type(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def read_limited(chunks: AsyncIterator[bytes], declared_length: str | None, limit: int) -> bytes:
+    """Read a body of at most `limit` bytes; 413 as soon as it is known to be larger."""
+    too_large = RequestError(413, f"request body is larger than the limit of {limit} bytes; send fewer records")
+    if declared_length is not None:
+        try:
+            if int(declared_length) > limit:
+                raise too_large
+        except ValueError:
+            raise RequestError(400, "Content-Length header is not a number") from None
+    body = bytearray()
+    async for chunk in chunks:
+        body.extend(chunk)
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+@dataclass
+class PredictResult:
+    request_id: str
+    model_version: str
+    predictions: list[dict[str, Any]]
+
+    def body(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "model_version": self.model_version, "predictions": self.predictions}
+
+
+class ServiceCore:
+    """State of one replica: the spec, the current scorer, the prediction log and metrics."""
+
+    def __init__(
+        self,
+        *,
+        spec: DatasetSpec,
+        options: ServiceOptions,
+        token: str,
+        metrics: ServingMetrics,
+        log_writer: PredictionLogWriter,
+        loader: Callable[[ModelRef], Scorer],
+    ) -> None:
+        if not token:
+            raise ValueError("MLOPS_API_TOKEN is empty: refusing to serve /predict without authentication")
+        self.spec = spec
+        self.options = options
+        self.metrics = metrics
+        self.log = log_writer
+        self.request_model = build_request_model(spec, options.max_records)
+        self._token = token
+        self._loader = loader
+        self._reconfigure_lock = asyncio.Lock()
+        self.scorer: Scorer | None = None
+        self.requested: ModelRef | None = None
+        self.load_error: str | None = None
+        self.score_fn: ScoreFn = self._score_direct
+
+    # --- model ---------------------------------------------------------------------------
+
+    async def reconfigure(self, ref: ModelRef) -> None:
+        """Load `ref` and swap it in; on failure keep serving the current model.
+
+        The load runs in a thread so requests keep flowing; the swap is one reference
+        assignment, so each request is scored wholly by the old or wholly by the new model.
+        Never raises: a replica without any model fails its health check instead.
+        """
+        async with self._reconfigure_lock:
+            self.requested = ref
+            if self.scorer is not None and ref.version and self.scorer.version == ref.version \
+                    and self.scorer.info.get("model_name") == ref.model_name:
+                self.load_error = None
+                return
+            try:
+                scorer = await asyncio.to_thread(self._loader, ref)
+            except Exception as exc:
+                self.load_error = f"loading {ref.describe()} failed: {type(exc).__name__}: {exc}"
+                kept = f"; still serving version {self.scorer.version}" if self.scorer else "; no model loaded"
+                logger.error("%s%s", self.load_error, kept)
+                return
+            previous = self.scorer.version if self.scorer else None
+            self.scorer = scorer
+            self.load_error = None
+            self.metrics.model_loaded(scorer.version)
+            logger.info("now serving %s version %s (was %s)", ref.model_name, scorer.version, previous)
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        if self.scorer is None:
+            return False, {"status": "unavailable", "error": self.load_error or "no model loaded yet"}
+        body: dict[str, Any] = {"status": "ok", "model_version": self.scorer.version}
+        if self.load_error:
+            body["last_load_error"] = self.load_error
+        return True, body
+
+    def check_health(self) -> None:
+        """Ray's replica health check: raise when there is nothing to serve."""
+        ok, body = self.health()
+        if not ok:
+            raise RuntimeError(str(body["error"]))
+
+    def model_info(self) -> dict[str, Any]:
+        if self.scorer is None:
+            raise RequestError(503, f"no model loaded: {self.load_error or 'still starting'}")
+        return {
+            **self.scorer.info,
+            "requested": self.requested.describe() if self.requested else None,
+            "last_load_error": self.load_error,
+            "label_values": {str(k): v for k, v in self.spec.label_values.items()},
+            "positive_class": self.spec.positive_class,
+            "max_records": self.options.max_records,
+            "features": {f.name: sorted(f.values) for f in self.spec.features},
+        }
+
+    # --- prediction ----------------------------------------------------------------------
+
+    def authorize(self, authorization: str | None) -> None:
+        if not bearer_token_ok(authorization, self._token):
+            problem = "missing bearer token" if not authorization else "invalid bearer token"
+            raise RequestError(401, f"{problem}: send 'Authorization: Bearer <MLOPS_API_TOKEN>'")
+
+    async def _score_direct(self, frame: pd.DataFrame) -> ScoredRecords:
+        scorer = self.require_scorer()
+        return (await asyncio.to_thread(score_many, scorer, [frame]))[0]
+
+    def require_scorer(self) -> Scorer:
+        scorer = self.scorer
+        if scorer is None:
+            raise RequestError(503, f"no model loaded: {self.load_error or 'still starting'}")
+        return scorer
+
+    async def predict(
+        self, headers: Mapping[str, str], chunks: AsyncIterator[bytes]
+    ) -> PredictResult:
+        """Auth, content type, size, schema, score, log: each failure a RequestError naming it."""
+        self.authorize(headers.get("authorization"))
+        if not is_json_content_type(headers.get("content-type")):
+            raise RequestError(415, f"Content-Type must be application/json, got {headers.get('content-type')!r}")
+        raw = await read_limited(chunks, headers.get("content-length"), self.options.max_body_bytes)
+        records = parse_predict_body(raw, self.request_model)
+        frame = records_to_frame(records, self.spec)
+        self.require_scorer()
+        try:
+            scored = await asyncio.wait_for(self.score_fn(frame), timeout=self.options.predict_timeout_s)
+        except TimeoutError:
+            raise RequestError(
+                504, f"prediction took longer than {self.options.predict_timeout_s}s; retry or send fewer records"
+            ) from None
+        request_id = uuid.uuid4().hex
+        items = prediction_items(scored, self.spec)
+        for label, n in pd.Series(scored.labels).value_counts().items():
+            self.metrics.predictions(self.spec.label_values[int(label)], int(n))
+        self.log.append(prediction_rows(
+            request_id=request_id, model_version=scored.version, records=records,
+            labels=scored.labels, probabilities=scored.probabilities,
+        ))
+        return PredictResult(request_id, scored.version, items)
+
+    def close(self) -> None:
+        self.log.close()
