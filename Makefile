@@ -7,9 +7,15 @@ VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-# Per-environment settings: .env when present (dagster dev reads it too), else the defaults.
+# Per-environment settings from .env (dagster dev reads it too). Make creates it on first use
+# with a fresh serving token, so nothing is copied by hand; edit it freely (it is git-ignored).
 -include .env
 export
+
+.env:
+	@echo "# Local settings for mlops_assets (made by make; git-ignored). See README: Configuration." > $@
+	@echo "MLOPS_API_TOKEN=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(24))')" >> $@
+	@echo "made .env with a new MLOPS_API_TOKEN"
 
 export DAGSTER_HOME ?= $(CURDIR)/data/dagster_home
 export PATH := $(BIN):$(PATH)
@@ -45,7 +51,7 @@ $(DAGSTER_HOME)/dagster.yaml:
 	touch $@
 
 demo: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/mlops-assets simulate data --rows $(DEMO_ROWS) --seed $(DEMO_SEED)
+	$(BIN)/mlops-assets simulate data --rows $(DEMO_ROWS) --seed $(DEMO_SEED) --name demo-seed$(DEMO_SEED).csv
 	$(BIN)/dagster asset materialize -m mlops_assets.definitions --select '*'
 	$(BIN)/mlops-assets status
 
