@@ -70,6 +70,32 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0 if status["champion"] is not None else 1  # scripts can tell "no champion yet"
 
 
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    import os
+
+    from mlops_assets.lib import deployment as dep
+    from mlops_assets.lib.dataset_spec import load_spec
+    from mlops_assets.lib.settings import load_settings
+
+    settings = load_settings()
+    target = dep.target_from_env(dashboard_url=args.dashboard_url, serve_url=args.endpoint)
+    tracking_uri = args.tracking_uri or settings.mlflow_tracking_uri
+    env_vars = {**dep.forwarded_env(os.environ),
+                "MLFLOW_TRACKING_URI": tracking_uri, "MLOPS_DATA_URL": settings.data_url}
+    spec = load_spec(settings.dataset_spec_path)
+    try:
+        result = dep.rollback(target=target, tracking_uri=tracking_uri, spec=spec,
+                              model_name=args.model_name or settings.model_name,
+                              records=dep.simulated_sample(spec), env_vars=env_vars)
+    except (dep.DeploymentError, LookupError) as exc:
+        # The registry and the endpoint are as they were: say why, exit 1.
+        print(f"mlops-assets rollback: failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"rolled back: version {result.live_version} is champion and live at {result.endpoint} "
+          f"(replaced version {result.replaced_version})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlops-assets", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="serving URL to health-check (default: MLOPS_SERVE_URL, else the local Serve port)")
     status.add_argument("--no-endpoint", action="store_true", help="skip the endpoint health check")
     status.set_defaults(func=_cmd_status)
+
+    rollback = sub.add_parser("rollback", help="champion := previous-champion, redeployed to Ray Serve, in one step")
+    rollback.add_argument("--model-name", default=None, help="registered model (default: MLOPS_MODEL_NAME)")
+    rollback.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI)")
+    rollback.add_argument("--dashboard-url", default=None,
+                          help="Ray dashboard (default: MLOPS_RAY_DASHBOARD_URL, else the local head)")
+    rollback.add_argument("--endpoint", default=None,
+                          help="serving URL (default: MLOPS_SERVE_URL, else the local Serve port)")
+    rollback.set_defaults(func=_cmd_rollback)
     return parser
 
 

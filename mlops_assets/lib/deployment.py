@@ -66,11 +66,31 @@ class DeployResult:
     steps: list[str] = field(default_factory=list)
 
 
+def target_from_env(
+    env: Mapping[str, str] | None = None, *, dashboard_url: str | None = None, serve_url: str | None = None
+) -> ServeTarget:
+    """Explicit URLs, else MLOPS_RAY_DASHBOARD_URL / MLOPS_SERVE_URL, else the local head's ports."""
+    import os
+
+    from mlops_assets.lib.ray_cluster import config_from_env
+
+    env = os.environ if env is None else env
+    cluster = config_from_env(env)
+    return ServeTarget(
+        dashboard_url=dashboard_url or env.get("MLOPS_RAY_DASHBOARD_URL") or cluster.dashboard_url,
+        serve_url=serve_url or env.get("MLOPS_SERVE_URL") or cluster.serve_url,
+        token=env.get("MLOPS_API_TOKEN", ""),
+    )
+
+
 # --- pure pieces ----------------------------------------------------------------------------
 
 
 def load_serve_config(path: str | Path | None = None) -> dict[str, Any]:
-    with open(path or DEFAULT_SERVE_CONFIG) as handle:
+    """The Serve config: `path`, else env MLOPS_SERVE_CONFIG, else the repository's deploy/serve_config.yaml."""
+    import os
+
+    with open(path or os.environ.get("MLOPS_SERVE_CONFIG") or DEFAULT_SERVE_CONFIG) as handle:
         return yaml.safe_load(handle)
 
 
@@ -123,6 +143,13 @@ def sample_records(frame: pd.DataFrame, spec: DatasetSpec, n: int = 64) -> list[
     """Up to `n` feature records (plain ints, spec order) from a test set or simulated frame."""
     part = frame[spec.feature_names].head(n).astype("int64")
     return [{k: int(v) for k, v in row.items()} for row in part.to_dict(orient="records")]
+
+
+def simulated_sample(spec: DatasetSpec, n: int = 64, seed: int = 20240611) -> list[dict[str, int]]:
+    """Check records when no test set is at hand (rollback): seeded draws from the spec's domains."""
+    from mlops_assets.lib.simulator import SimulationConfig, simulate_records
+
+    return sample_records(simulate_records(spec, SimulationConfig(n_rows=n, seed=seed)), spec, n)
 
 
 def offline_probabilities(model: Any, records: Sequence[Mapping[str, int]], spec: DatasetSpec) -> list[float]:
