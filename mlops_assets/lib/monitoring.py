@@ -1,0 +1,558 @@
+"""Monitoring rules on the prediction log: windows, freshness, delayed labels, live metrics,
+degradation, the post-deployment watch and the retraining request of a drift event.
+
+Pure pandas (no whylogs, no Dagster): the assets and sensors call these and attach what they
+return as metadata. Drift statistics themselves live in `drift.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import fsspec
+import numpy as np
+import pandas as pd
+from scipy import stats
+from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
+logger = logging.getLogger(__name__)
+
+# Prediction log columns, as monitoring names them; features sit between meta and outputs.
+TIMESTAMP = "timestamp"
+REQUEST_ID = "request_id"
+MODEL_VERSION = "model_version"
+RECORD_INDEX = "record_index"  # position of the record in its request (0 for one-record requests)
+PREDICTED_LABEL = "label"
+PROBABILITY = "phishing_probability"
+# Names other writers use for the same thing (the serving log writes `logged_at`, `probability`).
+COLUMN_ALIASES = {"logged_at": TIMESTAMP, "probability": PROBABILITY}
+LOG_SUFFIXES = (".parquet", ".jsonl")
+
+# Delayed labels.
+TRUE_LABEL = "true_label"  # the joined column (the log's `label` is the prediction)
+LABELLED_AT = "labelled_at"
+LABEL_SUFFIXES = (".csv", ".parquet", ".pq")
+
+# Defaults of the rules (constants.py style; the lead may move them to constants.py).
+MONITORING_WINDOW = "1h"
+MAX_PROFILE_AGE = "3h"  # newest prediction older than this: the monitoring data is stale
+DEGRADATION_TOLERANCE = 0.05  # absolute drop of a live metric below its offline value
+DEGRADATION_METRICS = ("f1", "roc_auc", "accuracy")
+MIN_LABELLED = 200  # fewer labelled predictions: live metrics are reported, never judged
+WATCH_WINDOW = "30min"
+WATCH_MAX_ERROR_RATE = 0.05
+WATCH_MAX_LATENCY_P95_S = 0.5
+WATCH_MAX_POSITIVE_SHARE_DELTA = 0.15  # absolute change of the share predicted positive
+WATCH_MAX_PROBABILITY_KS = 0.2
+WATCH_MIN_REQUESTS = 50
+RETRAIN_COOLDOWN_S = 6 * 3600
+RETRAIN_KEYS_KEPT = 200  # event keys remembered in a sensor cursor (bounded)
+
+
+class MonitoringError(ValueError):
+    """Bad input to a monitoring rule (an unparseable window, a log without timestamps)."""
+
+
+def to_timedelta(value: str | timedelta | float | int, what: str = "duration") -> timedelta:
+    """'1h', '15min', a timedelta, or seconds; must be positive."""
+    try:
+        out = pd.to_timedelta(value, unit="s") if isinstance(value, int | float) else pd.to_timedelta(value)
+    except (ValueError, TypeError) as exc:
+        raise MonitoringError(f"{what} {value!r} is not a duration like '1h' or '15min'") from exc
+    if out <= pd.Timedelta(0):
+        raise MonitoringError(f"{what} must be positive, got {value!r}")
+    return out.to_pytimedelta()
+
+
+def _utc(at: datetime | pd.Timestamp | str) -> pd.Timestamp:
+    ts = pd.Timestamp(at)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+@dataclass(frozen=True)
+class FilesRead:
+    """A frame read from many files, and the files that could not be read (with why)."""
+
+    frame: pd.DataFrame
+    files: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+def _list_files(url: str, suffixes: Sequence[str]) -> tuple[Any, list[str]]:
+    fs, root = fsspec.core.url_to_fs(url)
+    if not fs.exists(root):
+        return fs, []
+    # Hidden names are files being written (write-then-rename), never data.
+    paths = [p for p in fs.find(root) if p.endswith(tuple(suffixes)) and not p.rsplit("/", 1)[-1].startswith(".")]
+    return fs, sorted(paths)
+
+
+def _read_file(fs: Any, path: str) -> pd.DataFrame:
+    with fs.open(path, "rb") as handle:
+        if path.endswith((".parquet", ".pq")):
+            return pd.read_parquet(handle)
+        if path.endswith(".jsonl"):
+            return pd.read_json(handle, lines=True, dtype=False)
+        return pd.read_csv(handle)
+
+
+def _read_all(url: str, suffixes: Sequence[str]) -> FilesRead:
+    fs, paths = _list_files(url, suffixes)
+    frames, read, skipped = [], [], []
+    for path in paths:
+        try:
+            frames.append(_read_file(fs, path))
+            read.append(path)
+        except Exception as exc:  # one corrupt file must not stop monitoring; it is reported
+            skipped.append((path, f"{type(exc).__name__}: {exc}"))
+            logger.warning("skipping unreadable file %s: %s", path, exc)
+    frames = [f for f in frames if len(f.columns)]
+    frame = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return FilesRead(frame, tuple(read), tuple(skipped))
+
+
+def normalize_prediction_log(frame: pd.DataFrame) -> pd.DataFrame:
+    """Canonical names and types: UTC timestamps, str ids, int record index; oldest first.
+
+    Rows whose timestamp cannot be parsed are dropped (they cannot be windowed).
+    """
+    out = frame.rename(columns={k: v for k, v in COLUMN_ALIASES.items() if k in frame and v not in frame})
+    if out.empty and TIMESTAMP not in out:
+        return pd.DataFrame({TIMESTAMP: pd.Series([], dtype="datetime64[ns, UTC]"),
+                             REQUEST_ID: pd.Series([], dtype=str), MODEL_VERSION: pd.Series([], dtype=str),
+                             RECORD_INDEX: pd.Series([], dtype="int64")})
+    if TIMESTAMP not in out:
+        raise MonitoringError(f"prediction log has no {TIMESTAMP!r} column; columns: {list(out.columns)}")
+    out = out.copy()
+    out[TIMESTAMP] = pd.to_datetime(out[TIMESTAMP], utc=True, errors="coerce", format="mixed")
+    bad = int(out[TIMESTAMP].isna().sum())
+    if bad:
+        logger.warning("dropping %d prediction log rows without a readable timestamp", bad)
+        out = out[out[TIMESTAMP].notna()]
+    for name in (REQUEST_ID, MODEL_VERSION):
+        if name in out:
+            out[name] = out[name].astype(str)
+    out[RECORD_INDEX] = out[RECORD_INDEX].fillna(0).astype("int64") if RECORD_INDEX in out else 0
+    sort_by = [c for c in (TIMESTAMP, REQUEST_ID, RECORD_INDEX) if c in out]
+    return out.sort_values(sort_by, kind="stable").reset_index(drop=True)
+
+
+def read_prediction_log_files(url: str) -> FilesRead:
+    """Every *.parquet and *.jsonl under `url` (recursively), normalized; unreadable files skipped."""
+    raw = _read_all(url, LOG_SUFFIXES)
+    return FilesRead(normalize_prediction_log(raw.frame), raw.files, raw.skipped)
+
+
+def read_prediction_log(url: str) -> pd.DataFrame:
+    """The prediction log under an fsspec URL as one frame, oldest first (empty if none)."""
+    return read_prediction_log_files(url).frame
+
+
+def monitored_columns(feature_names: Sequence[str], probability_column: str = PROBABILITY) -> list[str]:
+    """What a production profile holds: the inputs and the outputs, not the ids."""
+    return [*feature_names, PREDICTED_LABEL, probability_column]
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows and freshness
+
+
+@dataclass(frozen=True)
+class Window:
+    """A half-open time window [start, end) of the prediction log."""
+
+    start: pd.Timestamp
+    end: pd.Timestamp
+    rows: int
+    newest: pd.Timestamp | None  # the latest record in it
+
+    @property
+    def key(self) -> str:
+        """Stable name, usable as a partition key, file name or run key part."""
+        return self.start.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def complete(self, now: datetime | pd.Timestamp) -> bool:
+        """No more records can land in it (the window has ended)."""
+        return _utc(now) >= self.end
+
+
+def split_windows(log: pd.DataFrame, window: str | timedelta = MONITORING_WINDOW) -> list[tuple[Window, pd.DataFrame]]:
+    """Cut the log into epoch-aligned windows (empty windows are skipped), oldest first."""
+    width = pd.Timedelta(to_timedelta(window, "window"))
+    if log.empty:
+        return []
+    times = pd.to_datetime(log[TIMESTAMP], utc=True)
+    # Align on the epoch rather than the first record so every run cuts the same windows.
+    starts = times.dt.floor(width)
+    out = []
+    for start, part in log.groupby(starts, sort=True):
+        start = pd.Timestamp(start)
+        newest = pd.Timestamp(pd.to_datetime(part[TIMESTAMP], utc=True).max())
+        out.append((Window(start, start + width, len(part), newest), part.reset_index(drop=True)))
+    return out
+
+
+@dataclass(frozen=True)
+class Freshness:
+    fresh: bool
+    newest: pd.Timestamp | None
+    age_seconds: float | None
+    max_age_seconds: float
+    reason: str
+
+
+def freshness(
+    newest: datetime | pd.Timestamp | None, now: datetime | pd.Timestamp, max_age: str | timedelta = MAX_PROFILE_AGE
+) -> Freshness:
+    """Is the newest data younger than `max_age`? No data at all is stale."""
+    limit = to_timedelta(max_age, "max_age").total_seconds()
+    if newest is None or pd.isna(newest):
+        return Freshness(False, None, None, limit, "no data yet")
+    at = _utc(newest)
+    age = (_utc(now) - at).total_seconds()
+    if age > limit:
+        return Freshness(False, at, age, limit, f"newest data is {age:.0f}s old (> {limit:.0f}s)")
+    return Freshness(True, at, age, limit, f"newest data is {max(age, 0.0):.0f}s old")
+
+
+def window_freshness(
+    windows: Sequence[Window], now: datetime | pd.Timestamp, max_age: str | timedelta = MAX_PROFILE_AGE
+) -> Freshness:
+    """Freshness of the newest window, judged by its newest record (not its end, which would
+    call an hour-old record fresh just because its window is long)."""
+    stamps = [w.newest if w.newest is not None else w.start for w in windows]
+    return freshness(max(stamps) if stamps else None, now, max_age)
+
+
+# ---------------------------------------------------------------------------------------------
+# Delayed labels
+
+
+def read_labels(url: str) -> FilesRead:
+    """Every label file (CSV or Parquet) under the landing URL; unreadable files skipped."""
+    raw = _read_all(url, LABEL_SUFFIXES)
+    frame = raw.frame
+    if not frame.empty:
+        missing = [c for c in (REQUEST_ID, PREDICTED_LABEL) if c not in frame]
+        if missing:
+            raise MonitoringError(f"label files lack columns {missing}; need request_id, label, labelled_at")
+    return FilesRead(frame, raw.files, raw.skipped)
+
+
+@dataclass(frozen=True)
+class LabelJoin:
+    """The log's rows with their true label where one arrived, and what did not fit."""
+
+    joined: pd.DataFrame  # labelled predictions only, with TRUE_LABEL and LABELLED_AT
+    n_predictions: int
+    n_labels: int  # label rows read
+    n_matched: int  # predictions that got a label
+    n_unknown: int  # labels for no logged prediction (not yet flushed, or wrong ids)
+    n_duplicates: int  # extra label rows for a key already labelled (the latest one wins)
+    n_conflicting: int  # keys whose duplicate labels disagree
+    n_invalid: int  # labels outside the data set's label values, or unparseable
+    unknown_ids: tuple[str, ...] = field(default=())
+
+    def metadata(self) -> dict[str, int]:
+        return {k: int(getattr(self, k)) for k in (
+            "n_predictions", "n_labels", "n_matched", "n_unknown", "n_duplicates", "n_conflicting", "n_invalid")}
+
+
+def join_labels(
+    log: pd.DataFrame, labels: pd.DataFrame, label_values: Collection[int] | None = None, max_unknown_ids: int = 20
+) -> LabelJoin:
+    """Join delayed labels onto predictions by (request_id, record_index).
+
+    Labels without a record_index mean record 0 (one-record requests). Duplicates keep the
+    latest `labelled_at` (a correction supersedes); nothing here raises on bad rows, it counts.
+    """
+    key = [REQUEST_ID, RECORD_INDEX]
+    preds = log.copy()
+    if RECORD_INDEX not in preds:
+        preds[RECORD_INDEX] = 0
+    preds[REQUEST_ID] = preds[REQUEST_ID].astype(str)
+    preds = preds.drop_duplicates(subset=key, keep="first")  # a retried flush may log a row twice
+
+    lab = labels.copy()
+    n_labels = len(lab)
+    if n_labels == 0:
+        empty = preds.iloc[:0].assign(**{TRUE_LABEL: pd.Series([], dtype="int64"), LABELLED_AT: pd.NaT})
+        return LabelJoin(empty, len(preds), 0, 0, 0, 0, 0, 0)
+    lab[REQUEST_ID] = lab[REQUEST_ID].astype(str)
+    lab[RECORD_INDEX] = pd.to_numeric(lab[RECORD_INDEX], errors="coerce").fillna(0).astype("int64") \
+        if RECORD_INDEX in lab else 0
+    lab[LABELLED_AT] = pd.to_datetime(lab[LABELLED_AT], utc=True, errors="coerce", format="mixed") \
+        if LABELLED_AT in lab else pd.NaT
+    lab[TRUE_LABEL] = pd.to_numeric(lab[PREDICTED_LABEL], errors="coerce")
+    valid = lab[TRUE_LABEL].notna() & (lab[TRUE_LABEL] % 1 == 0)
+    if label_values is not None:
+        valid &= lab[TRUE_LABEL].isin(list(label_values))
+    n_invalid = int((~valid).sum())
+    lab = lab[valid].copy()
+    lab[TRUE_LABEL] = lab[TRUE_LABEL].astype("int64")
+
+    distinct_per_key = lab.groupby(key)[TRUE_LABEL].nunique()
+    n_conflicting = int((distinct_per_key > 1).sum())
+    # Latest labelled_at wins; ties and missing times keep file order (stable sort, NaT first).
+    lab = lab.sort_values(LABELLED_AT, kind="stable", na_position="first")
+    deduped = lab.drop_duplicates(subset=key, keep="last")
+    n_duplicates = len(lab) - len(deduped)
+
+    merged = deduped[[*key, TRUE_LABEL, LABELLED_AT]].merge(
+        preds[key].assign(_known=True), on=key, how="left")
+    unknown = merged[merged["_known"].isna()]
+    joined = preds.drop(columns=[TRUE_LABEL, LABELLED_AT], errors="ignore").merge(
+        deduped[[*key, TRUE_LABEL, LABELLED_AT]], on=key, how="inner")
+    return LabelJoin(
+        joined=joined.reset_index(drop=True),
+        n_predictions=len(preds),
+        n_labels=n_labels,
+        n_matched=len(joined),
+        n_unknown=len(unknown),
+        n_duplicates=n_duplicates,
+        n_conflicting=n_conflicting,
+        n_invalid=n_invalid,
+        unknown_ids=tuple(unknown[REQUEST_ID].astype(str).head(max_unknown_ids)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Live performance and its degradation
+
+
+def online_metrics(
+    joined: pd.DataFrame, positive_class: int, probability_column: str = PROBABILITY
+) -> dict[str, float]:
+    """Live metrics of labelled predictions; the positive class is the spec's (phishing = -1).
+
+    ROC-AUC needs both true classes present and is NaN otherwise; every metric is NaN when
+    nothing is labelled (n_labelled says how many rows stand behind the numbers).
+    """
+    n = len(joined)
+    out: dict[str, float] = {"n_labelled": float(n)}
+    names = ("accuracy", "precision", "recall", "f1", "roc_auc", "positive_share_true", "positive_share_predicted")
+    if n == 0:
+        return {**out, **dict.fromkeys(names, math.nan)}
+    y_true = (joined[TRUE_LABEL].to_numpy() == positive_class).astype(np.int64)
+    y_pred = (joined[PREDICTED_LABEL].to_numpy() == positive_class).astype(np.int64)
+    out.update({
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "precision": float(precision_score(y_true, y_pred, zero_division=0)),
+        "recall": float(recall_score(y_true, y_pred, zero_division=0)),
+        "f1": float(f1_score(y_true, y_pred, zero_division=0)),
+        "positive_share_true": float(y_true.mean()),
+        "positive_share_predicted": float(y_pred.mean()),
+    })
+    both = len(np.unique(y_true)) == 2
+    has_proba = probability_column in joined and joined[probability_column].notna().all()
+    out["roc_auc"] = float(roc_auc_score(y_true, joined[probability_column].to_numpy(dtype=float))) \
+        if both and has_proba else math.nan
+    return out
+
+
+@dataclass(frozen=True)
+class DegradationRule:
+    """Degraded when a live metric falls more than `tolerance` (absolute) below its offline value."""
+
+    tolerance: float = DEGRADATION_TOLERANCE
+    metrics: tuple[str, ...] = DEGRADATION_METRICS
+    min_labelled: int = MIN_LABELLED
+
+
+@dataclass(frozen=True)
+class Degradation:
+    degraded: bool
+    judged: bool  # False when too few labels to say anything
+    reasons: tuple[str, ...]
+    deltas: dict[str, float]  # live - offline, per metric compared
+
+
+def degradation(
+    live: Mapping[str, float], offline: Mapping[str, float], rule: DegradationRule | None = None
+) -> Degradation:
+    """Compare live metrics (from `online_metrics`) with the serving model's hold-out metrics."""
+    rule = rule or DegradationRule()
+    n = int(live.get("n_labelled", 0) or 0)
+    if n < rule.min_labelled:
+        return Degradation(False, False, (f"only {n} labelled predictions (< {rule.min_labelled})",), {})
+    deltas: dict[str, float] = {}
+    reasons: list[str] = []
+    for name in rule.metrics:
+        now, before = live.get(name, math.nan), offline.get(name, math.nan)
+        if now is None or before is None or math.isnan(now) or math.isnan(before):
+            continue  # e.g. ROC-AUC with one class among the labels
+        deltas[name] = now - before
+        if before - now > rule.tolerance:
+            reasons.append(f"{name} {now:.3f} is {before - now:.3f} below offline {before:.3f} (> {rule.tolerance})")
+    if not deltas:
+        return Degradation(False, False, ("no metric comparable with the offline metrics",), {})
+    return Degradation(bool(reasons), True, tuple(reasons) or ("within tolerance",), deltas)
+
+
+# ---------------------------------------------------------------------------------------------
+# After a deployment
+
+
+@dataclass(frozen=True)
+class WatchLimits:
+    window: str = WATCH_WINDOW
+    max_error_rate: float = WATCH_MAX_ERROR_RATE
+    max_latency_p95_s: float = WATCH_MAX_LATENCY_P95_S
+    max_positive_share_delta: float = WATCH_MAX_POSITIVE_SHARE_DELTA
+    max_probability_ks: float = WATCH_MAX_PROBABILITY_KS
+    min_requests: int = WATCH_MIN_REQUESTS
+
+
+@dataclass(frozen=True)
+class WatchObservation:
+    """What was seen of the new version since it was deployed (from metrics and the log)."""
+
+    requests: int
+    errors: int
+    latency_p95_s: float | None = None
+    positive_share_delta: float | None = None  # vs the previous version, see `prediction_shift`
+    probability_ks: float | None = None
+
+
+@dataclass(frozen=True)
+class WatchDecision:
+    verdict: str  # "rollback", "watching" (window open, nothing wrong yet) or "passed"
+    reasons: tuple[str, ...]
+
+    @property
+    def rollback(self) -> bool:
+        return self.verdict == "rollback"
+
+
+def prediction_shift(
+    before: pd.DataFrame, after: pd.DataFrame, positive_class: int, probability_column: str = PROBABILITY
+) -> tuple[float | None, float | None]:
+    """(change of the share predicted positive, KS statistic of the probabilities), after vs before.
+
+    Raw log rows are at hand for a watch window, so this is exact (no sketches); None when a
+    side is empty.
+    """
+    if before.empty or after.empty:
+        return None, None
+    share_before = float((before[PREDICTED_LABEL] == positive_class).mean())
+    share_after = float((after[PREDICTED_LABEL] == positive_class).mean())
+    ks = None
+    if probability_column in before and probability_column in after:
+        ks = float(stats.ks_2samp(before[probability_column].dropna(), after[probability_column].dropna()).statistic)
+    return share_after - share_before, ks
+
+
+def watch_decision(
+    observation: WatchObservation,
+    deployed_at: datetime | pd.Timestamp,
+    now: datetime | pd.Timestamp,
+    limits: WatchLimits | None = None,
+) -> WatchDecision:
+    """Roll back when any limit is broken. Rates, shifts and p95 need `min_requests` behind them
+    (a cold replica's first requests are slow and few), except an error count that already
+    dooms the first `min_requests`."""
+    limits = limits or WatchLimits()
+    window = to_timedelta(limits.window, "watch window")
+    reasons: list[str] = []
+    obs = observation
+    if obs.requests >= limits.min_requests:
+        rate = obs.errors / obs.requests
+        if rate > limits.max_error_rate:
+            reasons.append(f"error rate {rate:.3f} > {limits.max_error_rate} ({obs.errors}/{obs.requests})")
+        if obs.positive_share_delta is not None and abs(obs.positive_share_delta) > limits.max_positive_share_delta:
+            reasons.append(f"share predicted positive moved {obs.positive_share_delta:+.3f} "
+                           f"(limit {limits.max_positive_share_delta})")
+        if obs.probability_ks is not None and obs.probability_ks > limits.max_probability_ks:
+            reasons.append(f"probability distribution moved: KS {obs.probability_ks:.3f} > {limits.max_probability_ks}")
+        if obs.latency_p95_s is not None and obs.latency_p95_s > limits.max_latency_p95_s:
+            reasons.append(f"latency p95 {obs.latency_p95_s:.3f}s > {limits.max_latency_p95_s}s")
+    elif obs.errors > limits.max_error_rate * limits.min_requests:
+        # The first min_requests cannot come in under the limit any more: waiting for more
+        # traffic would only prolong an outage.
+        reasons.append(f"{obs.errors} errors in {obs.requests} requests: the error rate over the first "
+                       f"{limits.min_requests} will exceed {limits.max_error_rate}")
+    if reasons:
+        return WatchDecision("rollback", tuple(reasons))
+    if _utc(now) < _utc(deployed_at) + window:
+        waiting = "" if obs.requests >= limits.min_requests else f"; {obs.requests} of {limits.min_requests} requests"
+        return WatchDecision("watching", (f"within limits so far{waiting}",))
+    if obs.requests < limits.min_requests:
+        return WatchDecision("passed", (f"window over with only {obs.requests} requests: nothing to judge",))
+    return WatchDecision("passed", ("within limits for the whole window",))
+
+
+# ---------------------------------------------------------------------------------------------
+# Retraining requests of drift events
+
+
+def drift_event_key(model_version: str, window_key: str) -> str:
+    """One drift event per (serving version, window): the sensor's run key."""
+    return f"drift-{model_version}-{window_key}"
+
+
+@dataclass(frozen=True)
+class RetrainCursor:
+    """What a drift sensor remembers between ticks (stored as its cursor string)."""
+
+    last_requested_at: str | None = None  # ISO UTC
+    keys: tuple[str, ...] = ()  # recent event keys already handled, newest last
+
+    def to_json(self) -> str:
+        return json.dumps({"last_requested_at": self.last_requested_at, "keys": list(self.keys)})
+
+    @classmethod
+    def from_json(cls, text: str | None) -> RetrainCursor:
+        if not text:
+            return cls()
+        try:
+            raw = json.loads(text)
+            return cls(raw.get("last_requested_at"), tuple(str(k) for k in raw.get("keys", [])))
+        except (ValueError, AttributeError, TypeError):
+            logger.warning("unreadable retrain cursor %r: starting afresh", text[:80])
+            return cls()
+
+
+@dataclass(frozen=True)
+class RetrainDecision:
+    request: bool
+    run_key: str | None
+    reason: str
+    cursor: RetrainCursor  # store this whatever the decision
+
+
+def retrain_decision(
+    event_key: str | None,
+    cursor: RetrainCursor,
+    now: datetime | pd.Timestamp,
+    *,
+    run_in_progress: bool,
+    cooldown_s: float = RETRAIN_COOLDOWN_S,
+    keys_kept: int = RETRAIN_KEYS_KEPT,
+) -> RetrainDecision:
+    """Request a retraining run for a drift event, at most once per event, never while one runs,
+    and not again within `cooldown_s` of the last request (drift lasting many windows is one
+    problem, not one per window)."""
+    if event_key is None:
+        return RetrainDecision(False, None, "no drift", cursor)
+    if event_key in cursor.keys:
+        return RetrainDecision(False, None, f"event {event_key} already handled", cursor)
+    if run_in_progress:
+        # Not remembered: once that run ends the event is judged again (cooldown permitting).
+        return RetrainDecision(False, None, "a retraining run is in progress", cursor)
+    if cursor.last_requested_at is not None:
+        since = (_utc(now) - _utc(cursor.last_requested_at)).total_seconds()
+        if since < cooldown_s:
+            # Not remembered either: drift still reported once the cooldown is over asks again.
+            return RetrainDecision(False, None, f"cooldown: {cooldown_s - since:.0f}s left", cursor)
+    new = RetrainCursor(_utc(now).isoformat(), (*cursor.keys, event_key)[-keys_kept:])
+    return RetrainDecision(True, event_key, "drift event: retraining requested", new)
