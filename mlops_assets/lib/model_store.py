@@ -98,7 +98,15 @@ def log_catboost_model(model: CatBoostClassifier, *, input_example: pd.DataFrame
         name=artifact_name,
         signature=signature,
         input_example=input_example,
+        # Explicit pins: MLflow's inference would spawn a subprocess per log (seconds) to guess them.
+        pip_requirements=_pip_requirements(),
     )
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "catboost", "pandas", "numpy")]
 
 
 def _download(client: MlflowClient, artifact_uri: str, dst: str) -> str:
