@@ -333,6 +333,78 @@ def test_rollback_returns_the_previous_version(platform: Platform) -> None:
     assert [p["phishing_probability"] for p in response.json()["predictions"]] == platform.expected("1", records)
 
 
+@pytest.fixture()
+def serve_config_file(platform: Platform, tmp_path: Path) -> str:
+    """deploy/serve_config.yaml with this module's args, as MLOPS_SERVE_CONFIG would point to."""
+    import yaml
+
+    config = dep.load_serve_config()
+    config["applications"][0]["args"] = dict(ARGS)
+    path = tmp_path / "serve_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def _resources(platform: Platform, serve_config_file: str) -> dict[str, Any]:
+    from mlops_assets.defs.deployment import RayServeResource
+    from mlops_assets.defs.mlflow_resource import MlflowResource
+    from mlops_assets.defs.resources import PlatformResource
+
+    return {
+        "platform": PlatformResource(data_url=platform.env_vars["MLOPS_DATA_URL"]),
+        "mlflow": MlflowResource(tracking_uri=platform.tracking_uri, model_name=MODEL_NAME),
+        "ray_serve": RayServeResource(dashboard_url=platform.target.dashboard_url, serve_url=platform.target.serve_url,
+                                      api_token=TOKEN, serve_config_path=serve_config_file),
+    }
+
+
+def test_model_deployment_asset_deploys_the_champion(platform: Platform, serve_config_file: str) -> None:
+    import dagster as dg
+
+    from mlops_assets.defs.deployment import model_deployment, serving_health
+
+    client = MlflowClient(tracking_uri=platform.tracking_uri)
+    model_store.promote_to_champion(client, MODEL_NAME, "2")
+    live_before = dep.live_version(platform.target)
+    split = platform.sample.assign(split="test")
+    registered = {"model_name": MODEL_NAME, "version": "2", "champion_version": "2"}
+    resources = _resources(platform, serve_config_file)
+    with dg.build_asset_context() as context:
+        result = model_deployment(context=context, registered_model=registered, train_test_split=split, **resources)
+    assert result.value["live_version"] == "2"
+    assert result.metadata["live_version"] == "2"
+    assert result.metadata["replaced_version"] == (live_before if live_before != "2" else "none")
+    assert result.metadata["endpoint"].url == platform.target.endpoint
+    check = serving_health(ray_serve=resources["ray_serve"], model_deployment=result.value)
+    assert check.passed
+
+    with pytest.raises(dg.Failure, match="no champion"), dg.build_asset_context() as context:
+        model_deployment(context=context, train_test_split=split, **resources,
+                         registered_model={**registered, "champion_version": None})
+
+
+def test_cli_rollback_then_rollback_job(platform: Platform, serve_config_file: str,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlops_assets.cli import main
+    from mlops_assets.defs.deployment import rollback_job
+
+    client = MlflowClient(tracking_uri=platform.tracking_uri)
+    assert model_store.alias_version(client, MODEL_NAME, c.ALIAS_CHAMPION) == "2"
+    for key, value in platform.env_vars.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MLOPS_API_TOKEN", TOKEN)
+    monkeypatch.setenv("MLOPS_SERVE_CONFIG", serve_config_file)
+    assert main(["rollback", "--model-name", MODEL_NAME, "--dashboard-url", platform.target.dashboard_url,
+                 "--endpoint", platform.target.serve_url]) == 0
+    assert dep.live_version(platform.target) == "1"
+    assert model_store.alias_version(client, MODEL_NAME, c.ALIAS_CHAMPION) == "1"
+
+    result = rollback_job.execute_in_process(resources=_resources(platform, serve_config_file))
+    assert result.success
+    assert dep.live_version(platform.target) == "2"
+    assert model_store.alias_version(client, MODEL_NAME, c.ALIAS_CHAMPION) == "2"
+
+
 def test_metrics_are_exported_for_prometheus(platform: Platform) -> None:
     deadline = time.monotonic() + 60
     text = ""
@@ -368,6 +440,6 @@ def test_the_prediction_log_holds_every_answered_request(platform: Platform) -> 
     print(f"prediction log: {len(platform.answered)} answered requests, {len(logged)} rows, all present")
 
 
-def test_trace_directory_layout_is_partitioned_by_day(platform: Platform) -> None:
+def test_prediction_log_parts_are_partitioned_by_day_and_complete(platform: Platform) -> None:
     parts = list(Path(platform.log_url).glob("date=*/part-*.parquet"))
     assert parts and not list(Path(platform.log_url).glob("date=*/*.tmp"))

@@ -266,15 +266,29 @@ def live_version(target: ServeTarget) -> str | None:
     return str(body["version"]) if status == 200 and body.get("version") else None
 
 
-def predict_over_http(target: ServeTarget, records: Sequence[Mapping[str, int]], spec: DatasetSpec) -> tuple[str, list[float]]:
-    with _client(30.0) as client:
-        response = client.post(target.endpoint, json={"records": list(records)},
-                               headers={"Authorization": f"Bearer {target.token}"})
-    if response.status_code != 200:
-        raise DeploymentError(f"live query: /predict answered {response.status_code}: {response.text[:300]}")
-    body = response.json()
+def predict_over_http(
+    target: ServeTarget, records: Sequence[Mapping[str, int]], spec: DatasetSpec, max_records: int | None = None
+) -> tuple[str, list[float]]:
+    """Score records over HTTP in requests of at most the service's `max_records`; (version, probabilities)."""
+    if max_records is None:
+        _, info = get_json(target, "/model")
+        max_records = int(info.get("max_records") or len(records) or 1)
     key = f"{spec.positive_name}_probability"
-    return str(body["model_version"]), [float(p[key]) for p in body["predictions"]]
+    versions: set[str] = set()
+    probabilities: list[float] = []
+    with _client(30.0) as client:
+        for start in range(0, len(records), max_records):
+            chunk = list(records[start:start + max_records])
+            response = client.post(target.endpoint, json={"records": chunk},
+                                   headers={"Authorization": f"Bearer {target.token}"})
+            if response.status_code != 200:
+                raise DeploymentError(f"live query: /predict answered {response.status_code}: {response.text[:300]}")
+            body = response.json()
+            versions.add(str(body["model_version"]))
+            probabilities += [float(p[key]) for p in body["predictions"]]
+    if len(versions) != 1:
+        raise DeploymentError(f"live query: answers came from versions {sorted(versions)}, expected one")
+    return versions.pop(), probabilities
 
 
 def wait_until_serving(target: ServeTarget, version: str, timeout_s: float = 180.0) -> None:
