@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -102,16 +102,19 @@ def _read_file(fs: Any, path: str) -> pd.DataFrame:
         if path.endswith((".parquet", ".pq")):
             return pd.read_parquet(handle)
         if path.endswith(".jsonl"):
-            return pd.read_json(handle, lines=True, dtype=False)
-        return pd.read_csv(handle)
+            return pd.read_json(handle, lines=True, dtype=False, precise_float=True)
+        return pd.read_csv(handle, dtype={REQUEST_ID: str})  # "1e5" is an id, not a number
 
 
-def _read_all(url: str, suffixes: Sequence[str]) -> FilesRead:
+def _read_all(
+    url: str, suffixes: Sequence[str], per_file: Callable[[pd.DataFrame], pd.DataFrame] | None = None
+) -> FilesRead:
     fs, paths = _list_files(url, suffixes)
     frames, read, skipped = [], [], []
     for path in paths:
         try:
-            frames.append(_read_file(fs, path))
+            frame = _read_file(fs, path)
+            frames.append(per_file(frame) if per_file else frame)
             read.append(path)
         except Exception as exc:  # one corrupt file must not stop monitoring; it is reported
             skipped.append((path, f"{type(exc).__name__}: {exc}"))
@@ -121,12 +124,20 @@ def _read_all(url: str, suffixes: Sequence[str]) -> FilesRead:
     return FilesRead(frame, tuple(read), tuple(skipped))
 
 
+def _canonical_names(frame: pd.DataFrame) -> pd.DataFrame:
+    # Per file, before concatenation: files written under either name must line up.
+    out = frame.rename(columns={k: v for k, v in COLUMN_ALIASES.items() if k in frame and v not in frame})
+    if TIMESTAMP in out:
+        out[TIMESTAMP] = pd.to_datetime(out[TIMESTAMP], utc=True, errors="coerce", format="mixed")
+    return out
+
+
 def normalize_prediction_log(frame: pd.DataFrame) -> pd.DataFrame:
     """Canonical names and types: UTC timestamps, str ids, int record index; oldest first.
 
     Rows whose timestamp cannot be parsed are dropped (they cannot be windowed).
     """
-    out = frame.rename(columns={k: v for k, v in COLUMN_ALIASES.items() if k in frame and v not in frame})
+    out = _canonical_names(frame)
     if out.empty and TIMESTAMP not in out:
         return pd.DataFrame({TIMESTAMP: pd.Series([], dtype="datetime64[ns, UTC]"),
                              REQUEST_ID: pd.Series([], dtype=str), MODEL_VERSION: pd.Series([], dtype=str),
@@ -149,7 +160,7 @@ def normalize_prediction_log(frame: pd.DataFrame) -> pd.DataFrame:
 
 def read_prediction_log_files(url: str) -> FilesRead:
     """Every *.parquet and *.jsonl under `url` (recursively), normalized; unreadable files skipped."""
-    raw = _read_all(url, LOG_SUFFIXES)
+    raw = _read_all(url, LOG_SUFFIXES, per_file=_canonical_names)
     return FilesRead(normalize_prediction_log(raw.frame), raw.files, raw.skipped)
 
 
