@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,16 @@ def test_merged_halves_equal_the_whole(spec: DatasetSpec, simulated: pd.DataFram
     assert set(favicon["values"]) == {-1, 1}
     assert sum(favicon["values"].values()) == len(frame) - favicon["null"]
     assert whole["columns"]["URL_Length"]["values"] == frame["URL_Length"].value_counts().to_dict()
+
+
+def test_window_timestamps_survive_and_merge_keeps_the_earliest() -> None:
+    frame = pd.DataFrame({"a": [1, -1, 1]})
+    early = drift.profile_frame(frame, dataset_timestamp=pd.Timestamp("2024-06-11T10:00:00Z"))
+    late = drift.profile_frame(frame, dataset_timestamp=datetime(2024, 6, 11, 11))  # naive: UTC
+    assert drift.profile_summary(late)["dataset_timestamp"] == "2024-06-11T11:00:00+00:00"
+    merged = drift.profile_summary(drift.merge_profiles([late, early]))
+    assert merged["dataset_timestamp"] == "2024-06-11T10:00:00+00:00"
+    assert merged["columns"]["a"]["values"] == {-1: 2, 1: 4}
 
 
 def test_merge_of_nothing_is_an_empty_profile() -> None:

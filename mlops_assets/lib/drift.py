@@ -103,9 +103,14 @@ def profile_frame(frame: pd.DataFrame, dataset_timestamp: datetime | None = None
     """Profile a frame into a serialized, mergeable profile.
 
     Pass only the columns worth monitoring (features and outputs): an id column would cost a
-    cardinality sketch and frequent items for nothing.
+    cardinality sketch and frequent items for nothing. `dataset_timestamp` (e.g. the window's
+    start; naive means UTC) is kept in the profile, and a merge keeps the earliest.
     """
-    profile = DatasetProfile(dataset_timestamp=dataset_timestamp)
+    stamp = None
+    if dataset_timestamp is not None:
+        at = pd.Timestamp(dataset_timestamp)
+        stamp = (at.tz_localize("UTC") if at.tzinfo is None else at.tz_convert("UTC")).to_pydatetime()
+    profile = DatasetProfile(dataset_timestamp=stamp)
     profile.track(pandas=_integral_floats_as_int(frame))
     return profile.view().serialize()
 
@@ -231,7 +236,7 @@ def _value_counts(column: ColumnProfileView) -> dict[Any, int] | None:
 # Drift
 
 
-def hellinger(p: Sequence[float], q: Sequence[float]) -> float:
+def hellinger(p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray) -> float:
     """Hellinger distance of two discrete distributions on the same support, in [0, 1]."""
     a, b = np.asarray(p, dtype=float), np.asarray(q, dtype=float)
     a, b = a / a.sum(), b / b.sum()
