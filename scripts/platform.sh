@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Start or stop the long-running local platform on loopback: Dagster webserver and daemon
+# (`dagster dev`, so sensors and schedules run), the MLflow UI, and the Ray head with Serve.
+# Each service writes its pid to data/run/ and its log to data/logs/; `down` stops only those.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN="${BIN:-$PWD/.venv/bin}"
+RUN_DIR=data/run
+LOG_DIR=data/logs
+DAGSTER_PORT="${DAGSTER_PORT:-3000}"
+MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+mkdir -p "$RUN_DIR" "$LOG_DIR" "${DAGSTER_HOME:?DAGSTER_HOME must be set (the Makefile sets it)}"
+touch "$DAGSTER_HOME/dagster.yaml"
+
+alive() { [ -f "$RUN_DIR/$1.pid" ] && kill -0 "$(cat "$RUN_DIR/$1.pid")" 2>/dev/null; }
+
+start() {  # name, command...
+  local name=$1; shift
+  if alive "$name"; then
+    echo "$name already running (pid $(cat "$RUN_DIR/$name.pid"))"
+    return
+  fi
+  setsid "$@" >"$LOG_DIR/$name.log" 2>&1 < /dev/null &
+  echo $! >"$RUN_DIR/$name.pid"
+  echo "started $name (pid $!, log $LOG_DIR/$name.log)"
+}
+
+stop() {  # name
+  local name=$1
+  if alive "$name"; then
+    # The whole process group: dagster dev and mlflow start children of their own.
+    kill -TERM -- "-$(cat "$RUN_DIR/$name.pid")" 2>/dev/null || kill -TERM "$(cat "$RUN_DIR/$name.pid")"
+    echo "stopped $name"
+  fi
+  rm -f "$RUN_DIR/$name.pid"
+}
+
+mlflow_store() {
+  "$BIN/python" -c "from mlops_assets.lib.settings import load_settings as s; x = s(); print(x.mlflow_tracking_uri, x.mlflow_artifact_root)"
+}
+
+case "${1:-}" in
+  up)
+    "$BIN/python" -m mlops_assets.lib.ray_cluster up
+    read -r tracking artifacts < <(mlflow_store)
+    mkdir -p "$("$BIN/python" -c "from mlops_assets.lib.settings import load_settings as s; import pathlib; print(pathlib.Path(s().data_url) / 'mlflow')")"
+    start mlflow "$BIN/mlflow" server --backend-store-uri "$tracking" --default-artifact-root "$artifacts" \
+      --host 127.0.0.1 --port "$MLFLOW_PORT"
+    start dagster "$BIN/dagster" dev -w workspace.yaml --host 127.0.0.1 --port "$DAGSTER_PORT"
+    echo "Dagster UI: http://127.0.0.1:$DAGSTER_PORT   MLflow UI: http://127.0.0.1:$MLFLOW_PORT"
+    ;;
+  down)
+    stop dagster
+    stop mlflow
+    "$BIN/python" -m mlops_assets.lib.ray_cluster down
+    ;;
+  *)
+    echo "usage: $0 up|down" >&2
+    exit 2
+    ;;
+esac
