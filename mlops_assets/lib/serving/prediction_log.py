@@ -98,7 +98,7 @@ class PredictionLogWriter:
         self.log_url = log_url
         self._interval = flush_interval_s
         self._flush_rows = flush_rows
-        self._max_buffer = max(max_buffer_rows, flush_rows)
+        self._max_buffer = max_buffer_rows
         self._on_failure = on_failure or (lambda kind, n: None)
         self._on_flush = on_flush or (lambda n: None)
         self._writer = writer

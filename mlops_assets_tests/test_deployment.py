@@ -1,0 +1,159 @@
+"""Deploy logic without a cluster: config rendering, comparisons, restore-on-failure, local head settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from mlops_assets.lib import deployment as dep
+from mlops_assets.lib.ray_cluster import ClusterConfig, config_from_env, head_command
+from mlops_assets.lib.serving.config import ModelRef
+
+
+def _app(config: dict[str, Any]) -> dict[str, Any]:
+    return config["applications"][0]
+
+
+def test_the_shipped_serve_config_is_valid_and_points_at_the_app() -> None:
+    config = dep.load_serve_config()
+    app = _app(config)
+    assert app["import_path"] == "mlops_assets.lib.serving.app:build_app"
+    assert config["http_options"]["host"] == "127.0.0.1"
+    assert "MLOPS_API_TOKEN" not in str(config)  # the token never goes into a config
+    from mlops_assets.lib.serving.app import build_app
+
+    assert build_app(app["args"]) is not None
+
+
+def test_render_pins_the_version_and_fills_the_environment() -> None:
+    base = dep.load_serve_config()
+    out = dep.render_serve_config(base, ref=ModelRef(model_name="m", version="4"),
+                                  env_vars={"MLFLOW_TRACKING_URI": "sqlite:////x.db"}, http_port=8123,
+                                  args={"max_records": 10})
+    deployment = _app(out)["deployments"][0]
+    assert deployment["user_config"] == {"model_name": "m", "version": "4"}
+    assert _app(out)["runtime_env"]["env_vars"] == {"MLFLOW_TRACKING_URI": "sqlite:////x.db"}
+    assert out["http_options"]["port"] == 8123 and _app(out)["args"]["max_records"] == 10
+    assert _app(base)["deployments"][0]["user_config"] == {"model_name": "phishing-classifier", "alias": "champion"}
+
+
+def test_render_rejects_a_bad_option_or_a_missing_app() -> None:
+    base = dep.load_serve_config()
+    with pytest.raises(ValueError, match="unknown serving option"):
+        dep.render_serve_config(base, ref=ModelRef(version="1"), args={"max_recrods": 10})
+    with pytest.raises(dep.DeploymentError, match="exactly one application"):
+        dep.render_serve_config(base, ref=ModelRef(version="1"), app_name="other")
+
+
+def test_mismatches() -> None:
+    assert dep.mismatches([0.1, 0.2], [0.1, 0.2]) == []
+    assert dep.mismatches([0.1, 0.2], [0.1, 0.2001]) == [1]
+    assert dep.mismatches([0.1], [0.1, 0.2]) == [0, 1]
+
+
+def test_forwarded_env_never_includes_the_token() -> None:
+    env = {"MLOPS_API_TOKEN": "t", "MLFLOW_TRACKING_URI": "sqlite:////a.db", "MLOPS_DATA_URL": "", "HOME": "/root"}
+    assert dep.forwarded_env(env) == {"MLFLOW_TRACKING_URI": "sqlite:////a.db"}
+
+
+class FakeCluster:
+    """Records submitted configs; `fail_wait` makes the replicas never report the candidate."""
+
+    def __init__(self, live: str | None, fail_wait: bool = False) -> None:
+        self.live = live
+        self.fail_wait = fail_wait
+        self.submitted: list[dict[str, Any]] = []
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        previous = {"applications": [{"name": "phishing", "marker": "previous"}]} if self.live else None
+        monkeypatch.setattr(dep, "check_candidate", lambda *a, **k: None)
+        monkeypatch.setattr(dep, "app_details", lambda target: {"status": "RUNNING"} if self.live else None)
+        monkeypatch.setattr(dep, "live_config", lambda target: previous)
+        monkeypatch.setattr(dep, "live_version", lambda target: self.live)
+        monkeypatch.setattr(dep, "submit", lambda target, config: self.submitted.append(config))
+
+        def wait(target, version, timeout_s=0):
+            if self.fail_wait:
+                raise dep.DeploymentError(f"replica could not switch to version {version}: boom")
+            self.live = version
+
+        monkeypatch.setattr(dep, "wait_until_serving", wait)
+        monkeypatch.setattr(dep, "get_json", lambda target, path, timeout=5.0: (200, {"status": "ok"}))
+        monkeypatch.setattr(dep, "predict_over_http", lambda target, records, spec: (self.live, [0.25] * len(records)))
+
+
+def _deploy(spec, version: str = "2", expected: float = 0.25) -> dep.DeployResult:
+    target = dep.ServeTarget("http://127.0.0.1:1", "http://127.0.0.1:2", token="t")
+    records = [{f.name: f.values[0] for f in spec.features}] * 3
+    return dep.deploy_version(target=target, tracking_uri="sqlite:////nowhere.db", spec=spec, version=version,
+                              records=records, expected=[expected] * 3, model_name="m")
+
+
+def test_a_successful_deploy_reports_live_and_replaced(spec, monkeypatch) -> None:
+    cluster = FakeCluster(live="1")
+    cluster.install(monkeypatch)
+    result = _deploy(spec)
+    assert (result.live_version, result.replaced_version) == ("2", "1")
+    assert len(cluster.submitted) == 1
+    assert _app(cluster.submitted[0])["deployments"][0]["user_config"]["version"] == "2"
+
+
+def test_a_failed_switch_restores_the_previous_config(spec, monkeypatch) -> None:
+    cluster = FakeCluster(live="1", fail_wait=True)
+    cluster.install(monkeypatch)
+    with pytest.raises(dep.DeploymentError, match="could not switch.*previous config was restored"):
+        _deploy(spec)
+    assert cluster.submitted[-1] == {"applications": [{"name": "phishing", "marker": "previous"}]}
+
+
+def test_live_answers_that_differ_fail_and_restore(spec, monkeypatch) -> None:
+    cluster = FakeCluster(live="1")
+    cluster.install(monkeypatch)
+    with pytest.raises(dep.DeploymentError, match="differ from the offline model"):
+        _deploy(spec, expected=0.5)
+    assert len(cluster.submitted) == 2  # the candidate, then the previous config again
+
+
+def test_first_deploy_failure_says_nothing_was_deployed(spec, monkeypatch) -> None:
+    cluster = FakeCluster(live=None, fail_wait=True)
+    cluster.install(monkeypatch)
+    with pytest.raises(dep.DeploymentError, match="nothing was deployed before"):
+        _deploy(spec)
+
+
+def test_head_command_is_loopback_and_configurable() -> None:
+    cfg = ClusterConfig(port=7000, dashboard_port=7001, metrics_export_port=7002,
+                        extra_ports={"ray-client-server-port": 7003})
+    cmd = head_command(cfg, "/venv/bin/ray")
+    assert cmd[:4] == ["/venv/bin/ray", "start", "--head", "--block"]
+    assert "--node-ip-address=127.0.0.1" in cmd and "--dashboard-host=127.0.0.1" in cmd
+    assert "--port=7000" in cmd and "--ray-client-server-port=7003" in cmd
+    assert cfg.dashboard_url == "http://127.0.0.1:7001" and cfg.metrics_url == "http://127.0.0.1:7002/metrics"
+
+
+def test_cluster_and_target_from_env(tmp_path) -> None:
+    env = {"MLOPS_DATA_URL": str(tmp_path), "MLOPS_SERVE_PORT": "8100", "MLOPS_RAY_DASHBOARD_PORT": "8300"}
+    cfg = config_from_env(env)
+    assert cfg.serve_url == "http://127.0.0.1:8100" and cfg.state_dir == str(tmp_path / "ray")
+    target = dep.target_from_env({**env, "MLOPS_API_TOKEN": "tok"})
+    assert (target.dashboard_url, target.serve_url, target.token) == ("http://127.0.0.1:8300", cfg.serve_url, "tok")
+    explicit = dep.target_from_env({**env, "MLOPS_SERVE_URL": "http://10.0.0.1:80"})
+    assert explicit.endpoint == "http://10.0.0.1:80/predict"
+
+
+def test_deployment_definitions_load_with_the_platform() -> None:
+    from mlops_assets import definitions
+    from mlops_assets.defs import deployment
+
+    key = dg.AssetKey("model_deployment")
+    defs = definitions.defs
+    if key not in defs.resolve_asset_graph().get_all_asset_keys():  # until definitions.py merges it
+        defs = dg.Definitions.merge(defs, deployment.defs,
+                                    dg.Definitions(resources={"ray_serve": deployment.RayServeResource()}))
+    asset = defs.resolve_assets_def("model_deployment")
+    assert asset.group_names_by_key[key] == "deployment"
+    assert set(asset.specs_by_key[key].kinds) == {"ray", "mlflow"}
+    assert {k.to_user_string() for k in asset.dependency_keys} == {"registered_model", "train_test_split"}
+    assert [n.name for n in defs.resolve_job_def("rollback").nodes] == ["rollback_champion_op"]

@@ -1,0 +1,388 @@
+"""The serving logic without Ray: request model, auth, limits, scoring, prediction log, FastAPI app."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from mlops_assets.lib.dataset_spec import DatasetSpec
+from mlops_assets.lib.serving import app as app_module
+from mlops_assets.lib.serving.config import ModelRef, ServiceOptions
+from mlops_assets.lib.serving.metrics import InMemoryMetrics
+from mlops_assets.lib.serving.prediction_log import PredictionLogWriter, read_prediction_log
+from mlops_assets.lib.serving.request import (
+    RequestError,
+    build_request_model,
+    parse_predict_body,
+    records_to_frame,
+)
+from mlops_assets.lib.serving.scoring import (
+    Scorer,
+    decision_threshold,
+    positive_column,
+    prediction_items,
+    score_many,
+)
+from mlops_assets.lib.serving.service import ServiceCore, bearer_token_ok, is_json_content_type, read_limited
+
+TOKEN = "s3cret-token"
+
+
+class LinearModel:
+    """A stand-in with CatBoost's predict_proba shape: p(positive) from the first feature."""
+
+    classes_ = np.array([0, 1])
+
+    def __init__(self, shift: float = 0.0) -> None:
+        self.shift = shift
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        p = np.clip(0.5 + 0.3 * frame.iloc[:, 0].to_numpy(dtype=float) + self.shift, 0, 1)
+        return np.column_stack([1 - p, p])
+
+
+def _scorer(spec: DatasetSpec, version: str, shift: float = 0.0, threshold: float = 0.5) -> Scorer:
+    return Scorer(LinearModel(shift), spec, version, threshold, {"model_name": "m", "version": version})
+
+
+def _records(spec: DatasetSpec, n: int, first: int = 1) -> list[dict[str, int]]:
+    record = {f.name: f.values[0] for f in spec.features}
+    record[spec.feature_names[0]] = first
+    return [dict(record) for _ in range(n)]
+
+
+# --- request model -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def request_model(spec: DatasetSpec):
+    return build_request_model(spec, max_records=3)
+
+
+def _reject(raw: Any, request_model) -> RequestError:
+    body = raw if isinstance(raw, bytes) else json.dumps(raw).encode()
+    with pytest.raises(RequestError) as info:
+        parse_predict_body(body, request_model)
+    return info.value
+
+
+def test_valid_body_is_returned_as_records(spec: DatasetSpec, request_model) -> None:
+    records = _records(spec, 2)
+    assert parse_predict_body(json.dumps({"records": records}).encode(), request_model) == records
+    frame = records_to_frame(records, spec)
+    assert list(frame.columns) == spec.feature_names and frame.dtypes.unique().tolist() == [np.dtype("int64")]
+
+
+@pytest.mark.parametrize(("change", "status", "words"), [
+    (lambda r: r.pop("URL_Length"), 422, ["records[0].URL_Length", "missing", "[-1, 0, 1]"]),
+    (lambda r: r.update(colour=1), 422, ["records[0].colour", "unknown field"]),
+    (lambda r: r.update(URL_Length="1"), 422, ["records[0].URL_Length", "integer"]),
+    (lambda r: r.update(URL_Length=1.0), 422, ["records[0].URL_Length", "integer"]),
+    (lambda r: r.update(URL_Length=False), 422, ["records[0].URL_Length", "integer"]),
+    (lambda r: r.update(URL_Length=None), 422, ["records[0].URL_Length"]),
+    (lambda r: r.update(having_IP_Address=0), 422, ["having_IP_Address", "value 0 is not allowed", "[-1, 1]"]),
+])
+def test_each_bad_record_names_field_and_allowed_values(spec, request_model, change, status, words) -> None:
+    record = _records(spec, 1)[0]
+    change(record)
+    error = _reject({"records": [record]}, request_model)
+    assert error.status_code == status
+    text = json.dumps(error.body())
+    for word in words:
+        assert word in text, text
+
+
+def test_body_level_errors(spec: DatasetSpec, request_model) -> None:
+    assert _reject(b"{not json", request_model).status_code == 400
+    assert _reject(b"\xff\xfe", request_model).status_code == 400
+    assert "JSON object" in _reject([1], request_model).message
+    assert "empty" in _reject({"records": []}, request_model).message
+    too_many = _reject({"records": _records(spec, 4)}, request_model)
+    assert too_many.status_code == 422 and "at most 3" in too_many.message
+    extra = _reject({"records": _records(spec, 1), "debug": True}, request_model)
+    assert "unknown field 'debug'" in extra.message
+
+
+def test_many_bad_records_report_a_bounded_list(spec: DatasetSpec) -> None:
+    model = build_request_model(spec, max_records=500)
+    bad = [{**r, "URL_Length": 7} for r in _records(spec, 500)]
+    error = _reject({"records": bad}, model)
+    assert len(error.errors) == 20 and "(and 499 more)" in error.message
+
+
+# --- auth, content type, size --------------------------------------------------------------------
+
+
+def test_bearer_token_check() -> None:
+    assert bearer_token_ok(f"Bearer {TOKEN}", TOKEN)
+    assert bearer_token_ok(f"bearer {TOKEN}", TOKEN)
+    assert not bearer_token_ok(None, TOKEN)
+    assert not bearer_token_ok(TOKEN, TOKEN)  # no scheme
+    assert not bearer_token_ok(f"Basic {TOKEN}", TOKEN)
+    assert not bearer_token_ok(f"Bearer {TOKEN}x", TOKEN)
+    assert not bearer_token_ok("Bearer ", "")  # an empty configured token never authenticates
+
+
+def test_content_type_check() -> None:
+    assert is_json_content_type("application/json; charset=utf-8")
+    assert is_json_content_type("application/problem+json")
+    assert not is_json_content_type("text/plain")
+    assert not is_json_content_type(None)
+
+
+async def _chunks(*parts: bytes):
+    for part in parts:
+        yield part
+
+
+def test_read_limited_rejects_by_header_and_by_stream() -> None:
+    assert asyncio.run(read_limited(_chunks(b"ab", b"cd"), "4", 4)) == b"abcd"
+    with pytest.raises(RequestError) as by_header:
+        asyncio.run(read_limited(_chunks(b""), "5", 4))
+    assert by_header.value.status_code == 413
+    with pytest.raises(RequestError) as by_stream:  # a lying or absent Content-Length
+        asyncio.run(read_limited(_chunks(b"abc", b"de"), None, 4))
+    assert by_stream.value.status_code == 413
+    with pytest.raises(RequestError) as bad_header:
+        asyncio.run(read_limited(_chunks(b""), "lots", 4))
+    assert bad_header.value.status_code == 400
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+
+def test_positive_column_follows_the_contract() -> None:
+    assert positive_column(np.array([0, 1]), -1) == 1  # 0/1 target: column 1 is the positive class
+    assert positive_column(np.array([-1, 1]), -1) == 0  # trained on the spec's own labels
+    assert positive_column(np.array([-1, 1]), 1) == 1
+    assert positive_column(None, -1) == 1
+
+
+def test_decision_threshold_tag() -> None:
+    assert decision_threshold({}) == 0.5
+    assert decision_threshold({"decision_threshold": "0.3"}) == 0.3
+    with pytest.raises(ValueError):
+        decision_threshold({"decision_threshold": "1.5"})
+    with pytest.raises(ValueError):
+        decision_threshold({"decision_threshold": "high"})
+
+
+def test_labels_use_the_threshold_and_batches_split_back(spec: DatasetSpec) -> None:
+    scorer = _scorer(spec, "7", threshold=0.75)
+    frame = records_to_frame(_records(spec, 2, first=1) + _records(spec, 1, first=-1), spec)
+    scored = scorer.score(frame)
+    assert scored.probabilities == pytest.approx([0.8, 0.8, 0.2])
+    assert scored.labels == [spec.positive_class, spec.positive_class, spec.negative_class]
+    items = prediction_items(scored, spec)
+    assert items[0] == {"label": -1, "label_name": "phishing", "phishing_probability": pytest.approx(0.8)}
+    parts = score_many(scorer, [frame.iloc[:1], frame.iloc[1:]])
+    assert [len(p.labels) for p in parts] == [1, 2] and parts[1].probabilities == scored.probabilities[1:]
+
+
+def test_model_ref_from_user_config() -> None:
+    assert ModelRef.from_user_config(None) == ModelRef(alias="champion")
+    assert ModelRef.from_user_config({"version": 3}).version == "3"
+    with pytest.raises(ValueError, match="both"):
+        ModelRef.from_user_config({"version": "3", "alias": "champion"})
+    with pytest.raises(ValueError, match="unknown"):
+        ModelRef.from_user_config({"verison": "3"})
+    with pytest.raises(ValueError, match="max_records"):
+        ServiceOptions(max_records=0)
+
+
+# --- prediction log -----------------------------------------------------------------------------
+
+
+def _rows(n: int, request_id: str = "r") -> list[dict[str, Any]]:
+    from mlops_assets.lib.serving.prediction_log import prediction_rows
+
+    return prediction_rows(request_id=request_id, model_version="1", records=[{"a": 1}] * n,
+                           labels=[1] * n, probabilities=[0.25] * n)
+
+
+def test_log_flushes_on_size_and_on_close(tmp_path: Path) -> None:
+    writer = PredictionLogWriter(str(tmp_path), flush_interval_s=3600, flush_rows=5, max_buffer_rows=100)
+    writer.append(_rows(3, "a"))
+    time.sleep(0.2)
+    assert read_prediction_log(str(tmp_path)).empty  # below size, timer far away
+    writer.append(_rows(3, "b"))  # reaches 5: the thread flushes
+    deadline = time.monotonic() + 5
+    while len(read_prediction_log(str(tmp_path))) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(read_prediction_log(str(tmp_path))) == 6
+    writer.append(_rows(1, "c"))
+    writer.close()
+    log = read_prediction_log(str(tmp_path))
+    assert len(log) == 7 and set(log["request_id"]) == {"a", "b", "c"}
+    assert list(read_prediction_log(str(tmp_path), request_id="c")["record_index"]) == [0]
+
+
+def test_log_flushes_on_timer(tmp_path: Path) -> None:
+    writer = PredictionLogWriter(str(tmp_path), flush_interval_s=0.1, flush_rows=1000, max_buffer_rows=1000)
+    writer.append(_rows(2))
+    deadline = time.monotonic() + 5
+    while read_prediction_log(str(tmp_path)).empty and time.monotonic() < deadline:
+        time.sleep(0.05)
+    writer.close()
+    assert len(read_prediction_log(str(tmp_path))) == 2
+
+
+def test_a_failing_sink_never_raises_counts_and_retries(tmp_path: Path) -> None:
+    failures: list[tuple[str, int]] = []
+    broken = threading.Event()
+    broken.set()
+
+    def flaky(rows, url, name):
+        if broken.is_set():
+            raise OSError("bucket unreachable")
+        from mlops_assets.lib.serving.prediction_log import write_part
+
+        return write_part(rows, url, name)
+
+    writer = PredictionLogWriter(str(tmp_path), flush_interval_s=3600, flush_rows=1000, max_buffer_rows=4,
+                                 on_failure=lambda kind, n: failures.append((kind, n)), writer=flaky)
+    writer.append(_rows(3))
+    assert writer.flush() == 0 and writer.pending() == 3 and failures == [("flush_failed", 3)]
+    writer.append(_rows(3))  # over the bound of 4: the 2 oldest are dropped, counted
+    assert writer.pending() == 4 and writer.dropped_rows == 2 and ("dropped", 2) in failures
+    broken.clear()
+    assert writer.flush() == 4  # the sink is back: kept rows are written
+    writer.close()
+    assert len(read_prediction_log(str(tmp_path))) == 4
+
+
+# --- the FastAPI app, with a core but no Ray ------------------------------------------------------
+
+
+@pytest.fixture()
+def core(spec: DatasetSpec, tmp_path: Path) -> Iterator[ServiceCore]:
+    options = ServiceOptions(max_records=5, max_body_bytes=4000, predict_timeout_s=0.5)
+    log = PredictionLogWriter(str(tmp_path / "log"), flush_interval_s=3600, flush_rows=10_000, max_buffer_rows=10_000)
+    scorers = {"1": _scorer(spec, "1"), "2": _scorer(spec, "2", shift=0.1)}
+
+    def loader(ref: ModelRef) -> Scorer:
+        if ref.version not in scorers:
+            raise LookupError(f"no version {ref.version}")
+        return scorers[ref.version]
+
+    service = ServiceCore(spec=spec, options=options, token=TOKEN, metrics=InMemoryMetrics(), log_writer=log,
+                          loader=loader)
+    app_module.set_core(service)
+    yield service
+    app_module.set_core(None)
+    service.close()
+
+
+@pytest.fixture()
+def client(core: ServiceCore) -> TestClient:
+    return TestClient(app_module.api, raise_server_exceptions=False)
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_without_a_model_health_fails_and_predict_is_503(core: ServiceCore, client: TestClient, spec) -> None:
+    assert client.get("/healthz").status_code == 503
+    with pytest.raises(RuntimeError, match="no model"):
+        core.check_health()
+    response = client.post("/predict", json={"records": _records(spec, 1)}, headers=AUTH)
+    assert response.status_code == 503 and "no model loaded" in response.json()["error"]
+
+
+def test_reconfigure_switches_and_a_failed_load_keeps_the_current_model(core, client, spec) -> None:
+    asyncio.run(core.reconfigure(ModelRef(version="1")))
+    assert client.get("/healthz").json() == {"status": "ok", "model_version": "1"}
+    asyncio.run(core.reconfigure(ModelRef(version="9")))
+    body = client.get("/model").json()
+    assert body["version"] == "1" and "no version 9" in body["last_load_error"]
+    core.check_health()  # still healthy: it serves version 1
+    asyncio.run(core.reconfigure(ModelRef(version="2")))
+    response = client.post("/predict", json={"records": _records(spec, 2)}, headers=AUTH)
+    assert response.status_code == 200 and response.json()["model_version"] == "2"
+    assert core.metrics.versions == ["1", "2"]
+
+
+def test_predict_answers_logs_and_counts(core, client, spec) -> None:
+    asyncio.run(core.reconfigure(ModelRef(version="1")))
+    records = _records(spec, 2) + _records(spec, 1, first=-1)
+    response = client.post("/predict", json={"records": records}, headers=AUTH)
+    assert response.status_code == 200
+    body = response.json()
+    assert [p["label"] for p in body["predictions"]] == [-1, -1, 1]
+    core.log.flush()
+    log = read_prediction_log(core.log.log_url, request_id=body["request_id"])
+    assert len(log) == 3 and set(log["model_version"]) == {"1"}
+    assert log[spec.feature_names[0]].tolist() == [1, 1, -1]
+    assert core.metrics.by_label == {"phishing": 2, "legitimate": 1}
+    assert core.metrics.requests[("/predict", 200)] == 1
+
+
+@pytest.mark.parametrize(("kwargs", "status"), [
+    ({"content": b"nope", "headers": {**AUTH, "Content-Type": "application/json"}}, 400),
+    ({"content": b"{}", "headers": {**AUTH, "Content-Type": "text/csv"}}, 415),
+    ({"json": {"records": []}, "headers": AUTH}, 422),
+    ({"content": b"[" + b" " * 5000 + b"]", "headers": {**AUTH, "Content-Type": "application/json"}}, 413),
+    ({"json": {"records": []}}, 401),
+    ({"json": {"records": []}, "headers": {"Authorization": "Bearer wrong"}}, 401),
+])
+def test_errors_are_json_and_counted(core, client, kwargs, status) -> None:
+    asyncio.run(core.reconfigure(ModelRef(version="1")))
+    response = client.post("/predict", **kwargs)
+    assert response.status_code == status
+    assert set(response.json()) <= {"error", "errors"}
+    assert core.metrics.requests[("/predict", status)] == 1
+
+
+def test_unexpected_errors_are_500_without_internals(core, client, spec, monkeypatch) -> None:
+    asyncio.run(core.reconfigure(ModelRef(version="1")))
+
+    async def boom(frame):
+        raise ZeroDivisionError("secret detail at /srv/app/model.py line 3")
+
+    monkeypatch.setattr(core, "score_fn", boom)
+    response = client.post("/predict", json={"records": _records(spec, 1)}, headers=AUTH)
+    assert response.status_code == 500
+    assert "secret" not in response.text and "model.py" not in response.text
+    assert response.json() == {"error": "internal error; the server log has the details"}
+
+
+def test_a_slow_prediction_times_out_with_504(core, client, spec, monkeypatch) -> None:
+    asyncio.run(core.reconfigure(ModelRef(version="1")))
+
+    async def slow(frame):
+        await asyncio.sleep(5)
+
+    monkeypatch.setattr(core, "score_fn", slow)
+    started = time.monotonic()
+    response = client.post("/predict", json={"records": _records(spec, 1)}, headers=AUTH)
+    assert response.status_code == 504 and "longer than 0.5s" in response.json()["error"]
+    assert time.monotonic() - started < 3
+
+
+def test_missing_token_configuration_refuses_to_start(spec, tmp_path) -> None:
+    log = PredictionLogWriter(str(tmp_path), flush_interval_s=3600, flush_rows=10, max_buffer_rows=10)
+    with pytest.raises(ValueError, match="MLOPS_API_TOKEN"):
+        ServiceCore(spec=spec, options=ServiceOptions(), token="", metrics=InMemoryMetrics(), log_writer=log,
+                    loader=lambda ref: _scorer(spec, "1"))
+    log.close()
+
+
+def test_prediction_log_url_default_and_override(tmp_path) -> None:
+    from mlops_assets.lib.settings import load_settings
+
+    settings = load_settings({"MLOPS_DATA_URL": str(tmp_path)})
+    assert app_module.prediction_log_url(settings, ServiceOptions(), env={}) == f"{tmp_path}/predictions"
+    assert app_module.prediction_log_url(settings, ServiceOptions(), env={"MLOPS_PREDICTION_LOG_URL": "s3://b/p"}) \
+        == "s3://b/p"
+    assert app_module.prediction_log_url(settings, ServiceOptions(prediction_log_url="memory://x"), env={}) \
+        == "memory://x"
