@@ -157,3 +157,39 @@ def test_deployment_definitions_load_with_the_platform() -> None:
     assert set(asset.specs_by_key[key].kinds) == {"ray", "mlflow"}
     assert {k.to_user_string() for k in asset.dependency_keys} == {"registered_model", "train_test_split"}
     assert [n.name for n in defs.resolve_job_def("rollback").nodes] == ["rollback_champion_op"]
+
+
+def test_deploy_folder_is_consistent_with_the_code() -> None:
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from mlops_assets.lib.serving.config import ServiceOptions
+
+    deploy = Path(dep.DEFAULT_SERVE_CONFIG).parent
+    local = dep.load_serve_config()
+    service = yaml.safe_load((deploy / "rayservice.yaml").read_text())
+    k8s = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(k8s)
+    assert _app(k8s)["import_path"] == _app(local)["import_path"]
+    assert set(_app(k8s)["args"]) == set(_app(local)["args"])
+    ServiceOptions.from_args(_app(k8s)["args"])
+    assert _app(k8s)["deployments"][0]["name"] == _app(local)["deployments"][0]["name"]
+
+    compose = yaml.safe_load((deploy / "docker-compose.yaml").read_text())
+    read_by_code = {"MLFLOW_TRACKING_URI", "MLOPS_DATA_URL", "MLOPS_PREDICTION_LOG_URL", "MLOPS_API_TOKEN",
+                    "MLOPS_RAY_DASHBOARD_URL", "MLOPS_SERVE_URL", "MLOPS_SERVE_HTTP_HOST", "MLFLOW_UI_URL",
+                    "DAGSTER_PG_HOST", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB"}
+    for name in ("ray-head", "dagster-webserver"):
+        assert set(compose["services"][name]["environment"]) <= read_by_code, name
+    for dockerfile in ("Dockerfile.serving", "Dockerfile.dagster"):
+        text = (deploy / dockerfile).read_text()
+        assert "requirements.lock" in text and "MLOPS_SERVE_CONFIG=/app/deploy/serve_config.yaml" in text
+
+
+def test_sample_request_prints_a_reproducible_command() -> None:
+    from mlops_assets.lib.serving.sample_request import curl_command
+
+    command = curl_command("http://127.0.0.1:8000/predict", {"records": [{"a": 1}]})
+    assert "$MLOPS_API_TOKEN" in command and "'{\"records\": [{\"a\": 1}]}'" in command

@@ -405,6 +405,15 @@ def test_cli_rollback_then_rollback_job(platform: Platform, serve_config_file: s
     assert model_store.alias_version(client, MODEL_NAME, c.ALIAS_CHAMPION) == "2"
 
 
+def test_sample_request_answers_and_prints_the_curl_command(platform: Platform, monkeypatch, capsys) -> None:
+    from mlops_assets.lib.serving.sample_request import main
+
+    monkeypatch.setenv("MLOPS_API_TOKEN", TOKEN)
+    assert main(["--endpoint", platform.target.serve_url]) == 0
+    out = capsys.readouterr().out
+    assert "-> 200" in out and '"model_version"' in out and "curl -sS -X POST" in out and TOKEN not in out
+
+
 def test_metrics_are_exported_for_prometheus(platform: Platform) -> None:
     deadline = time.monotonic() + 60
     text = ""

@@ -28,11 +28,15 @@ class RayServeResource(dg.ConfigurableResource):
     api_token: str | None = None
     serve_config_path: str | None = None
     app_name: str = APP_NAME
+    http_host: str | None = None  # Serve proxy bind address; env MLOPS_SERVE_HTTP_HOST (0.0.0.0 in containers)
     timeout_s: float = 180.0
 
     def target(self) -> dep.ServeTarget:
         found = dep.target_from_env(dashboard_url=self.dashboard_url, serve_url=self.serve_url)
         return dep.ServeTarget(found.dashboard_url, found.serve_url, self.app_name, self.api_token or found.token)
+
+    def resolved_http_host(self) -> str | None:
+        return self.http_host or os.environ.get("MLOPS_SERVE_HTTP_HOST") or None
 
     def base_config(self) -> dict[str, Any]:
         return dep.load_serve_config(self.serve_config_path)
@@ -83,7 +87,8 @@ def model_deployment(
         result = dep.deploy_version(
             target=target, tracking_uri=tracking_uri, spec=spec, version=str(version), records=records,
             expected=expected, model_name=name, base_config=ray_serve.base_config(),
-            env_vars=replica_env(platform.settings(), tracking_uri), timeout_s=ray_serve.timeout_s,
+            env_vars=replica_env(platform.settings(), tracking_uri), http_host=ray_serve.resolved_http_host(),
+            timeout_s=ray_serve.timeout_s,
         )
     except dep.DeploymentError as exc:
         live = dep.live_version(target)
@@ -125,7 +130,8 @@ def rollback_champion_op(
         result = dep.rollback(target=target, tracking_uri=tracking_uri, spec=spec,
                               model_name=mlflow.resolved_model_name(), records=records,
                               base_config=ray_serve.base_config(),
-                              env_vars=replica_env(platform.settings(), tracking_uri))
+                              env_vars=replica_env(platform.settings(), tracking_uri),
+                              http_host=ray_serve.resolved_http_host())
     except Exception as exc:
         raise dg.Failure(description=str(exc)) from exc
     context.add_output_metadata(_result_metadata(result, target))

@@ -101,6 +101,7 @@ def render_serve_config(
     app_name: str = APP_NAME,
     env_vars: Mapping[str, str] | None = None,
     http_port: int | None = None,
+    http_host: str | None = None,
     args: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The config to submit: `base` with the model pinned and per-environment values filled in."""
@@ -122,6 +123,8 @@ def render_serve_config(
     ServiceOptions.from_args(app.get("args"))  # a bad option fails here, not in a replica
     if http_port is not None:
         config.setdefault("http_options", {})["port"] = int(http_port)
+    if http_host:  # containers bind 0.0.0.0; the shipped config binds loopback
+        config.setdefault("http_options", {})["host"] = http_host
     from ray.serve.schema import ServeDeploySchema
 
     ServeDeploySchema.model_validate(config)  # the same validation the dashboard applies
@@ -333,6 +336,7 @@ def deploy_version(
     base_config: Mapping[str, Any] | None = None,
     env_vars: Mapping[str, str] | None = None,
     args: Mapping[str, Any] | None = None,
+    http_host: str | None = None,
     timeout_s: float = 180.0,
 ) -> DeployResult:
     """Check, deploy and verify `version`; on a failure after submitting, restore what was live."""
@@ -346,7 +350,7 @@ def deploy_version(
     replaced = live_version(target)
     http_port = int(httpx.URL(target.serve_url).port or 8000)
     config = render_serve_config(base_config or load_serve_config(), ref=ref, app_name=target.app_name,
-                                 env_vars=env_vars, http_port=http_port, args=args)
+                                 env_vars=env_vars, http_port=http_port, http_host=http_host, args=args)
     try:
         submit(target, config)
         steps.append("config submitted")
@@ -396,6 +400,7 @@ def rollback(
     base_config: Mapping[str, Any] | None = None,
     env_vars: Mapping[str, str] | None = None,
     args: Mapping[str, Any] | None = None,
+    http_host: str | None = None,
 ) -> DeployResult:
     """Swap `champion` and `previous-champion`, then deploy the new champion, in one step.
 
@@ -411,7 +416,7 @@ def rollback(
         expected = offline_probabilities(offline_model(tracking_uri, model_name, new), records, spec)
         return deploy_version(target=target, tracking_uri=tracking_uri, spec=spec, version=new,
                               records=records, expected=expected, model_name=model_name,
-                              base_config=base_config, env_vars=env_vars, args=args)
+                              base_config=base_config, env_vars=env_vars, args=args, http_host=http_host)
     except Exception as exc:
         rollback_champion(client, model_name)
         raise DeploymentError(f"rollback to version {new} (from {replaced}) failed and was undone: {exc}") from exc
