@@ -45,8 +45,7 @@ def _log(store, frame, spec, seed: int = 1):
     client, uri, experiment = store
     result = tr.train_model(frame, spec.feature_names, tr.TrainingParams(iterations=40, thread_count=2,
                                                                          random_seed=seed))
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(experiment_id=experiment) as run:
+    with tracking.use_tracking_uri(uri), mlflow.start_run(experiment_id=experiment) as run:
         info = ms.log_catboost_model(result.model, input_example=frame[spec.feature_names].head(3))
     return result.model, run.info.run_id, info.model_uri
 

@@ -55,7 +55,7 @@ def test_training_is_seeded_and_uses_only_the_train_side(spec, tmp_path: Path, m
     validation_curve = first.curves["validation"]["Logloss"]
     assert len(validation_curve) >= first.tree_count
     assert set(first.curves) == {"learn", "validation"}
-    assert first.validation_metrics["validation_logloss"] == pytest.approx(min(validation_curve))
+    assert first.validation_metrics["best_validation_logloss"] == pytest.approx(min(validation_curve))
     assert list(first.model.feature_names_) == spec.feature_names
     assert list(tmp_path.iterdir()) == []
 

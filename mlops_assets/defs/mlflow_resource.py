@@ -59,13 +59,10 @@ class MlflowResource(dg.ConfigurableResource):
     @contextmanager
     def start_run(self, *, run_name: str, tags: Mapping[str, str]) -> Iterator[Run]:
         """A new MLflow run in the experiment, active for `mlflow.*` calls inside the block."""
-        previous = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(self.resolved_tracking_uri())
-        try:
-            with mlflow.start_run(experiment_id=self.experiment_id(), run_name=run_name, tags=dict(tags)) as run:
+        experiment_id = self.experiment_id()
+        with tracking.use_tracking_uri(self.resolved_tracking_uri()):
+            with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)) as run:
                 yield run
-        finally:
-            mlflow.set_tracking_uri(previous)
 
     def run_link(self, experiment_id: str, run_id: str) -> dg.MetadataValue:
         """A clickable link when `MLFLOW_UI_URL` is known, else the run id and store as text."""

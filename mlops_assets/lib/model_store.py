@@ -15,8 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 
 from mlops_assets import constants as c
+from mlops_assets.lib.tracking import use_tracking_uri
 
 MODEL_ARTIFACT_FILE = "model.cb"  # the file mlflow.catboost writes inside the logged model dir
 TAG_SHA256 = "model_sha256"
@@ -140,18 +140,6 @@ def artifact_sha256(client: MlflowClient, model_uri: str) -> str:
 # --- registry ------------------------------------------------------------------------------
 
 
-@contextmanager
-def _global_tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's SQL registry resolves `models:/m-<id>` sources through the *global* tracking URI
-    (a TODO in MLflow itself), so point it at this client's store for the call."""
-    import mlflow
-
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
@@ -184,7 +172,9 @@ def register_version(
     if existing is not None:
         return existing
     all_tags = {**{k: str(v) for k, v in tags.items()}, TAG_SHA256: artifact_sha256(client, model_uri)}
-    with _global_tracking_uri(client.tracking_uri):
+    # MLflow's SQL registry resolves `models:/m-<id>` sources through the *global* tracking URI
+    # (a TODO in MLflow itself), so point it at this client's store for the call.
+    with use_tracking_uri(client.tracking_uri):
         version = client.create_model_version(
             model_name, source=model_uri, run_id=run_id, tags=all_tags, model_id=_model_id(model_uri)
         )

@@ -10,7 +10,8 @@ import os
 import subprocess
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,31 @@ from mlflow.entities import DatasetInput, InputTag, Metric
 METADATA_FILE = "metadata.json"
 MAX_DIGEST_CHARS = 36  # MLflow's dataset digest column width
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
+_TRACKING_ENV = "MLFLOW_TRACKING_URI"
+
+
+@contextmanager
+def use_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's global tracking URI at `uri` for a block, then restore it exactly.
+
+    `mlflow.set_tracking_uri` also writes `MLFLOW_TRACKING_URI` into os.environ (and MLflow's own
+    `_use_tracking_uri` unsets it on exit), which would silently redirect every later settings
+    lookup; so both the global and the environment variable are put back as they were.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous_global = tracking_utils._tracking_uri
+    previous_env = os.environ.get(_TRACKING_ENV)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_global)
+        if previous_env is None:
+            os.environ.pop(_TRACKING_ENV, None)
+        else:
+            os.environ[_TRACKING_ENV] = previous_env
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:

@@ -241,7 +241,7 @@ def train_model(
         best_iteration=best_iteration,
         tree_count=int(model.tree_count_),
         curves=curves,
-        validation_metrics={f"validation_{k.lower()}": float(v) for k, v in at_best.items()},
+        validation_metrics={f"best_validation_{k.lower()}": float(v) for k, v in at_best.items()},
         n_fit=len(fit_idx),
         n_validation=len(val_idx),
         tuning=tuning,

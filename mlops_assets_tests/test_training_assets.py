@@ -1,0 +1,225 @@
+"""trained_model -> model_evaluation (+ gate) -> registered_model, materialized for real against a
+MLflow SQLite store in a temporary folder and a test Dagster instance."""
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from mlops_assets import cli
+from mlops_assets import constants as c
+from mlops_assets.defs.evaluation import model_evaluation, promotion_gate
+from mlops_assets.defs.mlflow_resource import MlflowResource
+from mlops_assets.defs.registry import registered_model
+from mlops_assets.defs.resources import ParquetIOManager, PlatformResource
+from mlops_assets.defs.training import trained_model
+from mlops_assets.lib import model_store, tracking
+from mlops_assets.lib import training as tr
+from mlops_assets.lib.dataset_spec import default_spec
+from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
+
+pytestmark = pytest.mark.integration
+
+MODEL = "test-classifier"
+FAST = {"ops": {"trained_model": {"config": {"iterations": 200, "thread_count": 2}}}}
+OURS = [trained_model, model_evaluation, promotion_gate, registered_model]
+
+
+def split_stand_in(n_rows: int = 1500, seed: int = 3, shuffle_train_labels: bool = False) -> dg.AssetsDefinition:
+    """A stand-in for the features group's `train_test_split`: same frame shape and metadata."""
+
+    @dg.asset(name="train_test_split", group_name=c.GROUP_FEATURES, kinds={"pandas"})
+    def _split() -> dg.Output[pd.DataFrame]:
+        spec = default_spec()
+        raw = simulate_records(spec, SimulationConfig(n_rows=n_rows, seed=seed)).drop_duplicates()
+        frame = raw[spec.feature_names].assign(target=(raw[spec.label] == spec.positive_class).astype(np.int64))
+        _, test_idx = tr.grouped_stratified_split(frame[spec.feature_names], frame["target"].to_numpy(), 0.25, seed)
+        frame["split"] = "train"
+        frame.iloc[test_idx, frame.columns.get_loc("split")] = "test"
+        if shuffle_train_labels:  # a worse model: it learns noise (test labels stay true)
+            train = frame["split"] == "train"
+            frame.loc[train, "target"] = np.random.default_rng(0).permutation(frame.loc[train, "target"].to_numpy())
+        version = f"stand-in-{n_rows}-{seed}-{int(shuffle_train_labels)}"
+        return dg.Output(frame, metadata={"data_version": f"data-{version}", "feature_version": f"features-{version}",
+                                          "feature_path": "/nonexistent/features.parquet",
+                                          "raw_dataset_version": f"data-{version}"})
+
+    return _split
+
+
+@pytest.fixture()
+def root(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")  # for mlflow.* URI loads
+    monkeypatch.delenv("MLFLOW_UI_URL", raising=False)
+    return tmp_path
+
+
+def _resources(root: Path) -> dict:
+    return {
+        "platform": PlatformResource(data_url=str(root / "data")),
+        "io_manager": ParquetIOManager(base_url=str(root / "assets")),
+        "mlflow": MlflowResource(tracking_uri=f"sqlite:///{root}/mlflow.db",
+                                 artifact_root=(root / "artifacts").as_uri(), experiment="test", model_name=MODEL),
+    }
+
+
+def _chain(root: Path, instance: dg.DagsterInstance, split: dg.AssetsDefinition | None = None,
+           selection: list[str] | None = None) -> dg.ExecuteInProcessResult:
+    return dg.materialize([split or split_stand_in(), *OURS], resources=_resources(root), instance=instance,
+                          run_config=FAST if selection is None or "trained_model" in selection else None,
+                          raise_on_error=False, selection=selection)
+
+
+def _output(root: Path, asset: str) -> dict:
+    return json.loads((root / "assets" / f"{asset}.json").read_text())
+
+
+def _client(root: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{root}/mlflow.db")
+
+
+def test_the_run_holds_what_tracking_promises_and_the_champion_predicts_like_training(root, monkeypatch):
+    monkeypatch.setenv("MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    with dg.instance_for_test() as instance:
+        result = _chain(root, instance)
+        assert result.success
+        meta = result.asset_materializations_for_node("trained_model")[0].metadata
+        eval_meta = result.asset_materializations_for_node("model_evaluation")[0].metadata
+        [gate] = result.get_asset_check_evaluations()
+    trained, evaluation, registered = (_output(root, a) for a in ("trained_model", "model_evaluation",
+                                                                   "registered_model"))
+    client = _client(root)
+    run = client.get_run(trained["run_id"])
+
+    # Either side leads to the other.
+    assert meta["mlflow_run"].value == (f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}"
+                                        f"/runs/{run.info.run_id}")
+    assert run.data.tags["dagster_run_id"] == result.run_id
+    assert run.data.tags["dagster_asset_key"] == "trained_model"
+    sha = run.data.tags["git_sha"]
+    assert sha == "unknown" or len(sha.removesuffix("-dirty")) == 40
+    # Parameters, training curves (one point per iteration), metrics.
+    assert run.data.params["iterations"] == "200" and run.data.params["random_seed"] == str(c.TRAINING_SEED)
+    curve = client.get_metric_history(run.info.run_id, "validation_logloss")
+    assert len(curve) > 10 and [m.step for m in curve] == list(range(len(curve)))
+    for name in ("test_roc_auc", "test_accuracy", "test_log_loss", "test_brier", "best_validation_logloss"):
+        assert name in run.data.metrics
+    # Data and feature versions as dataset inputs with digests.
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"raw_dataset", "feature_set", "train_split", "test_split"}
+    assert inputs["feature_set"].dataset.digest == tracking.short_digest(trained["feature_version"])
+    assert inputs["raw_dataset"].dataset.digest == tracking.short_digest(trained["raw_dataset_version"])
+    assert inputs["train_split"].dataset.digest != inputs["test_split"].dataset.digest
+    # The model, with its signature and input example.
+    info = mlflow.models.get_model_info(trained["model_uri"])
+    assert [col.name for col in info.signature.inputs.inputs] == default_spec().feature_names
+    assert info.saved_input_example_info is not None
+    # metadata.json: model version, trained at, metrics, artifact location, data and feature versions.
+    metadata = tracking.read_metadata_json(client, run.info.run_id)
+    assert metadata["model"]["registered"] == {"name": MODEL, "version": "1",
+                                               "aliases": [c.ALIAS_CHALLENGER, c.ALIAS_CHAMPION]}
+    assert metadata["model"]["artifact_location"].startswith((root / "artifacts").as_uri())
+    assert metadata["trained_at"] == trained["trained_at"]
+    assert metadata["metrics"]["test"]["roc_auc"] == pytest.approx(run.data.metrics["test_roc_auc"])
+    assert (metadata["data_version"], metadata["feature_version"]) == (trained["data_version"],
+                                                                      trained["feature_version"])
+    artifacts = {f.path for f in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/roc.png", "evaluation/pr.png", "evaluation/calibration.png",
+            "evaluation/slices.csv"} <= artifacts
+    # Plots visible in the UI, gate passed with reasons, first version is champion.
+    assert eval_meta["plot_roc"].value.startswith("![roc](data:image/png;base64,")
+    assert gate.passed and "no champion yet" in gate.metadata["reasons"].value
+    assert registered["promoted"] and registered["champion_version"] == "1"
+    assert evaluation["metrics"]["roc_auc"] > 0.9 and evaluation["metrics"]["accuracy"] > 0.85
+
+    # The champion loads from the registry and predicts what the in-memory model predicted.
+    example = pd.DataFrame(trained["input_example"])[trained["feature_names"]]
+    expected = np.array(trained["input_example_proba"])
+    by_alias = mlflow.catboost.load_model(f"models:/{MODEL}@{c.ALIAS_CHAMPION}")
+    assert np.allclose(by_alias.predict_proba(example)[:, 1], expected, rtol=0, atol=1e-12)
+    verified = model_store.load_verified_model(f"sqlite:///{root}/mlflow.db", MODEL, alias=c.ALIAS_CHAMPION)
+    assert np.allclose(verified.model.predict_proba(example)[:, 1], expected, rtol=0, atol=1e-12)
+    assert verified.tags["decision_threshold"] == "0.5"
+    assert verified.tags["data_version"] == trained["data_version"]
+    assert float(verified.tags["metric.test_roc_auc"]) == pytest.approx(evaluation["metrics"]["roc_auc"], abs=1e-6)
+
+
+def test_same_data_and_config_give_the_same_metrics_and_rematerializing_makes_no_new_version(root):
+    with dg.instance_for_test() as instance:
+        assert _chain(root, instance).success
+        first = _output(root, "model_evaluation")
+        assert _chain(root, instance).success  # a new training run on the same data and config
+        second = _output(root, "model_evaluation")
+        assert first["run_id"] != second["run_id"]
+        assert second["metrics"] == first["metrics"]
+        # Identical metrics are no regression: the second version becomes champion, the first is kept.
+        assert second["champion"]["version"] == "1" and second["gate"]["passed"]
+        client = _client(root)
+        assert model_store.alias_version(client, MODEL, c.ALIAS_CHAMPION) == "2"
+        assert model_store.alias_version(client, MODEL, c.ALIAS_PREVIOUS_CHAMPION) == "1"
+
+        model_store.rollback_champion(client, MODEL)
+        again = _chain(root, instance, selection=["registered_model"])  # the same run once more
+        assert again.success
+        meta = again.asset_materializations_for_node("registered_model")[0].metadata
+    assert meta["version"].value == "2" and meta["newly_registered"].value is False
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
+    # ...and it does not undo the rollback.
+    assert model_store.alias_version(client, MODEL, c.ALIAS_CHAMPION) == "1"
+
+
+def test_a_worse_model_fails_the_gate_and_the_champion_stays(root):
+    with dg.instance_for_test() as instance:
+        assert _chain(root, instance).success
+        worse = _chain(root, instance, split=split_stand_in(shuffle_train_labels=True))
+        assert not worse.success  # the blocking gate fails the run
+        [gate] = worse.get_asset_check_evaluations()
+        assert not gate.passed and gate.metadata["decision"].value == "reject"
+        reasons = gate.metadata["reasons"].value
+        assert "FAIL: roc_auc" in reasons and "vs champion v1" in reasons
+        assert not worse.asset_materializations_for_node("registered_model")  # blocked downstream
+        client = _client(root)
+        assert model_store.alias_version(client, MODEL, c.ALIAS_CHAMPION) == "1"
+        assert len(client.search_model_versions(f"name = '{MODEL}'")) == 1
+        rejected_run = _output(root, "model_evaluation")["run_id"]
+        assert client.get_run(rejected_run).data.tags["gate_passed"] == "false"
+
+        # Registering the rejected model by hand makes it a challenger, never the champion.
+        by_hand = _chain(root, instance, split=split_stand_in(shuffle_train_labels=True),
+                         selection=["registered_model"])
+        assert by_hand.success
+    registered = _output(root, "registered_model")
+    assert registered["version"] == "2" and not registered["promoted"]
+    assert model_store.alias_version(client, MODEL, c.ALIAS_CHALLENGER) == "2"
+    assert model_store.alias_version(client, MODEL, c.ALIAS_CHAMPION) == "1"
+
+
+def test_the_whole_training_path_from_raw_files_ends_with_a_champion_that_status_shows(
+        data_root: Path, simulated, capsys):
+    """The foundation's real assets upstream, the definitions' own resources (from the environment)."""
+    from mlops_assets.definitions import defs
+
+    write_batch(simulated, str(data_root / "raw"), name="batch1.csv")
+    graph = defs.resolve_asset_graph()
+    keys = dg.AssetSelection.assets("registered_model").upstream().resolve(graph)
+    job = defs.resolve_implicit_global_asset_job_def()
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(instance=instance, asset_selection=list(keys), run_config=FAST)
+        assert result.success
+        split_meta = result.asset_materializations_for_node("train_test_split")[0].metadata
+
+    assert cli.main(["status", "--json", "--no-endpoint"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    champion = status["champion"]
+    assert champion["version"] == "1" and status["model_name"] == c.REGISTERED_MODEL_NAME
+    assert champion["data_version"] == split_meta["data_version"].value
+    assert champion["feature_version"] == split_meta["feature_version"].value
+    assert champion["metrics"]["roc_auc"] > 0.9
+    assert cli.main(["status", "--no-endpoint"]) == 0
+    assert "champion: version 1" in capsys.readouterr().out
+    assert (data_root / "mlflow" / "mlflow.db").exists()
