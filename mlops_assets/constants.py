@@ -54,3 +54,39 @@ ALIAS_PREVIOUS_CHAMPION = "previous-champion"
 
 # Sensor.
 RAW_FILES_SENSOR_INTERVAL_SECONDS = 30
+
+# Monitoring: profiles, drift, delayed labels, the post-deployment watch and retraining.
+# Folders under the data root.
+PROFILES_SUBDIR = "profiles"  # reference/<model version>/ and production/<window>/
+LABELS_SUBDIR = "labels"  # landing folder of delayed ground-truth labels
+PRODUCTION_BATCH_STAGING_SUBDIR = "labels_staging"  # labelled production records on their way to a batch
+# Drift rule (lib/drift.py): a column drifts when the test is significant AND the distance is large.
+DRIFT_P_VALUE = 0.01  # significance level of the chi-squared / KS test
+DRIFT_HELLINGER = 0.1  # categorical: e.g. a balanced binary feature moving 50/50 -> 64/36
+DRIFT_KS_STATISTIC = 0.1  # continuous: largest CDF gap of 10 percentage points
+DRIFT_MIN_ROWS = 100  # fewer current rows: scores are reported, drift is never flagged
+# Drift check: an event when more than this share of the features drifted, or the predictions did.
+DRIFT_MAX_FEATURE_SHARE = 0.1  # up to 3 of 30 features may drift alone without a retraining
+DRIFT_FAIL_ON_PREDICTION_DRIFT = True
+# Windows and freshness of the production profiles (lib/monitoring.py).
+MONITORING_WINDOW = "1h"
+MAX_PROFILE_AGE = "3h"  # newest prediction older than this: the monitoring data is stale
+PROFILES_MAX_LAG_MINUTES = 120  # production_profiles not materialized for this long: freshness fails
+# Live performance from delayed labels.
+DEGRADATION_TOLERANCE = 0.05  # absolute drop of a live metric below its offline value
+DEGRADATION_METRICS = ("f1", "roc_auc", "accuracy")
+MIN_LABELLED = 200  # fewer labelled predictions: live metrics are reported, never judged
+# The watch after each deployment.
+WATCH_WINDOW = "30min"
+WATCH_MAX_ERROR_RATE = 0.05
+WATCH_MAX_LATENCY_P95_S = 0.5
+WATCH_MAX_POSITIVE_SHARE_DELTA = 0.15  # absolute change of the share predicted positive
+WATCH_MAX_PROBABILITY_KS = 0.2
+WATCH_MIN_REQUESTS = 50
+# Retraining requests.
+RETRAIN_COOLDOWN_S = 6 * 3600
+RETRAIN_KEYS_KEPT = 200  # event keys remembered in a sensor cursor (bounded)
+MONITORING_SENSOR_INTERVAL_SECONDS = 60
+MONITORING_SCHEDULE_CRON = "*/15 * * * *"  # production_profiles -> drift_report, online_performance
+RETRAINING_SCHEDULE_CRON = "0 3 * * 0"  # weekly, Sunday 03:00 UTC
+ALERT_WEBHOOK_TIMEOUT_S = 5.0

@@ -35,6 +35,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from mlops_assets import constants as c
+
 # whylogs POSTs a usage event to its vendor at import unless this is set (checked in 1.6.4:
 # whylogs/api/usage_stats). Set before the import so the platform never phones home;
 # setdefault keeps an operator's own value.
@@ -46,11 +48,11 @@ from whylogs.core.view.column_profile_view import ColumnProfileView  # noqa: E40
 BACKEND = "whylogs"
 PROFILE_SUFFIX = ".bin"  # whylogs' own binary format (delimited protobuf)
 
-# Defaults of the drift rule (constants.py style; the lead may move them to constants.py).
-DRIFT_P_VALUE = 0.01  # significance level of the chi-squared / KS test
-DRIFT_HELLINGER = 0.1  # categorical: e.g. a balanced binary feature moving 50/50 -> 64/36
-DRIFT_KS_STATISTIC = 0.1  # continuous: largest CDF gap of 10 percentage points
-DRIFT_MIN_ROWS = 100  # fewer current rows: scores are reported, drift is never flagged
+# Defaults of the drift rule live in constants.py (one place); kept here under their old names.
+DRIFT_P_VALUE = c.DRIFT_P_VALUE
+DRIFT_HELLINGER = c.DRIFT_HELLINGER
+DRIFT_KS_STATISTIC = c.DRIFT_KS_STATISTIC
+DRIFT_MIN_ROWS = c.DRIFT_MIN_ROWS
 
 METHOD_CATEGORICAL = "hellinger+chi2"
 METHOD_CONTINUOUS = "ks"

@@ -21,6 +21,8 @@ import pandas as pd
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
+from mlops_assets import constants as c
+
 logger = logging.getLogger(__name__)
 
 # Prediction log columns, as monitoring names them; features sit between meta and outputs.
@@ -39,20 +41,20 @@ TRUE_LABEL = "true_label"  # the joined column (the log's `label` is the predict
 LABELLED_AT = "labelled_at"
 LABEL_SUFFIXES = (".csv", ".parquet", ".pq")
 
-# Defaults of the rules (constants.py style; the lead may move them to constants.py).
-MONITORING_WINDOW = "1h"
-MAX_PROFILE_AGE = "3h"  # newest prediction older than this: the monitoring data is stale
-DEGRADATION_TOLERANCE = 0.05  # absolute drop of a live metric below its offline value
-DEGRADATION_METRICS = ("f1", "roc_auc", "accuracy")
-MIN_LABELLED = 200  # fewer labelled predictions: live metrics are reported, never judged
-WATCH_WINDOW = "30min"
-WATCH_MAX_ERROR_RATE = 0.05
-WATCH_MAX_LATENCY_P95_S = 0.5
-WATCH_MAX_POSITIVE_SHARE_DELTA = 0.15  # absolute change of the share predicted positive
-WATCH_MAX_PROBABILITY_KS = 0.2
-WATCH_MIN_REQUESTS = 50
-RETRAIN_COOLDOWN_S = 6 * 3600
-RETRAIN_KEYS_KEPT = 200  # event keys remembered in a sensor cursor (bounded)
+# Defaults of the rules live in constants.py (one place); kept here under their old names.
+MONITORING_WINDOW = c.MONITORING_WINDOW
+MAX_PROFILE_AGE = c.MAX_PROFILE_AGE
+DEGRADATION_TOLERANCE = c.DEGRADATION_TOLERANCE
+DEGRADATION_METRICS = c.DEGRADATION_METRICS
+MIN_LABELLED = c.MIN_LABELLED
+WATCH_WINDOW = c.WATCH_WINDOW
+WATCH_MAX_ERROR_RATE = c.WATCH_MAX_ERROR_RATE
+WATCH_MAX_LATENCY_P95_S = c.WATCH_MAX_LATENCY_P95_S
+WATCH_MAX_POSITIVE_SHARE_DELTA = c.WATCH_MAX_POSITIVE_SHARE_DELTA
+WATCH_MAX_PROBABILITY_KS = c.WATCH_MAX_PROBABILITY_KS
+WATCH_MIN_REQUESTS = c.WATCH_MIN_REQUESTS
+RETRAIN_COOLDOWN_S = c.RETRAIN_COOLDOWN_S
+RETRAIN_KEYS_KEPT = c.RETRAIN_KEYS_KEPT
 
 
 class MonitoringError(ValueError):
