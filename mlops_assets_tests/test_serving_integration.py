@@ -452,3 +452,42 @@ def test_the_prediction_log_holds_every_answered_request(platform: Platform) -> 
 def test_prediction_log_parts_are_partitioned_by_day_and_complete(platform: Platform) -> None:
     parts = list(Path(platform.log_url).glob("date=*/part-*.parquet"))
     assert parts and not list(Path(platform.log_url).glob("date=*/*.tmp"))
+
+
+def test_a_full_queue_answers_503_quickly_and_never_hangs(platform: Platform) -> None:
+    """Last in the module: it redeploys with a queue of one to make overload certain."""
+    live = dep.live_version(platform.target)
+    config = dep.render_serve_config(dep.load_serve_config(), ref=ModelRef(model_name=MODEL_NAME, version=live),
+                                     env_vars=platform.env_vars, http_port=platform.cluster.serve_http_port, args=ARGS)
+    deployment = config["applications"][0]["deployments"][0]
+    deployment.update(max_ongoing_requests=1, max_queued_requests=1)
+    dep.submit(platform.target, config)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        details = dep.app_details(platform.target) or {}
+        settings = (details.get("deployments", {}).get("PredictionService", {}).get("deployment_config") or {})
+        if details.get("status") == "RUNNING" and settings.get("max_queued_requests") == 1:
+            break
+        time.sleep(0.5)
+    records = platform.records(MAX_RECORDS)
+    outcomes: list[tuple[int, str, float]] = []
+    barrier = threading.Barrier(24)
+
+    def one() -> None:
+        with httpx.Client(timeout=30) as client:
+            barrier.wait()
+            started = time.monotonic()
+            response = platform.post(client, {"records": records})
+            outcomes.append((response.status_code, response.text, time.monotonic() - started))
+
+    threads = [threading.Thread(target=one) for _ in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    codes = [o[0] for o in outcomes]
+    assert len(outcomes) == 24 and set(codes) <= {200, 503}, codes
+    assert 503 in codes and 200 in codes, codes
+    rejected = [o for o in outcomes if o[0] == 503]
+    assert all("backpressure" in o[1] for o in rejected)
+    assert max(o[2] for o in rejected) < 10  # rejected fast, not after a hang
