@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -42,7 +42,7 @@ def use_tracking_uri(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous_global)
+        mlflow.set_tracking_uri(cast(Any, previous_global))  # None: back to "not set"
         if previous_env is None:
             os.environ.pop(_TRACKING_ENV, None)
         else:
@@ -121,9 +121,9 @@ def log_frame_input(
     tags: Mapping[str, str] | None = None,
 ) -> str:
     """Log a DataFrame as a dataset input (schema and profile, not the data); return its digest."""
-    import mlflow.data
+    from mlflow.data.pandas_dataset import from_pandas
 
-    dataset = mlflow.data.from_pandas(
+    dataset = from_pandas(
         frame, source=_source(source), name=name, targets=targets,
         digest=short_digest(digest) if digest else None,
     )
@@ -138,7 +138,8 @@ def log_version_input(
     """Log a dataset known only by its version (no frame at hand) as a dataset input."""
     from mlflow.data.meta_dataset import MetaDataset
 
-    dataset = MetaDataset(source=_source(source), name=name, digest=short_digest(version))
+    # MetaDataset has no profile by design; the stubs mark it abstract.
+    dataset = MetaDataset(source=_source(source), name=name, digest=short_digest(version))  # type: ignore[abstract]
     client.log_inputs(run_id, datasets=[_input(dataset, context, {"version": version, **(tags or {})})])
     return dataset.digest
 
