@@ -2,8 +2,20 @@
 
 import dagster as dg
 
-from mlops_assets.defs import evaluation, features, ingestion, registry, training, validation
+from mlops_assets.defs import (
+    automation,
+    deployment,
+    evaluation,
+    features,
+    ingestion,
+    monitoring,
+    registry,
+    training,
+    validation,
+)
+from mlops_assets.defs.deployment import RayServeResource
 from mlops_assets.defs.mlflow_resource import MlflowResource
+from mlops_assets.defs.monitoring import MonitoringResource
 from mlops_assets.defs.resources import ParquetIOManager, PlatformResource
 
 defs = dg.Definitions.merge(
@@ -13,11 +25,16 @@ defs = dg.Definitions.merge(
     training.defs,
     evaluation.defs,
     registry.defs,
+    deployment.defs,
+    monitoring.defs,
+    automation.defs,
     dg.Definitions(
         resources={
             "platform": PlatformResource(),
             "io_manager": ParquetIOManager(),
             "mlflow": MlflowResource(),
+            "ray_serve": RayServeResource(),
+            "monitoring": MonitoringResource(),
         },
     ),
 )

@@ -18,6 +18,8 @@ NOT_EMPTY_CHECK = "has_accepted_batches"
 @dg.asset(
     group_name=c.GROUP_INGESTION,
     kinds={"pandas", "parquet"},
+    # Labelled production records become a batch first, so retraining learns from them.
+    deps=["labelled_production_batch"],
     check_specs=[
         dg.AssetCheckSpec(CONTRACT_CHECK, asset="raw_batches",
                           description="Every file landed in this run was readable and met the data contract."),

@@ -569,3 +569,67 @@ def retrain_decision(
             return RetrainDecision(False, None, f"cooldown: {cooldown_s - since:.0f}s left", cursor)
     new = RetrainCursor(_utc(now).isoformat(), (*cursor.keys, event_key)[-keys_kept:])
     return RetrainDecision(True, event_key, "drift event: retraining requested", new)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving counters for the watch, from the Prometheus text the Ray metrics agent exports
+
+
+@dataclass(frozen=True)
+class ServingCounters:
+    """Cumulative counts of one route, summed over replicas (Ray prefixes names with `ray_`)."""
+
+    requests: int = 0
+    server_errors: int = 0  # 5xx: the service's fault (4xx are the client's)
+    latency_buckets: tuple[tuple[float, float], ...] = ()  # (upper bound in ms, cumulative count)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"requests": self.requests, "server_errors": self.server_errors,
+                "latency_buckets": [list(b) for b in self.latency_buckets]}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> ServingCounters:
+        raw = raw or {}
+        return cls(int(raw.get("requests", 0)), int(raw.get("server_errors", 0)),
+                   tuple((float(a), float(b)) for a, b in raw.get("latency_buckets", [])))
+
+
+def parse_serving_metrics(text: str, route: str = "/predict", prefix: str = "mlops_serving_") -> ServingCounters:
+    """Requests, 5xx and the latency histogram of `route` from a Prometheus exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    requests = errors = 0.0
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name.removeprefix("ray_")
+            if sample.labels.get("route") != route:
+                continue
+            if name == f"{prefix}requests_total":
+                requests += sample.value
+                if str(sample.labels.get("status", "")).startswith("5"):
+                    errors += sample.value
+            elif name == f"{prefix}request_latency_ms_bucket":
+                le = float(sample.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + sample.value
+    return ServingCounters(int(requests), int(errors), tuple(sorted(buckets.items())))
+
+
+def counters_since(now: ServingCounters, base: ServingCounters) -> tuple[int, int, float | None]:
+    """(requests, 5xx, latency p95 in s) between two scrapes; a counter reset starts from zero.
+
+    The p95 is the upper bound of the histogram bucket holding the 95th percentile: it can
+    overstate latency by one bucket, never understate it.
+    """
+    if now.requests < base.requests:
+        base = ServingCounters()
+    requests = now.requests - base.requests
+    errors = max(0, now.server_errors - base.server_errors)
+    before = dict(base.latency_buckets)
+    delta = [(le, count - before.get(le, 0.0)) for le, count in now.latency_buckets]
+    total = max((count for _, count in delta), default=0.0)
+    p95 = None
+    if total > 0:
+        p95_ms = next(le for le, count in delta if count >= 0.95 * total)
+        p95 = p95_ms / 1000.0 if math.isfinite(p95_ms) else math.inf
+    return requests, errors, p95
