@@ -32,6 +32,7 @@ from mlops_assets.lib.ray_cluster import ClusterConfig, start_head, stop_head
 from mlops_assets.lib.serving.config import ModelRef
 from mlops_assets.lib.serving.prediction_log import read_prediction_log
 from mlops_assets.lib.simulator import SimulationConfig, simulate_records
+from mlops_assets.lib.tracking import use_tracking_uri
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -107,22 +108,22 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     spec = default_spec()
 
     # Two versions from different data and seeds, so their answers differ.
-    mlflow.set_tracking_uri(tracking_uri)
-    experiment = mlflow.create_experiment("serving-test", artifact_location=(data / "mlflow" / "artifacts").as_uri())
     client = MlflowClient(tracking_uri=tracking_uri)
     models: dict[str, CatBoostClassifier] = {}
-    for seed, iterations in ((1, 30), (2, 60)):
-        frame = simulate_records(spec, SimulationConfig(n_rows=1500, seed=seed))
-        model = _train(frame, spec, seed, iterations)
-        with mlflow.start_run(experiment_id=experiment) as run:
-            info = model_store.log_catboost_model(model, input_example=frame[spec.feature_names].head(5))
-        mv = model_store.register_version(client, MODEL_NAME, run_id=run.info.run_id, model_uri=info.model_uri, tags={
-            "decision_threshold": "0.5", "feature_version": f"fv-{seed}", "data_version": f"dv-{seed}",
-            "trained_at": f"2026-01-0{seed}T00:00:00+00:00",
-        })
-        models[str(mv.version)] = model
+    with use_tracking_uri(tracking_uri):  # scoped: other test modules see no global MLflow state
+        experiment = mlflow.create_experiment("serving-test",
+                                              artifact_location=(data / "mlflow" / "artifacts").as_uri())
+        for seed, iterations in ((1, 30), (2, 60)):
+            frame = simulate_records(spec, SimulationConfig(n_rows=1500, seed=seed))
+            model = _train(frame, spec, seed, iterations)
+            with mlflow.start_run(experiment_id=experiment) as run:
+                info = model_store.log_catboost_model(model, input_example=frame[spec.feature_names].head(5))
+            mv = model_store.register_version(client, MODEL_NAME, run_id=run.info.run_id, model_uri=info.model_uri,
+                                              tags={"decision_threshold": "0.5", "feature_version": f"fv-{seed}",
+                                                    "data_version": f"dv-{seed}",
+                                                    "trained_at": f"2026-01-0{seed}T00:00:00+00:00"})
+            models[str(mv.version)] = model
     model_store.promote_to_champion(client, MODEL_NAME, "1")
-    mlflow.set_tracking_uri("")  # leave no global state behind for other test modules
 
     cluster = ClusterConfig(
         port=_free_port(), dashboard_port=_free_port(), metrics_export_port=_free_port(),

@@ -164,11 +164,12 @@ def offline_probabilities(model: Any, records: Sequence[Mapping[str, int]], spec
 
 def offline_model(tracking_uri: str, model_name: str, version: str) -> Any:
     """The registered model through MLflow's catboost flavor: a load path independent of serving's."""
-    import mlflow
     import mlflow.catboost
 
-    mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.catboost.load_model(f"models:/{model_name}/{version}")
+    from mlops_assets.lib.tracking import use_tracking_uri
+
+    with use_tracking_uri(tracking_uri):  # scoped: no global MLflow URI or env var left behind
+        return mlflow.catboost.load_model(f"models:/{model_name}/{version}")
 
 
 # --- step 1: load-and-query check -------------------------------------------------------------
