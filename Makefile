@@ -17,13 +17,17 @@ export
 	@echo "MLOPS_API_TOKEN=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(24))')" >> $@
 	@echo "made .env with a new MLOPS_API_TOKEN"
 
+# Absolute paths: the Ray head hands its environment to replicas, which run in other folders.
 export DAGSTER_HOME ?= $(CURDIR)/data/dagster_home
+export MLOPS_DATA_URL ?= $(CURDIR)/data
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/data/mlflow/mlflow.db
 export PATH := $(BIN):$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
 DEMO_ROWS ?= 6000
 DEMO_SEED ?= 42
-TRAINING_PATH := raw_batches raw_dataset validation_report feature_set train_test_split
+# The training path: raw files to a registered (and, when the gate passes, champion) model.
+TRAINING_PATH := raw_batches,raw_dataset,validation_report,feature_set,train_test_split,trained_model,model_evaluation,registered_model
 
 .PHONY: install test lint typecheck demo pipeline up down bench clean
 
@@ -50,23 +54,30 @@ $(DAGSTER_HOME)/dagster.yaml:
 	mkdir -p $(DAGSTER_HOME)
 	touch $@
 
-demo: install $(DAGSTER_HOME)/dagster.yaml
+demo: install .env $(DAGSTER_HOME)/dagster.yaml
+	mkdir -p data/mlflow
 	$(BIN)/mlops-assets simulate data --rows $(DEMO_ROWS) --seed $(DEMO_SEED) --name demo-seed$(DEMO_SEED).csv
-	$(BIN)/dagster asset materialize -m mlops_assets.definitions --select '*'
+	$(BIN)/python -m mlops_assets.lib.ray_cluster up
+	$(BIN)/dagster asset materialize -m mlops_assets.definitions --select 'raw_batches*'
+	$(BIN)/mlops-assets status
+	$(BIN)/python -m mlops_assets.lib.serving.sample_request
+	@echo ""
+	@echo "Serving stays up: http://127.0.0.1:8000/predict (token: MLOPS_API_TOKEN in .env; source it with: set -a; . ./.env; set +a)"
+	@echo "Ray dashboard: http://127.0.0.1:8265   Dagster and MLflow UIs: make up   Stop everything: make down"
+
+pipeline: install .env $(DAGSTER_HOME)/dagster.yaml
+	mkdir -p data/mlflow
+	$(BIN)/dagster asset materialize -m mlops_assets.definitions --select '$(TRAINING_PATH)'
 	$(BIN)/mlops-assets status
 
-pipeline: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster asset materialize -m mlops_assets.definitions --select '*'
-	$(BIN)/mlops-assets status
-
-up: install $(DAGSTER_HOME)/dagster.yaml
-	$(BIN)/dagster dev -w workspace.yaml --host 127.0.0.1 --port 3000
+up: install .env $(DAGSTER_HOME)/dagster.yaml
+	BIN=$(BIN) scripts/platform.sh up
 
 down:
-	@echo "nothing long-running to stop yet"
+	BIN=$(BIN) scripts/platform.sh down
 
 bench: install
-	@echo "benchmarks arrive with the serving issue"
+	@echo "benchmarks arrive with the performance issue"
 
 clean:
 	rm -rf data/
