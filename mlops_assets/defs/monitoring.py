@@ -297,7 +297,7 @@ def production_profiles(
     config: ProductionProfilesConfig,
     platform: PlatformResource,
     monitoring: MonitoringResource,
-) -> dg.MaterializeResult:
+):  # no return annotation: with checks, Dagster reads it as the outputs
     """Mergeable whylogs profiles of the prediction log's inputs and outputs, per time window and model version."""
     spec = platform.spec()
     settings = platform.settings()
@@ -399,7 +399,7 @@ def drift_report(
     mlflow: MlflowResource,
     ray_serve: RayServeResource,
     production_profiles: dict,
-) -> dg.MaterializeResult:
+):  # no return annotation: with checks, Dagster reads it as the outputs
     """Per-feature and prediction drift of the newest window against the serving version's reference."""
     spec = platform.spec()
     settings = platform.settings()
@@ -526,7 +526,7 @@ def online_performance(
     mlflow: MlflowResource,
     ray_serve: RayServeResource,
     monitoring: MonitoringResource,
-) -> dg.MaterializeResult:
+):  # no return annotation: with checks, Dagster reads it as the outputs
     """Live metrics of the serving version from delayed labels joined onto its predictions."""
     spec = platform.spec()
     settings = platform.settings()

@@ -1,0 +1,339 @@
+"""The monitoring assets materialized for real: a registered CatBoost version in a SQLite MLflow
+registry, prediction log parts written by the serving writer, labels files in the landing folder,
+and a test Dagster instance. No Ray: the endpoint is unreachable, so the champion is what serves."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from catboost import CatBoostClassifier
+from mlflow import MlflowClient
+
+from mlops_assets import constants as c
+from mlops_assets.defs.deployment import RayServeResource
+from mlops_assets.defs.mlflow_resource import MlflowResource
+from mlops_assets.defs.monitoring import (
+    DEGRADATION_CHECK,
+    FRESH_DATA_CHECK,
+    NO_DRIFT_CHECK,
+    MonitoringResource,
+    drift_report,
+    labelled_production_batch,
+    online_performance,
+    production_profiles,
+    reference_profile,
+)
+from mlops_assets.defs.resources import ParquetIOManager, PlatformResource
+from mlops_assets.lib import drift, ingestion, model_store
+from mlops_assets.lib import monitoring as mon
+from mlops_assets.lib.dataset_spec import DatasetSpec, default_spec
+from mlops_assets.lib.serving.prediction_log import prediction_rows, write_part
+from mlops_assets.lib.simulator import SimulationConfig, simulate_records
+
+pytestmark = pytest.mark.integration
+
+MODEL = "monitoring-test-classifier"
+DRIFTED = {"SSLfinal_State": 0.6, "URL_of_Anchor": 0.6, "having_Sub_Domain": 0.6, "web_traffic": 0.6}
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Registry:
+    root: Path
+    tracking_uri: str
+    spec: DatasetSpec
+    model: CatBoostClassifier
+    run_id: str
+    train: pd.DataFrame  # a train_test_split-shaped frame
+    offline_accuracy: float
+
+    def resources(self, data: Path) -> dict:
+        port = _closed_port()  # nothing listens: the endpoint is "unknown", the champion serves
+        return {
+            "platform": PlatformResource(data_url=str(data)),
+            "io_manager": ParquetIOManager(base_url=str(data / "assets")),
+            "mlflow": MlflowResource(tracking_uri=self.tracking_uri, artifact_root=(self.root / "artifacts").as_uri(),
+                                     experiment="monitoring-test", model_name=MODEL),
+            "ray_serve": RayServeResource(dashboard_url=f"http://127.0.0.1:{port}",
+                                          serve_url=f"http://127.0.0.1:{port}", api_token="unused"),
+            "monitoring": MonitoringResource(prediction_log_url=str(data / "predictions"),
+                                             labels_url=str(data / "labels")),
+        }
+
+    def predict(self, frame: pd.DataFrame) -> tuple[list[int], list[float]]:
+        p = self.model.predict_proba(frame[self.spec.feature_names])[:, 1]
+        labels = np.where(p >= 0.5, self.spec.positive_class, self.spec.negative_class)
+        return labels.astype(int).tolist(), p.astype(float).tolist()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    root = tmp_path_factory.mktemp("registry")
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    spec = default_spec()
+    raw = simulate_records(spec, SimulationConfig(n_rows=2500, seed=5)).drop_duplicates(spec.feature_names)
+    y = (raw[spec.label] == spec.positive_class).astype(int)
+    model = CatBoostClassifier(iterations=60, depth=4, random_seed=1, verbose=False, thread_count=1,
+                               allow_writing_files=False)
+    model.fit(raw[spec.feature_names], y)
+    test = simulate_records(spec, SimulationConfig(n_rows=1500, seed=6))
+    accuracy = float((np.where(model.predict_proba(test[spec.feature_names])[:, 1] >= 0.5, spec.positive_class,
+                               spec.negative_class) == test[spec.label]).mean())
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        experiment = mlflow.create_experiment("monitoring-test", artifact_location=(root / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment) as run:
+            info = model_store.log_catboost_model(model, input_example=raw[spec.feature_names].head(5))
+        client = MlflowClient(tracking_uri=tracking_uri)
+        model_store.register_version(client, MODEL, run_id=run.info.run_id, model_uri=info.model_uri, tags={
+            "decision_threshold": "0.5", "metric.test_accuracy": f"{accuracy:.6f}"})
+        model_store.promote_to_champion(client, MODEL, "1")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    split = raw[spec.feature_names].assign(target=y.to_numpy(), split="train")
+    yield Registry(root, tracking_uri, spec, model, run.info.run_id, split, accuracy)
+
+
+@pytest.fixture()
+def data(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+def _log_traffic(reg: Registry, data: Path, n: int, seed: int, at: datetime, drift_: dict | None = None,
+                 per_request: int = 10) -> pd.DataFrame:
+    """Score simulated records with the champion and write them as the serving writer does."""
+    frame = simulate_records(reg.spec, SimulationConfig(n_rows=n, seed=seed, drift=drift_ or {}))
+    labels, probabilities = reg.predict(frame)
+    rows, ids = [], []
+    for start in range(0, n, per_request):
+        request_id = f"req-{seed}-{start}"
+        stop = min(start + per_request, n)
+        records = frame[reg.spec.feature_names].iloc[start:stop].astype(int).to_dict("records")
+        rows += prediction_rows(request_id=request_id, model_version="1", records=records,
+                                labels=labels[start:stop], probabilities=probabilities[start:stop],
+                                logged_at=at + timedelta(seconds=start / n))
+        ids += [(request_id, i) for i in range(stop - start)]
+    write_part(rows, str(data / "predictions"), f"part-{seed}.parquet")
+    return frame.assign(request_id=[r for r, _ in ids], record_index=[i for _, i in ids], predicted=labels)
+
+
+def _materialize(reg: Registry, data: Path, instance: dg.DagsterInstance, assets: list, selection=None,
+                 run_config: dict | None = None) -> dg.ExecuteInProcessResult:
+    return dg.materialize(assets, resources=reg.resources(data), instance=instance, selection=selection,
+                          run_config=run_config, raise_on_error=False)
+
+
+def _registered_stand_in(reg: Registry) -> list[dg.AssetsDefinition]:
+    @dg.asset(name="registered_model")
+    def _registered() -> dict:
+        return {"model_name": MODEL, "version": "1", "run_id": reg.run_id, "champion_version": "1"}
+
+    @dg.asset(name="train_test_split")
+    def _split() -> pd.DataFrame:
+        return reg.train
+
+    return [_registered, _split]
+
+
+def _check(result: dg.ExecuteInProcessResult, name: str) -> dg.AssetCheckEvaluation:
+    [found] = [e for e in result.get_asset_check_evaluations() if e.check_name == name]
+    return found
+
+
+def _meta(result: dg.ExecuteInProcessResult, asset: str) -> dict:
+    [event] = result.asset_materializations_for_node(asset)
+    return {k: getattr(v, "value", v) for k, v in event.metadata.items()}
+
+
+def test_reference_profile_is_stored_with_the_version_in_the_data_root_and_mlflow(registry: Registry, data: Path):
+    with dg.instance_for_test() as instance:
+        result = _materialize(registry, data, instance, [*_registered_stand_in(registry), reference_profile])
+    assert result.success
+    meta = _meta(result, "reference_profile")
+    local = data / "profiles" / "reference" / "1" / "profile.bin"
+    summary = drift.profile_summary(local.read_bytes())
+    assert summary["n_rows"] == len(registry.train) == meta["rows"]
+    # The predictions in the reference are the version's own answers on its training rows.
+    labels, probabilities = registry.predict(registry.train)
+    assert summary["columns"][mon.PREDICTED_LABEL]["values"] == dict(sorted(pd.Series(labels).value_counts().items()))
+    assert summary["columns"][mon.PROBABILITY]["mean"] == pytest.approx(np.mean(probabilities), abs=1e-9)
+    assert meta["predicted_positive_share"] == pytest.approx(np.mean(np.array(labels) == -1), abs=1e-6)
+    # The same bytes are an artifact of the version's MLflow run.
+    client = MlflowClient(tracking_uri=registry.tracking_uri)
+    downloaded = client.download_artifacts(registry.run_id, "monitoring/reference_profile.bin", str(data))
+    assert Path(downloaded).read_bytes() == local.read_bytes()
+
+
+def test_normal_traffic_passes_drifted_traffic_fails_the_drift_check(registry: Registry, data: Path):
+    hour = datetime(2026, 1, 5, 10, 0, tzinfo=UTC)
+    assets = [*_registered_stand_in(registry), reference_profile, production_profiles, drift_report]
+    with dg.instance_for_test() as instance:
+        assert _materialize(registry, data, instance, assets, selection=["registered_model", "train_test_split", "reference_profile"]).success
+        _log_traffic(registry, data, 600, seed=21, at=hour)
+        normal = _materialize(registry, data, instance, assets, selection=["production_profiles", "drift_report"])
+        assert normal.success
+        _log_traffic(registry, data, 600, seed=22, at=hour + timedelta(hours=1), drift_=DRIFTED)
+        drifted = _materialize(registry, data, instance, assets, selection=["production_profiles", "drift_report"])
+        assert drifted.success
+
+    ok, bad = _meta(normal, "drift_report"), _meta(drifted, "drift_report")
+    assert _check(normal, NO_DRIFT_CHECK).passed and ok["drift_detected"] is False
+    assert ok["serving_version"] == "1" and ok["serving_source"] == "registry champion"
+    assert ok["n_drifted_features"] == 0 and ok["rows"] == 600 and ok["window"] == "2026-01-05T10:00:00Z"
+    assert not _check(drifted, NO_DRIFT_CHECK).passed and bad["drift_detected"] is True
+    assert set(bad["drifted_features"].split(", ")) == set(DRIFTED)  # exactly the drifted ones
+    assert bad["event_key"] == "drift-1-20260105T110000Z"
+    # Numeric metadata per feature, so the UI plots each over runs.
+    for feature in registry.spec.feature_names:
+        assert isinstance(bad[f"drift/{feature}"], float)
+    assert min(bad[f"drift/{f}"] for f in DRIFTED) > c.DRIFT_HELLINGER > max(ok[f"drift/{f}"] for f in DRIFTED)
+    print(f"drift: normal max Hellinger {ok['max_feature_statistic']:.3f}, prediction KS {ok['prediction_ks']:.3f}; "
+          f"drifted min Hellinger {min(bad[f'drift/{f}'] for f in DRIFTED):.3f}")
+
+    # Per-window profiles merge into the profile of the whole log.
+    windows = sorted((data / "profiles" / "production" / "3600s").glob("*/1.bin"))
+    assert len(windows) == 2
+    merged = drift.profile_summary(drift.merge_profiles(p.read_bytes() for p in windows))
+    assert merged["n_rows"] == 1200
+    whole = mon.read_prediction_log(str(data / "predictions"))
+    assert merged["columns"]["URL_Length"]["values"] == dict(sorted(whole["URL_Length"].value_counts().items()))
+
+
+def test_drift_thresholds_are_config(registry: Registry, data: Path):
+    hour = datetime(2026, 1, 5, 10, 0, tzinfo=UTC)
+    assets = [*_registered_stand_in(registry), reference_profile, production_profiles, drift_report]
+    _log_traffic(registry, data, 600, seed=22, at=hour, drift_=DRIFTED)
+    lenient = {"ops": {"drift_report": {"config": {"hellinger": 0.9, "ks_statistic": 0.9}}}}
+    with dg.instance_for_test() as instance:
+        result = _materialize(registry, data, instance, assets, run_config=lenient,
+                              selection=["registered_model", "train_test_split", "reference_profile", "production_profiles",
+                                         "drift_report"])
+    assert result.success and _check(result, NO_DRIFT_CHECK).passed
+    assert _meta(result, "drift_report")["n_drifted_features"] == 0
+
+
+def test_without_a_local_reference_the_mlflow_artifact_is_used_and_other_versions_are_not_judged(
+        registry: Registry, data: Path, tmp_path: Path):
+    other = tmp_path / "other-data-root"
+    with dg.instance_for_test() as instance:  # the version's reference, logged to its MLflow run
+        assert _materialize(registry, other, instance, [*_registered_stand_in(registry), reference_profile]).success
+    at = datetime(2026, 1, 5, 10, tzinfo=UTC)
+    _log_traffic(registry, data, 300, seed=23, at=at)
+    with dg.instance_for_test() as instance:
+        result = _materialize(registry, data, instance, [production_profiles, drift_report])
+        assert not (data / "profiles" / "reference").exists()
+        meta = _meta(result, "drift_report")
+        assert meta["judged"] is True and meta["reference"] == f"runs:/{registry.run_id}/monitoring/reference_profile.bin"
+
+        # Traffic of another version only: nothing to judge for the serving one.
+        for part in (data / "predictions").rglob("*.parquet"):
+            frame = pd.read_parquet(part).assign(model_version="7")
+            frame.to_parquet(part, index=False)
+        again = _materialize(registry, data, instance, [production_profiles, drift_report])
+    meta = _meta(again, "drift_report")
+    assert meta["judged"] is False and "no production data for version 1" in meta["reason"]
+    assert _check(again, NO_DRIFT_CHECK).passed
+
+
+def test_data_freshness_check_and_the_freshness_policy(registry: Registry, data: Path):
+    from dagster._core.definitions.freshness import FreshnessState
+    from dagster._core.definitions.freshness_evaluator import TimeWindowFreshnessPolicyEvaluator
+    from dagster._core.loader import LoadingContextForTest
+    from dagster._core.test_utils import freeze_time
+
+    now = datetime.now(UTC)
+    _log_traffic(registry, data, 200, seed=24, at=now - timedelta(hours=5))
+    with dg.instance_for_test() as instance:
+        stale = _materialize(registry, data, instance, [production_profiles])
+        _log_traffic(registry, data, 200, seed=25, at=now - timedelta(minutes=2))
+        fresh = _materialize(registry, data, instance, [production_profiles])
+
+        # Dagster's own evaluator of the asset's FreshnessPolicy (what the UI shows), at three times.
+        node = dg.Definitions(assets=[production_profiles], resources=registry.resources(data)).resolve_asset_graph().get(dg.AssetKey("production_profiles"))
+        evaluator = TimeWindowFreshnessPolicyEvaluator()
+
+        def state(at: datetime) -> FreshnessState:
+            import asyncio
+
+            with freeze_time(at):
+                return asyncio.run(evaluator.evaluate_freshness(LoadingContextForTest(instance), node))
+
+        lag = timedelta(minutes=c.PROFILES_MAX_LAG_MINUTES)
+        assert state(datetime.now(UTC) + timedelta(minutes=1)) == FreshnessState.PASS
+        assert state(datetime.now(UTC) + lag / 2 + timedelta(minutes=1)) == FreshnessState.WARN
+        assert state(datetime.now(UTC) + lag + timedelta(minutes=1)) == FreshnessState.FAIL
+
+    assert stale.success and not _check(stale, FRESH_DATA_CHECK).passed
+    assert "old (>" in _check(stale, FRESH_DATA_CHECK).description
+    assert _check(fresh, FRESH_DATA_CHECK).passed
+    assert 100 < _meta(fresh, "production_profiles")["newest_record_age_seconds"] < 600
+
+
+def _write_labels(data: Path, traffic: pd.DataFrame, spec: DatasetSpec, flip_share: float, name: str) -> pd.DataFrame:
+    labels = traffic[["request_id", "record_index", spec.label]].rename(columns={spec.label: "label"})
+    flip = np.random.default_rng(0).random(len(labels)) < flip_share
+    labels.loc[flip, "label"] = -labels.loc[flip, "label"]
+    labels["labelled_at"] = datetime.now(UTC).isoformat()
+    (data / "labels").mkdir(parents=True, exist_ok=True)
+    labels.to_csv(data / "labels" / name, index=False)
+    return labels
+
+
+def test_online_performance_joins_labels_and_judges_degradation(registry: Registry, data: Path):
+    spec = registry.spec
+    traffic = _log_traffic(registry, data, 400, seed=26, at=datetime.now(UTC) - timedelta(minutes=5))
+    # 300 true labels, plus one label for a prediction that was never logged.
+    labels = _write_labels(data, traffic.head(300), spec, 0.0, "good.csv")
+    pd.DataFrame({"request_id": ["never-logged"], "record_index": [0], "label": [1],
+                  "labelled_at": [datetime.now(UTC).isoformat()]}).to_csv(data / "labels" / "stray.csv", index=False)
+    with dg.instance_for_test() as instance:
+        good = _materialize(registry, data, instance, [online_performance])
+        # Corrections arrive later for the same keys: 40% of them flipped; the latest label wins.
+        _write_labels(data, traffic.head(300), spec, 0.4, "zz-corrections.csv")
+        bad = _materialize(registry, data, instance, [online_performance])
+    assert good.success and bad.success
+    meta = _meta(good, "online_performance")
+    assert (meta["n_predictions"], meta["n_labels"], meta["n_matched"], meta["n_unknown"]) == (400, 301, 300, 1)
+    expected = float((traffic.head(300)["predicted"].to_numpy() == labels["label"].to_numpy()).mean())
+    assert meta["live_accuracy"] == pytest.approx(expected, abs=1e-6)
+    assert meta["offline_accuracy"] == pytest.approx(registry.offline_accuracy, abs=1e-5)
+    assert _check(good, DEGRADATION_CHECK).passed and meta["degraded"] is False
+
+    worse = _meta(bad, "online_performance")
+    assert worse["n_duplicates"] == 300 and worse["n_matched"] == 300
+    assert worse["live_accuracy"] < expected - 0.2
+    assert not _check(bad, DEGRADATION_CHECK).passed
+    assert worse["degraded"] is True and worse["event_key"] == "degraded-1"
+
+
+def test_labelled_production_records_become_one_raw_batch_once(registry: Registry, data: Path):
+    spec = registry.spec
+    traffic = _log_traffic(registry, data, 300, seed=27, at=datetime.now(UTC) - timedelta(minutes=5))
+    _write_labels(data, traffic.head(250), spec, 0.0, "labels.csv")
+    with dg.instance_for_test() as instance:
+        first = _materialize(registry, data, instance, [labelled_production_batch])
+        again = _materialize(registry, data, instance, [labelled_production_batch])
+    assert first.success and again.success
+    assert _meta(first, "labelled_production_batch")["rows"] == 250
+    assert _meta(again, "labelled_production_batch")["rows"] == 0  # nothing new: no second batch
+    [batch] = ingestion.accepted_batches(str(data / "batches"))
+    assert batch.rows == 250 and batch.columns == spec.columns
+    stored = pd.read_parquet(Path(batch.stored_at) / "data.parquet")
+    truth = traffic.head(250)
+    assert stored[spec.label].tolist() == truth[spec.label].tolist()
+    assert stored[spec.feature_names].to_numpy().tolist() == truth[spec.feature_names].to_numpy().tolist()
