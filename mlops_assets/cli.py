@@ -96,11 +96,55 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _cmd_simulate_traffic(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from mlops_assets.lib import traffic
+    from mlops_assets.lib.dataset_spec import load_spec
+    from mlops_assets.lib.serving.config import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT
+    from mlops_assets.lib.settings import join_url, load_settings
+    from mlops_assets.lib.simulator import parse_drift
+
+    settings = load_settings()
+    spec = load_spec(args.spec or settings.dataset_spec_path)
+    base = args.endpoint or os.environ.get("MLOPS_SERVE_URL") or f"http://{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}"
+    config = traffic.TrafficConfig(
+        endpoint=f"{base.rstrip('/')}/predict", token=os.environ.get("MLOPS_API_TOKEN", ""),
+        records=args.records, batch_size=args.batch_size, rate=args.rate, concurrency=args.concurrency,
+        max_duration_s=args.max_duration, seed=args.seed, drift=parse_drift(args.drift),
+    )
+    if not 0.0 < args.label_share <= 1.0 or args.label_delay < 0:
+        raise ValueError(f"--label-share must be in (0, 1] and --label-delay at least 0, got "
+                         f"{args.label_share} and {args.label_delay}")
+    records = traffic.traffic_records(spec, config)  # unknown drift features fail here, before any request
+    result = traffic.send_traffic(spec, config, records)
+    print(f"traffic to {config.endpoint}: {result.summary()}")
+    if args.labels:
+        if args.label_delay:
+            time.sleep(args.label_delay)  # labels arrive later than predictions, as in production
+        labels = traffic.labels_frame(result, share=args.label_share, seed=args.seed)
+        out = args.labels_dir or os.environ.get("MLOPS_LABELS_URL") or join_url(settings.data_url, c.LABELS_SUBDIR)
+        target = traffic.write_labels(labels, out)
+        print(f"wrote {len(labels)} delayed labels to {target}")
+    return 0 if result.requests_ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlops-assets", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    simulate = sub.add_parser("simulate", help="simulate raw data (and, later, traffic and labels)")
+    simulate = sub.add_parser("simulate", help="simulate raw data, or traffic and its delayed labels")
     sim_sub = simulate.add_subparsers(dest="what", required=True)
     data = sim_sub.add_parser("data", help="write N seeded records into the landing folder")
     data.add_argument("--rows", type=_positive_int, default=5000, help="records to write (default 5000)")
@@ -115,6 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="move AMOUNT of FEATURE's value share onto its rarest value (repeatable)")
     data.add_argument("--spec", default=None, help="dataset spec JSON (default: MLOPS_DATASET_SPEC or phishing)")
     data.set_defaults(func=_cmd_simulate_data)
+
+    traffic = sim_sub.add_parser("traffic", help="send bounded, rate-limited requests to the endpoint (token: MLOPS_API_TOKEN)")
+    traffic.add_argument("--records", type=_positive_int, default=500, help="records to send in all (default 500)")
+    traffic.add_argument("--batch-size", type=_positive_int, default=10, help="records per request (default 10)")
+    traffic.add_argument("--rate", type=_positive_float, default=20.0, help="requests per second (default 20)")
+    traffic.add_argument("--concurrency", type=_positive_int, default=2, help="parallel connections (default 2)")
+    traffic.add_argument("--max-duration", type=_positive_float, default=120.0,
+                         help="seconds after which nothing new is sent (default 120)")
+    traffic.add_argument("--seed", type=int, default=c.SIMULATOR_SEED + 1, help="random seed of the records")
+    traffic.add_argument("--drift", action="append", default=[], metavar="FEATURE=AMOUNT",
+                         help="inject drift: move AMOUNT of FEATURE's value share onto its rarest value (repeatable)")
+    traffic.add_argument("--endpoint", default=None,
+                         help="serving URL (default: MLOPS_SERVE_URL, else the local Serve port)")
+    traffic.add_argument("--labels", action="store_true",
+                         help="then write the true labels of the answered records as delayed labels")
+    traffic.add_argument("--label-share", type=_positive_float, default=1.0, help="share of records labelled (0, 1]")
+    traffic.add_argument("--label-delay", type=float, default=0.0, help="seconds to wait before writing the labels")
+    traffic.add_argument("--labels-dir", default=None, help="labels landing folder (default: MLOPS_LABELS_URL or data/labels)")
+    traffic.add_argument("--spec", default=None, help="dataset spec JSON (default: MLOPS_DATASET_SPEC or phishing)")
+    traffic.set_defaults(func=_cmd_simulate_traffic)
 
     status = sub.add_parser("status", help="the champion model: version, metrics, data and feature versions, run")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
