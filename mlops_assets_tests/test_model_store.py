@@ -75,7 +75,8 @@ def test_the_verified_model_predicts_like_the_trained_one(store, frame, spec, na
     X = frame[spec.feature_names]
     assert loaded.version == str(mv.version) and loaded.run_id == mv.run_id
     assert np.array_equal(loaded.model.predict_proba(X), model.predict_proba(X))
-    via_mlflow = mlflow.catboost.load_model(f"models:/{name}@{c.ALIAS_CHAMPION}")
+    with tracking.use_tracking_uri(uri):  # URI-only MLflow calls read the global tracking URI
+        via_mlflow = mlflow.catboost.load_model(f"models:/{name}@{c.ALIAS_CHAMPION}")
     assert np.array_equal(via_mlflow.predict_proba(X), model.predict_proba(X))
 
 

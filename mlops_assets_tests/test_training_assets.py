@@ -2,6 +2,7 @@
 MLflow SQLite store in a temporary folder and a test Dagster instance."""
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -53,10 +54,12 @@ def split_stand_in(n_rows: int = 1500, seed: int = 3, shuffle_train_labels: bool
 
 
 @pytest.fixture()
-def root(tmp_path: Path, monkeypatch) -> Path:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")  # for mlflow.* URI loads
+def root(tmp_path: Path, monkeypatch) -> Iterator[Path]:
     monkeypatch.delenv("MLFLOW_UI_URL", raising=False)
-    return tmp_path
+    # MLflow's global tracking URI points elsewhere: the assets must only use the resource's store.
+    with tracking.use_tracking_uri(f"sqlite:///{tmp_path}/elsewhere.db"):
+        yield tmp_path
+    assert not (tmp_path / "elsewhere.db").exists()
 
 
 def _resources(root: Path) -> dict:
@@ -79,8 +82,12 @@ def _output(root: Path, asset: str) -> dict:
     return json.loads((root / "assets" / f"{asset}.json").read_text())
 
 
+def _uri(root: Path) -> str:
+    return f"sqlite:///{root}/mlflow.db"
+
+
 def _client(root: Path) -> MlflowClient:
-    return MlflowClient(f"sqlite:///{root}/mlflow.db")
+    return MlflowClient(_uri(root))
 
 
 def test_the_run_holds_what_tracking_promises_and_the_champion_predicts_like_training(root, monkeypatch):
@@ -116,7 +123,9 @@ def test_the_run_holds_what_tracking_promises_and_the_champion_predicts_like_tra
     assert inputs["raw_dataset"].dataset.digest == tracking.short_digest(trained["raw_dataset_version"])
     assert inputs["train_split"].dataset.digest != inputs["test_split"].dataset.digest
     # The model, with its signature and input example.
-    info = mlflow.models.get_model_info(trained["model_uri"])
+    # URI-only MLflow calls use the global tracking URI: scope it (other tests may have set it).
+    with tracking.use_tracking_uri(_uri(root)):
+        info = mlflow.models.get_model_info(trained["model_uri"])
     assert [col.name for col in info.signature.inputs.inputs] == default_spec().feature_names
     assert info.saved_input_example_info is not None
     # metadata.json: model version, trained at, metrics, artifact location, data and feature versions.
@@ -140,9 +149,10 @@ def test_the_run_holds_what_tracking_promises_and_the_champion_predicts_like_tra
     # The champion loads from the registry and predicts what the in-memory model predicted.
     example = pd.DataFrame(trained["input_example"])[trained["feature_names"]]
     expected = np.array(trained["input_example_proba"])
-    by_alias = mlflow.catboost.load_model(f"models:/{MODEL}@{c.ALIAS_CHAMPION}")
+    with tracking.use_tracking_uri(_uri(root)):
+        by_alias = mlflow.catboost.load_model(f"models:/{MODEL}@{c.ALIAS_CHAMPION}")
     assert np.allclose(by_alias.predict_proba(example)[:, 1], expected, rtol=0, atol=1e-12)
-    verified = model_store.load_verified_model(f"sqlite:///{root}/mlflow.db", MODEL, alias=c.ALIAS_CHAMPION)
+    verified = model_store.load_verified_model(_uri(root), MODEL, alias=c.ALIAS_CHAMPION)
     assert np.allclose(verified.model.predict_proba(example)[:, 1], expected, rtol=0, atol=1e-12)
     assert verified.tags["decision_threshold"] == "0.5"
     assert verified.tags["data_version"] == trained["data_version"]
