@@ -1,0 +1,319 @@
+"""The whole loop on one machine: a real Ray Serve endpoint on loopback, a real Dagster instance,
+MLflow on SQLite, the platform's own Definitions and resources (configured by environment).
+
+Raw data -> retraining job (train, gate, register, deploy, reference profile) -> normal traffic:
+no drift -> drifted traffic with delayed labels: the drift check fails and the drift sensor asks
+for exactly one retraining run, none more on later ticks -> that run learns from the labelled
+production records and goes through the gate -> a bad version is deployed, the watch sees its
+predictions move, requests the rollback job, which restores the previous version, and alerts.
+One Ray head for the module; CatBoost runs with few iterations.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from catboost import CatBoostClassifier
+from mlflow import MlflowClient
+
+from mlops_assets import constants as c
+from mlops_assets.lib import deployment as dep
+from mlops_assets.lib import ingestion, model_store, traffic
+from mlops_assets.lib import monitoring as mon
+from mlops_assets.lib.dataset_spec import DatasetSpec, default_spec
+from mlops_assets.lib.ray_cluster import ClusterConfig, start_head, stop_head
+from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TOKEN = "loop-test-token-0123456789"
+WINDOW_S = 10  # monitoring windows of 10 s, so each traffic phase gets a window of its own
+FAST = {"ops": {"trained_model": {"config": {"iterations": 80, "thread_count": 1}}}}
+MONITOR = {"ops": {"production_profiles": {"config": {"window": f"{WINDOW_S}s"}}}}
+DRIFT = {"SSLfinal_State": 0.6, "URL_of_Anchor": 0.6, "having_Sub_Domain": 0.6, "web_traffic": 0.6,
+         "Prefix_Suffix": 0.6}
+ARGS = {"max_records": 100, "max_body_bytes": 200_000, "log_flush_interval_s": 0.5, "predict_timeout_s": 10}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Webhook:
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                hook.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@dataclass
+class Loop:
+    data: Path
+    spec: DatasetSpec
+    instance: dg.DagsterInstance
+    defs: dg.Definitions
+    target: dep.ServeTarget
+    tracking_uri: str
+    webhook: Webhook
+
+    def job(self, name: str) -> dg.JobDefinition:
+        return self.defs.resolve_job_def(name)
+
+    def run(self, name: str, run_config: dict | None = None, tags: dict | None = None) -> dg.ExecuteInProcessResult:
+        return self.job(name).execute_in_process(instance=self.instance, run_config=run_config, tags=tags,
+                                                 raise_on_error=False)
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+    def champion(self) -> str | None:
+        return model_store.alias_version(self.client(), c.REGISTERED_MODEL_NAME, c.ALIAS_CHAMPION)
+
+    def send(self, records: int, seed: int, drift: dict | None = None, batch_size: int = 50) -> traffic.TrafficResult:
+        config = traffic.TrafficConfig(endpoint=self.target.endpoint, token=TOKEN, records=records,
+                                       batch_size=batch_size, rate=40, concurrency=2, max_duration_s=60, seed=seed,
+                                       drift=drift or {})
+        result = traffic.send_traffic(self.spec, config)
+        assert result.records_answered == records, result.summary()
+        return result
+
+    def wait_logged(self, results: list[traffic.TrafficResult], timeout_s: float = 30) -> pd.DataFrame:
+        wanted = {(a["request_id"], a["record_index"]) for r in results for a in r.answered}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            log = mon.read_prediction_log(str(self.data / "predictions"))
+            have = set(zip(log.get(mon.REQUEST_ID, []), log.get(mon.RECORD_INDEX, []), strict=False))
+            if wanted <= have:
+                return log
+            assert time.monotonic() < deadline, f"{len(wanted - have)} answered records not in the log"
+            time.sleep(0.5)
+
+    def tick(self, sensor_name: str, cursor: str | None) -> tuple[list[dg.RunRequest], str | None, str]:
+        from mlops_assets.defs.deployment import RayServeResource
+        from mlops_assets.defs.monitoring import MonitoringResource
+        from mlops_assets.defs.resources import PlatformResource
+
+        sensor = self.defs.get_sensor_def(sensor_name)
+        context = dg.build_sensor_context(instance=self.instance, cursor=cursor, resources={
+            "platform": PlatformResource(), "monitoring": MonitoringResource(), "ray_serve": RayServeResource()})
+        result = sensor(context)
+        requests = list(result.run_requests or []) if isinstance(result, dg.SensorResult) else []
+        skip = result.skip_reason.skip_message if isinstance(result, dg.SensorResult) and result.skip_reason else ""
+        return requests, (result.cursor if isinstance(result, dg.SensorResult) else cursor), skip
+
+
+def wait_for_new_window() -> None:
+    """Sleep to just after the next window boundary, so a phase's traffic fills one window."""
+    now = time.time()
+    time.sleep(WINDOW_S - (now % WINDOW_S) + 0.3)
+
+
+def _check(result: dg.ExecuteInProcessResult, name: str) -> dg.AssetCheckEvaluation:
+    [found] = [e for e in result.get_asset_check_evaluations() if e.check_name == name]
+    return found
+
+
+def _meta(result: dg.ExecuteInProcessResult, asset: str) -> dict:
+    [event] = result.asset_materializations_for_node(asset)
+    return {k: getattr(v, "value", v) for k, v in event.metadata.items()}
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
+    root = tmp_path_factory.mktemp("loop")
+    data = root / "data"
+    (data / "mlflow").mkdir(parents=True)
+    tracking_uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
+    cluster = ClusterConfig(
+        port=_free_port(), dashboard_port=_free_port(), metrics_export_port=_free_port(),
+        serve_http_port=_free_port(), state_dir=str(root / "ray"),
+        extra_ports={"ray-client-server-port": _free_port(), "dashboard-agent-listen-port": _free_port(),
+                     "dashboard-agent-grpc-port": _free_port(), "runtime-env-agent-port": _free_port()},
+    )
+    config = dep.load_serve_config()
+    config["applications"][0]["args"] = dict(ARGS)
+    serve_config = root / "serve_config.yaml"
+    serve_config.write_text(yaml.safe_dump(config))
+    webhook = Webhook()
+    env = {
+        "MLOPS_DATA_URL": str(data), "MLFLOW_TRACKING_URI": tracking_uri, "MLOPS_API_TOKEN": TOKEN,
+        "MLOPS_MLFLOW_ARTIFACT_ROOT": (data / "mlflow" / "artifacts").as_uri(),
+        "MLOPS_RAY_DASHBOARD_URL": cluster.dashboard_url, "MLOPS_SERVE_URL": cluster.serve_url,
+        "MLOPS_METRICS_URL": cluster.metrics_url, "MLOPS_SERVE_CONFIG": str(serve_config),
+        "MLOPS_ALERT_WEBHOOK_URL": webhook.url,
+    }
+    with ExitStack() as stack:
+        patch = stack.enter_context(pytest.MonkeyPatch.context())
+        for key in ("MLOPS_LANDING_URL", "MLOPS_DATASET_SPEC", "MLOPS_PREDICTION_LOG_URL", "MLOPS_LABELS_URL",
+                    "MLFLOW_UI_URL", "MLOPS_MODEL_NAME", "MLOPS_MLFLOW_EXPERIMENT"):
+            patch.delenv(key, raising=False)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        start_head(cluster, env={"MLOPS_API_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": tracking_uri,
+                                 "MLOPS_DATA_URL": str(data)})
+        stack.callback(stop_head, cluster)
+        target = dep.target_from_env()
+        stack.callback(lambda: dep.delete_app(target))
+        stack.callback(webhook.server.shutdown)
+        instance = stack.enter_context(dg.instance_for_test())
+        from mlops_assets.definitions import defs
+
+        yield Loop(data, default_spec(), instance, defs, target, tracking_uri, webhook)
+
+
+def test_the_loop_from_raw_data_to_drift_to_one_retraining_through_the_gate(loop: Loop) -> None:
+    started = time.monotonic()
+    # 1. The first model: raw data through the same retraining job the sensor uses.
+    write_batch(simulate_records(loop.spec, SimulationConfig(n_rows=2000, seed=42)), str(loop.data / "raw"),
+                name="seed.csv")
+    first = loop.run("retraining", FAST)
+    assert first.success
+    assert loop.champion() == "1" and dep.live_version(loop.target) == "1"
+    assert (loop.data / "profiles" / "reference" / "1" / "profile.bin").exists()
+
+    # 2. Normal traffic: no drift, no retraining.
+    wait_for_new_window()
+    normal = loop.send(600, seed=101)
+    loop.wait_logged([normal])
+    monitored = loop.run("monitoring", MONITOR)
+    assert monitored.success
+    ok = _meta(monitored, "drift_report")
+    assert ok["judged"] is True and ok["serving_version"] == "1" and ok["serving_source"] == "endpoint"
+    assert ok["rows"] == 600 and _check(monitored, "no_drift").passed and ok["n_drifted_features"] == 0
+    requests, cursor, why = loop.tick("drift_retraining_sensor", None)
+    assert requests == [] and why == "no drift"
+
+    # 3. Drifted traffic, and later the true labels of everything sent.
+    wait_for_new_window()
+    drifted = loop.send(600, seed=102, drift=DRIFT)
+    loop.wait_logged([normal, drifted])
+    labels = traffic.labels_frame(normal)
+    labels = pd.concat([labels, traffic.labels_frame(drifted)], ignore_index=True)
+    traffic.write_labels(labels, str(loop.data / "labels"))
+    monitored = loop.run("monitoring", MONITOR)
+    assert monitored.success
+    bad = _meta(monitored, "drift_report")
+    assert not _check(monitored, "no_drift").passed and bad["drift_detected"] is True
+    assert set(DRIFT) <= set(bad["drifted_features"].split(", ")) and bad["rows"] == 600
+    live = _meta(monitored, "online_performance")
+    assert live["n_matched"] == 1200 and live["serving_version"] == "1"
+
+    # Exactly one retraining request for the event, none on the next ticks or a re-run report.
+    requests, cursor, _ = loop.tick("drift_retraining_sensor", cursor)
+    assert [r.run_key for r in requests] == [bad["event_key"]]
+    [request] = requests
+    for _ in range(2):
+        again, cursor, why = loop.tick("drift_retraining_sensor", cursor)
+        assert again == [] and "already handled" in why
+    assert loop.run("monitoring", MONITOR).success
+    again, cursor, why = loop.tick("drift_retraining_sensor", cursor)
+    assert again == []
+
+    # 4. The requested run: labelled production records join the raw data; the gate decides.
+    retrained = loop.run("retraining", FAST, tags={**request.tags, "dagster/run_key": str(request.run_key)})
+    batch_meta = _meta(retrained, "labelled_production_batch")
+    assert batch_meta["rows"] == 1200
+    batches = ingestion.accepted_batches(str(loop.data / "batches"))
+    assert len(batches) == 2 and sum(b.rows for b in batches) == 3200
+    gate = _check(retrained, "promotion_gate")
+    evaluation = _meta(retrained, "model_evaluation")
+    assert evaluation["champion"].startswith("champion v1")  # compared with the serving version
+    if gate.passed:
+        assert retrained.success and loop.champion() == "2" and dep.live_version(loop.target) == "2"
+        assert (loop.data / "profiles" / "reference" / "2" / "profile.bin").exists()
+    else:
+        assert loop.champion() == "1" and dep.live_version(loop.target) == "1"
+    print(f"loop: normal max statistic {ok['max_feature_statistic']:.3f}, drifted {bad['n_drifted_features']} "
+          f"features (min Hellinger {min(bad[f'drift/{f}'] for f in DRIFT):.3f}), live accuracy "
+          f"{live.get('live_accuracy', float('nan')):.3f}; retrained gate passed={gate.passed} "
+          f"(roc_auc {evaluation.get('roc_auc', float('nan')):.4f}); {time.monotonic() - started:.0f}s")
+
+
+def test_a_bad_deployment_is_rolled_back_by_the_watch_and_alerted(loop: Loop) -> None:
+    from mlops_assets.defs.deployment import model_deployment
+    from mlops_assets.defs.resources import ParquetIOManager
+
+    good = loop.champion()
+    assert good is not None and dep.live_version(loop.target) == good
+    # A version that passes every load check but was registered with a broken decision threshold
+    # (0.0): it calls everything phishing.
+    frame = simulate_records(loop.spec, SimulationConfig(n_rows=1500, seed=7))
+    target = (frame[loop.spec.label] == loop.spec.positive_class).astype(int)
+    model = CatBoostClassifier(iterations=40, depth=4, random_seed=1, verbose=False, thread_count=1,
+                               allow_writing_files=False).fit(frame[loop.spec.feature_names], target)
+    client = loop.client()
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(loop.tracking_uri)
+    try:
+        with mlflow.start_run(experiment_id=client.get_experiment_by_name(c.MLFLOW_EXPERIMENT).experiment_id) as run:
+            info = model_store.log_catboost_model(model, input_example=frame[loop.spec.feature_names].head(5))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    bad = str(model_store.register_version(client, c.REGISTERED_MODEL_NAME, run_id=run.info.run_id,
+                                           model_uri=info.model_uri, tags={"decision_threshold": "0.0"}).version)
+
+    # Traffic to the good version, then the bad one deployed through the model_deployment asset.
+    loop.wait_logged([loop.send(300, seed=201, batch_size=5)])
+    model_store.promote_to_champion(client, c.REGISTERED_MODEL_NAME, bad)
+
+    @dg.asset(name="registered_model")
+    def registered() -> dict:
+        return {"model_name": c.REGISTERED_MODEL_NAME, "version": bad, "champion_version": bad}
+
+    @dg.asset(name="train_test_split")
+    def split() -> pd.DataFrame:
+        return frame.assign(split="test")
+
+    resources = {k: v for k, v in loop.defs.resources.items() if k in ("platform", "mlflow", "ray_serve")}
+    deployed = dg.materialize([registered, split, model_deployment], instance=loop.instance,
+                              resources={**resources, "io_manager": ParquetIOManager(base_url=str(loop.data / "stand-in"))})
+    assert deployed.success and dep.live_version(loop.target) == bad
+
+    watch_cursor = loop.tick("post_deploy_watch", None)[1]  # first tick: the metrics baseline
+    after = loop.send(300, seed=202, batch_size=5)  # 60 requests >= the watch's minimum of 50
+    loop.wait_logged([after])
+    requests, watch_cursor, why = loop.tick("post_deploy_watch", watch_cursor)
+    [request] = requests
+    state = json.loads(watch_cursor)
+    assert state["verdict"] == "rollback" and state["seen"]["positive_share_delta"] > 0.3
+    [alert] = [a for a in loop.webhook.received if a["kind"] == "rollback"]
+    assert f"version {bad}" in alert["summary"] and alert["details"]["rollback_to"] == good
+    assert loop.tick("post_deploy_watch", watch_cursor)[0] == []  # decided once
+
+    # The requested run is the rollback job: champion and endpoint return to the good version.
+    rolled = loop.run("rollback", tags=request.tags)
+    assert rolled.success
+    assert loop.champion() == good and dep.live_version(loop.target) == good
+    check = traffic.send_traffic(loop.spec, traffic.TrafficConfig(endpoint=loop.target.endpoint, token=TOKEN,
+                                                                  records=20, batch_size=10, seed=203))
+    assert {a["model_version"] for a in check.answered} == {good}
+    seen = state["seen"]
+    print(f"watch: v{bad} moved its probabilities (KS {seen['probability_ks']:.2f}, positive share "
+          f"{seen['positive_share_delta']:+.2f}); rolled back to v{good}")
