@@ -205,6 +205,11 @@ def test_normal_traffic_passes_drifted_traffic_fails_the_drift_check(registry: R
     print(f"drift: normal max Hellinger {ok['max_feature_statistic']:.3f}, prediction KS {ok['prediction_ks']:.3f}; "
           f"drifted min Hellinger {min(bad[f'drift/{f}'] for f in DRIFTED):.3f}")
 
+    # The same verdict as gauges for Prometheus (deploy/monitoring/ reads them).
+    prom = (data / "metrics" / "drift_report.prom").read_text()
+    assert 'mlops_drift_detected{model_version="1"} 1.0' in prom
+    assert 'mlops_drift_feature_statistic{feature="SSLfinal_State",model_version="1"}' in prom
+
     # Per-window profiles merge into the profile of the whole log.
     windows = sorted((data / "profiles" / "production" / "3600s").glob("*/1.bin"))
     assert len(windows) == 2

@@ -144,6 +144,27 @@ def _md_table(frame: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body])
 
 
+METRICS_SUBDIR = "metrics"  # Prometheus textfile-collector files (node_exporter --collector.textfile.directory)
+
+
+def write_prometheus_textfile(settings: Settings, name: str, series: list[tuple[str, dict[str, str], float]]) -> str:
+    """Monitoring results as gauges for Prometheus (deploy/monitoring/ reads them): one file per asset,
+    written then renamed so a scrape never sees half of it. NaN values are left out."""
+    lines = []
+    for metric, labels, value in series:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        tags = ",".join(f'{k}="{str(v).replace(chr(34), "")}"' for k, v in sorted(labels.items()))
+        lines.append(f"{metric}{{{tags}}} {float(value)}")
+    url = join_url(settings.data_url, METRICS_SUBDIR, f"{name}.prom")
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(f"{path}.tmp", "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    fs.mv(f"{path}.tmp", path)
+    return url
+
+
 # ---------------------------------------------------------------------------------------------
 # Which version is serving
 
@@ -476,6 +497,14 @@ def drift_report(
                   "prediction_drift": prediction_drifted, "event_key": event_key or "none",
                   **_floats({"drift_share": feature_summary["drift_share"], "prediction_ks": probability.statistic})},
     )
+    version_label = {"model_version": model.version}
+    write_prometheus_textfile(settings, "drift_report", [
+        ("mlops_drift_detected", version_label, float(detected)),
+        ("mlops_drift_feature_share", version_label, feature_summary["drift_share"]),
+        ("mlops_drift_prediction_ks", version_label, probability.statistic),
+        ("mlops_drift_window_rows", version_label, float(rows)),
+        *[("mlops_drift_feature_statistic", {**version_label, "feature": k}, s.statistic) for k, s in features.items()],
+    ])
     context.log.info(f"drift of v{model.version} in window {window['key']}: {description}")
     return dg.MaterializeResult(
         value=report,
@@ -548,6 +577,12 @@ def online_performance(
                   "n_labelled": int(live["n_labelled"]),
                   **_floats({f"delta_{k}": v for k, v in verdict.deltas.items()})},
     )
+    version_label = {"model_version": model.version or "none"}
+    write_prometheus_textfile(settings, "online_performance", [
+        ("mlops_live_degraded", version_label, float(verdict.degraded)),
+        *[(f"mlops_live_{k}", version_label, v) for k, v in live.items()],
+        *[(f"mlops_offline_{k}", version_label, offline.get(k, math.nan)) for k in config.metrics],
+    ])
     by_version = []
     if not log.empty:
         everything = mon.join_labels(log, labels.frame, label_values=list(spec.label_values)).joined
