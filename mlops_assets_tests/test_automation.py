@@ -255,3 +255,26 @@ def test_serving_counters_parse_ray_names_and_survive_a_restart() -> None:
     assert mon.counters_since(base, now)[0] == 100  # counters went down: a restart, count from zero
     assert mon.ServingCounters.from_dict(json.loads(json.dumps(now.to_dict()))) == now
     assert pd.isna(mon.counters_since(mon.ServingCounters(), mon.ServingCounters())[2] or float("nan"))
+
+
+def test_dashboard_and_alert_rules_only_use_metrics_that_exist() -> None:
+    import re
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    rules = yaml.safe_load((root / "deploy/monitoring/alert_rules.yaml").read_text())
+    dashboard = json.loads((root / "deploy/monitoring/grafana_dashboard.json").read_text())
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    exprs += [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = {m for e in exprs for m in re.findall(r"\b(?:ray_)?mlops_\w+", e)}
+    serving_src = (root / "mlops_assets/lib/serving/metrics.py").read_text()
+    declared = {f"ray_mlops_serving_{n}" for n in re.findall(r'PREFIX \+ "(\w+)"', serving_src)}
+    histogram = {f"{n}_bucket" for n in declared}
+    monitoring_src = (root / "mlops_assets/defs/monitoring.py").read_text()
+    written = set(re.findall(r'"(mlops_(?:drift|live)_\w+)"', monitoring_src))
+    written |= {f"mlops_live_{k}" for k in ("n_labelled", "accuracy", "f1", "roc_auc", "precision", "recall")}
+    written |= {f"mlops_offline_{k}" for k in ("accuracy", "f1", "roc_auc")}
+    unknown = used - declared - histogram - written
+    assert not unknown, f"dashboards use metrics nobody exports: {sorted(unknown)}"
+    assert len(exprs) > 15 and any("mlops_drift" in e for e in exprs) and any("latency" in e for e in exprs)
