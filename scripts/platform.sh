@@ -30,7 +30,15 @@ stop() {  # name
   local name=$1
   if alive "$name"; then
     # The whole process group: dagster dev and mlflow start children of their own.
-    kill -TERM -- "-$(cat "$RUN_DIR/$name.pid")" 2>/dev/null || kill -TERM "$(cat "$RUN_DIR/$name.pid")"
+    local pgid
+    pgid=$(cat "$RUN_DIR/$name.pid")
+    kill -TERM -- "-$pgid" 2>/dev/null || kill -TERM "$pgid"
+    # Give a graceful shutdown 30 s, then make sure nothing of the group is left.
+    for _ in $(seq 60); do
+      kill -0 -- "-$pgid" 2>/dev/null || break
+      sleep 0.5
+    done
+    kill -KILL -- "-$pgid" 2>/dev/null || true
     echo "stopped $name"
   fi
   rm -f "$RUN_DIR/$name.pid"
