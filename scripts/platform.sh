@@ -21,7 +21,11 @@ start() {  # name, command...
     echo "$name already running (pid $(cat "$RUN_DIR/$name.pid"))"
     return
   fi
-  setsid "$@" >"$LOG_DIR/$name.log" 2>&1 < /dev/null &
+  # A shell's background job starts with SIGINT/SIGTERM ignored, and an ignored signal stays
+  # ignored across exec: restore the defaults so `down` can stop the service gracefully.
+  setsid "$BIN/python" -c 'import os, signal, sys
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT): signal.signal(s, signal.SIG_DFL)
+os.execvp(sys.argv[1], sys.argv[1:])' "$@" >"$LOG_DIR/$name.log" 2>&1 < /dev/null &
   echo $! >"$RUN_DIR/$name.pid"
   echo "started $name (pid $!, log $LOG_DIR/$name.log)"
 }
@@ -32,12 +36,14 @@ stop() {  # name
     # The whole process group: dagster dev and mlflow start children of their own.
     local pgid
     pgid=$(cat "$RUN_DIR/$name.pid")
-    kill -TERM -- "-$pgid" 2>/dev/null || kill -TERM "$pgid"
+    # SIGINT is dagster dev's and uvicorn's graceful stop (Ctrl-C).
+    kill -INT -- "-$pgid" 2>/dev/null || kill -INT "$pgid"
     # Give a graceful shutdown 30 s, then make sure nothing of the group is left.
     for _ in $(seq 60); do
       kill -0 -- "-$pgid" 2>/dev/null || break
       sleep 0.5
     done
+    kill -TERM -- "-$pgid" 2>/dev/null && sleep 2
     kill -KILL -- "-$pgid" 2>/dev/null || true
     echo "stopped $name"
   fi
