@@ -1,0 +1,1 @@
+"""Benchmarks of mlops_assets: serving, pipeline and monitoring (`make bench`). Not tests."""

@@ -1,0 +1,339 @@
+"""Pipeline benchmark: the training path under Dagster against the same computations called directly,
+Dagster's in-process against its multiprocess executor, and the time from a file landing to its
+run starting under a real Dagster daemon.
+
+Each measurement starts from a fresh folder (data root, MLflow SQLite store, DAGSTER_HOME) holding
+the same simulated file (6000 rows, seed 42, what `make demo` lands):
+
+- `direct`: the lib/ functions each asset calls, in order, in this process (ingest, union,
+  validation report, cleaning, split, training with its MLflow logging, evaluation with plots,
+  registration and promotion): the work without the orchestration;
+- `dagster in_process` / `dagster multiprocess`: `dagster asset materialize --select <training path>`,
+  what `make pipeline` runs, with the in-process executor or the default multiprocess one
+  (wall time of the command, so it includes starting Python and loading the definitions, which is
+  reported on its own too);
+- `sensor`: `dagster-daemon run` on a fresh instance; after the sensor's first (skipped) tick a
+  file lands in the landing folder, and the clock stops when the run the sensor requests has
+  started. That is the worst phase: the sensor's 30 s minimum interval is the bulk of it.
+
+Run: `python -m bench.pipeline [--quick]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import format_table, machine, median
+
+TRAINING_PATH = ("raw_batches,raw_dataset,validation_report,feature_set,train_test_split,trained_model,"
+                 "model_evaluation,registered_model")
+ROWS, SEED = 6000, 42
+REPO = Path(__file__).resolve().parents[1]
+IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
+
+
+def fresh_root(parent: Path, name: str) -> tuple[Path, dict[str, str]]:
+    """A folder with the simulated file in its landing folder, and the environment pointing at it."""
+    from mlops_assets.lib.dataset_spec import default_spec
+    from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
+
+    root = parent / name
+    (root / "data" / "mlflow").mkdir(parents=True)
+    (root / "dagster_home").mkdir()
+    (root / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    spec = default_spec()
+    write_batch(simulate_records(spec, SimulationConfig(n_rows=ROWS, seed=SEED)), str(root / "data" / "raw"),
+                name=f"bench-seed{SEED}.csv")
+    env = {"DAGSTER_HOME": str(root / "dagster_home"), "MLOPS_DATA_URL": str(root / "data"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'data' / 'mlflow' / 'mlflow.db'}",
+           "MLOPS_LANDING_URL": str(root / "data" / "raw")}
+    return root, env
+
+
+def _env(extra: Mapping[str, str]) -> dict[str, str]:
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("MLOPS_", "MLFLOW_", "DAGSTER_"))}
+    return {**keep, "PATH": path, "PYTHONPATH": str(REPO), "DAGSTER_DISABLE_TELEMETRY": "1", **extra}
+
+
+def direct(env: Mapping[str, str]) -> dict[str, float]:
+    """The training path's computations called directly, step by step; seconds per step."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mlops_assets import constants as c
+    from mlops_assets.lib import evaluation as ev
+    from mlops_assets.lib import features as feat
+    from mlops_assets.lib import gate, ingestion, model_store
+    from mlops_assets.lib import training as tr
+    from mlops_assets.lib.dataset_spec import default_spec
+    from mlops_assets.lib.settings import load_settings
+    from mlops_assets.lib.tracking import use_tracking_uri
+    from mlops_assets.lib.validation import ValidationThresholds, build_report, render_markdown
+
+    settings = load_settings(dict(env))
+    spec = default_spec()
+    steps: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        steps[name] = now - t
+        t = now
+
+    ingestion.ingest_landed_files(settings.landing_url, settings.batches_url, settings.quarantine_url, spec)
+    lap("raw_batches")
+    batches = ingestion.accepted_batches(settings.batches_url)
+    raw = ingestion.load_raw_dataset(batches, spec)
+    version = ingestion.dataset_version([b.batch_id for b in batches])
+    lap("raw_dataset")
+    report = build_report(raw, spec, ValidationThresholds(), version)
+    reports = Path(settings.reports_url)
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / f"validation-{version}.json").write_text(json.dumps(report, default=str))
+    (reports / f"validation-{version}.md").write_text(render_markdown(report))
+    lap("validation_report")
+    features, _ = feat.clean_features(raw, spec, c.MISSING_FEATURE_POLICY)
+    fversion = feat.feature_version(features, f"{c.TRANSFORMATION_VERSION}:{c.MISSING_FEATURE_POLICY}")
+    fpath = Path(settings.features_url) / fversion / "features.parquet"
+    fpath.parent.mkdir(parents=True, exist_ok=True)
+    features.to_parquet(fpath, index=False)
+    lap("feature_set")
+    split = feat.split_train_test(features, spec.feature_names, c.TEST_FRACTION, c.SPLIT_SEED)
+    lap("train_test_split")
+    train, test = tr.split_frame(split)
+    uri = env["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(tracking_uri=uri)
+    with use_tracking_uri(uri):
+        experiment = mlflow.create_experiment("direct")
+        with mlflow.start_run(experiment_id=experiment) as run:
+            result = tr.train_model(train, spec.feature_names, tr.TrainingParams())
+            client.log_metric(run.info.run_id, "best_iteration", result.best_iteration)
+            info = model_store.log_catboost_model(result.model, input_example=train[spec.feature_names].head(5))
+            sha = model_store.artifact_sha256(client, info.model_uri)
+    lap("trained_model")
+    X_test, y_test = tr.features_and_target(test, spec.feature_names)
+    candidate = model_store.load_logged_model(client, info.model_uri, sha)
+    with tempfile.TemporaryDirectory(prefix="direct-eval-") as tmp:
+        evaluation = ev.evaluate(candidate, X_test, y_test, tmp, threshold=tr.DECISION_THRESHOLD)
+        for path in evaluation.plots.values():
+            client.log_artifact(run.info.run_id, str(path), "plots")
+    for key, value in evaluation.metrics.items():
+        if value == value:  # not NaN
+            client.log_metric(run.info.run_id, f"test_{key}", float(value))
+    gate.decide(evaluation.metrics, None, gate.GateCriteria())
+    lap("model_evaluation")
+    name = c.REGISTERED_MODEL_NAME
+    mv = model_store.register_version(client, name, run_id=run.info.run_id, model_uri=info.model_uri,
+                                      tags={"data_version": version, "feature_version": fversion})
+    model_store.promote_to_champion(client, name, str(mv.version))
+    lap("registered_model")
+    return steps
+
+
+def dagster_cli(env: Mapping[str, str], run_config: Mapping[str, Any] | None, timeout_s: float) -> dict[str, Any]:
+    """`dagster asset materialize` of the training path; wall seconds and the run's step times."""
+    cmd = [str(Path(sys.executable).with_name("dagster")), "asset", "materialize", "-m", "mlops_assets.definitions",
+           "--select", TRAINING_PATH]
+    if run_config:
+        cmd += ["--config-json", json.dumps(run_config)]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=_env(env), cwd=str(REPO), capture_output=True, text=True, timeout=timeout_s)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"dagster asset materialize failed ({proc.returncode}): {proc.stderr[-1500:]}")
+    return {"wall": wall, **run_timings(env["DAGSTER_HOME"])}
+
+
+def run_timings(dagster_home: str) -> dict[str, Any]:
+    """From the instance's event log: run wall (start to success) and the sum of step durations."""
+    import dagster as dg
+
+    os.environ["DAGSTER_HOME"] = dagster_home
+    with dg.DagsterInstance.get() as instance:
+        records = instance.get_run_records(limit=1)
+        run_id = records[0].dagster_run.run_id
+        events = instance.all_logs(run_id)
+    starts: dict[str, float] = {}
+    steps: dict[str, float] = {}
+    run_start = run_end = None
+    for event in events:
+        kind = event.dagster_event_type
+        if kind is None:
+            continue
+        name = kind.value
+        if name == "RUN_START":
+            run_start = event.timestamp
+        elif name in ("RUN_SUCCESS", "RUN_FAILURE"):
+            run_end = event.timestamp
+        elif name == "STEP_START":
+            starts[event.step_key or ""] = event.timestamp
+        elif name in ("STEP_SUCCESS", "STEP_FAILURE") and event.step_key in starts:
+            steps[event.step_key] = event.timestamp - starts[event.step_key]
+    return {"run_seconds": (run_end - run_start) if run_start and run_end else float("nan"),
+            "step_seconds": sum(steps.values()), "steps": steps}
+
+
+def import_seconds(env: Mapping[str, str]) -> float:
+    """Starting Python and loading the platform's Definitions (what every CLI call and step process pays)."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import mlops_assets.definitions"], env=_env(env), cwd=str(REPO),
+                   check=True, capture_output=True, timeout=300)
+    return time.perf_counter() - started
+
+
+def sensor_latency(parent: Path, timeout_s: float) -> dict[str, float]:
+    """Land a file under a running `dagster-daemon`; seconds until the sensor's run has started."""
+    import dagster as dg
+
+    from mlops_assets.lib.dataset_spec import default_spec
+    from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
+
+    root = parent / "sensor"
+    (root / "data" / "raw").mkdir(parents=True)
+    (root / "data" / "mlflow").mkdir(parents=True)
+    (root / "dagster_home").mkdir()
+    (root / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {"DAGSTER_HOME": str(root / "dagster_home"), "MLOPS_DATA_URL": str(root / "data"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'data' / 'mlflow' / 'mlflow.db'}",
+           "MLOPS_LANDING_URL": str(root / "data" / "raw")}
+    daemon_bin = str(Path(sys.executable).with_name("dagster-daemon"))
+    log = open(root / "daemon.log", "wb")
+    proc = subprocess.Popen([daemon_bin, "run", "-m", "mlops_assets.definitions"], env=_env(env), cwd=str(REPO),
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    os.environ["DAGSTER_HOME"] = env["DAGSTER_HOME"]
+    out: dict[str, float] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        with dg.DagsterInstance.get() as instance:
+            origin = None
+            daemon_started = time.time()
+            while time.monotonic() < deadline and origin is None:  # the sensor's first tick: nothing to do
+                for state in instance.all_instigator_state():
+                    if state.name == "raw_files_sensor":
+                        ticks = instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=1)
+                        if ticks:
+                            origin = state
+                time.sleep(0.2)
+            if origin is None:
+                raise TimeoutError(f"raw_files_sensor did not tick within {timeout_s}s; see {root / 'daemon.log'}")
+            out["daemon_to_first_tick_s"] = time.time() - daemon_started
+            spec = default_spec()
+            landed = time.time()
+            write_batch(simulate_records(spec, SimulationConfig(n_rows=500, seed=7)), env["MLOPS_LANDING_URL"],
+                        name="landed.csv")
+            run = None
+            while time.monotonic() < deadline:
+                records = instance.get_run_records(limit=1)
+                if records and records[0].start_time:
+                    run = records[0]
+                    break
+                time.sleep(0.1)
+            if run is None:
+                raise TimeoutError(f"no run started within {timeout_s}s of landing a file")
+            out["landing_to_run_created_s"] = run.create_timestamp.timestamp() - landed
+            out["run_created_to_started_s"] = run.start_time - run.create_timestamp.timestamp()
+            out["landing_to_run_started_s"] = run.start_time - landed
+            instance.run_launcher.terminate(run.dagster_run.run_id)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+        log.close()
+    return out
+
+
+def run(quick: bool, parent: Path, log: Any = print) -> dict[str, Any]:
+    repeats = 1 if quick else 2
+    log(f"pipeline benchmark ({'quick' if quick else 'full'}, {repeats} run(s) each): machine {machine()}")
+    out: dict[str, Any] = {"machine": machine(), "repeats": repeats}
+    direct_runs, inproc_runs, multi_runs = [], [], []
+    for i in range(repeats):
+        _, env = fresh_root(parent, f"direct-{i}")
+        steps = direct(env)
+        direct_runs.append(steps)
+        log(f"  direct            {sum(steps.values()):6.1f}s  " + " ".join(f"{k}={v:.1f}" for k, v in steps.items()))
+        _, env = fresh_root(parent, f"inproc-{i}")
+        inproc_runs.append(dagster_cli(env, IN_PROCESS, 900))
+        log(f"  dagster in_process {inproc_runs[-1]['wall']:6.1f}s wall, run {inproc_runs[-1]['run_seconds']:.1f}s")
+        _, env = fresh_root(parent, f"multi-{i}")
+        multi_runs.append(dagster_cli(env, None, 900))
+        log(f"  dagster multiproc  {multi_runs[-1]['wall']:6.1f}s wall, run {multi_runs[-1]['run_seconds']:.1f}s")
+    _, env = fresh_root(parent, "imports")
+    imports = median([import_seconds(env) for _ in range(repeats)])
+    direct_s = median([sum(s.values()) for s in direct_runs])
+    rows = [{"how": "lib functions called directly", "wall s": direct_s, "run s (event log)": float("nan"),
+             "sum of steps s": direct_s, "x direct": 1.0}]
+    for label, runs in (("dagster asset materialize, in_process executor", inproc_runs),
+                        ("dagster asset materialize, multiprocess executor (default)", multi_runs)):
+        wall = median([r["wall"] for r in runs])
+        rows.append({"how": label, "wall s": wall, "run s (event log)": median([r["run_seconds"] for r in runs]),
+                     "sum of steps s": median([r["step_seconds"] for r in runs]), "x direct": wall / direct_s})
+    rows.append({"how": "python -c 'import mlops_assets.definitions' (paid per CLI call and per step process)",
+                 "wall s": imports, "run s (event log)": float("nan"), "sum of steps s": float("nan"),
+                 "x direct": float("nan")})
+    out["table"] = rows
+    out["direct_steps"] = {k: median([s[k] for s in direct_runs]) for k in direct_runs[0]}
+    out["dagster_steps_multiprocess"] = multi_runs[0]["steps"]
+    out["dagster_steps_in_process"] = inproc_runs[0]["steps"]
+    try:
+        sensor = sensor_latency(parent, 150)
+        log(f"  sensor: {sensor}")
+    except Exception as exc:  # report, keep the other figures
+        sensor = {"error": f"{type(exc).__name__}: {exc}"}  # type: ignore[dict-item]
+        log(f"  sensor FAILED: {sensor['error']}")
+    out["sensor"] = sensor
+    return out
+
+
+def report(out: Mapping[str, Any]) -> str:
+    steps = [{"step": k, "direct s": v, "dagster in_process s": out["dagster_steps_in_process"].get(k, float("nan")),
+              "dagster multiprocess s": out["dagster_steps_multiprocess"].get(k, float("nan"))}
+             for k, v in out["direct_steps"].items()]
+    sensor = out.get("sensor", {})
+    sensor_rows = [{"measure": k, "seconds": v} for k, v in sensor.items()]
+    return "\n".join([
+        "## Pipeline: the training path (6000 simulated rows)", "", format_table(out["table"]), "",
+        "Per step (Dagster: STEP_START to STEP_SUCCESS in the event log):", "", format_table(steps), "",
+        "## Sensor: file landing to run started (real dagster-daemon, raw_files_sensor every 30 s; "
+        "file landed right after a tick, the worst phase)", "", format_table(sensor_rows), ""])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one run of each instead of two")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    parent = Path(tempfile.mkdtemp(prefix="mlops-bench-pipeline-"))
+    try:
+        out = run(args.quick, parent)
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+    print()
+    print(report(out))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
