@@ -1,0 +1,388 @@
+"""The production configuration on a real PostgreSQL server: a Dagster instance loaded from
+deploy/production/dagster.yaml (run, event log and schedule storage on Postgres) materializes the
+training path with MLflow tracking and registry on Postgres; runs and registry writes happen
+concurrently, from several processes and threads, and all succeed.
+
+The server: MLOPS_TEST_POSTGRES_URL (a role that may create databases; `.ci/run` starts one and
+exports it), else a private cluster started here from the installed server binaries. With
+neither, the tests fail under CI=true and skip elsewhere, saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from catboost import CatBoostClassifier
+from mlflow import MlflowClient
+
+from mlops_assets import constants as c
+from mlops_assets.lib import ingestion, model_store, tracking
+from mlops_assets.lib.dataset_spec import default_spec
+from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+PRODUCTION_INSTANCE = REPO / "deploy" / "production" / "dagster.yaml"
+URL_ENV = "MLOPS_TEST_POSTGRES_URL"
+MODEL = "pg-classifier"
+FAST = {"ops": {"trained_model": {"config": {"iterations": 60, "thread_count": 1}}}}
+# One process per run: the default multiprocess executor re-imports the code location per step.
+IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
+CONCURRENT_RUNS = 2
+REGISTRY_THREADS = 8
+
+
+def training_path() -> list[str]:
+    """The asset selection of `make pipeline` (and of CI's smoke run), read from the Makefile."""
+    found = re.search(r"^TRAINING_PATH := (.+)$", (REPO / "Makefile").read_text(), re.MULTILINE)
+    assert found, "Makefile defines TRAINING_PATH"
+    return found.group(1).strip().split(",")
+
+
+def _on_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def _unavailable(reason: str) -> None:
+    if _on_ci():
+        pytest.fail(f"{reason} (CI=true: the Postgres tests must run, .ci/run provides the server)")
+    pytest.skip(reason)
+
+
+# --- the server ---------------------------------------------------------------------------------
+
+
+def postgres_bindir() -> Path | None:
+    """The folder with initdb and pg_ctl (Debian's versioned folders first, then PATH)."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name)
+                        if p.parent.name.isdigit() else 0, reverse=True)
+    found = shutil.which("initdb")
+    if found:
+        candidates.append(Path(found).resolve().parent)
+    for folder in candidates:
+        if os.access(folder / "initdb", os.X_OK) and os.access(folder / "pg_ctl", os.X_OK):
+            return folder
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivatePostgres:
+    """A throwaway cluster on 127.0.0.1:<free port>, in a private folder; run as `postgres` when root."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.folder = Path(tempfile.mkdtemp(prefix="mlops-test-pg-"))
+        self.password = secrets.token_hex(16)
+        self.port = _free_port()
+        self.as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://mlops:{self.password}@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        done = subprocess.run([*self.as_pg, *args], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:2])} failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+
+    def start(self) -> None:
+        pwfile = self.folder / "pwfile"
+        pwfile.write_text(self.password + "\n")
+        (self.folder / "socket").mkdir()
+        if self.as_pg:
+            shutil.chown(self.folder, "postgres")
+            for path in self.folder.iterdir():
+                shutil.chown(path, "postgres")
+        self._run(str(self.bindir / "initdb"), "-D", str(self.folder / "data"), "-U", "mlops",
+                  f"--pwfile={pwfile}", "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
+                  "--encoding=UTF8", "--no-locale")
+        pwfile.unlink()
+        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder / 'socket'} "
+                   "-c max_connections=200 -c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.folder / "data"), "-l",
+                  str(self.folder / "server.log"), "-w", "-t", "60", "-o", options, "start")
+
+    def stop(self) -> None:
+        try:
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop")
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A superuser URL of a running server: the one CI names, else a private one started here."""
+    given = os.environ.get(URL_ENV)
+    if given:
+        yield given
+        return
+    bindir = postgres_bindir()
+    if bindir is None:
+        _unavailable(f"no PostgreSQL: {URL_ENV} is not set and no initdb/pg_ctl is installed "
+                     "(apt-get install postgresql, or run .ci/run which does it)")
+    server = PrivatePostgres(bindir)  # type: ignore[arg-type]
+    try:
+        server.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        shutil.rmtree(server.folder, ignore_errors=True)
+        _unavailable(f"could not start a private PostgreSQL from {bindir}: {exc}")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _with_db(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+def _admin(url: str):  # type: ignore[no-untyped-def]
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture()
+def databases(postgres_url: str) -> Iterator[dict[str, str]]:
+    """Fresh `dagster` and `mlflow` databases for one test, dropped afterwards."""
+    suffix = secrets.token_hex(4)
+    names = {"dagster": f"dagster_{suffix}", "mlflow": f"mlflow_{suffix}"}
+    try:
+        conn = _admin(postgres_url)
+    except Exception as exc:  # a named server that does not answer is an environment problem
+        _unavailable(f"cannot connect to the PostgreSQL server of {URL_ENV}: {type(exc).__name__}")
+    with conn.cursor() as cur:
+        for name in names.values():
+            cur.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield {role: _with_db(postgres_url, name) for role, name in names.items()}
+    finally:
+        with conn.cursor() as cur:
+            for name in names.values():
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+# --- the platform on Postgres -------------------------------------------------------------------
+
+
+@dataclass
+class Platform:
+    root: Path
+    home: Path
+    env: dict[str, str]
+    tracking_uri: str
+    mlflow_db: str
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+
+def mlflow_uri(url: str) -> str:
+    """MLflow's store URI for a database: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3,
+    the platform ships psycopg2 (which dagster-postgres uses too), so the driver is named."""
+    return url.replace("postgresql://", "postgresql+psycopg2://", 1)
+
+
+def _dagster_pg_env(url: str) -> dict[str, str]:
+    parts = urlsplit(url)
+    return {"DAGSTER_PG_HOST": parts.hostname or "127.0.0.1", "DAGSTER_PG_PORT": str(parts.port or 5432),
+            "DAGSTER_PG_USER": parts.username or "", "DAGSTER_PG_PASSWORD": parts.password or "",
+            "DAGSTER_PG_DB": parts.path.lstrip("/")}
+
+
+@pytest.fixture()
+def platform(databases: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Platform]:
+    """DAGSTER_HOME with the production dagster.yaml, MLflow on Postgres, every setting by env."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(PRODUCTION_INSTANCE, home / "dagster.yaml")
+    env = {
+        "DAGSTER_HOME": str(home),
+        **_dagster_pg_env(databases["dagster"]),
+        "MLFLOW_TRACKING_URI": mlflow_uri(databases["mlflow"]),
+        "MLOPS_MLFLOW_ARTIFACT_ROOT": (tmp_path / "artifacts").as_uri(),
+        "MLOPS_MODEL_NAME": MODEL,
+        "MLOPS_DATA_URL": str(tmp_path / "data"),
+        "MLOPS_ACTOR": "test-postgres",
+    }
+    for key in ("MLOPS_LANDING_URL", "MLOPS_DATASET_SPEC", "MLFLOW_UI_URL", "MLOPS_MLFLOW_EXPERIMENT",
+                "MLOPS_PREDICTION_LOG_URL"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    # MLflow creates its tables on first use; do it once here, as `mlflow server`/`mlflow db upgrade`
+    # does in production, so concurrent first connections do not race on the schema migration.
+    MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"]).search_experiments()
+    with tracking.use_tracking_uri(env["MLFLOW_TRACKING_URI"]):
+        yield Platform(tmp_path, home, env, env["MLFLOW_TRACKING_URI"], databases["mlflow"])
+
+
+def _land(data: Path, rows: int = 2000, seed: int = 42) -> Path:
+    return Path(write_batch(simulate_records(default_spec(), SimulationConfig(n_rows=rows, seed=seed)),
+                            str(data / "raw"), name=f"batch-{seed}.csv"))
+
+
+def _materialize_cli(env: dict[str, str], data: Path) -> subprocess.Popen[str]:
+    """`dagster asset materialize` of the training path, as CI's smoke run and `make pipeline` do."""
+    full = {**os.environ, **env, "MLOPS_DATA_URL": str(data)}
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("dagster")), "asset", "materialize", "-m", "mlops_assets.definitions",
+         "--select", ",".join(training_path()), "--config-json", json.dumps({**FAST, **IN_PROCESS})],
+        cwd=REPO, env=full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def test_the_production_instance_config_puts_every_storage_on_postgres(platform: Platform) -> None:
+    from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage, PostgresScheduleStorage
+
+    with dg.DagsterInstance.get() as instance:
+        assert isinstance(instance.run_storage, PostgresRunStorage)
+        assert isinstance(instance.event_log_storage, PostgresEventLogStorage)
+        assert isinstance(instance.schedule_storage, PostgresScheduleStorage)
+        assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+    assert platform.tracking_uri.startswith("postgresql+psycopg2://")
+    # MLflow made its tables in the mlflow database: tracking and registry.
+    with _admin(platform.mlflow_db) as conn, conn.cursor() as cur:
+        cur.execute("select tablename from pg_tables where schemaname = 'public'")
+        tables = {row[0] for row in cur.fetchall()}
+    assert {"experiments", "runs", "registered_models", "model_versions", "alembic_version"} <= tables
+
+
+def test_the_training_path_materializes_on_postgres_and_concurrent_runs_succeed(platform: Platform) -> None:
+    from mlops_assets.definitions import defs
+
+    # 1. One run in this process, on the instance that DAGSTER_HOME names.
+    _land(platform.root / "data")
+    started = time.monotonic()
+    with dg.DagsterInstance.get() as instance:
+        job = defs.resolve_implicit_global_asset_job_def()
+        first = job.execute_in_process(instance=instance, run_config=FAST, raise_on_error=False,
+                                       asset_selection=[dg.AssetKey(k) for k in training_path()])
+    first_s = time.monotonic() - started
+    assert first.success, [e.message for e in first.all_events if e.is_failure]
+    client = platform.client()
+    assert model_store.alias_version(client, MODEL, c.ALIAS_CHAMPION) == "1"
+
+    # 2. Two more runs at the same time, from two processes through the CLI, on the same instance
+    #    and the same MLflow database and registered model (each with its own data folder).
+    for i in range(CONCURRENT_RUNS):
+        _land(platform.root / f"data{i}")
+    started = time.monotonic()
+    procs = [_materialize_cli(platform.env, platform.root / f"data{i}") for i in range(CONCURRENT_RUNS)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    concurrent_s = time.monotonic() - started
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out[-4000:]
+
+    with dg.DagsterInstance.get() as instance:
+        runs = instance.get_runs()
+        assert len(runs) == 1 + CONCURRENT_RUNS
+        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        # Their lifetimes overlapped: both started before either ended.
+        records = instance.get_run_records()
+        cli_runs = [r for r in records if r.dagster_run.run_id != first.run_id]
+        assert max(r.start_time for r in cli_runs) < min(r.end_time for r in cli_runs)  # type: ignore[operator]
+        registered = instance.fetch_materializations(dg.AssetKey("registered_model"), limit=10).records
+        assert {r.run_id for r in registered} == {r.dagster_run.run_id for r in records}
+        for asset in training_path():
+            assert len(instance.fetch_materializations(dg.AssetKey(asset), limit=10).records) == 3, asset
+
+    # Every run tracked in MLflow on Postgres and registered as its own version, tagged with its run.
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3]
+    assert {v.tags["dagster_run_id"] for v in versions} == {r.dagster_run.run_id for r in records}
+    for v in versions:
+        run = client.get_run(v.run_id)
+        assert run.info.status == "FINISHED" and "test_roc_auc" in run.data.metrics
+        assert v.tags[model_store.TAG_SHA256]
+    batches = ingestion.accepted_batches(str(platform.root / "data" / "batches"))
+    assert versions[0].tags["raw_dataset_version"] == ingestion.dataset_version([b.batch_id for b in batches])
+    print(f"\npostgres: first run {first_s:.1f}s; {CONCURRENT_RUNS} concurrent CLI runs {concurrent_s:.1f}s")
+
+
+def _tiny_model() -> tuple[CatBoostClassifier, pd.DataFrame]:
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.integers(-1, 2, size=(200, 4)), columns=["a", "b", "c", "d"])
+    y = (X["a"] + X["b"] > 0).astype(int)
+    model = CatBoostClassifier(iterations=10, depth=2, verbose=False, thread_count=1, allow_writing_files=False)
+    model.fit(X, y)
+    return model, X
+
+
+def test_concurrent_registry_writes_succeed(platform: Platform) -> None:
+    """Threads register versions, promote and tag them at once: no lost or duplicated version."""
+    import mlflow
+
+    client = platform.client()
+    experiment = tracking.ensure_experiment(client, "concurrent", (platform.root / "artifacts").as_uri())
+    model, X = _tiny_model()
+    logged: list[tuple[str, str]] = []
+    for _ in range(REGISTRY_THREADS):
+        with mlflow.start_run(experiment_id=experiment) as run:
+            info = model_store.log_catboost_model(model, input_example=X.head(3))
+            logged.append((run.info.run_id, info.model_uri))
+
+    barrier = threading.Barrier(REGISTRY_THREADS)
+    errors: list[BaseException] = []
+    results: dict[str, str] = {}
+
+    def write(run_id: str, model_uri: str) -> None:
+        try:
+            own = MlflowClient(tracking_uri=platform.tracking_uri)
+            barrier.wait(timeout=60)
+            mv = model_store.register_version(own, MODEL, run_id=run_id, model_uri=model_uri,
+                                              tags={"writer": run_id})
+            model_store.promote_to_champion(own, MODEL, str(mv.version))
+            own.set_model_version_tag(MODEL, str(mv.version), "reviewed", "yes")
+            results[run_id] = str(mv.version)
+        except BaseException as exc:  # collected and asserted in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=item) for item in logged]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    elapsed = time.monotonic() - started
+    assert not errors, errors
+    assert sorted(int(v) for v in results.values()) == list(range(1, REGISTRY_THREADS + 1))
+    versions = {str(v.version): v for v in client.search_model_versions(f"name = '{MODEL}'")}
+    assert len(versions) == REGISTRY_THREADS
+    for run_id, version in results.items():
+        assert versions[version].run_id == run_id and versions[version].tags["writer"] == run_id
+        assert versions[version].tags["reviewed"] == "yes" and versions[version].tags[model_store.TAG_SHA256]
+    assert model_store.alias_version(client, MODEL, c.ALIAS_CHAMPION) in results.values()
+    events = model_store.history(client, MODEL)
+    assert sum(e.action == "register" for e in events) == REGISTRY_THREADS
+    assert sum(e.action == "promote" for e in events) >= 1
+    assert all(e.by == "test-postgres" for e in events)
+    print(f"\npostgres: {REGISTRY_THREADS} concurrent register+promote+tag writers in {elapsed:.1f}s")
