@@ -64,7 +64,7 @@ class Budget:
 
     @staticmethod
     def of(quick: bool) -> Budget:
-        return Budget(600, 1.5, 20) if quick else Budget(4000, 5.0, 50)
+        return Budget(600, 1.5, 20) if quick else Budget(4000, 4.0, 50)
 
 
 @dataclass
@@ -243,12 +243,15 @@ def deploy(setup: Setup, target: Any, deployment: Mapping[str, Any] | None = Non
     from mlops_assets.lib import deployment as dep
 
     base = dep.load_serve_config()
+    spec = base["applications"][0]["deployments"][0]
     if deployment:
-        base["applications"][0]["deployments"][0].update(dict(deployment))
+        spec.update(dict(deployment))
+    if env:  # replica-side knobs live in the deployment's ray_actor_options (they override the app's)
+        actor_env = spec.setdefault("ray_actor_options", {}).setdefault("runtime_env", {}).setdefault("env_vars", {})
+        actor_env.update(dict(env))
     result = dep.deploy_version(target=target, tracking_uri=setup.tracking_uri, spec=setup.spec,
                                 version=setup.version, records=setup.sample, expected=setup.expected,
-                                model_name=MODEL_NAME, base_config=base, env_vars={**replica_env(setup), **(env or {})},
-                                args=args)
+                                model_name=MODEL_NAME, base_config=base, env_vars=replica_env(setup), args=args)
     log(f"  deployed version {result.live_version} in {result.seconds:.1f}s "
         f"({dict(deployment or {})} {dict(args or {})} {dict(env or {})})")
     return result.seconds

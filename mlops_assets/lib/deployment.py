@@ -27,7 +27,7 @@ import yaml
 
 from mlops_assets.lib.dataset_spec import DatasetSpec
 from mlops_assets.lib.serving.config import APP_NAME, DEPLOYMENT_NAME, ModelRef, ServiceOptions
-from mlops_assets.lib.serving.request import build_request_model, parse_predict_body, records_to_frame
+from mlops_assets.lib.serving.request import build_request_model, parse_predict_matrix
 from mlops_assets.lib.serving.scoring import Scorer, positive_column, scorer_from_loaded
 
 DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
@@ -196,8 +196,8 @@ def check_candidate(
         raise DeploymentError(f"load check: {ref.describe()} does not load: {type(exc).__name__}: {exc}") from exc
     request_model = build_request_model(spec, max(len(records), 1))
     body = json.dumps({"records": list(records)}).encode()
-    frame = records_to_frame(parse_predict_body(body, request_model), spec)
-    got = scorer.score(frame).probabilities
+    _, matrix = parse_predict_matrix(body, request_model)  # the replica's path: validated matrix, then the model
+    got = scorer.score(matrix).probabilities
     bad = mismatches(expected, got)
     if bad:
         i = bad[0]

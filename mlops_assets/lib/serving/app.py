@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-import pandas as pd
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -24,6 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlops_assets.lib.dataset_spec import DatasetSpec, load_spec
 from mlops_assets.lib.serving.config import (
+    DEFAULT_BATCH_MAX_SIZE,
+    DEFAULT_BATCH_WAIT_TIMEOUT_S,
     DEPLOYMENT_NAME,
     PREDICTION_LOG_ENV,
     PREDICTIONS_SUBDIR,
@@ -34,8 +36,8 @@ from mlops_assets.lib.serving.config import (
 from mlops_assets.lib.serving.metrics import RayServeMetrics, ServingMetrics
 from mlops_assets.lib.serving.prediction_log import PredictionLogWriter
 from mlops_assets.lib.serving.request import RequestError
-from mlops_assets.lib.serving.scoring import ScoredRecords, Scorer, score_many, scorer_from_loaded
-from mlops_assets.lib.serving.service import ServiceCore
+from mlops_assets.lib.serving.scoring import ScoredRecords, Scorer, scorer_from_loaded
+from mlops_assets.lib.serving.service import ServiceCore, score_off_loop_if_large
 from mlops_assets.lib.settings import Settings, join_url, load_settings
 
 logger = logging.getLogger(__name__)
@@ -108,18 +110,39 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return _error_response(500, {"error": "internal error; the server log has the details"})
 
 
-@api.middleware("http")
-async def _count(request: Request, call_next):
-    start = time.perf_counter()
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        if _core is not None:
-            route = request.url.path if request.url.path in KNOWN_ROUTES else "other"
-            _core.metrics.request(route, status, time.perf_counter() - start)
+class RequestMetricsMiddleware:
+    """Count every HTTP request by route and status, and time it (a plain ASGI middleware).
+
+    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs each
+    request through an extra task and memory stream, which cost more than the model call.
+    An exception that escapes the app is counted as the 500 the error handler answers.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_and_note(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            core = _core
+            if core is not None:
+                path = scope.get("path", "")
+                core.metrics.request(path if path in KNOWN_ROUTES else "other", status[0], time.perf_counter() - start)
+
+
+api.add_middleware(RequestMetricsMiddleware)
 
 
 # --- routes --------------------------------------------------------------------------------
@@ -185,7 +208,10 @@ class PredictionService:
             log_writer=log,
             loader=registry_loader(settings.mlflow_tracking_uri, spec),
         )
-        core.score_fn = self._score_batched
+        if opts.batch_max_size > 1:
+            self._score_batched.set_max_batch_size(opts.batch_max_size)
+            self._score_batched.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
+            core.score_fn = self._score_batched
         self._core = core
         set_core(core)
 
@@ -195,13 +221,11 @@ class PredictionService:
     def check_health(self) -> None:
         self._core.check_health()
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def _score_batched(self, frames: list[pd.DataFrame]) -> list[ScoredRecords]:
+    @serve.batch(max_batch_size=DEFAULT_BATCH_MAX_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
+    async def _score_batched(self, matrices: list[np.ndarray]) -> list[ScoredRecords]:
         # One model snapshot per batch: every request in it is answered by the same version.
-        import asyncio
-
         scorer = self._core.require_scorer()
-        return await asyncio.to_thread(score_many, scorer, frames)
+        return await score_off_loop_if_large(scorer, matrices)
 
     def __del__(self) -> None:
         # Graceful shutdown: write what the prediction log still holds.

@@ -33,6 +33,11 @@ DEFAULT_LOG_FLUSH_INTERVAL_S = 5.0
 DEFAULT_LOG_FLUSH_ROWS = 5000
 DEFAULT_LOG_MAX_BUFFER_ROWS = 200_000  # beyond this, unflushable rows are dropped and counted
 DEFAULT_DECISION_THRESHOLD = 0.5
+# Dynamic batching (bench/RESULTS.md has the measurements behind these): up to 32 waiting requests
+# are scored in one model call, and a batch never waits for more requests to arrive (0 s), so a
+# lone request pays nothing for batching while concurrent ones share a call.
+DEFAULT_BATCH_MAX_SIZE = 32
+DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.0
 
 
 @dataclass(frozen=True)
@@ -47,9 +52,13 @@ class ServiceOptions:
     log_max_buffer_rows: int = DEFAULT_LOG_MAX_BUFFER_ROWS
     prediction_log_url: str | None = None  # None: env MLOPS_PREDICTION_LOG_URL, else <data>/predictions
     dataset_spec_path: str | None = None  # None: env MLOPS_DATASET_SPEC, else the packaged spec
+    batch_max_size: int = DEFAULT_BATCH_MAX_SIZE  # requests per model call; 1 turns batching off
+    batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S  # how long a batch waits to fill up
 
     def __post_init__(self) -> None:
-        for name in ("max_records", "max_body_bytes", "log_flush_rows", "log_max_buffer_rows"):
+        if float(self.batch_wait_timeout_s) < 0:
+            raise ValueError(f"serving option batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
+        for name in ("max_records", "max_body_bytes", "log_flush_rows", "log_max_buffer_rows", "batch_max_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"serving option {name} must be at least 1, got {getattr(self, name)}")
         for name in ("predict_timeout_s", "log_flush_interval_s"):

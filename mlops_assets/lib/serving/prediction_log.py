@@ -19,6 +19,8 @@ from typing import Any
 
 import fsspec
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mlops_assets.lib.settings import join_url
 
@@ -47,17 +49,29 @@ def prediction_rows(
     ]
 
 
+def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Rows as an Arrow table, timestamps in ns as pandas would write them.
+
+    Arrow converts the row dicts in C++, 2-3x faster than a DataFrame from records, and this runs
+    in the replica's process: every row of the log passes through here.
+    """
+    table = pa.Table.from_pylist(list(rows))
+    fields = [pa.field(f.name, pa.timestamp("ns", tz=f.type.tz)) if pa.types.is_timestamp(f.type) else f
+              for f in table.schema]
+    return table.cast(pa.schema(fields))
+
+
 def write_part(rows: Sequence[Mapping[str, Any]], log_url: str, part_name: str) -> str:
     """Write rows as one Parquet part under `<log_url>/date=<day of first row>/`; return its URL."""
-    frame = pd.DataFrame.from_records(list(rows))
-    day = pd.Timestamp(frame["logged_at"].iloc[0]).strftime("%Y-%m-%d")
+    table = rows_to_table(rows)
+    day = pd.Timestamp(rows[0]["logged_at"]).strftime("%Y-%m-%d")
     target = join_url(log_url, f"date={day}", part_name)
     fs, path = fsspec.core.url_to_fs(target)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     tmp = f"{path}.tmp"
     # Write then rename, so a reader never sees half a part (rename is a copy on object stores).
     with fs.open(tmp, "wb") as handle:
-        frame.to_parquet(handle, index=False)
+        pq.write_table(table, handle)
     fs.mv(tmp, path)
     return target
 

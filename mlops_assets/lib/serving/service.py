@@ -10,27 +10,33 @@ import asyncio
 import hmac
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
+import numpy as np
 
 from mlops_assets.lib.dataset_spec import DatasetSpec
 from mlops_assets.lib.serving.config import ModelRef, ServiceOptions
 from mlops_assets.lib.serving.metrics import ServingMetrics
 from mlops_assets.lib.serving.prediction_log import PredictionLogWriter, prediction_rows
-from mlops_assets.lib.serving.request import (
-    RequestError,
-    build_request_model,
-    parse_predict_body,
-    records_to_frame,
-)
-from mlops_assets.lib.serving.scoring import ScoredRecords, Scorer, prediction_items, score_many
+from mlops_assets.lib.serving.request import RequestError, build_request_model, parse_predict_matrix
+from mlops_assets.lib.serving.scoring import Features, ScoredRecords, Scorer, prediction_items, score_many
 
 logger = logging.getLogger(__name__)
 
-ScoreFn = Callable[[pd.DataFrame], Awaitable[ScoredRecords]]
+ScoreFn = Callable[[np.ndarray], Awaitable[ScoredRecords]]
+# Up to this many rows a model call takes well under a millisecond: it runs on the event loop,
+# since a hop to a worker thread would cost more than the call. Larger inputs go to a thread.
+INLINE_SCORING_MAX_ROWS = 256
+
+
+async def score_off_loop_if_large(scorer: Scorer, inputs: Sequence[Features]) -> list[ScoredRecords]:
+    """`score_many`, inline for small inputs and in a worker thread for large ones."""
+    if sum(len(x) for x in inputs) <= INLINE_SCORING_MAX_ROWS:
+        return score_many(scorer, inputs)
+    return await asyncio.to_thread(score_many, scorer, inputs)
 
 
 def bearer_token_ok(authorization: str | None, expected: str) -> bool:
@@ -167,9 +173,9 @@ class ServiceCore:
             problem = "missing bearer token" if not authorization else "invalid bearer token"
             raise RequestError(401, f"{problem}: send 'Authorization: Bearer <MLOPS_API_TOKEN>'")
 
-    async def _score_direct(self, frame: pd.DataFrame) -> ScoredRecords:
+    async def _score_direct(self, matrix: np.ndarray) -> ScoredRecords:
         scorer = self.require_scorer()
-        return (await asyncio.to_thread(score_many, scorer, [frame]))[0]
+        return (await score_off_loop_if_large(scorer, [matrix]))[0]
 
     def require_scorer(self) -> Scorer:
         scorer = self.scorer
@@ -185,19 +191,18 @@ class ServiceCore:
         if not is_json_content_type(headers.get("content-type")):
             raise RequestError(415, f"Content-Type must be application/json, got {headers.get('content-type')!r}")
         raw = await read_limited(chunks, headers.get("content-length"), self.options.max_body_bytes)
-        records = parse_predict_body(raw, self.request_model)
-        frame = records_to_frame(records, self.spec)
+        records, matrix = parse_predict_matrix(raw, self.request_model)
         self.require_scorer()
         try:
-            scored = await asyncio.wait_for(self.score_fn(frame), timeout=self.options.predict_timeout_s)
+            scored = await asyncio.wait_for(self.score_fn(matrix), timeout=self.options.predict_timeout_s)
         except TimeoutError:
             raise RequestError(
                 504, f"prediction took longer than {self.options.predict_timeout_s}s; retry or send fewer records"
             ) from None
         request_id = uuid.uuid4().hex
         items = prediction_items(scored, self.spec)
-        for label, n in pd.Series(scored.labels).value_counts().items():
-            self.metrics.predictions(self.spec.label_values[int(label)], int(n))
+        for label, n in Counter(scored.labels).items():
+            self.metrics.predictions(self.spec.label_values[int(label)], n)
         self.log.append(prediction_rows(
             request_id=request_id, model_version=scored.version, records=records,
             labels=scored.labels, probabilities=scored.probabilities,
