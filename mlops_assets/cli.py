@@ -61,6 +61,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from mlops_assets.lib.status import champion_status, format_status, to_json
 
     settings = load_settings()
+    if args.history:
+        return _print_history(args)
     endpoint = None if args.no_endpoint else (
         args.endpoint or os.environ.get("MLOPS_SERVE_URL") or f"http://{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}"
     )
@@ -68,6 +70,57 @@ def _cmd_status(args: argparse.Namespace) -> int:
                              args.model_name or settings.model_name, endpoint)
     print(to_json(status) if args.json else format_status(status))
     return 0 if status["champion"] is not None else 1  # scripts can tell "no champion yet"
+
+
+def _print_history(args: argparse.Namespace) -> int:
+    import json
+
+    from mlflow import MlflowClient
+
+    from mlops_assets.lib import governance
+    from mlops_assets.lib.settings import load_settings
+
+    settings = load_settings()
+    model_name = args.model_name or settings.model_name
+    rows = governance.history_rows(MlflowClient(args.tracking_uri or settings.mlflow_tracking_uri), model_name)
+    print(json.dumps(rows, indent=2) if args.json else governance.format_history(model_name, rows))
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from mlops_assets.lib import governance
+    from mlops_assets.lib.serving.config import PREDICTION_LOG_ENV, PREDICTIONS_SUBDIR
+    from mlops_assets.lib.settings import join_url, load_settings
+
+    settings = load_settings()
+    sources = governance.TraceSources(
+        prediction_log_url=args.log_url or os.environ.get(PREDICTION_LOG_ENV)
+        or join_url(settings.data_url, PREDICTIONS_SUBDIR),
+        tracking_uri=args.tracking_uri or settings.mlflow_tracking_uri,
+        model_name=args.model_name or settings.model_name,
+        batches_url=settings.batches_url,
+    )
+    instance = None
+    if os.environ.get("DAGSTER_HOME"):  # the Dagster runs are checked in the instance it names
+        import dagster as dg
+
+        from mlops_assets.defs.governance import InstanceLookup
+
+        instance = dg.DagsterInstance.get()
+        sources.dagster = InstanceLookup(instance)
+    try:
+        report = governance.trace(args.request_id, sources)
+    except governance.RequestNotFound as exc:
+        print(f"mlops-assets trace: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if instance is not None:
+            instance.dispose()
+    print(json.dumps(report, indent=2, default=str) if args.json else governance.format_trace(report))
+    return 0 if report["links_ok"] else 1
 
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
@@ -187,7 +240,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--endpoint", default=None,
                         help="serving URL to health-check (default: MLOPS_SERVE_URL, else the local Serve port)")
     status.add_argument("--no-endpoint", action="store_true", help="skip the endpoint health check")
+    status.add_argument("--history", action="store_true",
+                        help="list who registered, promoted, demoted or rolled back which version, and when")
     status.set_defaults(func=_cmd_status)
+
+    trace = sub.add_parser("trace", help="provenance of one prediction: version, run, gate, features, "
+                                         "raw batches, Dagster runs, code (exit 1 if a link is broken)")
+    trace.add_argument("request_id", help="the request_id of a /predict answer")
+    trace.add_argument("--json", action="store_true", help="print JSON for scripts")
+    trace.add_argument("--model-name", default=None, help="registered model (default: MLOPS_MODEL_NAME)")
+    trace.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI)")
+    trace.add_argument("--log-url", default=None,
+                       help="prediction log (default: MLOPS_PREDICTION_LOG_URL, else <data>/predictions)")
+    trace.set_defaults(func=_cmd_trace)
 
     rollback = sub.add_parser("rollback", help="champion := previous-champion, redeployed to Ray Serve, in one step")
     rollback.add_argument("--model-name", default=None, help="registered model (default: MLOPS_MODEL_NAME)")

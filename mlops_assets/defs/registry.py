@@ -7,7 +7,8 @@ import dagster as dg
 
 from mlops_assets import constants as c
 from mlops_assets.defs.mlflow_resource import MlflowResource
-from mlops_assets.lib import gate, model_store, tracking
+from mlops_assets.lib import gate, governance, model_store, tracking
+from mlops_assets.lib.settings import load_settings
 
 PROMOTION_ACTIONS = frozenset({"promote", "rollback-to"})
 
@@ -70,6 +71,9 @@ def registered_model(
     meta = tracking.read_metadata_json(client, run_id)
     meta.setdefault("model", {})["registered"] = {"name": name, "version": version, "aliases": aliases}
     tracking.write_metadata_json(client, run_id, meta)
+    card_uri = governance.record_model_card(
+        client, name, version, trained_model=trained_model, model_evaluation=model_evaluation, aliases=aliases,
+        registration_dagster_run_id=context.run_id, batches_url=load_settings().batches_url)
     if not decision.passed:
         context.log.warning(f"gate failed: version {version} stays {c.ALIAS_CHALLENGER}; champion is "
                             f"{champion or 'none'}: {'; '.join(decision.failures)}")
@@ -102,6 +106,7 @@ def registered_model(
             "model_version": mlflow.model_version_link(name, version),
             "mlflow_run": mlflow.run_link(trained_model["experiment_id"], run_id),
             "model_uri": f"models:/{name}/{version}",
+            "model_card": card_uri,
         },
     )
 

@@ -1,0 +1,297 @@
+"""Governance: model cards, `mlops-assets status --history`, and `mlops-assets trace`.
+
+The trace test runs the real chain: raw files in the landing folder -> the training path and
+`model_deployment` on a Dagster instance (DAGSTER_HOME) -> a real Ray Serve endpoint on loopback
+-> one HTTP prediction -> `mlops-assets trace <request id> --json`; then every link the trace
+names is resolved independently: the MLflow run and version exist, the batches are on disk with
+the sha256 of the landed files, the Dagster runs are in the instance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import httpx
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from catboost import CatBoostClassifier
+from mlflow import MlflowClient
+
+from mlops_assets import cli
+from mlops_assets import constants as c
+from mlops_assets.lib import deployment as dep
+from mlops_assets.lib import governance, ingestion, model_store, tracking
+from mlops_assets.lib.dataset_spec import default_spec
+from mlops_assets.lib.ray_cluster import ClusterConfig, start_head, stop_head
+from mlops_assets.lib.serving.prediction_log import read_prediction_log
+from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
+
+TOKEN = "governance-test-token-5f1c2a9e"
+FAST = {"ops": {"trained_model": {"config": {"iterations": 80, "thread_count": 1}}}}
+ARGS = {"max_records": 100, "max_body_bytes": 200_000, "log_flush_interval_s": 0.5, "predict_timeout_s": 10}
+TRAINING_PATH = ["raw_batches", "raw_dataset", "validation_report", "feature_set", "train_test_split",
+                 "trained_model", "model_evaluation", "registered_model"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- fast: the card and the history ---------------------------------------------------------------
+
+
+def test_the_model_card_names_data_evaluation_gate_and_code() -> None:
+    batch = ingestion.BatchRecord(batch_id="a" * 64, source="/land/x.csv", file_name="x.csv", file_format="csv",
+                                  rows=10, columns=["f"], accepted_at="2024-01-01T00:00:00Z", stored_at="/b/a")
+    facts = governance.card_facts(
+        "m", "3", aliases=["challenger", "champion"], registration_dagster_run_id="reg-run", batches=[batch],
+        trained_model={"run_id": "r1", "experiment_id": "1", "trained_at": "2024-01-02", "model_sha256": "s" * 64,
+                       "git_sha": "abc123", "dagster_run_id": "train-run", "positive_class": -1,
+                       "decision_threshold": 0.5, "raw_dataset_version": "raw-v", "data_version": "raw-v",
+                       "feature_version": "feat-v", "feature_path": "/f/features.parquet", "feature_names": ["f"],
+                       "params": {"iterations": 80}},
+        model_evaluation={"n_test": 100, "metrics": {"roc_auc": 0.97, "f1": float("nan")},
+                          "champion": {"metrics": {"roc_auc": 0.96}},
+                          "gate": {"passed": True, "reasons": ["roc_auc 0.97 >= 0.90"], "failures": [],
+                                   "champion_version": "2"}},
+    )
+    card = governance.model_card_markdown(facts)
+    for expected in ("# Model card: m version 3", "challenger, champion", "`r1`", "`abc123`", "train-run",
+                     "reg-run", "a" * 64, "x.csv, 10 rows", "feat-v", "| roc_auc | 0.9700 | 0.9600 |",
+                     "| f1 | n/a | n/a |", "passed: promoted to champion", "champion version 2",
+                     "roc_auc 0.97 >= 0.90", "`iterations=80`", "## Limitations"):
+        assert expected in card, expected
+
+
+def test_batches_for_a_version_are_the_prefix_that_hashes_to_it(tmp_path: Path, spec) -> None:
+    land, store = tmp_path / "raw", tmp_path / "batches"
+    for seed in (1, 2, 3):
+        write_batch(simulate_records(spec, SimulationConfig(n_rows=300, seed=seed)), str(land), name=f"b{seed}.csv")
+        ingestion.ingest_landed_files(str(land), str(store), str(tmp_path / "q"), spec)
+    accepted = ingestion.accepted_batches(str(store))
+    two = ingestion.dataset_version([b.batch_id for b in accepted[:2]])
+    assert governance.batches_for_version(str(store), two) == accepted[:2]
+    assert governance.batches_for_version(str(store), two, [b.batch_id for b in accepted[:2]]) == accepted[:2]
+    assert governance.batches_for_version(str(store), "nope") is None
+    checked = governance.verify_batch(accepted[0])
+    assert checked["exists"] and checked["sha256_matches"]
+    Path(checked["source_copy"]).write_text("tampered")
+    assert not governance.verify_batch(accepted[0])["sha256_matches"]
+
+
+def _tiny_logged_model(uri: str, experiment: str) -> tuple[str, str]:
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.integers(-1, 2, size=(100, 3)), columns=["a", "b", "c"])
+    model = CatBoostClassifier(iterations=5, depth=2, verbose=False, thread_count=1, allow_writing_files=False)
+    model.fit(X, (X["a"] > 0).astype(int))
+    with tracking.use_tracking_uri(uri), mlflow.start_run(experiment_id=experiment) as run:
+        info = model_store.log_catboost_model(model, input_example=X.head(2))
+    return run.info.run_id, info.model_uri
+
+
+@pytest.mark.integration
+def test_status_history_lists_who_promoted_and_rolled_back_what_and_when(tmp_path: Path, monkeypatch,
+                                                                         capsys) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = tracking.ensure_experiment(client, "history", (tmp_path / "artifacts").as_uri())
+    monkeypatch.setenv("MLOPS_ACTOR", "alice")
+    for _ in range(2):
+        run_id, model_uri = _tiny_logged_model(uri, experiment)
+        version = model_store.register_version(client, "hist", run_id=run_id, model_uri=model_uri, tags={}).version
+        model_store.promote_to_champion(client, "hist", str(version))
+    monkeypatch.setenv("MLOPS_ACTOR", "bob")
+    model_store.rollback_champion(client, "hist")
+
+    assert cli.main(["status", "--history", "--json", "--tracking-uri", uri, "--model-name", "hist"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["action"], r["version"], r["by"]) for r in rows] == [
+        ("register", "1", "alice"), ("promote", "1", "alice"), ("register", "2", "alice"),
+        ("demote", "1", "alice"), ("promote", "2", "alice"), ("rollback-to", "1", "bob"),
+        ("rollback-from", "2", "bob")]
+    assert [r["at"] for r in rows] == sorted(r["at"] for r in rows)
+    rollback = next(r for r in rows if r["action"] == "rollback-to")
+    assert rollback["version"] == "1" and rollback["details"] == {"replaced": "2"}
+
+    assert cli.main(["status", "--history", "--tracking-uri", uri, "--model-name", "hist"]) == 0
+    text = capsys.readouterr().out
+    assert "7 registry event(s)" in text and "rollback-to" in text and "bob" in text
+
+
+# --- the whole chain on a real Ray Serve endpoint -------------------------------------------------
+
+
+@dataclass
+class Served:
+    root: Path
+    data: Path
+    tracking_uri: str
+    target: dep.ServeTarget
+    instance: dg.DagsterInstance
+    run_id: str
+    landed: dict[str, str]  # landed file name -> sha256 of its bytes
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=self.tracking_uri)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("governance")
+    data = root / "data"
+    (data / "mlflow").mkdir(parents=True)
+    home = root / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    tracking_uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
+    cluster = ClusterConfig(
+        port=_free_port(), dashboard_port=_free_port(), metrics_export_port=_free_port(),
+        serve_http_port=_free_port(), state_dir=str(root / "ray"),
+        extra_ports={"ray-client-server-port": _free_port(), "dashboard-agent-listen-port": _free_port(),
+                     "dashboard-agent-grpc-port": _free_port(), "runtime-env-agent-port": _free_port()},
+    )
+    config = dep.load_serve_config()
+    config["applications"][0]["args"] = dict(ARGS)
+    serve_config = root / "serve_config.yaml"
+    serve_config.write_text(yaml.safe_dump(config))
+    env = {
+        "DAGSTER_HOME": str(home), "MLOPS_DATA_URL": str(data), "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLOPS_API_TOKEN": TOKEN, "MLOPS_MLFLOW_ARTIFACT_ROOT": (data / "mlflow" / "artifacts").as_uri(),
+        "MLOPS_RAY_DASHBOARD_URL": cluster.dashboard_url, "MLOPS_SERVE_URL": cluster.serve_url,
+        "MLOPS_SERVE_CONFIG": str(serve_config), "MLOPS_ACTOR": "governance-test",
+    }
+    spec = default_spec()
+    with ExitStack() as stack:
+        patch = stack.enter_context(pytest.MonkeyPatch.context())
+        for key in ("MLOPS_LANDING_URL", "MLOPS_DATASET_SPEC", "MLOPS_PREDICTION_LOG_URL", "MLFLOW_UI_URL",
+                    "MLOPS_MODEL_NAME", "MLOPS_MLFLOW_EXPERIMENT"):
+            patch.delenv(key, raising=False)
+        for key, value in env.items():
+            patch.setenv(key, value)
+        start_head(cluster, env={"MLOPS_API_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": tracking_uri,
+                                 "MLOPS_DATA_URL": str(data)})
+        stack.callback(stop_head, cluster)
+        target = dep.target_from_env()
+        stack.callback(lambda: dep.delete_app(target))
+        # Two raw files, as a user drops them into the landing folder.
+        landed = {}
+        for seed, rows in ((42, 1500), (43, 700)):
+            path = Path(write_batch(simulate_records(spec, SimulationConfig(n_rows=rows, seed=seed)),
+                                    str(data / "raw"), name=f"landed-{seed}.csv"))
+            landed[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        instance = stack.enter_context(dg.DagsterInstance.get())
+        from mlops_assets.definitions import defs
+
+        job = defs.resolve_implicit_global_asset_job_def()
+        result = job.execute_in_process(
+            instance=instance, run_config=FAST, raise_on_error=False,
+            asset_selection=[dg.AssetKey(k) for k in [*TRAINING_PATH, "model_deployment"]])
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        yield Served(root, data, tracking_uri, target, instance, result.run_id, landed)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_trace_names_every_link_from_one_prediction_back_to_the_raw_batches(served: Served, capsys) -> None:
+    spec = default_spec()
+    records = dep.sample_records(simulate_records(spec, SimulationConfig(n_rows=50, seed=7)), spec, 3)
+    response = httpx.post(served.target.endpoint, json={"records": records}, timeout=30,
+                          headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    request_id = answer["request_id"]
+    deadline = time.monotonic() + 30
+    while read_prediction_log(str(served.data / "predictions"), request_id=request_id).empty:
+        assert time.monotonic() < deadline, "the prediction never reached the log"
+        time.sleep(0.5)
+
+    assert cli.main(["trace", request_id, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["links_ok"] and report["broken"] == []
+    client = served.client()
+
+    # The prediction -> the version that answered it.
+    assert report["prediction"]["records"] == 3
+    assert report["prediction"]["model_version"] == answer["model_version"] == "1"
+    assert [o["label"] for o in report["prediction"]["outputs"]] == [p["label"] for p in answer["predictions"]]
+    version = client.get_model_version(c.REGISTERED_MODEL_NAME, report["model"]["version"])
+    assert report["model"]["model_sha256"] == version.tags[model_store.TAG_SHA256]
+    assert c.ALIAS_CHAMPION in report["model"]["aliases_now"]
+    # The version -> its MLflow run, evaluation and gate decision.
+    run = client.get_run(report["mlflow_run"]["run_id"])
+    assert run.info.run_id == version.run_id and run.info.status == "FINISHED"
+    assert report["evaluation"]["exists"] and report["evaluation"]["gate_passed"] is True
+    assert report["evaluation"]["test_metrics"]["roc_auc"] == pytest.approx(run.data.metrics["test_roc_auc"])
+    assert report["evaluation"]["gate_reasons"]
+    # -> the feature set and the raw batches, re-hashed on disk, equal to the files that landed.
+    assert Path(report["features"]["feature_path"]).is_file()
+    assert report["features"]["feature_version"] == version.tags["feature_version"]
+    batches = report["data"]["batches"]
+    assert {b["batch_id"] for b in batches} == set(served.landed.values())
+    for b in batches:
+        stored = Path(b["source_copy"])
+        assert stored.is_file() and hashlib.sha256(stored.read_bytes()).hexdigest() == b["batch_id"]
+        assert served.landed[b["file_name"]] == b["batch_id"]
+    assert report["data"]["raw_dataset_version"] == ingestion.dataset_version(list(served.landed.values()))
+    # -> the Dagster runs, which exist in the instance; -> the code version.
+    roles = {r["role"]: r["run_id"] for r in report["dagster_runs"]}
+    assert set(roles) == {"training", "registration", "ingestion", "features"}
+    for run_id in roles.values():
+        assert served.instance.get_run_by_id(run_id) is not None
+    assert roles["training"] == run.data.tags["dagster_run_id"] == served.run_id
+    assert report["code"]["git_sha"] == run.data.tags["git_sha"] == version.tags["git_sha"]
+
+    # The model card is stored with the version and tells the same story.
+    card = governance.read_model_card(client, version.tags[governance.TAG_MODEL_CARD])
+    assert f"version {version.version}" in card and "passed: promoted to champion" in card
+    for sha in served.landed.values():
+        assert sha in card
+    assert "Model card: runs:/" in (version.description or "")
+
+    # The same trace for people; a tampered batch breaks the chain and says which link.
+    assert cli.main(["trace", request_id]) == 0
+    text = capsys.readouterr().out
+    assert "all links resolve" in text and all(sha in text for sha in served.landed.values())
+    tampered = Path(batches[0]["source_copy"])
+    original = tampered.read_bytes()
+    try:
+        tampered.write_bytes(original + b"\n")
+        assert cli.main(["trace", request_id]) == 1
+        assert f"batch {batches[0]['batch_id']}" in capsys.readouterr().out
+    finally:
+        tampered.write_bytes(original)
+    assert cli.main(["trace", "no-such-request"]) == 1
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_token_is_in_no_serve_config_and_no_response(served: Served) -> None:
+    """The token reaches replicas through the head's environment, never a config the dashboard shows."""
+    config = httpx.get(f"{served.target.dashboard_url}/api/serve/applications/", timeout=10)
+    assert config.status_code == 200 and TOKEN not in config.text
+    spec = default_spec()
+    records = dep.sample_records(simulate_records(spec, SimulationConfig(n_rows=20, seed=8)), spec, 2)
+    responses = [
+        httpx.post(served.target.endpoint, json={"records": records}, headers={"Authorization": f"Bearer {TOKEN}"}),
+        httpx.post(served.target.endpoint, json={"records": records}, headers={"Authorization": f"Bearer {TOKEN}x"}),
+        httpx.post(served.target.endpoint, json={"records": [{"x": 1}]},
+                   headers={"Authorization": f"Bearer {TOKEN}"}),
+        httpx.get(f"{served.target.serve_url}/model"),
+        httpx.get(f"{served.target.serve_url}/healthz"),
+    ]
+    assert [r.status_code for r in responses] == [200, 401, 422, 200, 200]
+    for r in responses:
+        assert TOKEN not in r.text and TOKEN not in str(r.headers)
