@@ -9,6 +9,8 @@ platform's training code and registered in a throwaway SQLite MLflow store:
   with the bearer token, request validation, Prometheus metrics and the prediction log all on;
   `ray-haproxy` is the same with Ray 2.60's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1 on the head);
 - `mlflow`: `mlflow models serve -m models:/<name>/<version> --env-manager local` (its defaults: 1 worker);
+- `our-app-uvicorn`: our FastAPI app and ServiceCore (token, validation, prediction log) under one
+  uvicorn worker without Ray (bench/our_app.py): what our request path costs before Ray's machinery;
 - `fastapi`: bench/bare_app.py under uvicorn (1 worker), no auth/validation/logging: Python HTTP alone;
 - `in-process`: CatBoost predict_proba on a prepared array in this process (threads = min(concurrency, cores)).
 
@@ -44,6 +46,7 @@ from bench.common import (
     free_port,
     json_check,
     machine,
+    median,
     run_load,
     wait_http,
 )
@@ -52,7 +55,8 @@ TOKEN = "bench-token-0123456789abcdef"
 MODEL_NAME = "phishing-classifier-bench"
 CONCURRENCY = (1, 8, 32, 64)
 RECORDS = (1, 100)
-ALL_TARGETS = ("ray", "ray-haproxy", "mlflow", "fastapi", "in-process")
+ALL_TARGETS = ("ray", "ray-haproxy", "mlflow", "our-app-uvicorn", "fastapi", "in-process")
+RAY_INGRESS = {"ray": "proxy", "ray-haproxy": "haproxy", "ray-proxy-grpc": "proxy-grpc"}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -219,6 +223,8 @@ def ray_platform(setup: Setup, ingress: str, log: Any = print) -> Iterator[tuple
     env = {"MLOPS_API_TOKEN": TOKEN, **replica_env(setup)}
     if ingress == "haproxy":
         env.update(haproxy_env(state))
+    elif ingress == "proxy-grpc":  # the default proxy, talking gRPC to replicas (head-wide Ray settings)
+        env.update({"RAY_SERVE_PROXY_USE_GRPC": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"})
     target = dep.ServeTarget(cluster.dashboard_url, cluster.serve_url, token=TOKEN)
     started = time.monotonic()
     start_head(cluster, env=env)
@@ -238,11 +244,16 @@ def replica_env(setup: Setup) -> dict[str, str]:
 
 
 def deploy(setup: Setup, target: Any, deployment: Mapping[str, Any] | None = None,
-           args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, log: Any = print) -> float:
-    """Deploy the bench version through lib/deployment.py (all checks); return seconds taken."""
+           args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, log: Any = print,
+           code: Path | None = None) -> float:
+    """Deploy the bench version through lib/deployment.py (all checks); return seconds taken.
+
+    `code`: a folder holding another checkout's `mlops_assets/` and `deploy/` (e.g. `git archive` of an
+    older commit): replicas import the package from there (PYTHONPATH) and its serve config is used.
+    """
     from mlops_assets.lib import deployment as dep
 
-    base = dep.load_serve_config()
+    base = dep.load_serve_config(code / "deploy" / "serve_config.yaml" if code else None)
     spec = base["applications"][0]["deployments"][0]
     if deployment:
         spec.update(dict(deployment))
@@ -251,9 +262,10 @@ def deploy(setup: Setup, target: Any, deployment: Mapping[str, Any] | None = Non
         actor_env.update(dict(env))
     result = dep.deploy_version(target=target, tracking_uri=setup.tracking_uri, spec=setup.spec,
                                 version=setup.version, records=setup.sample, expected=setup.expected,
-                                model_name=MODEL_NAME, base_config=base, env_vars=replica_env(setup), args=args)
+                                model_name=MODEL_NAME, base_config=base, args=args,
+                                env_vars={**replica_env(setup), **({"PYTHONPATH": str(code)} if code else {})})
     log(f"  deployed version {result.live_version} in {result.seconds:.1f}s "
-        f"({dict(deployment or {})} {dict(args or {})} {dict(env or {})})")
+        f"({dict(deployment or {})} {dict(args or {})} {dict(env or {})}{' code ' + str(code) if code else ''})")
     return result.seconds
 
 
@@ -340,20 +352,78 @@ def _ok(flag: bool) -> str:
 # --- levers -----------------------------------------------------------------------------------
 
 
-def lever_cells(setup: Setup, target: Any, budget: Budget, label: str, log: Any) -> list[dict[str, Any]]:
-    """A short probe of one configuration: 1 record at c = 1 and 32, 100 records at c = 32."""
+LEVER_CELLS = ((1, 1), (1, 32), (100, 32))  # (records, concurrency) probed per configuration
+
+
+def lever_apps(setup: Setup, target: Any, log: Any) -> list[tuple[str, str]]:
+    """Deploy every lever configuration side by side as its own application (route /leverN).
+
+    Side by side, the configurations can be measured in interleaved rounds under the same machine
+    load: on a shared 2-core machine, measuring them one after another mostly measures the neighbours.
+    Replicas ask for 0.1 CPU each so that all fit the head's 2 CPUs (a scheduling figure only).
+    """
+    from mlops_assets.lib import deployment as dep
+    from mlops_assets.lib.serving.config import ModelRef
+
+    live = dep.live_config(target)
+    if live is None:
+        raise RuntimeError("the main application must be deployed before the lever applications")
+    apps = [a for a in live["applications"] if not str(a.get("name", "")).startswith("lever")]
+    routes = []
+    for i, (label, deployment, args, env) in enumerate(LEVERS):
+        base = dep.load_serve_config()
+        spec = base["applications"][0]["deployments"][0]
+        spec.update(dict(deployment))
+        actor = spec.setdefault("ray_actor_options", {})
+        actor["num_cpus"] = 0.1
+        actor.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(dict(env))
+        config = dep.render_serve_config(base, ref=ModelRef(model_name=MODEL_NAME, version=setup.version),
+                                         env_vars=replica_env(setup), args=args)
+        app = config["applications"][0]
+        app["name"], app["route_prefix"] = f"lever{i}", f"/lever{i}"
+        apps.append(app)
+        routes.append((label, f"/lever{i}/predict"))
+    dep.submit(target, {**live, "applications": apps})
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        details = dep.serve_applications(target).get("applications") or {}
+        states = {name: d.get("status") for name, d in details.items() if name.startswith("lever")}
+        if len(states) == len(LEVERS) and set(states.values()) == {"RUNNING"}:
+            break
+        if "DEPLOY_FAILED" in states.values():
+            raise RuntimeError(f"a lever application failed to deploy: {states}")
+        time.sleep(2)
+    else:
+        raise TimeoutError("lever applications not RUNNING after 600 s")
+    log(f"  {len(LEVERS)} lever applications running side by side")
+    return routes
+
+
+def lever_rounds(setup: Setup, target: Any, budget: Budget, name: str, rounds: int, log: Any) -> list[dict[str, Any]]:
+    """Interleaved rounds over the lever applications; the median of each cell over the rounds."""
+    routes = lever_apps(setup, target, log)
     port = int(target.serve_url.rsplit(":", 1)[1])
     headers = {"Authorization": f"Bearer {TOKEN}"}
+    runs: dict[tuple[str, int, int], list[LoadResult]] = {}
+    for round_no in range(rounds):
+        for label, path in routes:
+            for n, conc in LEVER_CELLS:
+                reqs = [encode_post(HOST, port, path, b, headers) for b in bodies(setup, n, "records")]
+                r = run_load(label, HOST, port, reqs, records=n, concurrency=conc, max_requests=budget.max_requests,
+                             max_seconds=budget.max_seconds, warmup=max(budget.warmup, 2 * conc),
+                             check=json_check("predictions", n))
+                runs.setdefault((label, n, conc), []).append(r)
+                log(f"  round {round_no + 1} {label:44s} records={n:3d} c={conc:2d}: {r.throughput:8.1f} req/s "
+                    f"p50 {r.ms(50):6.2f} ms failed {r.failed}")
     rows = []
-    for n, conc in ((1, 1), (1, 32), (100, 32)):
-        reqs = [encode_post(HOST, port, "/predict", b, headers) for b in bodies(setup, n, "records")]
-        r = run_load(label, HOST, port, reqs, records=n, concurrency=conc, max_requests=budget.max_requests,
-                     max_seconds=budget.max_seconds, warmup=max(budget.warmup, 2 * conc),
-                     check=json_check("predictions", n))
-        log(f"  lever {label:40s} records={n:3d} c={conc:2d}: {r.throughput:8.1f} req/s p50 {r.ms(50):6.2f} ms "
-            f"failed {r.failed}")
-        rows.append({"configuration": label, "records": n, "conc": conc, "req/s": r.throughput,
-                     "p50 ms": r.ms(50), "p99 ms": r.ms(99), "failed": r.failed})
+    for (label, n, conc), rs in runs.items():
+        shipped = runs.get((LEVERS[0][0], n, conc))
+        rps = median([r.throughput for r in rs])
+        base_rps = median([r.throughput for r in shipped]) if shipped else float("nan")
+        rows.append({"ingress": name, "configuration": label, "records": n, "conc": conc, "req/s": rps,
+                     "vs shipped": rps / base_rps if base_rps else float("nan"),
+                     "p50 ms": median([r.ms(50) for r in rs]), "p99 ms": median([r.ms(99) for r in rs]),
+                     "failed": sum(r.failed for r in rs)})
     return rows
 
 
@@ -361,11 +431,11 @@ LEVERS: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, str]]] = [
     # (label, deployment overrides, app args overrides, replica env overrides), each against the shipped config
     ("shipped config", {}, {}, {}),
     ("1 replica", {"num_replicas": 1}, {}, {}),
-    ("3 replicas", {"num_replicas": 3}, {}, {}),
     ("no batching (batch_max_size 1)", {}, {"batch_max_size": 1}, {}),
     ("batch wait 2 ms", {}, {"batch_wait_timeout_s": 0.002}, {}),
     ("user code in a separate thread (Ray default)", {}, {}, {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}),
     ("access log written per line (Ray default)", {}, {}, {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}),
+    ("replica logs also to stderr (Ray default)", {}, {}, {"RAY_SERVE_LOG_TO_STDERR": "1"}),
     ("access log off", {"logging_config": {"enable_access_log": False}}, {}, {}),
 ]
 
@@ -374,7 +444,7 @@ LEVERS: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, str]]] = [
 
 
 def run(targets: Sequence[str], quick: bool, levers: bool, root: Path, log: Any = print,
-        grid: bool = True) -> dict[str, Any]:
+        grid: bool = True, baseline: Path | None = None) -> dict[str, Any]:
     budget = Budget.of(quick)
     log(f"serving benchmark ({'quick' if quick else 'full'}): up to {budget.max_requests} requests or "
         f"{budget.max_seconds}s per cell; machine {machine()}")
@@ -388,7 +458,7 @@ def run(targets: Sequence[str], quick: bool, levers: bool, root: Path, log: Any 
     failures: dict[str, str] = {}
     for name in targets:
         try:
-            results += run_target(name, setup, budget, levers, lever_rows, deploy_seconds, log, grid)
+            results += run_target(name, setup, budget, levers, lever_rows, deploy_seconds, log, grid, baseline)
         except Exception as exc:  # one target that cannot start must not hide the others' figures
             failures[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
             log(f"  {name} FAILED: {failures[name]}")
@@ -398,20 +468,22 @@ def run(targets: Sequence[str], quick: bool, levers: bool, root: Path, log: Any 
 
 
 def run_target(name: str, setup: Setup, budget: Budget, levers: bool, lever_rows: list[dict[str, Any]],
-               deploy_seconds: dict[str, float], log: Any, grid: bool = True) -> list[LoadResult]:
+               deploy_seconds: dict[str, float], log: Any, grid: bool = True,
+               baseline: Path | None = None) -> list[LoadResult]:
     results: list[LoadResult] = []
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    if name in ("ray", "ray-haproxy"):
-        ingress = "haproxy" if name == "ray-haproxy" else "proxy"
+    if name in RAY_INGRESS:
+        ingress = RAY_INGRESS[name]
         with ray_platform(setup, ingress, log) as (target, cluster):
-            deploy_seconds[name] = deploy(setup, target, log=log)
             port = cluster.serve_http_port
+            if baseline is not None:  # the older code first, on the same head, same load
+                deploy(setup, target, log=log, code=baseline)
+                results += http_grid(f"{name}@before", port, "/predict", setup, "records", budget, auth, log)
+            deploy_seconds[name] = deploy(setup, target, log=log)
             if grid:
                 results += http_grid(name, port, "/predict", setup, "records", budget, auth, log)
             if levers:
-                for label, deployment, args, env in LEVERS:
-                    deploy(setup, target, deployment, args, env, log=log)
-                    lever_rows += lever_cells(setup, target, budget, f"{name}: {label}", log)
+                lever_rows += lever_rounds(setup, target, budget, name, 3, log)
     elif name == "mlflow":
         port = free_port()
         cmd = [bin_path("mlflow"), "models", "serve", "-m", f"models:/{MODEL_NAME}/{setup.version}",
@@ -427,6 +499,14 @@ def run_target(name: str, setup: Setup, budget: Budget, levers: bool, lever_rows
                "PYTHONPATH": str(REPO)}
         with subprocess_server(cmd, env, port, "/healthz", setup.root / "fastapi.log"):
             results += http_grid(name, port, "/predict", setup, "records", budget, log=log)
+    elif name == "our-app-uvicorn":
+        port = free_port()
+        cmd = [bin_path("uvicorn"), "bench.our_app:app", "--host", HOST, "--port", str(port), "--log-level", "warning"]
+        env = {"MLFLOW_TRACKING_URI": setup.tracking_uri, "BENCH_MODEL_NAME": MODEL_NAME,
+               "BENCH_MODEL_VERSION": setup.version, "MLOPS_API_TOKEN": TOKEN,
+               "BENCH_LOG_URL": str(setup.root / "our-app-predictions"), "PYTHONPATH": str(REPO)}
+        with subprocess_server(cmd, env, port, "/healthz", setup.root / "our-app.log"):
+            results += http_grid(name, port, "/predict", setup, "records", budget, auth, log)
     elif name == "in-process":
         results += in_process_grid(setup, budget, log)
     else:
@@ -442,7 +522,8 @@ def report(out: Mapping[str, Any]) -> str:
     if out.get("failures"):
         parts += ["Targets that failed: " + "; ".join(f"{k}: {v}" for k, v in out["failures"].items()), ""]
     if out["levers"]:
-        parts += ["## Serving levers (each against the shipped config)", "", format_table(out["levers"]), ""]
+        parts += ["## Serving levers: each configuration against the shipped one (side by side, median of "
+                  "3 interleaved rounds)", "", format_table(out["levers"]), ""]
     return "\n".join(parts)
 
 
@@ -453,12 +534,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--targets", default=",".join(ALL_TARGETS), help=f"comma list of {', '.join(ALL_TARGETS)}")
     parser.add_argument("--levers-only", action="store_true", help="only the lever probes (implies --levers)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--baseline", type=Path,
+                        help="a folder with an older checkout's mlops_assets/ and deploy/ (git archive <commit> "
+                             "mlops_assets deploy | tar -x -C DIR): its app is measured first on each Ray head")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (model, logs)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="mlops-bench-serving-"))
     try:
         out = run([t.strip() for t in args.targets.split(",") if t.strip()], args.quick,
-                  args.levers or args.levers_only, root, grid=not args.levers_only)
+                  args.levers or args.levers_only, root, grid=not args.levers_only,
+                  baseline=args.baseline.resolve() if args.baseline else None)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
