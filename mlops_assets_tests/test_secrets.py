@@ -132,7 +132,7 @@ def mlflow_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer
         while True:
             assert proc.poll() is None, log.read_text()[-3000:]
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -165,10 +165,12 @@ def test_mlflow_requires_auth_and_no_secret_reaches_mlflow_dagster_or_responses(
     wrong = "wrong-" + secrets.token_hex(6)
     # Without credentials, or with wrong ones, MLflow answers 401 and echoes nothing back.
     search = f"{mlflow_auth.url}/api/2.0/mlflow/experiments/search"
-    responses = [httpx.post(search, json={"max_results": 1}),
-                 httpx.post(search, json={"max_results": 1}, auth=("admin", wrong))]
+    # (Password checks are a slow hash by design: generous timeouts on a busy machine.)
+    responses = [httpx.post(search, json={"max_results": 1}, timeout=60),
+                 httpx.post(search, json={"max_results": 1}, auth=("admin", wrong), timeout=60)]
     assert [r.status_code for r in responses] == [401, 401]
-    assert httpx.post(search, json={"max_results": 1}, auth=("admin", mlflow_auth.password)).status_code == 200
+    assert httpx.post(search, json={"max_results": 1}, auth=("admin", mlflow_auth.password),
+                      timeout=60).status_code == 200
 
     data = tmp_path / "data"
     for key, value in {
