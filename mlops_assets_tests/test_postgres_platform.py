@@ -68,6 +68,15 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def test_without_a_server_ci_fails_and_elsewhere_skips(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        _unavailable("no PostgreSQL")
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception, match="no PostgreSQL"):
+        _unavailable("no PostgreSQL")
+
+
 # --- the server ---------------------------------------------------------------------------------
 
 

@@ -16,7 +16,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOWS = REPO / ".github" / "workflows"
-CONCRETE_REGISTRIES = ("ghcr.io", "docker.io", "quay.io", "amazonaws.com", "gcr.io", "azurecr.io", "pkg.dev")
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -88,11 +87,17 @@ def test_continuous_training_starts_on_a_schedule_or_a_monitoring_event() -> Non
     assert (REPO / "deploy" / "production" / "dagster.yaml").is_file()
 
 
-def test_no_workflow_names_a_concrete_registry_host_or_holds_a_secret_value() -> None:
+def test_images_go_only_to_the_registry_variable_and_no_workflow_holds_a_secret_value() -> None:
     for name in _all_workflows():
         text = (WORKFLOWS / name).read_text()
-        for host in CONCRETE_REGISTRIES:
-            assert host not in text, f"{name} names {host}"
+        for script in _runs(_load(name)):
+            for words in _commands(script):
+                if words[:2] in (["docker", "build"], ["docker", "push"]):
+                    refs = [words[i + 1] for i, w in enumerate(words) if w == "-t"] or words[2:3]
+                    for ref in refs:
+                        assert ref.startswith(("$ref:", "$REGISTRY/")), f"{name}: image {ref} outside $REGISTRY"
+                    if any(r.startswith("$ref:") for r in refs):
+                        assert 'ref="$REGISTRY/' in script, f"{name}: $ref is not under $REGISTRY"
         for key, value in re.findall(r"^\s*([A-Z_]*(?:PASSWORD|TOKEN|SECRET|KEY)[A-Z_]*):\s*(.+)$", text, re.M):
             assert value.strip().startswith("${{ secrets."), f"{name}: {key} is not from secrets"
 
