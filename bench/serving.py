@@ -220,7 +220,7 @@ def ray_platform(setup: Setup, ingress: str, log: Any = print) -> Iterator[tuple
         extra_ports={"ray-client-server-port": free_port(), "dashboard-agent-listen-port": free_port(),
                      "dashboard-agent-grpc-port": free_port(), "runtime-env-agent-port": free_port()},
     )
-    env = {"MLOPS_API_TOKEN": TOKEN, **replica_env(setup)}
+    env = {"MLOPS_API_TOKEN": TOKEN, **replica_env(setup), "RAY_SERVE_ENABLE_HA_PROXY": "0"}
     if ingress == "haproxy":
         env.update(haproxy_env(state))
     elif ingress == "proxy-grpc":  # the default proxy, talking gRPC to replicas (head-wide Ray settings)
@@ -240,7 +240,12 @@ def ray_platform(setup: Setup, ingress: str, log: Any = print) -> Iterator[tuple
 
 
 def replica_env(setup: Setup) -> dict[str, str]:
-    return {"MLFLOW_TRACKING_URI": setup.tracking_uri, "MLOPS_DATA_URL": str(setup.root / "data")}
+    """Everything replicas read, pinned to this run (a user's .env, exported by make, must not leak in)."""
+    import mlops_assets
+
+    spec_path = Path(mlops_assets.__file__).parent / "lib" / "datasets" / "phishing_websites.json"
+    return {"MLFLOW_TRACKING_URI": setup.tracking_uri, "MLOPS_DATA_URL": str(setup.root / "data"),
+            "MLOPS_PREDICTION_LOG_URL": str(setup.root / "data" / "predictions"), "MLOPS_DATASET_SPEC": str(spec_path)}
 
 
 def deploy(setup: Setup, target: Any, deployment: Mapping[str, Any] | None = None,
@@ -360,7 +365,7 @@ def lever_apps(setup: Setup, target: Any, log: Any) -> list[tuple[str, str]]:
 
     Side by side, the configurations can be measured in interleaved rounds under the same machine
     load: on a shared 2-core machine, measuring them one after another mostly measures the neighbours.
-    Replicas ask for 0.1 CPU each so that all fit the head's 2 CPUs (a scheduling figure only).
+    Replicas ask for 0.05 CPU each so that all fit beside the main app in the head's 2 CPUs (a scheduling figure only).
     """
     from mlops_assets.lib import deployment as dep
     from mlops_assets.lib.serving.config import ModelRef
@@ -375,7 +380,7 @@ def lever_apps(setup: Setup, target: Any, log: Any) -> list[tuple[str, str]]:
         spec = base["applications"][0]["deployments"][0]
         spec.update(dict(deployment))
         actor = spec.setdefault("ray_actor_options", {})
-        actor["num_cpus"] = 0.1
+        actor["num_cpus"] = 0.05
         actor.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(dict(env))
         config = dep.render_serve_config(base, ref=ModelRef(model_name=MODEL_NAME, version=setup.version),
                                          env_vars=replica_env(setup), args=args)
@@ -434,8 +439,8 @@ LEVERS: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, str]]] = [
     ("no batching (batch_max_size 1)", {}, {"batch_max_size": 1}, {}),
     ("batch wait 2 ms", {}, {"batch_wait_timeout_s": 0.002}, {}),
     ("user code in a separate thread (Ray default)", {}, {}, {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}),
-    ("access log written per line (Ray default)", {}, {}, {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"}),
-    ("replica logs also to stderr (Ray default)", {}, {}, {"RAY_SERVE_LOG_TO_STDERR": "1"}),
+    ("access log buffered (1000 lines)", {}, {}, {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000"}),
+    ("replica logs not copied to stderr", {}, {}, {"RAY_SERVE_LOG_TO_STDERR": "0"}),
     ("access log off", {"logging_config": {"enable_access_log": False}}, {}, {}),
 ]
 
