@@ -58,7 +58,7 @@ demo: install .env $(DAGSTER_HOME)/dagster.yaml
 	mkdir -p data/mlflow
 	$(BIN)/mlops-assets simulate data --rows $(DEMO_ROWS) --seed $(DEMO_SEED) --name demo-seed$(DEMO_SEED).csv
 	$(BIN)/python -m mlops_assets.lib.ray_cluster up
-	$(BIN)/dagster asset materialize -m mlops_assets.definitions --select 'raw_batches*'
+	$(BIN)/dagster asset materialize -m mlops_assets.definitions -c deploy/run_config/in_process.yaml --select 'raw_batches*'
 	$(BIN)/mlops-assets status
 	$(BIN)/python -m mlops_assets.lib.serving.sample_request
 	@echo ""
@@ -67,7 +67,7 @@ demo: install .env $(DAGSTER_HOME)/dagster.yaml
 
 pipeline: install .env $(DAGSTER_HOME)/dagster.yaml
 	mkdir -p data/mlflow
-	$(BIN)/dagster asset materialize -m mlops_assets.definitions --select '$(TRAINING_PATH)'
+	$(BIN)/dagster asset materialize -m mlops_assets.definitions -c deploy/run_config/in_process.yaml --select '$(TRAINING_PATH)'
 	$(BIN)/mlops-assets status
 
 up: install .env $(DAGSTER_HOME)/dagster.yaml
