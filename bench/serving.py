@@ -258,6 +258,8 @@ def deploy(setup: Setup, target: Any, deployment: Mapping[str, Any] | None = Non
     """
     from mlops_assets.lib import deployment as dep
 
+    if code:
+        prefer_code_dir(code)
     base = dep.load_serve_config(code / "deploy" / "serve_config.yaml" if code else None)
     spec = base["applications"][0]["deployments"][0]
     if deployment:
@@ -272,6 +274,21 @@ def deploy(setup: Setup, target: Any, deployment: Mapping[str, Any] | None = Non
     log(f"  deployed version {result.live_version} in {result.seconds:.1f}s "
         f"({dict(deployment or {})} {dict(args or {})} {dict(env or {})}{' code ' + str(code) if code else ''})")
     return result.seconds
+
+
+SITECUSTOMIZE = """# Written by bench/serving.py --baseline: on PYTHONPATH, this folder's mlops_assets must win over
+# the editable install of the working tree, whose import hook would otherwise be asked first.
+import sys
+
+sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+"""
+
+
+def prefer_code_dir(code: Path) -> None:
+    """Make replicas started with PYTHONPATH=code import that folder's package (see SITECUSTOMIZE)."""
+    target = code / "sitecustomize.py"
+    if not target.exists():
+        target.write_text(SITECUSTOMIZE)
 
 
 @contextlib.contextmanager
