@@ -557,8 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--levers-only", action="store_true", help="only the lever probes (implies --levers)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--baseline", type=Path,
-                        help="a folder with an older checkout's mlops_assets/ and deploy/ (git archive <commit> "
-                             "mlops_assets deploy | tar -x -C DIR): its app is measured first on each Ray head")
+                        help="experimental, unverified (see bench/RESULTS.md): a folder with an older checkout's "
+                             "mlops_assets/ and deploy/ (git archive <commit> mlops_assets deploy | tar -x -C DIR), "
+                             "measured first on each Ray head")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (model, logs)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="mlops-bench-serving-"))
