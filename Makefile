@@ -76,8 +76,9 @@ up: install .env $(DAGSTER_HOME)/dagster.yaml
 down:
 	BIN=$(BIN) scripts/platform.sh down
 
-bench: install
-	@echo "benchmarks arrive with the performance issue"
+# Bounded benchmarks on loopback (serving, pipeline, monitoring); BENCH_ARGS=--quick for the short mode.
+bench: install .env $(DAGSTER_HOME)/dagster.yaml
+	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 
 clean:
 	rm -rf data/
