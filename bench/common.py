@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 HOST = "127.0.0.1"
@@ -261,3 +262,12 @@ def wait_http(url_host: str, port: int, path: str, timeout_s: float, ok: Callabl
             last = type(exc).__name__
         time.sleep(0.3)
     raise TimeoutError(f"http://{url_host}:{port}{path} not ready after {timeout_s}s ({last})")
+
+
+def emit(report_text: str, out: dict[str, Any], json_path: str | None) -> None:
+    """Print a benchmark's report and, when asked, keep its figures as JSON."""
+    print()
+    print(report_text)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(out, indent=1, default=str))

@@ -17,7 +17,6 @@ Run: `python -m bench.monitoring [--quick] [--rows N]`.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import format_table, machine, median
+from bench.common import emit, format_table, machine, median
 
 
 def build_log(root: Path, rows: int, seed: int = 5) -> tuple[Any, Any, Any, float]:
@@ -146,11 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = run(args.quick, args.rows, parent, args.serving_records_per_s)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
-    print()
-    print(report(out))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    emit(report(out), out, args.json)
     return 0
 
 

@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import format_table, machine, median
+from bench.common import emit, format_table, machine, median
 
 TRAINING_PATH = ("raw_batches,raw_dataset,validation_report,feature_set,train_test_split,trained_model,"
                  "model_evaluation,registered_model")
@@ -328,11 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = run(args.quick, parent)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
-    print()
-    print(report(out))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    emit(report(out), out, args.json)
     return 0
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from bench.common import (
     HOST,
     LoadResult,
+    emit,
     encode_post,
     format_table,
     free_port,
@@ -570,11 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    print()
-    print(report(out))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
+    emit(report(out), out, args.json)
     return 0
 
 
