@@ -165,7 +165,7 @@ def _cmd_simulate_traffic(args: argparse.Namespace) -> int:
 
     from mlops_assets.lib import traffic
     from mlops_assets.lib.dataset_spec import load_spec
-    from mlops_assets.lib.serving.config import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT
+    from mlops_assets.lib.serving.config import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, api_token
     from mlops_assets.lib.settings import join_url, load_settings
     from mlops_assets.lib.simulator import parse_drift
 
@@ -173,7 +173,7 @@ def _cmd_simulate_traffic(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec or settings.dataset_spec_path)
     base = args.endpoint or os.environ.get("MLOPS_SERVE_URL") or f"http://{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}"
     config = traffic.TrafficConfig(
-        endpoint=f"{base.rstrip('/')}/predict", token=os.environ.get("MLOPS_API_TOKEN", ""),
+        endpoint=f"{base.rstrip('/')}/predict", token=api_token(),
         records=args.records, batch_size=args.batch_size, rate=args.rate, concurrency=args.concurrency,
         max_duration_s=args.max_duration, seed=args.seed, drift=parse_drift(args.drift),
     )

@@ -26,7 +26,7 @@ import pandas as pd
 import yaml
 
 from mlops_assets.lib.dataset_spec import DatasetSpec
-from mlops_assets.lib.serving.config import APP_NAME, DEPLOYMENT_NAME, ModelRef, ServiceOptions
+from mlops_assets.lib.serving.config import APP_NAME, DEPLOYMENT_NAME, ModelRef, ServiceOptions, api_token
 from mlops_assets.lib.serving.request import build_request_model, parse_predict_matrix
 from mlops_assets.lib.serving.scoring import Scorer, positive_column, scorer_from_loaded
 
@@ -79,7 +79,7 @@ def target_from_env(
     return ServeTarget(
         dashboard_url=dashboard_url or env.get("MLOPS_RAY_DASHBOARD_URL") or cluster.dashboard_url,
         serve_url=serve_url or env.get("MLOPS_SERVE_URL") or cluster.serve_url,
-        token=env.get("MLOPS_API_TOKEN", ""),
+        token=api_token(env),
     )
 
 

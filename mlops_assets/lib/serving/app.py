@@ -29,9 +29,9 @@ from mlops_assets.lib.serving.config import (
     DEPLOYMENT_NAME,
     PREDICTION_LOG_ENV,
     PREDICTIONS_SUBDIR,
-    TOKEN_ENV,
     ModelRef,
     ServiceOptions,
+    api_token,
 )
 from mlops_assets.lib.serving.metrics import RayServeMetrics, ServingMetrics
 from mlops_assets.lib.serving.prediction_log import PredictionLogWriter
@@ -203,7 +203,7 @@ class PredictionService:
         core = ServiceCore(
             spec=spec,
             options=opts,
-            token=os.environ.get(TOKEN_ENV, ""),
+            token=api_token(),
             metrics=metrics,
             log_writer=log,
             loader=registry_loader(settings.mlflow_tracking_uri, spec),

@@ -7,6 +7,7 @@ restarts replicas. `ModelRef` is the deployment's `user_config`: changing it onl
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -23,6 +24,7 @@ DEFAULT_RAY_PORT = 6380  # not Ray's 6379, so a Redis on the default port does n
 DEFAULT_METRICS_EXPORT_PORT = 8080
 
 TOKEN_ENV = "MLOPS_API_TOKEN"
+TOKEN_FILE_ENV = "MLOPS_API_TOKEN_FILE"  # a mounted secret file, the alternative to the variable
 PREDICTION_LOG_ENV = "MLOPS_PREDICTION_LOG_URL"
 PREDICTIONS_SUBDIR = "predictions"
 
@@ -111,3 +113,19 @@ class ModelRef:
 
     def describe(self) -> str:
         return f"{self.model_name} version {self.version}" if self.version else f"{self.model_name}@{self.alias}"
+
+
+def api_token(env: Mapping[str, str] | None = None) -> str:
+    """The serving token: MLOPS_API_TOKEN, else the contents of the file MLOPS_API_TOKEN_FILE names,
+    else "" (read when asked, never at import). A named but unreadable file is an error that says which."""
+    env = os.environ if env is None else env
+    if env.get(TOKEN_ENV):
+        return env[TOKEN_ENV]
+    path = env.get(TOKEN_FILE_ENV)
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError as exc:
+        raise ValueError(f"{TOKEN_FILE_ENV}={path}: cannot read the token file ({exc.strerror})") from None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from collections.abc import Sequence
 import httpx
 
 from mlops_assets.lib.dataset_spec import load_spec
-from mlops_assets.lib.serving.config import TOKEN_ENV
+from mlops_assets.lib.serving.config import TOKEN_ENV, api_token
 
 
 def curl_command(endpoint: str, body: dict) -> str:
@@ -37,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     body = {"records": simulated_sample(spec, n=max(1, args.records), seed=7)}
     try:
         response = httpx.post(target.endpoint, json=body, timeout=30, trust_env=False,
-                              headers={"Authorization": f"Bearer {os.environ.get(TOKEN_ENV, '')}"})
+                              headers={"Authorization": f"Bearer {api_token()}"})
     except httpx.HTTPError as exc:
         print(f"no answer from {target.endpoint}: {type(exc).__name__}", file=sys.stderr)
         return 1
