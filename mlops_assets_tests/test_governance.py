@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -33,21 +32,16 @@ from mlops_assets import constants as c
 from mlops_assets.lib import deployment as dep
 from mlops_assets.lib import governance, ingestion, model_store, tracking
 from mlops_assets.lib.dataset_spec import default_spec
-from mlops_assets.lib.ray_cluster import ClusterConfig, start_head, stop_head
+from mlops_assets.lib.ray_cluster import start_head, stop_head
 from mlops_assets.lib.serving.prediction_log import read_prediction_log
 from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
+from mlops_assets_tests.ray_support import isolated_cluster
 
 TOKEN = "governance-test-token-5f1c2a9e"
 FAST = {"ops": {"trained_model": {"config": {"iterations": 80, "thread_count": 1}}}}
 ARGS = {"max_records": 100, "max_body_bytes": 200_000, "log_flush_interval_s": 0.5, "predict_timeout_s": 10}
 TRAINING_PATH = ["raw_batches", "raw_dataset", "validation_report", "feature_set", "train_test_split",
                  "trained_model", "model_evaluation", "registered_model"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- fast: the card and the history ---------------------------------------------------------------
@@ -157,12 +151,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     tracking_uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
-    cluster = ClusterConfig(
-        port=_free_port(), dashboard_port=_free_port(), metrics_export_port=_free_port(),
-        serve_http_port=_free_port(), state_dir=str(root / "ray"),
-        extra_ports={"ray-client-server-port": _free_port(), "dashboard-agent-listen-port": _free_port(),
-                     "dashboard-agent-grpc-port": _free_port(), "runtime-env-agent-port": _free_port()},
-    )
+    cluster = isolated_cluster(root)
     config = dep.load_serve_config()
     config["applications"][0]["args"] = dict(ARGS)
     serve_config = root / "serve_config.yaml"

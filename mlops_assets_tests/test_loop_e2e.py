@@ -12,7 +12,6 @@ One Ray head for the module; CatBoost runs with few iterations.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -34,8 +33,9 @@ from mlops_assets.lib import deployment as dep
 from mlops_assets.lib import ingestion, model_store, traffic
 from mlops_assets.lib import monitoring as mon
 from mlops_assets.lib.dataset_spec import DatasetSpec, default_spec
-from mlops_assets.lib.ray_cluster import ClusterConfig, start_head, stop_head
+from mlops_assets.lib.ray_cluster import start_head, stop_head
 from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
+from mlops_assets_tests.ray_support import isolated_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,12 +46,6 @@ MONITOR = {"ops": {"production_profiles": {"config": {"window": f"{WINDOW_S}s"}}
 DRIFT = {"SSLfinal_State": 0.6, "URL_of_Anchor": 0.6, "having_Sub_Domain": 0.6, "web_traffic": 0.6,
          "Prefix_Suffix": 0.6}
 ARGS = {"max_records": 100, "max_body_bytes": 200_000, "log_flush_interval_s": 0.5, "predict_timeout_s": 10}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Webhook:
@@ -151,12 +145,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
     data = root / "data"
     (data / "mlflow").mkdir(parents=True)
     tracking_uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
-    cluster = ClusterConfig(
-        port=_free_port(), dashboard_port=_free_port(), metrics_export_port=_free_port(),
-        serve_http_port=_free_port(), state_dir=str(root / "ray"),
-        extra_ports={"ray-client-server-port": _free_port(), "dashboard-agent-listen-port": _free_port(),
-                     "dashboard-agent-grpc-port": _free_port(), "runtime-env-agent-port": _free_port()},
-    )
+    cluster = isolated_cluster(root)
     config = dep.load_serve_config()
     config["applications"][0]["args"] = dict(ARGS)
     serve_config = root / "serve_config.yaml"

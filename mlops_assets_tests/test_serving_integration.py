@@ -8,7 +8,6 @@ dashboard REST API, version 2 is switched in under load, then rolled back.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from mlops_assets.lib.serving.config import ModelRef
 from mlops_assets.lib.serving.prediction_log import read_prediction_log
 from mlops_assets.lib.simulator import SimulationConfig, simulate_records
 from mlops_assets.lib.tracking import use_tracking_uri
+from mlops_assets_tests.ray_support import isolated_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -42,12 +42,6 @@ MAX_RECORDS = 50
 MAX_BODY_BYTES = 60_000  # 50 records of 30 features are ~40 kB of JSON
 ARGS = {"max_records": MAX_RECORDS, "max_body_bytes": MAX_BODY_BYTES, "log_flush_interval_s": 0.5,
         "predict_timeout_s": 10}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _train(frame: pd.DataFrame, spec: DatasetSpec, seed: int, iterations: int) -> CatBoostClassifier:
@@ -125,12 +119,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
             models[str(mv.version)] = model
     model_store.promote_to_champion(client, MODEL_NAME, "1")
 
-    cluster = ClusterConfig(
-        port=_free_port(), dashboard_port=_free_port(), metrics_export_port=_free_port(),
-        serve_http_port=_free_port(), state_dir=str(root / "ray"),
-        extra_ports={"ray-client-server-port": _free_port(), "dashboard-agent-listen-port": _free_port(),
-                     "dashboard-agent-grpc-port": _free_port(), "runtime-env-agent-port": _free_port()},
-    )
+    cluster = isolated_cluster(root)
     target = dep.ServeTarget(cluster.dashboard_url, cluster.serve_url, token=TOKEN)
     env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, "MLOPS_DATA_URL": str(data)}
     start_head(cluster, env={"MLOPS_API_TOKEN": TOKEN, **env_vars})

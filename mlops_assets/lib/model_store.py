@@ -173,7 +173,7 @@ def register_version(
         return existing
     all_tags = {**{k: str(v) for k, v in tags.items()}, TAG_SHA256: artifact_sha256(client, model_uri)}
     # MLflow's SQL registry resolves `models:/m-<id>` sources through the *global* tracking URI
-    # (a TODO in MLflow itself), so point it at this client's store for the call.
+    # (an open gap in MLflow itself), so point it at this client's store for the call.
     with use_tracking_uri(client.tracking_uri):
         version = client.create_model_version(
             model_name, source=model_uri, run_id=run_id, tags=all_tags, model_id=_model_id(model_uri)
