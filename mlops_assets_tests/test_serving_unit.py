@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from mlops_assets.lib.dataset_spec import DatasetSpec
+from mlops_assets.lib.model_store import ModelIntegrityError
 from mlops_assets.lib.serving import app as app_module
 from mlops_assets.lib.serving.config import ModelRef, ServiceOptions
 from mlops_assets.lib.serving.metrics import InMemoryMetrics
@@ -299,12 +301,47 @@ def test_without_a_model_health_fails_and_predict_is_503(core: ServiceCore, clie
     assert response.status_code == 503 and "no model loaded" in response.json()["error"]
 
 
+def test_health_without_a_model_reports_a_code_not_an_exception(core: ServiceCore, client: TestClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "no_model_configured"
+    assert client.get("/model").status_code == 503 and "no_model_configured" in client.get("/model").json()["error"]
+
+
+@pytest.mark.parametrize(("error", "code"), [
+    (ModelIntegrityError("/srv/store/m.cb sha256 abc does not match def"), "artifact_integrity_failed"),
+    (LookupError("sqlite:////home/u/mlflow.db: no version 7"), "model_version_not_found"),
+    (OSError("postgresql+psycopg2://user:secret@db/mlflow refused"), "model_load_failed"),
+])
+def test_a_failed_load_answers_a_stable_code_and_logs_the_exception(
+    core: ServiceCore, client: TestClient, caplog: pytest.LogCaptureFixture, error: Exception, code: str
+) -> None:
+    def failing(ref: ModelRef) -> Scorer:
+        raise error
+
+    core._loader = failing
+    with caplog.at_level(logging.ERROR, logger="mlops_assets.lib.serving.service"):
+        asyncio.run(core.reconfigure(ModelRef(version="7")))
+    health = client.get("/healthz")
+    assert health.status_code == 503 and health.json()["error"]["code"] == code
+    message = health.json()["error"]["message"]
+    assert "\n" not in message and "version 7" in message
+    for response in (health, client.get("/model")):
+        text = response.text
+        assert str(error) not in text and "/srv/" not in text and "secret" not in text and "Traceback" not in text
+    logged = [r for r in caplog.records if r.exc_info]
+    assert logged and logged[-1].exc_info[1] is error  # the operator still gets the whole exception
+
+
 def test_reconfigure_switches_and_a_failed_load_keeps_the_current_model(core, client, spec) -> None:
     asyncio.run(core.reconfigure(ModelRef(version="1")))
     assert client.get("/healthz").json() == {"status": "ok", "model_version": "1"}
     asyncio.run(core.reconfigure(ModelRef(version="9")))
     body = client.get("/model").json()
-    assert body["version"] == "1" and "no version 9" in body["last_load_error"]
+    assert body["version"] == "1"
+    assert body["last_load_error"] == {"code": "model_version_not_found",
+                                       "message": "phishing-classifier version 9 is not in the registry"}
+    assert "no version 9" not in json.dumps(body)  # the exception's own text stays in the replica log
     core.check_health()  # still healthy: it serves version 1
     asyncio.run(core.reconfigure(ModelRef(version="2")))
     response = client.post("/predict", json={"records": _records(spec, 2)}, headers=AUTH)

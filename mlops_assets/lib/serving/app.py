@@ -37,7 +37,7 @@ from mlops_assets.lib.serving.metrics import RayServeMetrics, ServingMetrics
 from mlops_assets.lib.serving.prediction_log import PredictionLogWriter
 from mlops_assets.lib.serving.request import RequestError
 from mlops_assets.lib.serving.scoring import ScoredRecords, Scorer, scorer_from_loaded
-from mlops_assets.lib.serving.service import ServiceCore, score_off_loop_if_large
+from mlops_assets.lib.serving.service import NO_MODEL_CONFIGURED, ServiceCore, score_off_loop_if_large
 from mlops_assets.lib.settings import Settings, join_url, load_settings
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ async def predict(request: Request) -> JSONResponse:
 @api.get("/healthz", summary="200 when a model is loaded, else 503")
 async def healthz() -> JSONResponse:
     if _core is None:
-        return JSONResponse(status_code=503, content={"status": "unavailable", "error": "starting"})
+        return JSONResponse(status_code=503, content={"status": "unavailable", "error": NO_MODEL_CONFIGURED.body()})
     ok, body = _core.health()
     return JSONResponse(status_code=200 if ok else 503, content=body)
 

@@ -73,6 +73,37 @@ async def read_limited(chunks: AsyncIterator[bytes], declared_length: str | None
     return bytes(body)
 
 
+@dataclass(frozen=True)
+class LoadError:
+    """Why the replica could not load a version: a stable code and one line for people.
+
+    The exception itself (with its traceback) goes to the replica log only: its text can hold
+    paths, URIs or store internals that an HTTP answer must not show.
+    """
+
+    code: str  # no_model_configured | model_version_not_found | artifact_integrity_failed | model_load_failed
+    message: str
+
+    def body(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+NO_MODEL_CONFIGURED = LoadError("no_model_configured", "no model version configured yet; the replica is starting")
+
+
+def classify_load_failure(ref: ModelRef, exc: BaseException) -> LoadError:
+    """A stable code for a failed load, judged by the exception's type, never by its text."""
+    from mlops_assets.lib.model_store import ModelIntegrityError
+
+    what = ref.describe()
+    if isinstance(exc, ModelIntegrityError):
+        return LoadError("artifact_integrity_failed",
+                         f"{what}: the model artifact failed its integrity check; not loaded")
+    if isinstance(exc, LookupError) or getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+        return LoadError("model_version_not_found", f"{what} is not in the registry")
+    return LoadError("model_load_failed", f"loading {what} failed; the replica log has the details")
+
+
 @dataclass
 class PredictResult:
     request_id: str
@@ -108,7 +139,7 @@ class ServiceCore:
         self._reconfigure_lock = asyncio.Lock()
         self.scorer: Scorer | None = None
         self.requested: ModelRef | None = None
-        self.load_error: str | None = None
+        self.load_error: LoadError | None = None
         self.score_fn: ScoreFn = self._score_direct
 
     # --- model ---------------------------------------------------------------------------
@@ -129,9 +160,10 @@ class ServiceCore:
             try:
                 scorer = await asyncio.to_thread(self._loader, ref)
             except Exception as exc:
-                self.load_error = f"loading {ref.describe()} failed: {type(exc).__name__}: {exc}"
-                kept = f"; still serving version {self.scorer.version}" if self.scorer else "; no model loaded"
-                logger.error("%s%s", self.load_error, kept)
+                self.load_error = classify_load_failure(ref, exc)
+                kept = f"still serving version {self.scorer.version}" if self.scorer else "no model loaded"
+                # The whole exception, traceback included, for operators; clients get the code.
+                logger.exception("%s [%s]; %s", self.load_error.message, self.load_error.code, kept)
                 return
             previous = self.scorer.version if self.scorer else None
             self.scorer = scorer
@@ -139,27 +171,31 @@ class ServiceCore:
             self.metrics.model_loaded(scorer.version)
             logger.info("now serving %s version %s (was %s)", ref.model_name, scorer.version, previous)
 
+    def _why_no_model(self) -> LoadError:
+        return self.load_error or NO_MODEL_CONFIGURED
+
     def health(self) -> tuple[bool, dict[str, Any]]:
         if self.scorer is None:
-            return False, {"status": "unavailable", "error": self.load_error or "no model loaded yet"}
+            return False, {"status": "unavailable", "error": self._why_no_model().body()}
         body: dict[str, Any] = {"status": "ok", "model_version": self.scorer.version}
         if self.load_error:
-            body["last_load_error"] = self.load_error
+            body["last_load_error"] = self.load_error.body()
         return True, body
 
     def check_health(self) -> None:
         """Ray's replica health check: raise when there is nothing to serve."""
-        ok, body = self.health()
-        if not ok:
-            raise RuntimeError(str(body["error"]))
+        if self.scorer is None:
+            why = self._why_no_model()
+            raise RuntimeError(f"no model loaded [{why.code}]: {why.message}")
 
     def model_info(self) -> dict[str, Any]:
         if self.scorer is None:
-            raise RequestError(503, f"no model loaded: {self.load_error or 'still starting'}")
+            why = self._why_no_model()
+            raise RequestError(503, f"no model loaded [{why.code}]: {why.message}")
         return {
             **self.scorer.info,
             "requested": self.requested.describe() if self.requested else None,
-            "last_load_error": self.load_error,
+            "last_load_error": self.load_error.body() if self.load_error else None,
             "label_values": {str(k): v for k, v in self.spec.label_values.items()},
             "positive_class": self.spec.positive_class,
             "max_records": self.options.max_records,
@@ -180,7 +216,8 @@ class ServiceCore:
     def require_scorer(self) -> Scorer:
         scorer = self.scorer
         if scorer is None:
-            raise RequestError(503, f"no model loaded: {self.load_error or 'still starting'}")
+            why = self._why_no_model()
+            raise RequestError(503, f"no model loaded [{why.code}]: {why.message}")
         return scorer
 
     async def predict(
