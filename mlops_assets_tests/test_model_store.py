@@ -1,6 +1,7 @@
 """The registry helpers against a real MLflow SQLite store in a temporary folder."""
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import mlflow
@@ -53,6 +54,35 @@ def _log(store, frame, spec, seed: int = 1):
 def _register(store, frame, spec, name, seed: int = 1):
     model, run_id, uri = _log(store, frame, spec, seed)
     return model, ms.register_version(store[0], name, run_id=run_id, model_uri=uri, tags={"data_version": "d"})
+
+
+def _log_runs(store, frame, spec, n: int) -> list[tuple[str, str]]:
+    """One trained model logged in `n` runs: n registrable candidates for the price of one training."""
+    client, uri, experiment = store
+    model = tr.train_model(frame, spec.feature_names, tr.TrainingParams(iterations=20, thread_count=2)).model
+    logged = []
+    for _ in range(n):
+        with tracking.use_tracking_uri(uri), mlflow.start_run(experiment_id=experiment) as run:
+            info = ms.log_catboost_model(model, input_example=frame[spec.feature_names].head(3))
+        logged.append((run.info.run_id, info.model_uri))
+    return logged
+
+
+def assert_one_promotion_chain(client: MlflowClient, name: str, promoted: Sequence[str]) -> list[str]:
+    """Every promotion once, each replacing the one before it; the aliases name the last two.
+
+    Returns the versions in the order they became champion.
+    """
+    events = ms.history(client, name)
+    promotes = [e for e in events if e.action == "promote"]
+    chain = [e.version for e in promotes]
+    assert sorted(chain, key=int) == sorted(map(str, promoted), key=int), "every promotion exactly once"
+    assert [e.details.get("replaced") for e in promotes] == [None, *chain[:-1]], "each replaced the one before"
+    demotes = sorted((e.version, e.details.get("replaced_by")) for e in events if e.action == "demote")
+    assert demotes == sorted(zip(chain[:-1], chain[1:], strict=True))
+    assert ms.alias_version(client, name, c.ALIAS_CHAMPION) == chain[-1]
+    assert ms.alias_version(client, name, c.ALIAS_PREVIOUS_CHAMPION) == (chain[-2] if len(chain) > 1 else None)
+    return chain
 
 
 def test_register_is_idempotent_per_run_and_sets_challenger(store, frame, spec, name):
@@ -141,3 +171,67 @@ def test_resolve_version_by_alias_or_number(store, frame, spec, name):
         ms.resolve_version(client, name)  # champion by default; none yet
     with pytest.raises(ValueError, match="not both"):
         ms.resolve_version(client, name, alias="x", version="1")
+
+
+def test_eight_concurrent_promotions_leave_one_chain_and_the_last_one_champion(store, frame, spec, name):
+    client, uri, _ = store
+    assert ms.lock_kind(uri) == "sqlite-file"
+    logged = _log_runs(store, frame, spec, 8)
+    versions = [str(ms.register_version(client, name, run_id=r, model_uri=u, tags={}).version) for r, u in logged]
+    barrier = threading.Barrier(len(versions))
+    errors: list[BaseException] = []
+
+    def promote(version: str) -> None:
+        try:
+            own = MlflowClient(uri)  # one client per writer, as separate processes would have
+            barrier.wait(timeout=60)
+            ms.promote_to_champion(own, name, version)
+        except BaseException as exc:  # asserted in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=promote, args=(v,)) for v in versions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    chain = assert_one_promotion_chain(client, name, versions)
+    assert (db := Path(uri.removeprefix("sqlite:///"))).with_name(f"{db.name}.promotion.lock").exists()
+
+    # A rollback that expects a champion someone has since replaced changes nothing.
+    with pytest.raises(ms.ConcurrentPromotionError, match=f"champion is version {chain[-1]}"):
+        ms.rollback_champion(client, name, expected_champion=chain[-2])
+    assert ms.alias_version(client, name, c.ALIAS_CHAMPION) == chain[-1]
+    assert ms.rollback_champion(client, name, expected_champion=chain[-1]) == (chain[-2], chain[-1])
+
+
+def test_a_version_the_gate_rejected_is_never_promoted_and_is_found_with_its_reasons(store, frame, spec, name):
+    client = store[0]
+    (good_run, good_uri), (bad_run, bad_uri) = _log_runs(store, frame, spec, 2)
+    good = ms.register_version(client, name, run_id=good_run, model_uri=good_uri,
+                               tags=ms.gate_tags(True, [], None))
+    ms.promote_to_champion(client, name, good.version)
+    failures = ["FAIL: roc_auc 0.5000 >= 0.9000", "FAIL: f1 0.1000 >= 0.8000"]
+    bad = ms.register_version(client, name, run_id=bad_run, model_uri=bad_uri,
+                              tags=ms.gate_tags(False, failures, good.version))
+    assert ms.record_rejection(client, name, bad.version, failures, good.version)
+    assert not ms.record_rejection(client, name, bad.version, failures, good.version)  # once
+    assert ms.alias_version(client, name, c.ALIAS_CHALLENGER) == str(bad.version)
+
+    with pytest.raises(ms.GateRejectedError, match="rejected by the promotion gate.*roc_auc"):
+        ms.promote_to_champion(client, name, bad.version)
+    assert ms.alias_version(client, name, c.ALIAS_CHAMPION) == str(good.version)
+
+    # After the fact: the registry search finds it, with the verdict and the reasons.
+    [found] = client.search_model_versions(f"name = '{name}' and tags.gate_passed = 'false'")
+    assert found.version == bad.version and found.tags[ms.TAG_GATE_VERDICT] == "reject"
+    assert found.tags[ms.TAG_GATE_FAILURES] == "; ".join(failures)
+    assert found.tags[ms.TAG_GATE_COMPARED_TO] == str(good.version)
+    assert [v.version for v in ms.rejected_versions(client, name)] == [bad.version]
+    [reject] = [e for e in ms.history(client, name) if e.action == "reject"]
+    assert reject.version == str(bad.version) and reject.details["failures"] == failures
+
+    # An explicit override is possible, and the history says so.
+    assert ms.promote_to_champion(client, name, bad.version, allow_rejected=True) == str(good.version)
+    assert [e.details.get("override") for e in ms.history(client, name) if e.action == "promote"] == [
+        None, "gate rejected"]
