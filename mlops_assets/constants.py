@@ -80,9 +80,15 @@ MIN_LABELLED = 200  # fewer labelled predictions: live metrics are reported, nev
 WATCH_WINDOW = "30min"
 WATCH_MAX_ERROR_RATE = 0.05
 WATCH_MAX_LATENCY_P95_S = 0.5
-WATCH_MAX_POSITIVE_SHARE_DELTA = 0.15  # absolute change of the share predicted positive
-WATCH_MAX_PROBABILITY_KS = 0.2
-WATCH_MIN_REQUESTS = 50
+# The new version is compared with the one it replaced on the SAME logged inputs (the replaced
+# version is scored offline on them), so a change of the inputs is never blamed on a version.
+WATCH_MAX_FLIP_SHARE = 0.15  # share of rows whose predicted label differs between the two versions
+WATCH_MAX_MEAN_ABS_DELTA = 0.15  # mean |probability(new) - probability(old)| on the same rows
+WATCH_MAX_POSITIVE_SHARE_DELTA = 0.15  # absolute change of the share predicted positive, same rows
+WATCH_MAX_PROBABILITY_KS = 0.2  # KS between the two versions' probabilities on the same rows
+WATCH_MIN_REQUESTS = 50  # before error rate and latency are judged
+WATCH_MIN_COMPARED_ROWS = 100  # before the two versions' answers are judged; fewer: keep watching
+WATCH_MAX_COMPARED_ROWS = 5000  # newest rows the replaced version scores per tick (bounds the cost)
 # Retraining requests.
 RETRAIN_COOLDOWN_S = 6 * 3600
 RETRAIN_KEYS_KEPT = 200  # event keys remembered in a sensor cursor (bounded)

@@ -191,47 +191,130 @@ def test_a_failing_webhook_never_breaks_the_sensor_and_is_bounded(webhook: Webho
     assert elapsed < 2.0, f"alert took {elapsed:.1f}s with a 0.5s timeout"
 
 
-def _deployment_log(root: Path, at: datetime, *, flip_after: bool, requests: int = 30) -> None:
-    """Version 1 answered before `at`; version 2 after, with flipped answers when `flip_after`."""
+DRIFT = {"SSLfinal_State": 0.6, "URL_of_Anchor": 0.6, "having_Sub_Domain": 0.6, "web_traffic": 0.6,
+         "Prefix_Suffix": 0.6}
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory, spec) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real MLflow store holding one small CatBoost model as three versions: 1 and 2 equal, 3 with
+    a decision threshold of 0 (it calls everything phishing)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mlops_assets.lib import model_store, tracking
+    from mlops_assets.lib import training as tr
+    from mlops_assets.lib.simulator import SimulationConfig, simulate_records
+
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = tracking.ensure_experiment(client, "watch", (root / "artifacts").as_uri())
+    raw = simulate_records(spec, SimulationConfig(n_rows=800, seed=5))
+    frame = raw[spec.feature_names].assign(target=(raw[spec.label] == spec.positive_class).astype(int))
+    model = tr.train_model(frame, spec.feature_names, tr.TrainingParams(iterations=30, thread_count=1)).model
+    versions = {}
+    for name, tags in (("equal", {}), ("equal-again", {}), ("flips", {"decision_threshold": "0.0"})):
+        with tracking.use_tracking_uri(uri), mlflow.start_run(experiment_id=experiment) as run:
+            info = model_store.log_catboost_model(model, input_example=frame[spec.feature_names].head(3))
+        versions[name] = str(model_store.register_version(client, "watched", run_id=run.info.run_id,
+                                                          model_uri=info.model_uri, tags=tags).version)
+    yield uri, versions
+
+
+def _served_rows(spec, scorer, version: str, at: datetime, *, drift: dict, n: int, seed: int) -> list[dict]:
+    """What `version` answered on n simulated records (drifted or not), four records a request."""
+    from mlops_assets.lib.simulator import SimulationConfig, simulate_records
+
+    records = simulate_records(spec, SimulationConfig(n_rows=n, seed=seed, drift=drift))[spec.feature_names]
+    scored = scorer.score(records)
     rows = []
-    for i in range(requests):
-        label = -1 if i % 3 == 0 else 1  # a third predicted phishing
-        rows += prediction_rows(request_id=f"before-{i}", model_version="1", records=[{"URL_Length": 1}],
-                                labels=[label], probabilities=[0.8 if label == -1 else 0.2],
-                                logged_at=at - timedelta(minutes=5) + timedelta(seconds=i))
-        after = -label if flip_after else label
-        rows += prediction_rows(request_id=f"after-{i}", model_version="2", records=[{"URL_Length": 1}],
-                                labels=[after], probabilities=[0.8 if after == -1 else 0.2],
-                                logged_at=at + timedelta(seconds=5 + i))
-    write_part(rows, str(root / "predictions"), "part-1.parquet")
+    for start in range(0, n, 4):
+        part = records.iloc[start:start + 4]
+        rows += prediction_rows(request_id=f"v{version}-{seed}-{start}", model_version=version,
+                                records=part.astype(int).to_dict("records"),
+                                labels=scored.labels[start:start + 4], probabilities=scored.probabilities[start:start + 4],
+                                logged_at=at + timedelta(seconds=start / 100))
+    return rows
 
 
-@pytest.mark.parametrize("bad", [True, False], ids=["predictions-flip", "healthy"])
-def test_the_watch_rolls_back_a_deployment_whose_predictions_move(tmp_path: Path, webhook: Webhook, bad: bool) -> None:
+@pytest.mark.parametrize(("new", "after_rows", "verdict"), [
+    ("equal-again", 240, "watching"),  # the same model on drifted traffic: no regression
+    ("flips", 240, "rollback"),  # answers flip on the same rows: a regression
+    ("flips", 60, "watching"),  # too few rows compared to judge yet
+], ids=["equal-model-drifted-inputs", "predictions-flip", "below-minimum-rows"])
+def test_the_watch_compares_versions_on_the_same_inputs(
+    tmp_path: Path, webhook: Webhook, spec, registry: tuple[str, dict[str, str]], new: str, after_rows: int,
+    verdict: str,
+) -> None:
+    from mlops_assets.defs.mlflow_resource import MlflowResource
+    from mlops_assets.lib import model_store
+    from mlops_assets.lib.serving.scoring import scorer_from_loaded
+
+    uri, versions = registry
+    old, live = versions["equal"], versions[new]
     resources = {
         "platform": PlatformResource(data_url=str(tmp_path)),
+        "mlflow": MlflowResource(tracking_uri=uri, model_name="watched"),
         "monitoring": MonitoringResource(prediction_log_url=str(tmp_path / "predictions"), metrics_url=_closed_url(),
-                                         alert_webhook_url=webhook.url, watch_min_requests=20),
+                                         alert_webhook_url=webhook.url, watch_min_requests=10,
+                                         watch_min_compared_rows=100),
     }
+    score = {v: scorer_from_loaded(model_store.load_verified_model(uri, "watched", version=v), spec)
+             for v in (old, live)}
     with dg.instance_for_test() as instance:
-        _report(instance, "model_deployment", live_version="2", replaced_version="1")
+        _report(instance, "model_deployment", live_version=live, replaced_version=old)
         at = datetime.fromtimestamp(
             instance.get_latest_materialization_event(dg.AssetKey("model_deployment")).timestamp, UTC)
-        _deployment_log(tmp_path, at, flip_after=bad)
+        # The old version saw normal traffic before; the new one drifted traffic after.
+        rows = _served_rows(spec, score[old], old, at - timedelta(minutes=5), drift={}, n=240, seed=1)
+        rows += _served_rows(spec, score[live], live, at + timedelta(seconds=1), drift=DRIFT, n=after_rows, seed=2)
+        write_part(rows, str(tmp_path / "predictions"), "part-1.parquet")
         first, cursor = _tick(post_deploy_watch, instance, None, **resources)
         second, cursor = _tick(post_deploy_watch, instance, cursor, **resources)
     state = json.loads(cursor)
-    if bad:
+    seen = state["seen"]
+    assert state["verdict"] == verdict and seen["compared_rows"] == after_rows and seen["compared_with"] == old
+    if verdict == "rollback":
         [request] = _requests(first)
-        assert request.job_name in (None, "rollback") and request.tags["mlops_assets/rollback_from"] == "2"
-        assert state["verdict"] == "rollback" and state["seen"]["positive_share_delta"] == pytest.approx(1 / 3)
+        assert request.job_name in (None, "rollback") and request.tags["mlops_assets/rollback_from"] == live
+        assert seen["flip_share"] > 0.3 and seen["positive_share_delta"] == pytest.approx(seen["flip_share"])
         assert _requests(second) == []  # decided once per deployment
         [alert] = webhook.received
-        assert alert["kind"] == "rollback" and "share predicted positive moved" in alert["summary"]
+        assert alert["kind"] == "rollback" and "of answers differ from the previous version" in alert["summary"]
     else:
-        assert _requests(first) == [] and _requests(second) == []
-        assert state["verdict"] == "watching" and webhook.received == []
-        assert state["seen"]["positive_share_delta"] == 0.0 and state["seen"]["answered_requests"] == 30
+        assert _requests(first) == [] and _requests(second) == [] and webhook.received == []
+    if new == "equal-again":
+        assert (seen["flip_share"], seen["mean_abs_delta"], seen["probability_ks"]) == (0.0, 0.0, 0.0)
+        # Against the old version's answers on EARLIER inputs the drift looks like a regression.
+        from scipy import stats
+
+        frame = pd.DataFrame(rows)
+        earlier_ks = stats.ks_2samp(frame[frame["model_version"] == old]["probability"],
+                                    frame[frame["model_version"] == live]["probability"]).statistic
+        assert earlier_ks > 0.2, earlier_ks
+    if after_rows < 100:
+        assert f"{after_rows} of 100 rows compared" in _skip(second)
+
+
+def test_the_watch_keeps_watching_when_the_replaced_version_cannot_be_loaded(
+    tmp_path: Path, webhook: Webhook, registry: tuple[str, dict[str, str]],
+) -> None:
+    from mlops_assets.defs.mlflow_resource import MlflowResource
+
+    uri, versions = registry
+    resources = {
+        "platform": PlatformResource(data_url=str(tmp_path)),
+        "mlflow": MlflowResource(tracking_uri=uri, model_name="watched"),
+        "monitoring": MonitoringResource(prediction_log_url=str(tmp_path / "predictions"), metrics_url=_closed_url(),
+                                         alert_webhook_url=webhook.url),
+    }
+    with dg.instance_for_test() as instance:
+        _report(instance, "model_deployment", live_version=versions["flips"], replaced_version="99")  # unknown
+        result, cursor = _tick(post_deploy_watch, instance, None, **resources)
+    state = json.loads(cursor)
+    assert _requests(result) == [] and state["verdict"] == "watching" and webhook.received == []
+    assert "version 99 not loaded" in state["seen"]["load_error"] and state["seen"]["compared_with"] is None
 
 
 def test_serving_counters_parse_ray_names_and_survive_a_restart() -> None:

@@ -219,7 +219,8 @@ def test_degradation_rule() -> None:
 
 
 LIMITS = m.WatchLimits(window="30min", max_error_rate=0.05, max_latency_p95_s=0.5,
-                       max_positive_share_delta=0.15, max_probability_ks=0.2, min_requests=50)
+                       max_positive_share_delta=0.15, max_probability_ks=0.2, min_requests=50,
+                       max_flip_share=0.15, max_mean_abs_delta=0.15, min_compared_rows=100)
 
 
 def _watch(obs: m.WatchObservation, minutes: float) -> m.WatchDecision:
@@ -228,17 +229,20 @@ def _watch(obs: m.WatchObservation, minutes: float) -> m.WatchDecision:
 
 def test_watch_keeps_a_healthy_deployment() -> None:
     healthy = m.WatchObservation(requests=400, errors=2, latency_p95_s=0.08, positive_share_delta=0.03,
-                                 probability_ks=0.05)
+                                 probability_ks=0.05, compared_rows=400, flip_share=0.01, mean_abs_delta=0.01)
     assert _watch(healthy, 10).verdict == "watching"
     assert _watch(healthy, 31).verdict == "passed"
-    assert not _watch(healthy, 31).rollback
+    assert _watch(healthy, 31).reasons == ("within limits for the whole window",)
 
 
 @pytest.mark.parametrize(("obs", "why"), [
     (m.WatchObservation(requests=400, errors=40), "error rate 0.100"),
     (m.WatchObservation(requests=400, errors=0, latency_p95_s=1.2), "latency p95"),
-    (m.WatchObservation(requests=400, errors=0, positive_share_delta=-0.3), "share predicted positive"),
-    (m.WatchObservation(requests=400, errors=0, probability_ks=0.35), "KS 0.350"),
+    (m.WatchObservation(requests=400, errors=0, compared_rows=400, flip_share=0.3), "0.300 of answers differ"),
+    (m.WatchObservation(requests=400, errors=0, compared_rows=400, mean_abs_delta=0.4), "differ by 0.400"),
+    (m.WatchObservation(requests=400, errors=0, compared_rows=400, positive_share_delta=-0.3),
+     "share predicted positive"),
+    (m.WatchObservation(requests=400, errors=0, compared_rows=400, probability_ks=0.35), "KS 0.350"),
     (m.WatchObservation(requests=10, errors=3), "3 errors in 10 requests"),  # 3 > 5% of 50 already
 ])
 def test_watch_rolls_back_beyond_limits(obs: m.WatchObservation, why: str) -> None:
@@ -247,20 +251,86 @@ def test_watch_rolls_back_beyond_limits(obs: m.WatchObservation, why: str) -> No
 
 
 def test_watch_does_not_judge_a_handful_of_requests() -> None:
-    # One slow first request and a big shift on 10 requests are noise, not a reason to roll back.
-    few = m.WatchObservation(requests=10, errors=1, latency_p95_s=3.0, positive_share_delta=0.5)
+    # One slow first request and big disagreement on 10 rows are noise, not a reason to roll back.
+    few = m.WatchObservation(requests=10, errors=1, latency_p95_s=3.0, positive_share_delta=0.5,
+                             compared_rows=10, flip_share=0.5)
     assert _watch(few, 5).verdict == "watching"
-    assert _watch(few, 45).verdict == "passed" and "only 10 requests" in _watch(few, 45).reasons[0]
+    assert _watch(few, 45).verdict == "passed" and "only 10 of 50 requests" in _watch(few, 45).reasons[0]
+
+
+# Two toy versions of one model: the probability of phishing rises with x; "flipped" has a
+# decision threshold of 0 (it calls everything phishing), the failure the watch exists for.
+def _toy(frame: pd.DataFrame, threshold: float = 0.5) -> tuple[list[int], list[float]]:
+    p = 1.0 / (1.0 + np.exp(-(frame["x"].to_numpy(dtype=float) - 2.0)))
+    return np.where(p >= threshold, PHISHING, LEGIT).tolist(), p.tolist()
+
+
+def _served(x: np.ndarray, threshold: float = 0.5) -> pd.DataFrame:
+    """What a version answered on inputs x, as the prediction log holds it."""
+    frame = pd.DataFrame({"x": x})
+    labels, probabilities = _toy(frame, threshold)
+    return frame.assign(**{m.PREDICTED_LABEL: labels, m.PROBABILITY: probabilities})
+
+
+def test_the_same_model_on_drifted_inputs_is_no_regression() -> None:
+    rng = np.random.default_rng(0)
+    earlier = _served(rng.normal(0.0, 1.0, 300))
+    drifted = _served(rng.normal(3.0, 1.0, 300))  # the traffic moved, the model did not
+    # Against earlier inputs the answers moved a lot (what the old watch rolled back for) ...
+    ks_vs_earlier = m.prediction_shift(drifted[m.PREDICTED_LABEL], drifted[m.PROBABILITY],
+                                       earlier[m.PREDICTED_LABEL], earlier[m.PROBABILITY], PHISHING).probability_ks
+    assert ks_vs_earlier is not None and ks_vs_earlier > 0.5
+    # ... on the same rows the previous version answers exactly the same.
+    same = m.compare_on_same_rows(drifted, ["x"], _toy, PHISHING)
+    assert (same.rows, same.flip_share, same.mean_abs_delta, same.probability_ks) == (300, 0.0, 0.0, 0.0)
+    obs = m.WatchObservation(requests=300, errors=0, compared_rows=same.rows, flip_share=same.flip_share,
+                             mean_abs_delta=same.mean_abs_delta, probability_ks=same.probability_ks,
+                             positive_share_delta=same.positive_share_delta)
+    assert _watch(obs, 5).verdict == "watching" and _watch(obs, 31).verdict == "passed"
+
+
+def test_a_version_that_flips_answers_on_the_same_rows_is_a_regression() -> None:
+    rows = _served(np.random.default_rng(1).normal(0.0, 1.0, 200), threshold=0.0)
+    same = m.compare_on_same_rows(rows, ["x"], _toy, PHISHING)
+    expected_flips = float((np.asarray(_toy(rows)[0]) == LEGIT).mean())  # every legit answer flipped
+    assert same.rows == 200 and same.flip_share == pytest.approx(expected_flips) and expected_flips > 0.8
+    assert same.mean_abs_delta == 0.0  # same probabilities: only the labels differ
+    obs = m.WatchObservation(requests=200, errors=0, compared_rows=same.rows, flip_share=same.flip_share,
+                             positive_share_delta=same.positive_share_delta)
+    decision = _watch(obs, 5)
+    assert decision.rollback and any("of answers differ" in r for r in decision.reasons), decision.reasons
+
+
+def test_below_the_minimum_of_compared_rows_the_watch_keeps_watching() -> None:
+    rows = _served(np.random.default_rng(2).normal(0.0, 1.0, 60), threshold=0.0)
+    same = m.compare_on_same_rows(rows, ["x"], _toy, PHISHING)
+    obs = m.WatchObservation(requests=60, errors=0, compared_rows=same.rows, flip_share=same.flip_share)
+    assert same.rows == 60 and same.flip_share is not None and same.flip_share > 0.8
+    assert _watch(obs, 5).verdict == "watching" and "60 of 100 rows compared" in _watch(obs, 5).reasons[0]
+    assert _watch(obs, 31).verdict == "passed" and "60 of 100 rows compared" in _watch(obs, 31).reasons[0]
+
+
+def test_rows_without_features_or_answers_are_not_compared() -> None:
+    rows = _served(np.arange(5.0))
+    rows.loc[0, "x"] = np.nan
+    rows.loc[1, m.PROBABILITY] = np.nan
+    assert m.compare_on_same_rows(rows, ["x"], _toy, PHISHING).rows == 3
+    assert m.compare_on_same_rows(rows.drop(columns="x"), ["x"], _toy, PHISHING) == m.VersionComparison(0)
+    assert m.compare_on_same_rows(rows.tail(0), ["x"], _toy, PHISHING).rows == 0
+    assert m.compare_on_same_rows(_served(np.arange(50.0)), ["x"], _toy, PHISHING, max_rows=20).rows == 20
 
 
 def test_prediction_shift_by_hand() -> None:
-    before = pd.DataFrame({m.PREDICTED_LABEL: [PHISHING, LEGIT, LEGIT, LEGIT], m.PROBABILITY: [0.9, 0.1, 0.2, 0.3]})
-    after = pd.DataFrame({m.PREDICTED_LABEL: [PHISHING, PHISHING, PHISHING, LEGIT],
-                          m.PROBABILITY: [0.7, 0.8, 0.9, 0.4]})
-    delta, ks = m.prediction_shift(before, after, positive_class=PHISHING)
-    assert delta == pytest.approx(0.5)  # 1/4 -> 3/4 predicted phishing
-    assert ks == pytest.approx(0.75)  # CDF gap at 0.3: 3/4 before, 0 after
-    assert m.prediction_shift(before.iloc[:0], after, PHISHING) == (None, None)
+    new = ([PHISHING, PHISHING, PHISHING, LEGIT], [0.7, 0.8, 0.9, 0.4])
+    old = ([PHISHING, LEGIT, LEGIT, LEGIT], [0.9, 0.1, 0.2, 0.3])
+    shift = m.prediction_shift(*new, *old, positive_class=PHISHING)
+    assert shift.rows == 4 and shift.flip_share == pytest.approx(0.5)  # rows 2 and 3 changed label
+    assert shift.positive_share_delta == pytest.approx(0.5)  # 1/4 -> 3/4 predicted phishing
+    assert shift.mean_abs_delta == pytest.approx((0.2 + 0.7 + 0.7 + 0.1) / 4)
+    assert shift.probability_ks == pytest.approx(0.75)  # CDF gap at 0.3: 3/4 old, 0 new
+    assert m.prediction_shift([], [], [], [], PHISHING) == m.VersionComparison(0)
+    with pytest.raises(m.MonitoringError):
+        m.prediction_shift([PHISHING], [0.5], [], [], PHISHING)
 
 
 # ---------------------------------------------------------------------------------------------

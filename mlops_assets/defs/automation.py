@@ -8,6 +8,8 @@ the same report is read on many ticks.
 """
 
 import json
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,10 +19,14 @@ import pandas as pd
 
 from mlops_assets import constants as c
 from mlops_assets.defs.deployment import rollback_job
+from mlops_assets.defs.mlflow_resource import MlflowResource
 from mlops_assets.defs.monitoring import MonitoringResource
 from mlops_assets.defs.resources import PlatformResource
+from mlops_assets.lib import model_store
 from mlops_assets.lib import monitoring as mon
 from mlops_assets.lib.alerts import send_alert
+from mlops_assets.lib.dataset_spec import DatasetSpec
+from mlops_assets.lib.serving.scoring import Scorer, scorer_from_loaded
 
 RETRAINING_JOB = "retraining"
 MONITORING_JOB = "monitoring"
@@ -122,33 +128,72 @@ def scrape_counters(url: str, timeout_s: float = 5.0) -> mon.ServingCounters | N
         return None
 
 
+# The replaced version, loaded once per deployment (registry download and sha256 check) and kept
+# in the process that evaluates the sensor, which lives across ticks: (registry, model, version).
+_REPLACED_MODELS: OrderedDict[tuple[str, str, str], Scorer] = OrderedDict()
+_REPLACED_KEPT = 2
+
+
+def replaced_scorer(tracking_uri: str, model_name: str, version: str, spec: DatasetSpec) -> Scorer:
+    key = (tracking_uri, model_name, str(version))
+    if key in _REPLACED_MODELS:
+        _REPLACED_MODELS.move_to_end(key)
+        return _REPLACED_MODELS[key]
+    scorer = scorer_from_loaded(model_store.load_verified_model(tracking_uri, model_name, version=str(version)), spec)
+    _REPLACED_MODELS[key] = scorer
+    while len(_REPLACED_MODELS) > _REPLACED_KEPT:
+        _REPLACED_MODELS.popitem(last=False)
+    return scorer
+
+
+def _scores(scorer: Scorer) -> Callable[[pd.DataFrame], tuple[Sequence[int], Sequence[float]]]:
+    def score(features: pd.DataFrame) -> tuple[Sequence[int], Sequence[float]]:
+        scored = scorer.score(features)
+        return scored.labels, scored.probabilities
+    return score
+
+
 def _watch_observation(
-    log: pd.DataFrame, live: str, replaced: str | None, deployed_at: pd.Timestamp, window: pd.Timedelta,
-    counters: mon.ServingCounters | None, baseline: mon.ServingCounters | None, positive_class: int,
+    log: pd.DataFrame, live: str, deployed_at: pd.Timestamp,
+    counters: mon.ServingCounters | None, baseline: mon.ServingCounters | None, *,
+    feature_names: Sequence[str], positive_class: int,
+    score_old: Callable[[pd.DataFrame], tuple[Sequence[int], Sequence[float]]] | None,
+    max_rows: int = c.WATCH_MAX_COMPARED_ROWS,
 ) -> tuple[mon.WatchObservation, dict[str, Any]]:
-    """Requests and the prediction shift from the log (exact, by version and time); 5xx and latency
-    from the metrics (the log holds answered requests only)."""
+    """Requests from the log; 5xx and latency from the metrics (the log holds answered requests
+    only); the prediction comparison from the replaced version scored on the new one's logged
+    inputs, so both sides saw exactly the same rows (input drift is the drift path's business)."""
     after = log[(log[mon.MODEL_VERSION] == live) & (log[mon.TIMESTAMP] >= deployed_at)] if not log.empty else log
-    before = log[(log[mon.MODEL_VERSION] == replaced) & (log[mon.TIMESTAMP] < deployed_at)
-                 & (log[mon.TIMESTAMP] >= deployed_at - window)] if replaced and not log.empty else log.iloc[:0]
     answered = int(after[mon.REQUEST_ID].nunique()) if not after.empty else 0
     errors, p95 = 0, None
     if counters is not None and baseline is not None:
         _, errors, p95 = mon.counters_since(counters, baseline)
-    share_delta, ks = mon.prediction_shift(before, after, positive_class) if replaced else (None, None)
+    same = mon.compare_on_same_rows(after, feature_names, score_old, positive_class, max_rows) \
+        if score_old is not None else mon.VersionComparison(0)
     obs = mon.WatchObservation(requests=answered + errors, errors=errors, latency_p95_s=p95,
-                               positive_share_delta=share_delta, probability_ks=ks)
-    seen = {"answered_requests": answered, "server_errors": errors, "latency_p95_s": p95,
-            "positive_share_delta": share_delta, "probability_ks": ks, "rows_before": len(before),
+                               positive_share_delta=same.positive_share_delta, probability_ks=same.probability_ks,
+                               compared_rows=same.rows, flip_share=same.flip_share,
+                               mean_abs_delta=same.mean_abs_delta)
+    seen = {"answered_requests": answered, "server_errors": errors, "latency_p95_s": p95, **same.to_dict(),
             "rows_after": len(after), "metrics": counters is not None}
     return obs, seen
+
+
+def _deployed_by_rollback(instance: dg.DagsterInstance) -> bool:
+    """The latest model_deployment was recorded by the rollback job: the version it restored is
+    the known good one, and the version it replaced the one that failed."""
+    event = instance.get_latest_materialization_event(dg.AssetKey("model_deployment"))
+    run = instance.get_run_by_id(event.run_id) if event is not None and event.run_id else None
+    return run is not None and run.job_name == rollback_job.name
 
 
 @dg.sensor(job=rollback_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def post_deploy_watch(
     context: dg.SensorEvaluationContext, platform: PlatformResource, monitoring: MonitoringResource,
+    mlflow: MlflowResource,
 ) -> dg.SensorResult | dg.SkipReason:
-    """After each deployment, watch error rate, latency and predictions; roll back and alert if they move."""
+    """After each deployment, watch error rate, latency and the new version's answers against the
+    replaced version's on the same inputs; roll back and alert if they break a limit."""
     meta, at = latest_metadata(context.instance, "model_deployment")
     if not meta or at is None:
         return dg.SkipReason("no deployment yet")
@@ -162,7 +207,8 @@ def post_deploy_watch(
     if state.get("deployment") != deployment:
         # First tick of a new deployment: the counters' baseline (the replica outlives versions).
         baseline = scrape_counters(metrics_url)
-        state = {"deployment": deployment, "baseline": baseline.to_dict() if baseline else None, "verdict": "watching"}
+        state = {"deployment": deployment, "baseline": baseline.to_dict() if baseline else None, "verdict": "watching",
+                 "restored": _deployed_by_rollback(context.instance)}
     if state.get("verdict") in ("rollback", "passed"):
         return dg.SensorResult(skip_reason=dg.SkipReason(f"deployment {deployment}: {state['verdict']}"),
                                cursor=json.dumps(state))
@@ -170,20 +216,33 @@ def post_deploy_watch(
     log = mon.read_prediction_log(monitoring.log_url(platform.settings()))
     counters = scrape_counters(metrics_url) if state.get("baseline") else None
     baseline = mon.ServingCounters.from_dict(state["baseline"]) if state.get("baseline") else None
-    obs, seen = _watch_observation(log, live, replaced, deployed_at, pd.Timedelta(mon.to_timedelta(limits.window)),
-                                   counters, baseline, platform.spec().positive_class)
+    spec = platform.spec()
+    score_old, load_error = None, None
+    if replaced is not None and not state.get("restored"):
+        try:
+            score_old = _scores(replaced_scorer(mlflow.resolved_tracking_uri(), mlflow.resolved_model_name(),
+                                                replaced, spec))
+        except Exception as exc:  # not comparable this tick (registry down, bad hash): keep watching
+            load_error = f"version {replaced} not loaded for comparison: {type(exc).__name__}"
+            context.log.warning(load_error)
+    obs, seen = _watch_observation(log, live, deployed_at, counters, baseline, feature_names=spec.feature_names,
+                                   positive_class=spec.positive_class, score_old=score_old,
+                                   max_rows=monitoring.watch_max_compared_rows)
     decision = mon.watch_decision(obs, deployed_at, datetime.now(UTC), limits)
     state["verdict"] = decision.verdict
-    state["seen"] = {k: v for k, v in seen.items()}
+    state["seen"] = {**seen, "compared_with": replaced if score_old is not None else None,
+                     **({"load_error": load_error} if load_error else {})}
     if not decision.rollback:
         return dg.SensorResult(skip_reason=dg.SkipReason(f"v{live}: {decision.verdict}: {'; '.join(decision.reasons)}"),
                                cursor=json.dumps(state, default=str))
     summary = f"version {live} broke its post-deployment limits: {'; '.join(decision.reasons)}"
-    if replaced is None:
-        send_alert("watch_failed", summary + "; no previous version to roll back to",
+    if replaced is None or state.get("restored"):
+        # A restored version is the known good one: rolling it back would go further back blindly.
+        why = "it was restored by a rollback" if state.get("restored") else "no previous version to roll back to"
+        send_alert("watch_failed", f"{summary}; not rolling back: {why}",
                    {"version": live, **seen}, webhook_url=monitoring.resolved_webhook_url(),
                    timeout_s=monitoring.alert_timeout_s, log=context.log)
-        return dg.SensorResult(skip_reason=dg.SkipReason("limits broken, nothing to roll back to"),
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"limits broken, not rolling back: {why}"),
                                cursor=json.dumps(state, default=str))
     send_alert("rollback", summary + f"; rolling back to version {replaced}",
                {"version": live, "rollback_to": replaced, "reasons": list(decision.reasons), **seen},

@@ -63,6 +63,10 @@ class MonitoringResource(dg.ConfigurableResource):
     watch_max_positive_share_delta: float = c.WATCH_MAX_POSITIVE_SHARE_DELTA
     watch_max_probability_ks: float = c.WATCH_MAX_PROBABILITY_KS
     watch_min_requests: int = c.WATCH_MIN_REQUESTS
+    watch_max_flip_share: float = c.WATCH_MAX_FLIP_SHARE
+    watch_max_mean_abs_delta: float = c.WATCH_MAX_MEAN_ABS_DELTA
+    watch_min_compared_rows: int = c.WATCH_MIN_COMPARED_ROWS
+    watch_max_compared_rows: int = c.WATCH_MAX_COMPARED_ROWS
     retrain_cooldown_s: float = c.RETRAIN_COOLDOWN_S
 
     def log_url(self, settings: Settings) -> str:
@@ -89,7 +93,9 @@ class MonitoringResource(dg.ConfigurableResource):
             window=self.watch_window, max_error_rate=self.watch_max_error_rate,
             max_latency_p95_s=self.watch_max_latency_p95_s,
             max_positive_share_delta=self.watch_max_positive_share_delta,
-            max_probability_ks=self.watch_max_probability_ks, min_requests=self.watch_min_requests)
+            max_probability_ks=self.watch_max_probability_ks, min_requests=self.watch_min_requests,
+            max_flip_share=self.watch_max_flip_share, max_mean_abs_delta=self.watch_max_mean_abs_delta,
+            min_compared_rows=self.watch_min_compared_rows)
 
 
 def profiles_url(settings: Settings) -> str:
@@ -421,12 +427,17 @@ def drift_report(
     ray_serve: RayServeResource,
     production_profiles: dict,
 ):  # no return annotation: with checks, Dagster reads it as the outputs
-    """Per-feature and prediction drift of the newest window against the serving version's reference."""
+    """Per-feature and prediction drift of the newest window against the serving version's reference.
+
+    Every row served in the window counts, whichever version answered it: a rollback or a version
+    switch inside the window must not hide drift in the traffic (the inputs are the traffic's,
+    not a version's), and the minimum number of rows counts them all.
+    """
     spec = platform.spec()
     settings = platform.settings()
     thresholds = config.thresholds()
     model = serving_model(mlflow, ray_serve)
-    windows = [w for w in production_profiles.get("windows", []) if model.version in (w.get("versions") or {})]
+    windows = [w for w in production_profiles.get("windows", []) if w.get("versions")]
     window = windows[-1] if windows else None
     reference = load_reference(settings, mlflow, model)
 
@@ -436,7 +447,7 @@ def drift_report(
     elif reference is None:
         judged_why = f"no reference profile for version {model.version}: materialize reference_profile"
     elif window is None:
-        judged_why = f"no production data for version {model.version} yet"
+        judged_why = "no production data yet"
     if judged_why is not None:
         context.log.info(f"drift not judged: {judged_why}")
         return dg.MaterializeResult(
@@ -450,7 +461,8 @@ def drift_report(
 
     assert reference is not None and window is not None and model.version is not None
     ref_blob, ref_where = reference
-    current = drift.load_profile(window["versions"][model.version]["url"])
+    served = window["versions"]  # version -> {"rows", "url"}: the window's rows, per answering version
+    current = drift.merge_profiles(drift.load_profile(part["url"]) for part in served.values())
     features = drift.drift_scores(ref_blob, current, spec.feature_names, thresholds=thresholds)
     outputs = drift.prediction_drift(ref_blob, current, probability_column=mon.PROBABILITY,
                                      label_column=mon.PREDICTED_LABEL, thresholds=thresholds)
@@ -459,7 +471,8 @@ def drift_report(
     too_many = feature_summary["drift_share"] > config.max_drifted_feature_share
     detected = too_many or (prediction_drifted and config.fail_on_prediction_drift)
     event_key = mon.drift_event_key(model.version, _path_key(pd.Timestamp(window["start"]))) if detected else None
-    rows = window["versions"][model.version]["rows"]
+    rows = sum(int(part["rows"]) for part in served.values())
+    answered_by = ", ".join(f"v{v}: {part['rows']}" for v, part in sorted(served.items()))
     probability, label = outputs[mon.PROBABILITY], outputs[mon.PREDICTED_LABEL]
     reasons = []
     if too_many:
@@ -473,6 +486,7 @@ def drift_report(
     report = {
         "judged": True, "serving_version": model.version, "serving_source": model.source,
         "window": window["key"], "window_start": window["start"], "rows": rows, "reference": ref_where,
+        "rows_by_version": {v: int(part["rows"]) for v, part in served.items()},
         "drift_detected": detected, "event_key": event_key, "reasons": reasons,
         "thresholds": config.model_dump(), "features": {k: s.to_dict() for k, s in features.items()},
         "predictions": {k: s.to_dict() for k, s in outputs.items()},
@@ -514,6 +528,7 @@ def drift_report(
             "serving_source": model.source,
             "window": window["key"],
             "rows": rows,
+            "rows_by_version": answered_by,
             "drift_detected": detected,
             "event_key": event_key or "none",
             "n_drifted_features": feature_summary["n_drifted"],

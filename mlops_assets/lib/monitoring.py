@@ -53,6 +53,10 @@ WATCH_MAX_LATENCY_P95_S = c.WATCH_MAX_LATENCY_P95_S
 WATCH_MAX_POSITIVE_SHARE_DELTA = c.WATCH_MAX_POSITIVE_SHARE_DELTA
 WATCH_MAX_PROBABILITY_KS = c.WATCH_MAX_PROBABILITY_KS
 WATCH_MIN_REQUESTS = c.WATCH_MIN_REQUESTS
+WATCH_MAX_FLIP_SHARE = c.WATCH_MAX_FLIP_SHARE
+WATCH_MAX_MEAN_ABS_DELTA = c.WATCH_MAX_MEAN_ABS_DELTA
+WATCH_MIN_COMPARED_ROWS = c.WATCH_MIN_COMPARED_ROWS
+WATCH_MAX_COMPARED_ROWS = c.WATCH_MAX_COMPARED_ROWS
 RETRAIN_COOLDOWN_S = c.RETRAIN_COOLDOWN_S
 RETRAIN_KEYS_KEPT = c.RETRAIN_KEYS_KEPT
 
@@ -424,17 +428,27 @@ class WatchLimits:
     max_positive_share_delta: float = WATCH_MAX_POSITIVE_SHARE_DELTA
     max_probability_ks: float = WATCH_MAX_PROBABILITY_KS
     min_requests: int = WATCH_MIN_REQUESTS
+    max_flip_share: float = WATCH_MAX_FLIP_SHARE
+    max_mean_abs_delta: float = WATCH_MAX_MEAN_ABS_DELTA
+    min_compared_rows: int = WATCH_MIN_COMPARED_ROWS
 
 
 @dataclass(frozen=True)
 class WatchObservation:
-    """What was seen of the new version since it was deployed (from metrics and the log)."""
+    """What was seen of the new version since it was deployed (from metrics and the log).
+
+    The prediction fields compare the new version's logged answers with the replaced version's
+    answers on the same rows (see `compare_on_same_rows`); `compared_rows` stand behind them.
+    """
 
     requests: int
     errors: int
     latency_p95_s: float | None = None
-    positive_share_delta: float | None = None  # vs the previous version, see `prediction_shift`
+    positive_share_delta: float | None = None
     probability_ks: float | None = None
+    compared_rows: int = 0
+    flip_share: float | None = None
+    mean_abs_delta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -447,22 +461,72 @@ class WatchDecision:
         return self.verdict == "rollback"
 
 
-def prediction_shift(
-    before: pd.DataFrame, after: pd.DataFrame, positive_class: int, probability_column: str = PROBABILITY
-) -> tuple[float | None, float | None]:
-    """(change of the share predicted positive, KS statistic of the probabilities), after vs before.
+@dataclass(frozen=True)
+class VersionComparison:
+    """Two versions' answers on identical rows: how much they disagree (None when no rows)."""
 
-    Raw log rows are at hand for a watch window, so this is exact (no sketches); None when a
-    side is empty.
+    rows: int
+    flip_share: float | None = None  # share of rows with a different predicted label
+    mean_abs_delta: float | None = None  # mean |probability(new) - probability(old)|
+    probability_ks: float | None = None  # KS between the two probability lists
+    positive_share_delta: float | None = None  # share predicted positive, new - old
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"compared_rows": self.rows, "flip_share": self.flip_share, "mean_abs_delta": self.mean_abs_delta,
+                "probability_ks": self.probability_ks, "positive_share_delta": self.positive_share_delta}
+
+
+def prediction_shift(
+    new_labels: Sequence[int] | np.ndarray,
+    new_probabilities: Sequence[float] | np.ndarray,
+    old_labels: Sequence[int] | np.ndarray,
+    old_probabilities: Sequence[float] | np.ndarray,
+    positive_class: int,
+) -> VersionComparison:
+    """How two versions' answers differ on the SAME rows (position i of each list is one row).
+
+    Identical inputs on both sides: whatever moved is the model, never the traffic.
     """
-    if before.empty or after.empty:
-        return None, None
-    share_before = float((before[PREDICTED_LABEL] == positive_class).mean())
-    share_after = float((after[PREDICTED_LABEL] == positive_class).mean())
-    ks = None
-    if probability_column in before and probability_column in after:
-        ks = float(stats.ks_2samp(before[probability_column].dropna(), after[probability_column].dropna()).statistic)
-    return share_after - share_before, ks
+    new_l, old_l = np.asarray(new_labels), np.asarray(old_labels)
+    new_p, old_p = np.asarray(new_probabilities, dtype=float), np.asarray(old_probabilities, dtype=float)
+    if not (len(new_l) == len(old_l) == len(new_p) == len(old_p)):
+        raise MonitoringError(f"answers of different rows: {len(new_l)}, {len(old_l)}, {len(new_p)}, {len(old_p)}")
+    n = len(new_l)
+    if n == 0:
+        return VersionComparison(0)
+    both = ~(np.isnan(new_p) | np.isnan(old_p))
+    ks = float(stats.ks_2samp(new_p[both], old_p[both]).statistic) if both.any() else None
+    return VersionComparison(
+        rows=n,
+        flip_share=float((new_l != old_l).mean()),
+        mean_abs_delta=float(np.abs(new_p[both] - old_p[both]).mean()) if both.any() else None,
+        probability_ks=ks,
+        positive_share_delta=float((new_l == positive_class).mean() - (old_l == positive_class).mean()),
+    )
+
+
+def compare_on_same_rows(
+    rows: pd.DataFrame,
+    feature_names: Sequence[str],
+    score_old: Callable[[pd.DataFrame], tuple[Sequence[int], Sequence[float]]],
+    positive_class: int,
+    max_rows: int = WATCH_MAX_COMPARED_ROWS,
+    probability_column: str = PROBABILITY,
+) -> VersionComparison:
+    """Score the replaced version (`score_old`: features -> labels, probabilities) on the logged
+    inputs of the new one and compare with what the new one answered on them.
+
+    Rows lacking a feature or an answer are left out; the newest `max_rows` are compared.
+    """
+    needed = [*feature_names, PREDICTED_LABEL, probability_column]
+    if rows.empty or any(col not in rows for col in needed):
+        return VersionComparison(0)
+    usable = rows.dropna(subset=needed).tail(max_rows)
+    if usable.empty:
+        return VersionComparison(0)
+    old_labels, old_probabilities = score_old(usable[list(feature_names)].reset_index(drop=True))
+    return prediction_shift(usable[PREDICTED_LABEL].to_numpy(), usable[probability_column].to_numpy(dtype=float),
+                            old_labels, old_probabilities, positive_class)
 
 
 def watch_decision(
@@ -471,9 +535,10 @@ def watch_decision(
     now: datetime | pd.Timestamp,
     limits: WatchLimits | None = None,
 ) -> WatchDecision:
-    """Roll back when any limit is broken. Rates, shifts and p95 need `min_requests` behind them
+    """Roll back when any limit is broken. Error rate and p95 need `min_requests` behind them
     (a cold replica's first requests are slow and few), except an error count that already
-    dooms the first `min_requests`."""
+    dooms the first `min_requests`; the two versions' disagreement needs `min_compared_rows`
+    rows scored by both. Below a minimum the watch keeps watching until its window ends."""
     limits = limits or WatchLimits()
     window = to_timedelta(limits.window, "watch window")
     reasons: list[str] = []
@@ -482,11 +547,6 @@ def watch_decision(
         rate = obs.errors / obs.requests
         if rate > limits.max_error_rate:
             reasons.append(f"error rate {rate:.3f} > {limits.max_error_rate} ({obs.errors}/{obs.requests})")
-        if obs.positive_share_delta is not None and abs(obs.positive_share_delta) > limits.max_positive_share_delta:
-            reasons.append(f"share predicted positive moved {obs.positive_share_delta:+.3f} "
-                           f"(limit {limits.max_positive_share_delta})")
-        if obs.probability_ks is not None and obs.probability_ks > limits.max_probability_ks:
-            reasons.append(f"probability distribution moved: KS {obs.probability_ks:.3f} > {limits.max_probability_ks}")
         if obs.latency_p95_s is not None and obs.latency_p95_s > limits.max_latency_p95_s:
             reasons.append(f"latency p95 {obs.latency_p95_s:.3f}s > {limits.max_latency_p95_s}s")
     elif obs.errors > limits.max_error_rate * limits.min_requests:
@@ -494,13 +554,29 @@ def watch_decision(
         # traffic would only prolong an outage.
         reasons.append(f"{obs.errors} errors in {obs.requests} requests: the error rate over the first "
                        f"{limits.min_requests} will exceed {limits.max_error_rate}")
+    if obs.compared_rows >= limits.min_compared_rows:
+        same = f"on the same {obs.compared_rows} rows"
+        if obs.flip_share is not None and obs.flip_share > limits.max_flip_share:
+            reasons.append(f"{obs.flip_share:.3f} of answers differ from the previous version {same} "
+                           f"(limit {limits.max_flip_share})")
+        if obs.mean_abs_delta is not None and obs.mean_abs_delta > limits.max_mean_abs_delta:
+            reasons.append(f"probabilities differ by {obs.mean_abs_delta:.3f} on average {same} "
+                           f"(limit {limits.max_mean_abs_delta})")
+        if obs.positive_share_delta is not None and abs(obs.positive_share_delta) > limits.max_positive_share_delta:
+            reasons.append(f"share predicted positive moved {obs.positive_share_delta:+.3f} {same} "
+                           f"(limit {limits.max_positive_share_delta})")
+        if obs.probability_ks is not None and obs.probability_ks > limits.max_probability_ks:
+            reasons.append(f"probability distribution moved: KS {obs.probability_ks:.3f} > "
+                           f"{limits.max_probability_ks} {same}")
     if reasons:
         return WatchDecision("rollback", tuple(reasons))
+    waiting = [f"{obs.requests} of {limits.min_requests} requests"] if obs.requests < limits.min_requests else []
+    if obs.compared_rows < limits.min_compared_rows:
+        waiting.append(f"{obs.compared_rows} of {limits.min_compared_rows} rows compared")
     if _utc(now) < _utc(deployed_at) + window:
-        waiting = "" if obs.requests >= limits.min_requests else f"; {obs.requests} of {limits.min_requests} requests"
-        return WatchDecision("watching", (f"within limits so far{waiting}",))
-    if obs.requests < limits.min_requests:
-        return WatchDecision("passed", (f"window over with only {obs.requests} requests: nothing to judge",))
+        return WatchDecision("watching", ("; ".join(["within limits so far", *waiting]),))
+    if waiting:
+        return WatchDecision("passed", (f"window over with only {', '.join(waiting)}: those not judged",))
     return WatchDecision("passed", ("within limits for the whole window",))
 
 
