@@ -212,31 +212,38 @@ def _rows(n: int, request_id: str = "r") -> list[dict[str, Any]]:
                            labels=[1] * n, probabilities=[0.25] * n)
 
 
+def _writer(tmp_path: Path, **kwargs: Any) -> PredictionLogWriter:
+    options: dict[str, Any] = {"flush_interval_s": 3600, "flush_rows": 1000, "max_buffer_rows": 1000}
+    return PredictionLogWriter(str(tmp_path / "log"), spool_dir=str(tmp_path / "spool"), **{**options, **kwargs})
+
+
 def test_log_flushes_on_size_and_on_close(tmp_path: Path) -> None:
-    writer = PredictionLogWriter(str(tmp_path), flush_interval_s=3600, flush_rows=5, max_buffer_rows=100)
+    writer = _writer(tmp_path, flush_rows=5, max_buffer_rows=100)
+    log_url = str(tmp_path / "log")
     writer.append(_rows(3, "a"))
     time.sleep(0.2)
-    assert read_prediction_log(str(tmp_path)).empty  # below size, timer far away
+    assert read_prediction_log(log_url).empty  # below size, timer far away
     writer.append(_rows(3, "b"))  # reaches 5: the thread flushes
     deadline = time.monotonic() + 5
-    while len(read_prediction_log(str(tmp_path))) < 6 and time.monotonic() < deadline:
+    while len(read_prediction_log(log_url)) < 6 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(read_prediction_log(str(tmp_path))) == 6
+    assert len(read_prediction_log(log_url)) == 6
     writer.append(_rows(1, "c"))
     writer.close()
-    log = read_prediction_log(str(tmp_path))
+    log = read_prediction_log(log_url)
     assert len(log) == 7 and set(log["request_id"]) == {"a", "b", "c"}
-    assert list(read_prediction_log(str(tmp_path), request_id="c")["record_index"]) == [0]
+    assert list(read_prediction_log(log_url, request_id="c")["record_index"]) == [0]
+    assert list((tmp_path / "spool").iterdir()) == []  # shipped segments and the lock are gone
 
 
 def test_log_flushes_on_timer(tmp_path: Path) -> None:
-    writer = PredictionLogWriter(str(tmp_path), flush_interval_s=0.1, flush_rows=1000, max_buffer_rows=1000)
+    writer = _writer(tmp_path, flush_interval_s=0.1)
     writer.append(_rows(2))
     deadline = time.monotonic() + 5
-    while read_prediction_log(str(tmp_path)).empty and time.monotonic() < deadline:
+    while read_prediction_log(str(tmp_path / "log")).empty and time.monotonic() < deadline:
         time.sleep(0.05)
     writer.close()
-    assert len(read_prediction_log(str(tmp_path))) == 2
+    assert len(read_prediction_log(str(tmp_path / "log"))) == 2
 
 
 def test_a_failing_sink_never_raises_counts_and_retries(tmp_path: Path) -> None:
@@ -251,16 +258,88 @@ def test_a_failing_sink_never_raises_counts_and_retries(tmp_path: Path) -> None:
 
         return write_part(rows, url, name)
 
-    writer = PredictionLogWriter(str(tmp_path), flush_interval_s=3600, flush_rows=1000, max_buffer_rows=4,
-                                 on_failure=lambda kind, n: failures.append((kind, n)), writer=flaky)
+    writer = _writer(tmp_path, max_buffer_rows=4, on_failure=lambda kind, n: failures.append((kind, n)),
+                     writer=flaky)
     writer.append(_rows(3))
     assert writer.flush() == 0 and writer.pending() == 3 and failures == [("flush_failed", 3)]
-    writer.append(_rows(3))  # over the bound of 4: the 2 oldest are dropped, counted
-    assert writer.pending() == 4 and writer.dropped_rows == 2 and ("dropped", 2) in failures
+    writer.append(_rows(3))  # over the bound of 4: the oldest segment (3 rows) is dropped, counted
+    assert writer.pending() == 3 and writer.dropped_rows == 3 and ("dropped", 3) in failures
     broken.clear()
-    assert writer.flush() == 4  # the sink is back: kept rows are written
+    assert writer.flush() == 3  # the sink is back: kept rows are written
     writer.close()
-    assert len(read_prediction_log(str(tmp_path))) == 4
+    assert len(read_prediction_log(str(tmp_path / "log"))) == 3
+
+
+def _encoded(request_id: str, n: int) -> bytes:
+    from mlops_assets.lib.serving.prediction_log import encode_request
+
+    return encode_request(request_id=request_id, model_version="1", columns=["a", "b"],
+                          matrix=np.arange(2 * n).reshape(n, 2), labels=[1] * n, probabilities=[0.5] * n)
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+import numpy as np
+from mlops_assets.lib.serving.prediction_log import PredictionLogWriter, encode_request, write_part
+
+log_url, spool, mode = sys.argv[1:4]
+
+def ship_then_die(rows, url, name):
+    write_part(rows, url, name)  # the part lands, then the process dies before deleting the segment
+    os.kill(os.getpid(), signal.SIGKILL)
+
+writer = PredictionLogWriter(log_url, spool_dir=spool, flush_interval_s=3600, flush_rows=10**6,
+                             max_buffer_rows=10**6, writer=ship_then_die if mode == "ship" else write_part)
+for i in range(20):
+    writer.append_encoded(encode_request(request_id=f"r{i}", model_version="1", columns=["a", "b"],
+                                         matrix=np.array([[i, 1], [i, 2]]), labels=[1, -1],
+                                         probabilities=[0.9, 0.1]), 2)
+# A write that a crash cut short: never answered, so never logged.
+os.write(writer._fd, b'{"logged_at": "2026-')
+if mode == "ship":
+    writer.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("mode", ["buffered", "ship"])
+def test_rows_spooled_by_a_killed_writer_are_replayed_exactly_once(tmp_path: Path, mode: str) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    log_url, spool = str(tmp_path / "log"), str(tmp_path / "spool")
+    done = subprocess.run([sys.executable, "-c", _KILLED_WRITER, log_url, spool, mode], timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    before = read_prediction_log(log_url)
+    assert len(before) == (40 if mode == "ship" else 0)
+
+    live = PredictionLogWriter(log_url, spool_dir=spool, flush_interval_s=3600, flush_rows=10**6,
+                               max_buffer_rows=10**6, replay_orphans=False)  # this one must not take itself
+    other = _writer(tmp_path, replay_orphans=False)
+    assert other.replay_orphans() == 40  # the dead writer's rows; the live writer's lock is respected
+    assert other.replay_orphans() == 0
+    log = read_prediction_log(log_url)
+    assert len(log) == 40 and not log.duplicated(["request_id", "record_index"]).any()
+    assert set(log["request_id"]) == {f"r{i}" for i in range(20)}
+    assert list(log[log["request_id"] == "r3"]["a"]) == [3, 3] and list(log["label"][:2]) == [1, -1]
+    live.close()
+    other.close()
+    assert list(Path(spool).iterdir()) == []
+
+
+def test_the_spool_outlives_a_sink_that_is_down_at_close(tmp_path: Path) -> None:
+    def down(rows, url, name):
+        raise OSError("bucket unreachable")
+
+    first = _writer(tmp_path, writer=down, replay_orphans=False)
+    first.append_encoded(_encoded("x", 3), 3)
+    first.close()  # nothing shipped: the segment stays, and its lock is released with the handle
+    assert read_prediction_log(str(tmp_path / "log")).empty
+    second = _writer(tmp_path, replay_orphans=False)
+    assert second.replay_orphans() == 3
+    second.close()
+    assert list(read_prediction_log(str(tmp_path / "log"))["request_id"]) == ["x"] * 3
 
 
 # --- the FastAPI app, with a core but no Ray ------------------------------------------------------
@@ -269,7 +348,8 @@ def test_a_failing_sink_never_raises_counts_and_retries(tmp_path: Path) -> None:
 @pytest.fixture()
 def core(spec: DatasetSpec, tmp_path: Path) -> Iterator[ServiceCore]:
     options = ServiceOptions(max_records=5, max_body_bytes=4000, predict_timeout_s=0.5)
-    log = PredictionLogWriter(str(tmp_path / "log"), flush_interval_s=3600, flush_rows=10_000, max_buffer_rows=10_000)
+    log = PredictionLogWriter(str(tmp_path / "log"), flush_interval_s=3600, flush_rows=10_000, max_buffer_rows=10_000,
+                              spool_dir=str(tmp_path / "spool"))
     scorers = {"1": _scorer(spec, "1"), "2": _scorer(spec, "2", shift=0.1)}
 
     def loader(ref: ModelRef) -> Scorer:
@@ -407,7 +487,8 @@ def test_a_slow_prediction_times_out_with_504(core, client, spec, monkeypatch) -
 
 
 def test_missing_token_configuration_refuses_to_start(spec, tmp_path) -> None:
-    log = PredictionLogWriter(str(tmp_path), flush_interval_s=3600, flush_rows=10, max_buffer_rows=10)
+    log = PredictionLogWriter(str(tmp_path), flush_interval_s=3600, flush_rows=10, max_buffer_rows=10,
+                              spool_dir=str(tmp_path / "spool"))
     with pytest.raises(ValueError, match="MLOPS_API_TOKEN"):
         ServiceCore(spec=spec, options=ServiceOptions(), token="", metrics=InMemoryMetrics(), log_writer=log,
                     loader=lambda ref: _scorer(spec, "1"))
