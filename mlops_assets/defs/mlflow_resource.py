@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from mlops_assets.lib import tracking
+from mlops_assets.lib.redaction import redact_uri
 from mlops_assets.lib.settings import load_settings
 
 UI_URL_ENV = "MLFLOW_UI_URL"
@@ -48,6 +49,10 @@ class MlflowResource(dg.ConfigurableResource):
     def resolved_ui_url(self) -> str | None:
         return self.ui_url or os.environ.get(UI_URL_ENV) or None
 
+    def shown_tracking_uri(self) -> str:
+        """The store as metadata, logs and messages may show it: credentials redacted."""
+        return redact_uri(self.resolved_tracking_uri())
+
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.resolved_tracking_uri())
 
@@ -65,17 +70,17 @@ class MlflowResource(dg.ConfigurableResource):
                 yield run
 
     def run_link(self, experiment_id: str, run_id: str) -> dg.MetadataValue:
-        """A clickable link when `MLFLOW_UI_URL` is known, else the run id and store as text."""
+        """A clickable link when `MLFLOW_UI_URL` is known, else the run id and store (redacted) as text."""
         url = tracking.run_url(self.resolved_ui_url(), experiment_id, run_id)
         if url:
-            return dg.MetadataValue.url(url)
-        return dg.MetadataValue.text(f"run {run_id} in {self.resolved_tracking_uri()} (set {UI_URL_ENV} for a link)")
+            return dg.MetadataValue.url(redact_uri(url))
+        return dg.MetadataValue.text(f"run {run_id} in {self.shown_tracking_uri()} (set {UI_URL_ENV} for a link)")
 
     def model_version_link(self, model_name: str, version: str) -> dg.MetadataValue:
         url = tracking.model_version_url(self.resolved_ui_url(), model_name, version)
         if url:
-            return dg.MetadataValue.url(url)
-        return dg.MetadataValue.text(f"models:/{model_name}/{version} in {self.resolved_tracking_uri()}")
+            return dg.MetadataValue.url(redact_uri(url))
+        return dg.MetadataValue.text(f"models:/{model_name}/{version} in {self.shown_tracking_uri()}")
 
 
 def tracking_location(artifact_root: str, experiment: str) -> str:

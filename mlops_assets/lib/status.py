@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 
 from mlops_assets import constants as c
 from mlops_assets.lib import model_store
+from mlops_assets.lib.redaction import redact_text, redact_values
 
 METRIC_TAG_PREFIX = "metric.test_"
 
@@ -39,7 +40,8 @@ def _version_summary(client: MlflowClient, model_name: str, alias: str) -> dict[
 
 
 def endpoint_health(url: str | None, timeout_s: float = 2.0) -> dict[str, Any] | None:
-    """GET <url>/healthz; None when no URL is configured. Never raises: status must always print."""
+    """GET <url>/healthz; None when no URL is configured. Never raises: status must always print.
+    URIs in the answer (the URL itself, an error message) are redacted."""
     if not url:
         return None
     import httpx
@@ -51,31 +53,35 @@ def endpoint_health(url: str | None, timeout_s: float = 2.0) -> dict[str, Any] |
             body = response.json()
         except ValueError:
             body = response.text[:200]
-        return {"url": url, "healthy": response.status_code == 200, "status_code": response.status_code, "body": body}
+        return redact_values({"url": url, "healthy": response.status_code == 200,
+                              "status_code": response.status_code, "body": body})
     except httpx.HTTPError as exc:
-        return {"url": url, "healthy": False, "error": f"{type(exc).__name__}: {exc}"}
+        return redact_values({"url": url, "healthy": False, "error": f"{type(exc).__name__}: {exc}"})
 
 
 def champion_status(tracking_uri: str, model_name: str, endpoint_url: str | None = None) -> dict[str, Any]:
-    """The registry's view: champion, previous champion and challenger; plus the endpoint's health."""
-    empty = {"model_name": model_name, "tracking_uri": tracking_uri, "champion": None,
+    """The registry's view: champion, previous champion and challenger; plus the endpoint's health.
+
+    What it returns is meant to be printed: every URI in it (the store, sources) is redacted."""
+    shown_uri = redact_text(tracking_uri)
+    empty = {"model_name": model_name, "tracking_uri": shown_uri, "champion": None,
              "previous_champion": None, "challenger": None}
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
         # Asking MLflow would create an empty store as a side effect of a read-only command.
         return {**empty, "note": "no MLflow store yet", "endpoint": endpoint_health(endpoint_url)}
     client = MlflowClient(tracking_uri=tracking_uri)
-    return {
+    return redact_values({
         "model_name": model_name,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": shown_uri,
         "champion": _version_summary(client, model_name, c.ALIAS_CHAMPION),
         "previous_champion": _version_summary(client, model_name, c.ALIAS_PREVIOUS_CHAMPION),
         "challenger": _version_summary(client, model_name, c.ALIAS_CHALLENGER),
         "endpoint": endpoint_health(endpoint_url),
-    }
+    })
 
 
 def to_json(status: dict[str, Any]) -> str:
-    return json.dumps(status, indent=2, sort_keys=True, default=str)
+    return redact_text(json.dumps(status, indent=2, sort_keys=True, default=str))
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -102,4 +108,4 @@ def format_status(status: dict[str, Any]) -> str:
     if endpoint is not None:
         state = "healthy" if endpoint.get("healthy") else f"unhealthy ({endpoint.get('error') or endpoint.get('status_code')})"
         lines.append(f"endpoint: {endpoint['url']} {state}")
-    return "\n".join(lines)
+    return redact_text("\n".join(lines))

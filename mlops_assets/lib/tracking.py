@@ -19,6 +19,8 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric
 
+from mlops_assets.lib.redaction import redact_uri, redact_values
+
 METADATA_FILE = "metadata.json"
 MAX_DIGEST_CHARS = 36  # MLflow's dataset digest column width
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -96,11 +98,13 @@ def short_digest(version: str) -> str:
 
 
 def _source(uri: str | None) -> Any:
+    """The dataset source MLflow records; credentials in `uri` never reach MLflow."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.http_dataset_source import HTTPDatasetSource
 
     if not uri:
         return HTTPDatasetSource(url="about:unknown")
+    uri = redact_uri(uri)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": any local source is fine
         try:
@@ -166,8 +170,10 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float],
 
 
 def write_metadata_json(client: MlflowClient, run_id: str, metadata: Mapping[str, Any]) -> str:
-    """Write (or overwrite) `metadata.json` at the run's artifact root; return its artifact URI."""
-    client.log_dict(run_id, dict(metadata), METADATA_FILE)
+    """Write (or overwrite) `metadata.json` at the run's artifact root; return its artifact URI.
+
+    URIs in it are redacted: the artifact is readable by everyone who can read the run."""
+    client.log_dict(run_id, redact_values(dict(metadata)), METADATA_FILE)
     return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{METADATA_FILE}"
 
 

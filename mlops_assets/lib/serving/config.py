@@ -8,8 +8,10 @@ restarts replicas. `ModelRef` is the deployment's `user_config`: changing it onl
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from mlops_assets import constants as c
@@ -25,6 +27,12 @@ DEFAULT_METRICS_EXPORT_PORT = 8080
 
 TOKEN_ENV = "MLOPS_API_TOKEN"
 TOKEN_FILE_ENV = "MLOPS_API_TOKEN_FILE"  # a mounted secret file, the alternative to the variable
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+# The registry URI of the replicas when it carries a credential: a file, so the URI never sits in
+# the Serve config's runtime_env, which the dashboard shows to whoever can read it.
+TRACKING_URI_FILE_ENV = "MLOPS_MLFLOW_TRACKING_URI_FILE"
+TRACKING_URI_FILE_NAME = "mlflow_tracking_uri"
+SECRETS_SUBDIR = "secrets"
 PREDICTION_LOG_ENV = "MLOPS_PREDICTION_LOG_URL"
 PREDICTIONS_SUBDIR = "predictions"
 
@@ -129,3 +137,59 @@ def api_token(env: Mapping[str, str] | None = None) -> str:
             return handle.read().strip()
     except OSError as exc:
         raise ValueError(f"{TOKEN_FILE_ENV}={path}: cannot read the token file ({exc.strerror})") from None
+
+
+def _read_secret_file(variable: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().strip()
+    except OSError as exc:
+        raise ValueError(f"{variable}={path}: cannot read the file ({exc.strerror})") from None
+
+
+def mlflow_tracking_uri(env: Mapping[str, str] | None = None) -> str | None:
+    """A replica's registry URI when it is given as a file: the contents of the file
+    MLOPS_MLFLOW_TRACKING_URI_FILE names; None when that variable is unset (then MLFLOW_TRACKING_URI,
+    through the settings, applies). A named but unreadable file is an error that says which."""
+    env = os.environ if env is None else env
+    path = env.get(TRACKING_URI_FILE_ENV)
+    return _read_secret_file(TRACKING_URI_FILE_ENV, path) if path else None
+
+
+def write_secret_file(path: str | Path, content: str) -> str:
+    """Write `content` to `path` readable by its owner only (0600, folder 0700), atomically."""
+    target = Path(path)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")  # mkstemp creates it 0600
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(content + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return str(target)
+
+
+def replica_tracking_env(tracking_uri: str, *, secrets_dir: str | Path | None,
+                         env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables that tell replicas the registry, with no credential among their values.
+
+    A URI without credentials goes as MLFLOW_TRACKING_URI. One with a credential goes as a file
+    path, MLOPS_MLFLOW_TRACKING_URI_FILE: the operator's (a mounted secret, named by that variable
+    in this process's environment), else a 0600 file written under `secrets_dir` (which the
+    replicas must see at the same path: the local data root). Neither: a ValueError that says so.
+    """
+    from mlops_assets.lib.redaction import has_credentials, redact_uri
+
+    env = os.environ if env is None else env
+    if not has_credentials(tracking_uri):
+        return {TRACKING_URI_ENV: tracking_uri}
+    if env.get(TRACKING_URI_FILE_ENV):
+        return {TRACKING_URI_FILE_ENV: env[TRACKING_URI_FILE_ENV]}
+    if secrets_dir is None:
+        raise ValueError(f"the tracking URI {redact_uri(tracking_uri)} carries a credential and there is no local "
+                         f"folder to hand it to replicas: mount it as a file on the Ray nodes and set "
+                         f"{TRACKING_URI_FILE_ENV} to its path")
+    path = write_secret_file(Path(secrets_dir) / TRACKING_URI_FILE_NAME, tracking_uri)
+    return {TRACKING_URI_FILE_ENV: path}
