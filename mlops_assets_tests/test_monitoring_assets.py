@@ -115,7 +115,7 @@ def data(tmp_path: Path) -> Path:
 
 
 def _log_traffic(reg: Registry, data: Path, n: int, seed: int, at: datetime, drift_: dict | None = None,
-                 per_request: int = 10) -> pd.DataFrame:
+                 per_request: int = 10, version: str = "1") -> pd.DataFrame:
     """Score simulated records with the champion and write them as the serving writer does."""
     frame = simulate_records(reg.spec, SimulationConfig(n_rows=n, seed=seed, drift=drift_ or {}))
     labels, probabilities = reg.predict(frame)
@@ -124,11 +124,11 @@ def _log_traffic(reg: Registry, data: Path, n: int, seed: int, at: datetime, dri
         request_id = f"req-{seed}-{start}"
         stop = min(start + per_request, n)
         records = frame[reg.spec.feature_names].iloc[start:stop].astype(int).to_dict("records")
-        rows += prediction_rows(request_id=request_id, model_version="1", records=records,
+        rows += prediction_rows(request_id=request_id, model_version=version, records=records,
                                 labels=labels[start:stop], probabilities=probabilities[start:stop],
                                 logged_at=at + timedelta(seconds=start / n))
         ids += [(request_id, i) for i in range(stop - start)]
-    write_part(rows, str(data / "predictions"), f"part-{seed}.parquet")
+    write_part(rows, str(data / "predictions"), f"part-{seed}-v{version}.parquet")
     return frame.assign(request_id=[r for r, _ in ids], record_index=[i for _, i in ids], predicted=labels)
 
 
@@ -232,7 +232,7 @@ def test_drift_thresholds_are_config(registry: Registry, data: Path):
     assert _meta(result, "drift_report")["n_drifted_features"] == 0
 
 
-def test_without_a_local_reference_the_mlflow_artifact_is_used_and_other_versions_are_not_judged(
+def test_without_a_local_reference_the_mlflow_artifact_is_used_and_every_version_s_rows_are_judged(
         registry: Registry, data: Path, tmp_path: Path):
     other = tmp_path / "other-data-root"
     with dg.instance_for_test() as instance:  # the version's reference, logged to its MLflow run
@@ -245,14 +245,32 @@ def test_without_a_local_reference_the_mlflow_artifact_is_used_and_other_version
         meta = _meta(result, "drift_report")
         assert meta["judged"] is True and meta["reference"] == f"runs:/{registry.run_id}/monitoring/reference_profile.bin"
 
-        # Traffic of another version only: nothing to judge for the serving one.
+        # Traffic another version answered is still the traffic: judged against the serving reference.
         for part in (data / "predictions").rglob("*.parquet"):
             frame = pd.read_parquet(part).assign(model_version="7")
             frame.to_parquet(part, index=False)
         again = _materialize(registry, data, instance, [production_profiles, drift_report])
     meta = _meta(again, "drift_report")
-    assert meta["judged"] is False and "no production data for version 1" in meta["reason"]
-    assert _check(again, NO_DRIFT_CHECK).passed
+    assert meta["judged"] is True and meta["serving_version"] == "1" and meta["rows"] == 300
+    assert meta["rows_by_version"] == "v7: 300" and _check(again, NO_DRIFT_CHECK).passed
+
+
+def test_a_window_split_between_versions_is_judged_on_all_its_rows(registry: Registry, data: Path):
+    # The incident: drifted traffic, 64 rows answered by v1 and 66 by v2 before a switch back to v1.
+    # Neither part reaches the 100-row minimum; together they do, and the drift is found.
+    at = datetime(2026, 1, 5, 10, 0, tzinfo=UTC)
+    assets = [*_registered_stand_in(registry), reference_profile, production_profiles, drift_report]
+    _log_traffic(registry, data, 64, seed=31, at=at, drift_=DRIFTED, version="1")
+    _log_traffic(registry, data, 66, seed=32, at=at + timedelta(minutes=1), drift_=DRIFTED, version="2")
+    with dg.instance_for_test() as instance:
+        result = _materialize(registry, data, instance, assets)
+    assert result.success
+    meta = _meta(result, "drift_report")
+    assert meta["judged"] is True and meta["serving_version"] == "1" and meta["rows"] == 130
+    assert meta["rows_by_version"] == "v1: 64, v2: 66"
+    assert not _check(result, NO_DRIFT_CHECK).passed and meta["drift_detected"] is True
+    assert meta["event_key"] == "drift-1-20260105T100000Z"
+    assert set(DRIFTED) <= set(meta["drifted_features"].split(", "))
 
 
 def test_data_freshness_check_and_the_freshness_policy(registry: Registry, data: Path):
