@@ -11,8 +11,13 @@ from mlops_assets import constants as c
 from mlops_assets.defs.mlflow_resource import MlflowResource
 from mlops_assets.defs.resources import PlatformResource
 from mlops_assets.lib import deployment as dep
-from mlops_assets.lib.serving.config import APP_NAME
-from mlops_assets.lib.settings import Settings
+from mlops_assets.lib.serving.config import (
+    APP_NAME,
+    SECRETS_SUBDIR,
+    TRACKING_URI_FILE_ENV,
+    replica_tracking_env,
+)
+from mlops_assets.lib.settings import Settings, join_url
 
 SAMPLE_RECORDS = 64  # test-set rows the candidate must answer exactly as the offline model does
 SPLIT_COLUMN = "split"  # the train_test_split frame's split column ("train" / "test")
@@ -43,9 +48,21 @@ class RayServeResource(dg.ConfigurableResource):
 
 
 def replica_env(settings: Settings, tracking_uri: str) -> dict[str, str]:
-    """What replicas must agree on with Dagster: the same registry and data root (never the token)."""
+    """What replicas must agree on with Dagster: the same registry and data root (never the token).
+
+    A tracking URI with a password reaches them as a 0600 file under <data root>/secrets (or the
+    operator's mounted file), named by MLOPS_MLFLOW_TRACKING_URI_FILE: never in the Serve config."""
     env = dep.forwarded_env(os.environ)
-    env.update({"MLFLOW_TRACKING_URI": tracking_uri, "MLOPS_DATA_URL": settings.data_url})
+    for key in ("MLFLOW_TRACKING_URI", TRACKING_URI_FILE_ENV):  # this run's registry below, not the process's
+        env.pop(key, None)
+    data_url = settings.data_url.removeprefix("file://")
+    local_root = data_url if "://" not in data_url else None
+    try:
+        env.update(replica_tracking_env(
+            tracking_uri, secrets_dir=join_url(local_root, SECRETS_SUBDIR) if local_root else None))
+    except ValueError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    env["MLOPS_DATA_URL"] = settings.data_url
     if settings.dataset_spec_path:
         env["MLOPS_DATASET_SPEC"] = settings.dataset_spec_path
     return env

@@ -34,7 +34,8 @@ DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_c
 PROBABILITY_TOLERANCE = 1e-9  # same model file, same inputs: answers must match to float precision
 # Settings replicas need, passed as runtime_env env_vars. The API token is not among them: it
 # reaches workers through the Ray head's environment (a Kubernetes Secret in the RayService),
-# so it never appears in a config that the dashboard shows.
+# so it never appears in a config that the dashboard shows. Nor does a tracking URI with a
+# password: replicas read it from a file (MLOPS_MLFLOW_TRACKING_URI_FILE).
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLOPS_DATA_URL", "MLOPS_PREDICTION_LOG_URL", "MLOPS_DATASET_SPEC")
 
 
@@ -116,6 +117,15 @@ def render_serve_config(
         app["deployments"].append(deployments[0])
     deployments[0]["user_config"] = ref.to_user_config()
     if env_vars:
+        from mlops_assets.lib.redaction import has_credentials, redact_uri
+
+        # The dashboard returns runtime_env to anyone who can read it: no credential goes there.
+        leaking = sorted(k for k, v in env_vars.items() if has_credentials(str(v)))
+        if leaking:
+            raise DeploymentError(
+                f"runtime_env variable(s) {leaking} carry a credential "
+                f"({', '.join(redact_uri(str(env_vars[k])) for k in leaking)}); give replicas secrets "
+                "through their environment or a mounted file (MLOPS_MLFLOW_TRACKING_URI_FILE for the registry)")
         runtime_env = app.setdefault("runtime_env", {})
         runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **{k: str(v) for k, v in env_vars.items()}}
     if args:
@@ -132,7 +142,15 @@ def render_serve_config(
 
 
 def forwarded_env(env: Mapping[str, str]) -> dict[str, str]:
-    return {k: env[k] for k in FORWARDED_ENV if env.get(k)}
+    """The FORWARDED_ENV settings of `env` that carry no credential (those reach replicas as files:
+    `serving.config.replica_tracking_env`), plus an operator's mounted tracking-URI file."""
+    from mlops_assets.lib.redaction import has_credentials
+    from mlops_assets.lib.serving.config import TRACKING_URI_FILE_ENV
+
+    out = {k: env[k] for k in FORWARDED_ENV if env.get(k) and not has_credentials(env[k])}
+    if env.get(TRACKING_URI_FILE_ENV):
+        out[TRACKING_URI_FILE_ENV] = env[TRACKING_URI_FILE_ENV]
+    return out
 
 
 def mismatches(expected: Sequence[float], got: Sequence[float], tol: float = PROBABILITY_TOLERANCE) -> list[int]:
