@@ -32,6 +32,7 @@ from mlops_assets.lib.serving.config import (
     ModelRef,
     ServiceOptions,
     api_token,
+    mlflow_tracking_uri,
 )
 from mlops_assets.lib.serving.metrics import RayServeMetrics, ServingMetrics
 from mlops_assets.lib.serving.prediction_log import PredictionLogWriter
@@ -206,7 +207,7 @@ class PredictionService:
             token=api_token(),
             metrics=metrics,
             log_writer=log,
-            loader=registry_loader(settings.mlflow_tracking_uri, spec),
+            loader=registry_loader(mlflow_tracking_uri() or settings.mlflow_tracking_uri, spec),
         )
         if opts.batch_max_size > 1:
             self._score_batched.set_max_batch_size(opts.batch_max_size)
