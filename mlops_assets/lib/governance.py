@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 
 from mlops_assets import constants as c
 from mlops_assets.lib import ingestion, model_store
+from mlops_assets.lib.redaction import redact_text, redact_values
 from mlops_assets.lib.settings import join_url
 
 MODEL_CARD_DIR = "model_card"
@@ -209,7 +210,7 @@ def record_model_card(
             batches = None  # an unreachable batch store leaves the card without the batch list
     facts = card_facts(model_name, version, trained_model=trained_model, model_evaluation=model_evaluation,
                        aliases=aliases, registration_dagster_run_id=registration_dagster_run_id, batches=batches)
-    markdown = model_card_markdown(facts)
+    markdown = redact_text(model_card_markdown(facts))  # the card is read by anyone who can read the run
     run_id = str(trained_model["run_id"])
     artifact_path = f"{MODEL_CARD_DIR}/version-{version}.md"
     client.log_text(run_id, markdown, artifact_path)
@@ -291,8 +292,8 @@ def trace(request_id: str, sources: TraceSources) -> dict[str, Any]:
 
     rows = read_prediction_log(sources.prediction_log_url, request_id=request_id)
     if rows.empty:
-        raise RequestNotFound(f"request {request_id!r} is not in the prediction log at "
-                              f"{sources.prediction_log_url} (it is flushed every few seconds; retry shortly)")
+        raise RequestNotFound(redact_text(f"request {request_id!r} is not in the prediction log at "
+                                          f"{sources.prediction_log_url} (it is flushed every few seconds; retry shortly)"))
     broken: list[str] = []
     version = str(rows["model_version"].iloc[0])
     out: dict[str, Any] = {
@@ -314,7 +315,7 @@ def trace(request_id: str, sources: TraceSources) -> dict[str, Any]:
         out["model"] = {"name": sources.model_name, "version": version, "exists": False}
         out["broken"] = [f"model version {sources.model_name}/{version} is not in the registry"]
         out["links_ok"] = False
-        return out
+        return redact_values(out)
     tags = dict(mv.tags or {})
     aliases = [a for a in (c.ALIAS_CHAMPION, c.ALIAS_PREVIOUS_CHAMPION, c.ALIAS_CHALLENGER)
                if model_store.alias_version(client, sources.model_name, a) == version]
@@ -400,7 +401,7 @@ def trace(request_id: str, sources: TraceSources) -> dict[str, Any]:
         broken.append("no code version (git sha) recorded")
     out["broken"] = broken
     out["links_ok"] = not broken
-    return out
+    return redact_values(out)  # printed by `mlops-assets trace`: no URI with its credentials
 
 
 def format_trace(report: Mapping[str, Any]) -> str:
@@ -444,4 +445,4 @@ def format_trace(report: Mapping[str, Any]) -> str:
         lines.append(f"  code (git)      {report['code']['git_sha']}")
     lines.append("all links resolve" if report.get("links_ok") else
                  "BROKEN LINKS:\n" + "\n".join(f"  - {b}" for b in report.get("broken", [])))
-    return "\n".join(lines)
+    return redact_text("\n".join(lines))
