@@ -1,10 +1,17 @@
 """A Ray head of a test's own: every port free and on loopback, so modules never collide
-with each other or with a `make demo` head on the default ports."""
+with each other or with a `make demo` head on the default ports.
 
+The head runs with token authentication (see mlops_assets.lib.ray_cluster). `isolated_cluster`
+creates the cluster's token and points this test process's Ray clients at it (the variables of
+`auth_env` in `os.environ`), so the project's dashboard client, `ray://` and the job SDK in
+this process authenticate as a `make` client does with data/ray/auth_token.
+"""
+
+import os
 import socket
 from pathlib import Path
 
-from mlops_assets.lib.ray_cluster import ClusterConfig
+from mlops_assets.lib.ray_cluster import ClusterConfig, auth_env, ensure_token
 
 
 def free_port() -> int:
@@ -14,10 +21,14 @@ def free_port() -> int:
 
 
 def isolated_cluster(root: Path) -> ClusterConfig:
-    """A cluster config on free loopback ports, its pid file and log under `root/ray`."""
-    return ClusterConfig(
+    """A cluster config on free loopback ports, its pid file, log and token under `root/ray`."""
+    cfg = ClusterConfig(
         port=free_port(), dashboard_port=free_port(), metrics_export_port=free_port(),
         serve_http_port=free_port(), state_dir=str(root / "ray"),
-        extra_ports={"ray-client-server-port": free_port(), "dashboard-agent-listen-port": free_port(),
-                     "dashboard-agent-grpc-port": free_port(), "runtime-env-agent-port": free_port()},
+        client_server_port=free_port(), dashboard_agent_port=free_port(),
+        dashboard_agent_grpc_port=free_port(), runtime_env_agent_port=free_port(),
+        dashboard_metrics_port=free_port(), autoscaler_metrics_port=free_port(),
     )
+    ensure_token(cfg)
+    os.environ.update(auth_env(cfg))
+    return cfg

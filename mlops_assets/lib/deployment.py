@@ -230,12 +230,16 @@ def check_candidate(
 # --- talking to the cluster ---------------------------------------------------------------------
 
 
-def _client(timeout: float = 10.0) -> httpx.Client:
-    return httpx.Client(timeout=timeout, trust_env=False)  # loopback: never via an HTTP proxy
+def _client(timeout: float = 10.0, *, dashboard: bool = False) -> httpx.Client:
+    # The dashboard's REST API takes the Ray cluster's token; the Serve proxy never sees it.
+    from mlops_assets.lib.ray_cluster import auth_headers
+
+    headers = auth_headers() if dashboard else None
+    return httpx.Client(timeout=timeout, trust_env=False, headers=headers)  # loopback: never via an HTTP proxy
 
 
 def serve_applications(target: ServeTarget) -> dict[str, Any]:
-    with _client() as client:
+    with _client(dashboard=True) as client:
         response = client.get(f"{target.dashboard_url}/api/serve/applications/")
     response.raise_for_status()
     return response.json()
@@ -265,7 +269,7 @@ def live_config(target: ServeTarget) -> dict[str, Any] | None:
 
 def submit(target: ServeTarget, config: Mapping[str, Any]) -> None:
     """PUT a ServeDeploySchema to the dashboard: the declarative path `serve deploy` uses."""
-    with _client(30.0) as client:
+    with _client(30.0, dashboard=True) as client:
         response = client.put(f"{target.dashboard_url}/api/serve/applications/", json=dict(config))
     if response.status_code != 200:
         raise DeploymentError(f"deploy request rejected ({response.status_code}): {response.text[:500]}")
@@ -405,7 +409,7 @@ def _restore(target: ServeTarget, previous_config: Mapping[str, Any] | None) -> 
 
 def delete_app(target: ServeTarget) -> None:
     """Remove every Serve application (what `serve shutdown` does over the REST API)."""
-    with _client(30.0) as client:
+    with _client(30.0, dashboard=True) as client:
         client.delete(f"{target.dashboard_url}/api/serve/applications/")
 
 
