@@ -62,6 +62,7 @@ def test_decision_round_trips_through_a_dict():
     again = GateDecision.from_dict(decision.as_dict())
     assert again.passed == decision.passed and again.reasons == decision.reasons
     assert again.failures == decision.failures and again.champion_version == "2"
+    assert decision.as_dict()["failures"] == decision.failures and decision.failures  # stored for readers
 
 
 @pytest.mark.parametrize("bad", [{"min_roc_auc": 1.5}, {"max_regression": -0.1}, {"max_log_loss": 0}])

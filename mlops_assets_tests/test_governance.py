@@ -70,6 +70,26 @@ def test_the_model_card_names_data_evaluation_gate_and_code() -> None:
         assert expected in card, expected
 
 
+def test_the_card_of_a_rejected_candidate_lists_the_failed_checks_and_says_it_stays_challenger() -> None:
+    from mlops_assets.lib import gate
+
+    metrics = {"roc_auc": 0.62, "pr_auc": 0.6, "accuracy": 0.9, "f1": 0.85, "recall": 0.8, "log_loss": 0.3}
+    decision = gate.decide(metrics, {**metrics, "roc_auc": 0.97}, gate.GateCriteria(), champion_version="4")
+    facts = governance.card_facts(
+        "m", "5", aliases=["challenger"], registration_dagster_run_id="reg", batches=None,
+        trained_model={"run_id": "r5"}, model_evaluation={"metrics": metrics, "gate": decision.as_dict()})
+    card = governance.model_card_markdown(facts)
+    assert "failed: stays challenger" in card and "compared with champion version 4" in card
+    failed = card.split("Failed checks (2):")[1].split("Passed checks:")[0]
+    assert "FAIL: roc_auc 0.6200 >= 0.9000" in failed and "FAIL: roc_auc 0.6200 vs champion v4" in failed
+    passed = card.split("Passed checks:")[1].split("## Training parameters")[0]
+    assert "ok: accuracy" in passed and "FAIL" not in passed
+    assert "never becomes `champion`" in card and "passed: promoted" not in card
+    # A decision stored before `failures` was kept still names them (from its checks).
+    legacy = {k: v for k, v in decision.as_dict().items() if k != "failures"}
+    assert governance.gate_failures(legacy) == decision.failures
+
+
 def test_batches_for_a_version_are_the_prefix_that_hashes_to_it(tmp_path: Path, spec) -> None:
     land, store = tmp_path / "raw", tmp_path / "batches"
     for seed in (1, 2, 3):

@@ -1,5 +1,6 @@
-"""trained_model -> model_evaluation (+ gate) -> registered_model, materialized for real against a
-MLflow SQLite store in a temporary folder and a test Dagster instance."""
+"""trained_model -> model_evaluation (+ gate) -> registered_model (+ passed_gate) -> a stand-in
+deployment, materialized for real against a MLflow SQLite store in a temporary folder and a test
+Dagster instance."""
 
 import json
 from collections.abc import Iterator
@@ -16,10 +17,10 @@ from mlops_assets import cli
 from mlops_assets import constants as c
 from mlops_assets.defs.evaluation import model_evaluation, promotion_gate
 from mlops_assets.defs.mlflow_resource import MlflowResource
-from mlops_assets.defs.registry import registered_model
+from mlops_assets.defs.registry import passed_gate, registered_model
 from mlops_assets.defs.resources import ParquetIOManager, PlatformResource
 from mlops_assets.defs.training import trained_model
-from mlops_assets.lib import model_store, tracking
+from mlops_assets.lib import governance, model_store, tracking
 from mlops_assets.lib import training as tr
 from mlops_assets.lib.dataset_spec import default_spec
 from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
@@ -28,7 +29,15 @@ pytestmark = pytest.mark.integration
 
 MODEL = "test-classifier"
 FAST = {"ops": {"trained_model": {"config": {"iterations": 200, "thread_count": 2}}}}
-OURS = [trained_model, model_evaluation, promotion_gate, registered_model]
+
+
+@dg.asset(name="model_deployment", group_name=c.GROUP_DEPLOYMENT)
+def deployment_stand_in(registered_model: dict) -> dict:
+    """Stands for model_deployment (which needs Ray): materialized only if the gate let it run."""
+    return {"deployed": registered_model["champion_version"]}
+
+
+OURS = [trained_model, model_evaluation, promotion_gate, registered_model, passed_gate, deployment_stand_in]
 
 
 def split_stand_in(n_rows: int = 1500, seed: int = 3, shuffle_train_labels: bool = False) -> dg.AssetsDefinition:
@@ -97,7 +106,9 @@ def test_the_run_holds_what_tracking_promises_and_the_champion_predicts_like_tra
         assert result.success
         meta = result.asset_materializations_for_node("trained_model")[0].metadata
         eval_meta = result.asset_materializations_for_node("model_evaluation")[0].metadata
-        [gate] = result.get_asset_check_evaluations()
+        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+        gate = checks["promotion_gate"]
+        assert checks["passed_gate"].passed and result.asset_materializations_for_node("model_deployment")
     trained, evaluation, registered = (_output(root, a) for a in ("trained_model", "model_evaluation",
                                                                    "registered_model"))
     client = _client(root)
@@ -183,30 +194,52 @@ def test_same_data_and_config_give_the_same_metrics_and_rematerializing_makes_no
     assert model_store.alias_version(client, MODEL, c.ALIAS_CHAMPION) == "1"
 
 
-def test_a_worse_model_fails_the_gate_and_the_champion_stays(root):
+def test_a_worse_model_is_registered_as_a_rejected_challenger_and_never_deployed(root, capsys):
     with dg.instance_for_test() as instance:
         assert _chain(root, instance).success
         worse = _chain(root, instance, split=split_stand_in(shuffle_train_labels=True))
-        assert not worse.success  # the blocking gate fails the run
-        [gate] = worse.get_asset_check_evaluations()
+        assert not worse.success  # the blocking passed_gate check fails the run
+        checks = {e.check_name: e for e in worse.get_asset_check_evaluations()}
+        gate = checks["promotion_gate"]
         assert not gate.passed and gate.metadata["decision"].value == "reject"
         reasons = gate.metadata["reasons"].value
         assert "FAIL: roc_auc" in reasons and "vs champion v1" in reasons
-        assert not worse.asset_materializations_for_node("registered_model")  # blocked downstream
-        client = _client(root)
-        assert model_store.alias_version(client, MODEL, c.ALIAS_CHAMPION) == "1"
-        assert len(client.search_model_versions(f"name = '{MODEL}'")) == 1
-        rejected_run = _output(root, "model_evaluation")["run_id"]
-        assert client.get_run(rejected_run).data.tags["gate_passed"] == "false"
+        assert not checks["passed_gate"].passed and checks["passed_gate"].metadata["decision"].value == "reject"
+        assert "FAIL: roc_auc" in checks["passed_gate"].metadata["failures"].value
+        # Registered, but only as challenger; deployment never ran.
+        [meta] = [m.metadata for m in worse.asset_materializations_for_node("registered_model")]
+        assert meta["version"].value == "2" and meta["aliases"].value == c.ALIAS_CHALLENGER
+        assert meta["gate_passed"].value is False and meta["champion_version"].value == "1"
+        assert not worse.asset_materializations_for_node("model_deployment")  # blocked downstream
 
-        # Registering the rejected model by hand makes it a challenger, never the champion.
-        by_hand = _chain(root, instance, split=split_stand_in(shuffle_train_labels=True),
-                         selection=["registered_model"])
-        assert by_hand.success
-    registered = _output(root, "registered_model")
-    assert registered["version"] == "2" and not registered["promoted"]
-    assert model_store.alias_version(client, MODEL, c.ALIAS_CHALLENGER) == "2"
+        # The same run registered again: nothing new, the rejection recorded once, still blocked.
+        again = _chain(root, instance, split=split_stand_in(shuffle_train_labels=True),
+                       selection=["registered_model", "model_deployment"])
+        assert not again.success and not again.asset_materializations_for_node("model_deployment")
+        assert again.asset_materializations_for_node("registered_model")[0].metadata["newly_registered"].value is False
+
+    client = _client(root)
+    rejected_run = _output(root, "model_evaluation")["run_id"]
+    assert client.get_run(rejected_run).data.tags["gate_passed"] == "false"
     assert model_store.alias_version(client, MODEL, c.ALIAS_CHAMPION) == "1"
+    assert model_store.alias_version(client, MODEL, c.ALIAS_CHALLENGER) == "2"
+    assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
+
+    # After the fact: the registry search finds the rejected candidate and says why.
+    [found] = client.search_model_versions(f"name = '{MODEL}' and tags.gate_passed = 'false'")
+    assert str(found.version) == "2" and found.run_id == rejected_run
+    assert found.tags["gate_verdict"] == "reject" and found.tags["gate_compared_to"] == "1"
+    assert "FAIL: roc_auc" in found.tags["gate_failures"] and "FAIL: roc_auc" in found.description
+    card = governance.read_model_card(client, found.tags[governance.TAG_MODEL_CARD])
+    assert "failed: stays challenger" in card and "Failed checks" in card
+    assert "FAIL: roc_auc" in card.split("Failed checks")[1].split("Passed checks")[0]
+    with pytest.raises(model_store.GateRejectedError):
+        model_store.promote_to_champion(client, MODEL, "2")
+    rejects = [e for e in model_store.history(client, MODEL) if e.action == "reject"]
+    assert [(e.version, e.details["compared_to"]) for e in rejects] == [("2", "1")]
+    assert cli.main(["status", "--history", "--tracking-uri", _uri(root), "--model-name", MODEL]) == 0
+    [line] = [ln for ln in capsys.readouterr().out.splitlines() if " reject " in ln]
+    assert " 2 " in line and "FAIL: roc_auc" in line
 
 
 def test_the_whole_training_path_from_raw_files_ends_with_a_champion_that_status_shows(

@@ -154,7 +154,9 @@ def model_evaluation(
     )
 
 
-@dg.asset_check(asset=model_evaluation, blocking=True,
+# Not blocking: a rejected candidate is still registered (as challenger, with the verdict), and the
+# blocking `passed_gate` check on registered_model is what stops its deployment.
+@dg.asset_check(asset=model_evaluation,
                 description="Promotion gate: absolute thresholds and no regression against the champion.")
 def promotion_gate(model_evaluation: dict) -> dg.AssetCheckResult:
     decision = gate.GateDecision.from_dict(model_evaluation["gate"])

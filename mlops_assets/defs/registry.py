@@ -1,4 +1,10 @@
-"""Registry: the gated model as an MLflow model version with aliases (challenger, champion)."""
+"""Registry: every evaluated candidate as an MLflow model version, with the gate's verdict.
+
+A candidate that passes becomes `champion` (the former champion `previous-champion`); one that
+fails is registered all the same, as `challenger`, tagged `gate_passed=false` with the failed
+checks, and a `reject` event in the history. The blocking `passed_gate` check on
+registered_model then stops the run before model_deployment.
+"""
 
 
 import math
@@ -26,8 +32,9 @@ def version_tags(trained_model: dict, model_evaluation: dict) -> dict[str, str]:
         "dagster_run_id": trained_model["dagster_run_id"],
         "git_sha": trained_model["git_sha"],
         "trained_at": trained_model["trained_at"],
-        "gate_passed": str(model_evaluation["gate"]["passed"]).lower(),
     }
+    decision = gate.GateDecision.from_dict(model_evaluation["gate"])
+    tags.update(model_store.gate_tags(decision.passed, decision.failures, decision.champion_version))
     for name, value in model_evaluation["metrics"].items():
         if value is not None and not math.isnan(value):
             tags[f"metric.test_{name}"] = f"{value:.6f}"
@@ -57,6 +64,8 @@ def registered_model(
     mv = model_store.register_version(client, name, run_id=run_id, model_uri=trained_model["model_uri"],
                                       tags=version_tags(trained_model, model_evaluation))
     version = str(mv.version)
+    if not decision.passed:  # tags again for a version registered before they existed; event once
+        model_store.record_rejection(client, name, version, decision.failures, decision.champion_version)
     # Promote once per version: re-materializing must not undo a later rollback or promotion.
     promoted, former = False, None
     if decision.passed and not _ever_champion(client, name, version):
@@ -88,6 +97,8 @@ def registered_model(
         "previous_champion_version": previous,
         "aliases": aliases,
         "gate_passed": decision.passed,
+        "gate_failures": decision.failures,
+        "gate_compared_to": decision.champion_version,
         "model_sha256": mv.tags.get(model_store.TAG_SHA256),
         "data_version": trained_model["data_version"],
         "feature_version": trained_model["feature_version"],
@@ -103,6 +114,7 @@ def registered_model(
             "promoted": promoted,
             "newly_registered": not existed,
             "gate_passed": decision.passed,
+            "gate_failures": dg.MetadataValue.md("\n".join(f"- {f}" for f in decision.failures) or "none"),
             "model_version": mlflow.model_version_link(name, version),
             "mlflow_run": mlflow.run_link(trained_model["experiment_id"], run_id),
             "model_uri": f"models:/{name}/{version}",
@@ -111,4 +123,26 @@ def registered_model(
     )
 
 
-defs = dg.Definitions(assets=[registered_model])
+@dg.asset_check(asset=registered_model, blocking=True,
+                description="The registered version passed the promotion gate; a rejected challenger stops "
+                            "the run here, before model_deployment.")
+def passed_gate(registered_model: dict) -> dg.AssetCheckResult:
+    passed = bool(registered_model["gate_passed"])
+    failures = registered_model.get("gate_failures") or []
+    return dg.AssetCheckResult(
+        passed=passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=(f"version {registered_model['version']} passed the gate" if passed else
+                     f"version {registered_model['version']} rejected, stays {c.ALIAS_CHALLENGER}: "
+                     + "; ".join(failures)),
+        metadata={
+            "version": registered_model["version"],
+            "decision": "promote" if passed else "reject",
+            "failures": dg.MetadataValue.md("\n".join(f"- {f}" for f in failures) or "none"),
+            "aliases": ", ".join(registered_model.get("aliases") or []) or "none",
+            "champion_version": registered_model.get("champion_version") or "none",
+        },
+    )
+
+
+defs = dg.Definitions(assets=[registered_model], asset_checks=[passed_gate])

@@ -79,6 +79,7 @@ class GateDecision:
         return {
             "passed": self.passed,
             "reasons": list(self.reasons),
+            "failures": self.failures,  # derived from checks; kept for readers of the stored dict
             "checks": [asdict(c) for c in self.checks],
             "compared_to_champion": self.compared_to_champion,
             "champion_version": self.champion_version,

@@ -7,7 +7,8 @@ and the promotion/rollback history, all read from the stores the platform alread
 - `trace` follows one request id from the prediction log to the registry version, its MLflow
   run, evaluation and gate decision, feature and data versions, the raw batches (re-hashed on
   disk), the Dagster runs and the code version; every link says whether it resolved.
-- `history_rows` / `format_history`: who registered, promoted, demoted or rolled back what, when.
+- `history_rows` / `format_history`: who registered, rejected (with the gate's reasons), promoted,
+  demoted or rolled back what, when.
 
 No Dagster imports here: Dagster run lookups come in through the small `DagsterLookup` protocol
 (implemented in `mlops_assets.defs.governance`).
@@ -143,6 +144,7 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {name} | {_fmt(value)} | {_fmt(champion.get(name))} |" for name, value in sorted(metrics.items())]
+    failures = gate_failures(gate)
     lines += [
         "",
         "## Promotion gate",
@@ -151,8 +153,13 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         + (f" (compared with champion version {gate['champion_version']})" if gate.get("champion_version") else ""),
         "",
     ]
-    lines += [f"- {reason}" for reason in gate.get("reasons") or []]
-    lines += [f"- FAILED: {failure}" for failure in gate.get("failures") or []]
+    if not gate.get("passed"):
+        lines += [f"Rejected: registered as `{c.ALIAS_CHALLENGER}` only, tagged `gate_passed=false` with the "
+                  f"failed checks; it never becomes `{c.ALIAS_CHAMPION}` and is not deployed.", "",
+                  f"Failed checks ({len(failures)}):", ""]
+        lines += [f"- {failure}" for failure in failures]
+        lines += ["", "Passed checks:", ""]
+    lines += [f"- {reason}" for reason in gate.get("reasons") or [] if reason not in failures]
     params: Mapping[str, Any] = card.get("params") or {}
     lines += ["", "## Training parameters", "", ", ".join(f"`{k}={v}`" for k, v in sorted(params.items()))
               or "(none recorded)"]
@@ -170,6 +177,13 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def gate_failures(gate: Mapping[str, Any]) -> list[str]:
+    """The failed checks of a stored gate decision (older records carry only `checks`)."""
+    if gate.get("failures"):
+        return [str(f) for f in gate["failures"]]
+    return [str(ch.get("reason")) for ch in gate.get("checks") or [] if not ch.get("passed")]
 
 
 def card_facts(
@@ -217,10 +231,14 @@ def record_model_card(
     uri = f"runs:/{run_id}/{artifact_path}"
     client.set_model_version_tag(model_name, str(version), TAG_MODEL_CARD, uri)
     client.set_model_version_tag(model_name, str(version), TAG_REGISTRATION_RUN, registration_dagster_run_id)
-    gate_word = "passed" if facts["gate"].get("passed") else "failed"
+    gate_word = ("passed" if facts["gate"].get("passed") else
+                 f"failed ({'; '.join(gate_failures(facts['gate']))}); {c.ALIAS_CHALLENGER} only")
     summary = (f"Gate {gate_word}. Trained {facts.get('trained_at')} on raw dataset {raw_version} "
                f"(features {facts.get('feature_version')}), code {facts.get('git_sha')}. Model card: {uri}")
-    client.update_model_version(model_name, str(version), description=summary[:DESCRIPTION_LIMIT])
+    if len(summary) > DESCRIPTION_LIMIT:  # keep the card link at the end
+        tail = f" Model card: {uri}"
+        summary = summary[: DESCRIPTION_LIMIT - len(tail) - 3] + "..." + tail
+    client.update_model_version(model_name, str(version), description=summary)
     return uri
 
 
@@ -235,7 +253,7 @@ def read_model_card(client: MlflowClient, uri: str) -> str:
 
 
 def history_rows(client: MlflowClient, model_name: str) -> list[dict[str, Any]]:
-    """Registry events (register, promote, demote, rollback-to, rollback-from), oldest first."""
+    """Registry events (register, reject, promote, demote, rollback-to, rollback-from), oldest first."""
     return [asdict(e) for e in model_store.history(client, model_name)]
 
 
@@ -245,7 +263,8 @@ def format_history(model_name: str, rows: Sequence[Mapping[str, Any]]) -> str:
     lines = [f"model {model_name}: {len(rows)} registry event(s), oldest first",
              f"{'when (UTC)':<32} {'who':<16} {'action':<14} {'version':<8} details"]
     for row in rows:
-        details = ", ".join(f"{k}={v}" for k, v in sorted((row.get("details") or {}).items()))
+        details = ", ".join(f"{k}={'; '.join(map(str, v)) if isinstance(v, list) else v}"
+                            for k, v in sorted((row.get("details") or {}).items()))
         lines.append(f"{row['at']:<32} {row['by']:<16} {row['action']:<14} {row['version']:<8} {details}")
     return "\n".join(lines)
 
