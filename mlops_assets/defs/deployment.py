@@ -8,6 +8,7 @@ import dagster as dg
 import pandas as pd
 
 from mlops_assets import constants as c
+from mlops_assets.defs.metadata import redact_text, url_value
 from mlops_assets.defs.mlflow_resource import MlflowResource
 from mlops_assets.defs.resources import PlatformResource
 from mlops_assets.lib import deployment as dep
@@ -70,13 +71,13 @@ def replica_env(settings: Settings, tracking_uri: str) -> dict[str, str]:
 
 def _result_metadata(result: dep.DeployResult, target: dep.ServeTarget) -> dict[str, Any]:
     return {
-        "endpoint": dg.MetadataValue.url(result.endpoint),
+        "endpoint": url_value(result.endpoint),
         "live_version": result.live_version,
         "replaced_version": result.replaced_version or "none",
         "checked_records": result.checked_records,
         "deploy_seconds": dg.MetadataValue.float(round(result.seconds, 2)),
         "steps": dg.MetadataValue.md("\n".join(f"- {s}" for s in result.steps)),
-        "ray_dashboard": dg.MetadataValue.url(f"{target.dashboard_url}/#/serve"),
+        "ray_dashboard": url_value(f"{target.dashboard_url}/#/serve"),
     }
 
 
@@ -109,9 +110,9 @@ def model_deployment(
         )
     except dep.DeploymentError as exc:
         live = dep.live_version(target)
-        raise dg.Failure(description=str(exc), metadata={"candidate_version": str(version),
+        raise dg.Failure(description=redact_text(str(exc)), metadata={"candidate_version": str(version),
                                                          "still_live_version": live or "none"}) from exc
-    context.log.info(f"version {result.live_version} live at {result.endpoint} (replaced {result.replaced_version})")
+    context.log.info(redact_text(f"version {result.live_version} live at {result.endpoint} (replaced {result.replaced_version})"))
     return dg.MaterializeResult(
         value={"model_name": name, "live_version": result.live_version, "replaced_version": result.replaced_version,
                "endpoint": result.endpoint, "app_name": target.app_name},
@@ -126,7 +127,7 @@ def serving_health(ray_serve: RayServeResource, model_deployment: dict) -> dg.As
         health_code, health = dep.get_json(target, "/healthz")
         model_code, model = dep.get_json(target, "/model")
     except Exception as exc:  # unreachable endpoint: a failed check, with the reason
-        return dg.AssetCheckResult(passed=False, metadata={"error": f"{type(exc).__name__}: {exc}"})
+        return dg.AssetCheckResult(passed=False, metadata={"error": redact_text(f"{type(exc).__name__}: {exc}")})
     live = str(model.get("version")) if model_code == 200 else None
     return dg.AssetCheckResult(
         passed=health_code == 200 and live == model_deployment["live_version"],
@@ -150,7 +151,7 @@ def rollback_champion_op(
                               env_vars=replica_env(platform.settings(), tracking_uri),
                               http_host=ray_serve.resolved_http_host())
     except Exception as exc:
-        raise dg.Failure(description=str(exc)) from exc
+        raise dg.Failure(description=redact_text(str(exc))) from exc
     context.add_output_metadata(_result_metadata(result, target))
     return {"live_version": result.live_version, "replaced_version": result.replaced_version}
 

@@ -7,7 +7,7 @@ import fsspec
 import pandas as pd
 
 from mlops_assets import constants as c
-from mlops_assets.defs.metadata import required_text
+from mlops_assets.defs.metadata import redact_uri, required_text
 from mlops_assets.defs.resources import PlatformResource
 from mlops_assets.lib import features as feat
 from mlops_assets.lib.settings import join_url
@@ -41,7 +41,7 @@ def feature_set(context: dg.AssetExecutionContext, config: FeatureConfig, platfo
             "data_version": data_version,
             "transformation_version": c.TRANSFORMATION_VERSION,
             "missing_feature_policy": config.missing_feature_policy,
-            "feature_path": path,
+            "feature_path": redact_uri(path),
             "positive_rate": round(float(features[feat.TARGET].mean()), 4) if len(features) else 0.0,
             **{k: v for k, v in stats.__dict__.items()},
             "dagster/row_count": len(features),

@@ -8,6 +8,7 @@ import dagster as dg
 import pandas as pd
 
 from mlops_assets import constants as c
+from mlops_assets.defs.metadata import path_value, redact_text
 from mlops_assets.defs.resources import PlatformResource
 from mlops_assets.lib import ingestion
 
@@ -34,7 +35,7 @@ def raw_batches(context: dg.AssetExecutionContext, platform: PlatformResource) -
         settings.landing_url, settings.batches_url, settings.quarantine_url, platform.spec())
     batches = ingestion.accepted_batches(settings.batches_url)
     for bad in result.quarantined:
-        context.log.warning(f"quarantined {bad.file_name}: {bad.reason} (moved to {bad.moved_to})")
+        context.log.warning(redact_text(f"quarantined {bad.file_name}: {bad.reason} (moved to {bad.moved_to})"))
 
     first_problem = result.quarantined[0].violations[0] if result.quarantined else {}
     contract = dg.AssetCheckResult(
@@ -58,7 +59,7 @@ def raw_batches(context: dg.AssetExecutionContext, platform: PlatformResource) -
         check_name=NOT_EMPTY_CHECK,
         passed=bool(batches),
         metadata={"accepted_batches": len(batches)},
-        description=None if batches else f"no accepted batch yet; drop CSV or Parquet files into {settings.landing_url}",
+        description=None if batches else redact_text(f"no accepted batch yet; drop CSV or Parquet files into {settings.landing_url}"),
     )
     accepted_table = pd.DataFrame(
         [{"file": b.file_name, "rows": b.rows, "columns": len(b.columns), "sha256": b.batch_id[:16],
@@ -74,8 +75,8 @@ def raw_batches(context: dg.AssetExecutionContext, platform: PlatformResource) -
             "total_rows": sum(b.rows for b in batches),
             "accepted": dg.MetadataValue.md(accepted_table.to_markdown(index=False) if len(accepted_table) else "none"),
             "batches": dg.MetadataValue.json([b.as_dict() for b in result.accepted]),
-            "landing_folder": dg.MetadataValue.path(settings.landing_url),
-            "batch_store": dg.MetadataValue.path(settings.batches_url),
+            "landing_folder": path_value(settings.landing_url),
+            "batch_store": path_value(settings.batches_url),
         },
         check_results=[contract, not_empty],
         data_version=dg.DataVersion(ingestion.dataset_version([b.batch_id for b in batches])),
@@ -89,7 +90,7 @@ def raw_dataset(context: dg.AssetExecutionContext, platform: PlatformResource) -
     spec = platform.spec()
     batches = ingestion.accepted_batches(settings.batches_url)
     if not batches:
-        raise dg.Failure(f"no accepted batch in {settings.batches_url}; land files in {settings.landing_url}")
+        raise dg.Failure(redact_text(f"no accepted batch in {settings.batches_url}; land files in {settings.landing_url}"))
     frame = ingestion.load_raw_dataset(batches, spec)
     version = ingestion.dataset_version([b.batch_id for b in batches])
     return dg.Output(

@@ -1,7 +1,22 @@
-"""Small helpers for reading upstream materialization metadata (versions travel this way)."""
+"""Small helpers for reading upstream materialization metadata (versions travel this way), and
+for putting URIs into metadata and messages without their credentials."""
 
 
 import dagster as dg
+
+from mlops_assets.lib.redaction import redact_text, redact_uri
+
+__all__ = ["latest_metadata", "path_value", "redact_text", "redact_uri", "required_text", "url_value"]
+
+
+def path_value(uri: str) -> dg.MetadataValue:
+    """A path or fsspec URL as Dagster metadata, credentials redacted (metadata is shown to every UI user)."""
+    return dg.MetadataValue.path(redact_uri(uri))
+
+
+def url_value(url: str) -> dg.MetadataValue:
+    """A clickable URL as Dagster metadata, credentials redacted."""
+    return dg.MetadataValue.url(redact_uri(url))
 
 
 def latest_metadata(instance: dg.DagsterInstance, asset: str) -> dict[str, object]:

@@ -21,6 +21,7 @@ import pandas as pd
 
 from mlops_assets import constants as c
 from mlops_assets.defs.deployment import RayServeResource
+from mlops_assets.defs.metadata import path_value, redact_text
 from mlops_assets.defs.mlflow_resource import MlflowResource
 from mlops_assets.defs.resources import PlatformResource
 from mlops_assets.lib import deployment as dep
@@ -287,7 +288,7 @@ def reference_profile(
             "model_version": version,
             "rows": len(frame),
             "columns": len(columns),
-            "reference_profile": dg.MetadataValue.path(join_url(folder, REFERENCE_FILE)),
+            "reference_profile": path_value(join_url(folder, REFERENCE_FILE)),
             "mlflow_artifact": f"runs:/{run_id}/{REFERENCE_ARTIFACT}",
             **_floats({"predicted_positive_share": positive_share,
                        "probability_mean": summary["columns"][mon.PROBABILITY].get("mean", math.nan)}),
@@ -331,7 +332,7 @@ def production_profiles(
     log_url = monitoring.log_url(settings)
     read = mon.read_prediction_log_files(log_url)
     for path, why in read.skipped:
-        context.log.warning(f"skipped unreadable prediction log file {path}: {why}")
+        context.log.warning(redact_text(f"skipped unreadable prediction log file {path}: {why}"))
     columns = mon.monitored_columns(spec.feature_names)
     width = _window_width_name(config.window)
     base = join_url(profiles_url(settings), "production", width)
@@ -376,7 +377,7 @@ def production_profiles(
             "skipped_files": len(read.skipped),
             "latest_window": latest["key"] if latest else "none",
             "latest_window_rows": latest["rows"] if latest else 0,
-            "profiles": dg.MetadataValue.path(base),
+            "profiles": path_value(base),
             **_floats({"newest_record_age_seconds": fresh.age_seconds}),
         },
         check_results=[check],
@@ -538,7 +539,7 @@ def drift_report(
             **_floats(per_feature),
             "scores": dg.MetadataValue.md(_md_table(_scores_table({**features, **outputs}))),
             "reference": ref_where,
-            "report": dg.MetadataValue.path(report_url),
+            "report": path_value(report_url),
         },
         check_results=[check],
     )
@@ -578,7 +579,7 @@ def online_performance(
     log = mon.read_prediction_log(monitoring.log_url(settings))
     labels = mon.read_labels(monitoring.resolved_labels_url(settings))
     for path, why in labels.skipped:
-        context.log.warning(f"skipped unreadable label file {path}: {why}")
+        context.log.warning(redact_text(f"skipped unreadable label file {path}: {why}"))
     served = log[log[mon.MODEL_VERSION] == model.version] if model.version and not log.empty else log.iloc[:0]
     join = mon.join_labels(served, labels.frame, label_values=list(spec.label_values))
     live = mon.online_metrics(join.joined, spec.positive_class)

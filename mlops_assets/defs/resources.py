@@ -8,6 +8,7 @@ import dagster as dg
 import fsspec
 import pandas as pd
 
+from mlops_assets.defs.metadata import path_value
 from mlops_assets.lib.dataset_spec import DatasetSpec, load_spec
 from mlops_assets.lib.settings import Settings, join_url, load_settings
 
@@ -74,7 +75,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             _makedirs_for(path)
             with fsspec.open(path, "w") as handle:
                 json.dump(obj, handle, indent=1, default=str)
-        context.add_output_metadata({"stored_at": dg.MetadataValue.path(path)})
+        context.add_output_metadata({"stored_at": path_value(path)})
 
     def load_input(self, context: dg.InputContext) -> Any:
         upstream = context.upstream_output

@@ -7,7 +7,7 @@ import fsspec
 import pandas as pd
 
 from mlops_assets import constants as c
-from mlops_assets.defs.metadata import required_text
+from mlops_assets.defs.metadata import path_value, required_text
 from mlops_assets.defs.resources import PlatformResource
 from mlops_assets.lib.settings import join_url
 from mlops_assets.lib.validation import ValidationThresholds, build_report, render_markdown
@@ -48,8 +48,8 @@ def validation_report(context: dg.AssetExecutionContext, config: ValidationConfi
             "duplicate_share": report["duplicate_share"],
             "conflicting_label_vectors": report["conflicting_label_vectors"],
             "minority_class_share": report["minority_class_share"],
-            "report_json": dg.MetadataValue.path(f"{base}.json"),
-            "report_markdown": dg.MetadataValue.path(f"{base}.md"),
+            "report_json": path_value(f"{base}.json"),
+            "report_markdown": path_value(f"{base}.md"),
             "report": dg.MetadataValue.md(markdown),
         },
     )
