@@ -224,3 +224,309 @@ def test_mlflow_requires_auth_and_no_secret_reaches_mlflow_dagster_or_responses(
     leaks += _files_containing(data, [n.encode() for n in needles])
     assert not leaks, leaks
     assert any((mlflow_auth.folder / "artifacts").rglob("model.cb")), "artifacts went through the proxy"
+
+
+# --- a tracking URI with a password: redacted everywhere, handed to replicas as a file ----------
+
+
+def test_a_password_in_the_tracking_uri_reaches_replicas_as_a_0600_file_never_as_a_variable(tmp_path: Path) -> None:
+    from mlops_assets.lib import deployment as dep
+    from mlops_assets.lib.serving.config import (
+        TRACKING_URI_FILE_ENV,
+        ModelRef,
+        mlflow_tracking_uri,
+        replica_tracking_env,
+    )
+
+    uri = "postgresql+psycopg2://mlflow:pw-123@db:5432/mlflow"
+    env = replica_tracking_env(uri, secrets_dir=tmp_path / "secrets", env={})
+    path = Path(env[TRACKING_URI_FILE_ENV])
+    assert list(env) == [TRACKING_URI_FILE_ENV] and path.parent == tmp_path / "secrets"
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    assert mlflow_tracking_uri(env) == uri  # what the replica reads
+    assert mlflow_tracking_uri({}) is None
+    # An operator's mounted file wins; a URI without credentials stays a plain variable.
+    assert replica_tracking_env(uri, secrets_dir=None, env={TRACKING_URI_FILE_ENV: "/run/secrets/uri"}) == {
+        TRACKING_URI_FILE_ENV: "/run/secrets/uri"}
+    assert replica_tracking_env("http://mlflow:5000", secrets_dir=None, env={}) == {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    with pytest.raises(ValueError, match="mount it as a file") as raised:
+        replica_tracking_env(uri, secrets_dir=None, env={})
+    assert "pw-123" not in str(raised.value) and "mlflow:***@db" in str(raised.value)
+    with pytest.raises(ValueError, match=TRACKING_URI_FILE_ENV):
+        mlflow_tracking_uri({TRACKING_URI_FILE_ENV: str(tmp_path / "missing")})
+    # The process environment is forwarded without the credential; the Serve config refuses one.
+    assert dep.forwarded_env({"MLFLOW_TRACKING_URI": uri, "MLOPS_DATA_URL": "/d"}) == {"MLOPS_DATA_URL": "/d"}
+    with pytest.raises(dep.DeploymentError, match="MLFLOW_TRACKING_URI") as refused:
+        dep.render_serve_config(dep.load_serve_config(), ref=ModelRef(version="1"),
+                                env_vars={"MLFLOW_TRACKING_URI": uri})
+    assert "pw-123" not in str(refused.value)
+
+
+def test_the_replica_env_of_the_deployment_asset_names_a_file_under_the_data_root(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlops_assets.defs.deployment import replica_env
+    from mlops_assets.lib.settings import load_settings
+
+    uri = "postgresql+psycopg2://mlflow:pw-456@db:5432/mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLOPS_MLFLOW_TRACKING_URI_FILE", raising=False)
+    settings = load_settings({"MLOPS_DATA_URL": str(tmp_path / "data")})
+    env = replica_env(settings, uri)
+    assert "pw-456" not in repr(env) and "MLFLOW_TRACKING_URI" not in env
+    assert Path(env["MLOPS_MLFLOW_TRACKING_URI_FILE"]) == tmp_path / "data" / "secrets" / "mlflow_tracking_uri"
+    remote = load_settings({"MLOPS_DATA_URL": "s3://bucket/data"})
+    with pytest.raises(dg.Failure, match="MLOPS_MLFLOW_TRACKING_URI_FILE"):
+        replica_env(remote, uri)
+    assert replica_env(remote, "http://mlflow:5000")["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+
+
+def test_run_links_show_the_store_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlops_assets.defs.mlflow_resource import MlflowResource
+
+    monkeypatch.delenv("MLFLOW_UI_URL", raising=False)
+    resource = MlflowResource(tracking_uri="postgresql+psycopg2://u:pw-789@db/mlflow")
+    for value in (resource.run_link("1", "abc"), resource.model_version_link("m", "2")):
+        assert "pw-789" not in str(value.value) and "u:***@db" in str(value.value)
+
+
+# The real thing: PostgreSQL with a password, the training path, a deployment on a Ray head.
+
+PG_MODEL = "secrets-pg"
+PG_ARGS = {"log_flush_interval_s": 0.5, "max_records": 100}
+
+
+def _postgres_server() -> Iterator[str]:
+    from mlops_assets_tests.test_postgres_platform import (
+        URL_ENV,
+        PrivatePostgres,
+        _unavailable,
+        postgres_bindir,
+    )
+
+    given = os.environ.get(URL_ENV)
+    if given:
+        yield given
+        return
+    bindir = postgres_bindir()
+    if bindir is None:
+        _unavailable(f"no PostgreSQL: {URL_ENV} is not set and no initdb/pg_ctl is installed")
+    server = PrivatePostgres(bindir)  # type: ignore[arg-type]
+    try:
+        server.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        import shutil
+
+        shutil.rmtree(server.folder, ignore_errors=True)
+        _unavailable(f"could not start a private PostgreSQL from {bindir}: {exc}")
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@dataclass
+class PgStore:
+    tracking_uri: str  # postgresql+psycopg2://<role>:<password>@.../<db>, the role's own database
+    password: str
+    admin_url: str
+    database: str
+
+
+@pytest.fixture(scope="module")
+def pg_store() -> Iterator[PgStore]:
+    """A role with a fresh password and a database it owns, on CI's server or a private one.
+    Fails under CI=true when there is no PostgreSQL, skips elsewhere (as test_postgres_platform)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from mlops_assets_tests.test_postgres_platform import _admin, _unavailable, mlflow_uri
+
+    for admin_url in _postgres_server():
+        suffix = secrets.token_hex(4)
+        role, database, password = f"mlflow_{suffix}", f"mlflow_{suffix}", "pg-" + secrets.token_hex(12)
+        try:
+            conn = _admin(admin_url)
+        except Exception as exc:
+            _unavailable(f"cannot connect to the PostgreSQL server: {type(exc).__name__}")
+        with conn.cursor() as cur:
+            cur.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'")
+            cur.execute(f'CREATE DATABASE "{database}" OWNER "{role}"')
+        parts = urlsplit(admin_url)
+        netloc = f"{role}:{password}@{parts.hostname}:{parts.port or 5432}"
+        uri = mlflow_uri(urlunsplit((parts.scheme, netloc, f"/{database}", "", "")))
+        try:
+            yield PgStore(uri, password, admin_url, database)
+        finally:
+            with conn.cursor() as cur:
+                cur.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+                cur.execute(f'DROP ROLE IF EXISTS "{role}"')
+            conn.close()
+
+
+def _mlflow_strings(client: MlflowClient) -> list[str]:
+    """Every string MLflow holds about the runs, models and versions."""
+    seen: list[str] = []
+    for run in client.search_runs([e.experiment_id for e in client.search_experiments()]):
+        seen += [run.info.run_name or "", run.info.artifact_uri or ""]
+        seen += [f"{k}={v}" for k, v in {**run.data.params, **run.data.tags}.items()]
+        seen += list(run.data.metrics)
+        for d in run.inputs.dataset_inputs:
+            seen += [d.dataset.source, d.dataset.source_type, d.dataset.profile or "", d.dataset.schema or ""]
+            seen += [f"{t.key}={t.value}" for t in d.tags]
+    for experiment in client.search_experiments():
+        seen += [experiment.name, experiment.artifact_location, *[f"{k}={v}" for k, v in experiment.tags.items()]]
+    for model in client.search_registered_models():
+        seen += [model.description or "", *[f"{k}={v}" for k, v in model.tags.items()]]
+        seen += [f"{a}={v}" for a, v in (model.aliases or {}).items()]
+        for version in client.search_model_versions(f"name = '{model.name}'"):
+            seen += [version.description or "", version.source or ""]
+            seen += [f"{k}={v}" for k, v in version.tags.items()]
+    return seen
+
+
+def _database_text(admin_url: str, database: str) -> str:
+    """Every row of every table of the MLflow database, as text: whatever MLflow stored."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from mlops_assets_tests.test_postgres_platform import _admin
+
+    parts = urlsplit(admin_url)
+    conn = _admin(urlunsplit((parts.scheme, parts.netloc, f"/{database}", "", "")))
+    try:
+        with conn.cursor() as cur:
+            cur.execute("select tablename from pg_tables where schemaname = 'public'")
+            rows = []
+            for (table,) in cur.fetchall():
+                cur.execute(f'select t::text from "{table}" t')
+                rows += [f"{table}: {r[0]}" for r in cur.fetchall()]
+        return "\n".join(rows)
+    finally:
+        conn.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_postgres_password_in_the_tracking_uri_reaches_no_event_mlflow_field_serve_config_output_or_response(
+        pg_store: PgStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    from contextlib import ExitStack
+
+    from mlops_assets import cli
+    from mlops_assets.lib import deployment as dep
+    from mlops_assets.lib.ray_cluster import start_head, stop_head
+    from mlops_assets_tests.ray_support import isolated_cluster
+
+    password, token = pg_store.password, "tok-" + secrets.token_hex(12)
+    data = tmp_path / "data"
+    cluster = isolated_cluster(tmp_path)
+    config = dep.load_serve_config()
+    config["applications"][0]["args"] = {**config["applications"][0].get("args", {}), **PG_ARGS}
+    for deployment in config["applications"][0]["deployments"]:
+        deployment["num_replicas"] = 1  # two cores shared by the whole suite
+    serve_config = tmp_path / "serve_config.yaml"
+    serve_config.write_text(yaml.safe_dump(config))
+    for key in ("MLOPS_LANDING_URL", "MLOPS_DATASET_SPEC", "MLFLOW_UI_URL", "MLOPS_MLFLOW_EXPERIMENT",
+                "MLOPS_PREDICTION_LOG_URL", "MLOPS_MLFLOW_TRACKING_URI_FILE", "MLFLOW_TRACKING_USERNAME",
+                "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {
+        "MLFLOW_TRACKING_URI": pg_store.tracking_uri, "MLOPS_API_TOKEN": token, "MLOPS_DATA_URL": str(data),
+        "MLOPS_MLFLOW_ARTIFACT_ROOT": (tmp_path / "artifacts").as_uri(), "MLOPS_MODEL_NAME": PG_MODEL,
+        "MLOPS_ACTOR": "secrets-test", "MLOPS_RAY_DASHBOARD_URL": cluster.dashboard_url,
+        "MLOPS_SERVE_URL": cluster.serve_url, "MLOPS_SERVE_CONFIG": str(serve_config),
+    }.items():
+        monkeypatch.setenv(key, value)
+    write_batch(simulate_records(default_spec(), SimulationConfig(n_rows=1500, seed=7)), str(data / "raw"),
+                name="landed.csv")
+    MlflowClient(tracking_uri=pg_store.tracking_uri).search_experiments()  # schema first, as `mlflow db upgrade`
+
+    with ExitStack() as stack:
+        # The head knows no tracking URI: replicas can only get it from the file Dagster hands over.
+        start_head(cluster, env={"MLOPS_API_TOKEN": token, "MLFLOW_TRACKING_URI": "", "MLOPS_DATA_URL": str(data)})
+        stack.callback(stop_head, cluster)
+        target = dep.target_from_env()
+        stack.callback(lambda: dep.delete_app(target))
+        from mlops_assets.definitions import defs
+
+        instance = stack.enter_context(dg.instance_for_test())
+        result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+            instance=instance, run_config=FAST, raise_on_error=False,
+            asset_selection=[dg.AssetKey(k) for k in [*TRAINING_PATH, "model_deployment"]])
+        assert result.success, [e.message for e in result.all_events if e.is_failure]
+        event_log = "\n".join(repr(e) for e in instance.all_logs(result.run_id))
+        assert "model_deployment" in event_log and "secrets-pg" in event_log
+
+        # The Serve config as the dashboard returns it: the file's path, never the URI.
+        applications = httpx.get(f"{cluster.dashboard_url}/api/serve/applications/", timeout=30,
+                                 headers=_ray_auth_headers(cluster))
+        assert applications.status_code == 200, applications.text[:300]
+        app_config = applications.json()["applications"][target.app_name]["deployed_app_config"]
+        env_vars = app_config["runtime_env"]["env_vars"]
+        secret_file = Path(env_vars["MLOPS_MLFLOW_TRACKING_URI_FILE"])
+        assert "MLFLOW_TRACKING_URI" not in env_vars
+        assert secret_file.read_text().strip() == pg_store.tracking_uri
+        assert secret_file.stat().st_mode & 0o777 == 0o600
+
+        # Every HTTP answer of the endpoint, the good and the refused.
+        records = dep.sample_records(simulate_records(default_spec(), SimulationConfig(n_rows=5, seed=3)),
+                                     default_spec(), 5)
+        auth = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(timeout=30, trust_env=False) as http:
+            responses = [
+                http.post(target.endpoint, json={"records": records}, headers=auth),
+                http.post(target.endpoint, json={"records": records}),  # 401
+                http.post(target.endpoint, json={"records": [{"nope": 1}]}, headers=auth),  # 422
+                http.get(f"{cluster.serve_url}/healthz"), http.get(f"{cluster.serve_url}/model"),
+                http.get(f"{cluster.serve_url}/metrics"), http.get(f"{cluster.serve_url}/nowhere"),
+                http.get(cluster.metrics_url),
+            ]
+        predicted = responses[0]
+        assert predicted.status_code == 200, predicted.text[:300]
+        assert [r.status_code for r in responses[1:5]] == [401, 422, 200, 200]
+
+        # `status` and `trace`, human and JSON, as a user runs them (stdout and stderr).
+        outputs: list[str] = []
+        capfd.readouterr()
+        for argv in (["status"], ["status", "--json"], ["status", "--history"]):
+            assert cli.main(argv) == 0, capfd.readouterr()
+            outputs.append("".join(capfd.readouterr()))
+        request_id = predicted.json()["request_id"]
+        deadline = time.monotonic() + 60
+        while True:
+            cli.main(["trace", request_id])
+            text = "".join(capfd.readouterr())
+            if "not in the prediction log" not in text or time.monotonic() > deadline:
+                break
+            outputs.append(text)  # the not-found message names the log URL too
+            time.sleep(1)
+        outputs.append(text)
+        assert f"request {request_id}" in text, text
+        cli.main(["trace", request_id, "--json"])
+        outputs.append("".join(capfd.readouterr()))
+        assert "mlflow_" in outputs[0] and "***@" in outputs[0]  # the store is shown, its password is not
+
+    client = MlflowClient(tracking_uri=pg_store.tracking_uri)
+    seen = _mlflow_strings(client)
+    assert any("model_card" in s for s in seen) and any("feature_set" in s or "features" in s for s in seen)
+    leaks = [f"MLflow: {s[:200]}" for s in seen if password in s]
+    leaks += ["Dagster event log"] * (password in event_log)
+    leaks += ["Serve config from the dashboard"] * (password in applications.text)
+    leaks += [f"HTTP {r.request.method} {r.request.url.path} -> {r.status_code}" for r in responses
+              if password in r.text or password in str(r.headers)]
+    leaks += [f"CLI output #{i}" for i, out in enumerate(outputs) if password in out]
+    # Byte for byte: the MLflow database's rows, the artifacts (model, metadata.json, card, plots),
+    # the data root (prediction log, reports, IO manager pickles) except the replicas' secret file.
+    leaks += ["MLflow database rows"] * (password in _database_text(pg_store.admin_url, pg_store.database))
+    leaks += _files_containing(tmp_path / "artifacts", [password.encode()])
+    leaks += [p for p in _files_containing(data, [password.encode(), token.encode()])
+              if not p.startswith(str(secret_file))]
+    assert not leaks, leaks
+    assert any((tmp_path / "artifacts").rglob("*.md")), "the model card was written and scanned"
+
+
+def _ray_auth_headers(cluster: object) -> dict[str, str]:
+    """The Ray token header when the head runs with token authentication (else none)."""
+    try:
+        from mlops_assets.lib.ray_cluster import auth_headers  # type: ignore[attr-defined]
+    except ImportError:
+        return {}
+    return dict(auth_headers(cluster))
