@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from mlops_assets import constants as c
+from mlops_assets.lib.redaction import redact_text
 
 
 def _positive_int(text: str) -> int:
@@ -133,8 +134,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     settings = load_settings()
     target = dep.target_from_env(dashboard_url=args.dashboard_url, serve_url=args.endpoint)
     tracking_uri = args.tracking_uri or settings.mlflow_tracking_uri
-    env_vars = {**dep.forwarded_env(os.environ),
-                "MLFLOW_TRACKING_URI": tracking_uri, "MLOPS_DATA_URL": settings.data_url}
+    env_vars = dep.replica_env_vars(os.environ, tracking_uri=tracking_uri, data_url=settings.data_url)
     spec = load_spec(settings.dataset_spec_path)
     try:
         result = dep.rollback(target=target, tracking_uri=tracking_uri, spec=spec,
@@ -142,7 +142,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
                               records=dep.simulated_sample(spec), env_vars=env_vars)
     except (dep.DeploymentError, LookupError) as exc:
         # The registry and the endpoint are as they were: say why, exit 1.
-        print(f"mlops-assets rollback: failed: {exc}", file=sys.stderr)
+        print(redact_text(f"mlops-assets rollback: failed: {exc}"), file=sys.stderr)
         return 1
     print(f"rolled back: version {result.live_version} is champion and live at {result.endpoint} "
           f"(replaced version {result.replaced_version})")
@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (ValueError, KeyError, FileNotFoundError) as exc:
         # Known bad input: one clear line, no traceback.
-        print(f"mlops-assets {args.command}: error: {exc}", file=sys.stderr)
+        print(redact_text(f"mlops-assets {args.command}: error: {exc}"), file=sys.stderr)
         return 2
 
 

@@ -12,13 +12,8 @@ from mlops_assets.defs.metadata import redact_text, url_value
 from mlops_assets.defs.mlflow_resource import MlflowResource
 from mlops_assets.defs.resources import PlatformResource
 from mlops_assets.lib import deployment as dep
-from mlops_assets.lib.serving.config import (
-    APP_NAME,
-    SECRETS_SUBDIR,
-    TRACKING_URI_FILE_ENV,
-    replica_tracking_env,
-)
-from mlops_assets.lib.settings import Settings, join_url
+from mlops_assets.lib.serving.config import APP_NAME
+from mlops_assets.lib.settings import Settings
 
 SAMPLE_RECORDS = 64  # test-set rows the candidate must answer exactly as the offline model does
 SPLIT_COLUMN = "split"  # the train_test_split frame's split column ("train" / "test")
@@ -53,17 +48,10 @@ def replica_env(settings: Settings, tracking_uri: str) -> dict[str, str]:
 
     A tracking URI with a password reaches them as a 0600 file under <data root>/secrets (or the
     operator's mounted file), named by MLOPS_MLFLOW_TRACKING_URI_FILE: never in the Serve config."""
-    env = dep.forwarded_env(os.environ)
-    for key in ("MLFLOW_TRACKING_URI", TRACKING_URI_FILE_ENV):  # this run's registry below, not the process's
-        env.pop(key, None)
-    data_url = settings.data_url.removeprefix("file://")
-    local_root = data_url if "://" not in data_url else None
     try:
-        env.update(replica_tracking_env(
-            tracking_uri, secrets_dir=join_url(local_root, SECRETS_SUBDIR) if local_root else None))
-    except ValueError as exc:
+        env = dep.replica_env_vars(os.environ, tracking_uri=tracking_uri, data_url=settings.data_url)
+    except ValueError as exc:  # a credential and no file to hand it over in: the message says what to mount
         raise dg.Failure(description=str(exc)) from None
-    env["MLOPS_DATA_URL"] = settings.data_url
     if settings.dataset_spec_path:
         env["MLOPS_DATASET_SPEC"] = settings.dataset_spec_path
     return env

@@ -153,6 +153,24 @@ def forwarded_env(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def replica_env_vars(env: Mapping[str, str], *, tracking_uri: str, data_url: str) -> dict[str, str]:
+    """The replicas' runtime_env variables: the forwarded settings, this deploy's registry and data root.
+
+    A tracking URI with a credential goes as the path of a 0600 file holding it (the operator's
+    mounted file, else one under a local data root's secrets folder); ValueError when neither exists.
+    """
+    from mlops_assets.lib.serving.config import SECRETS_SUBDIR, TRACKING_URI_FILE_ENV, replica_tracking_env
+
+    out = forwarded_env(env)
+    for key in ("MLFLOW_TRACKING_URI", TRACKING_URI_FILE_ENV):  # this deploy's registry, not the process's
+        out.pop(key, None)
+    local = data_url.removeprefix("file://")
+    secrets_dir = f"{local.rstrip('/')}/{SECRETS_SUBDIR}" if "://" not in local else None
+    out.update(replica_tracking_env(tracking_uri, secrets_dir=secrets_dir, env=env))
+    out["MLOPS_DATA_URL"] = data_url
+    return out
+
+
 def mismatches(expected: Sequence[float], got: Sequence[float], tol: float = PROBABILITY_TOLERANCE) -> list[int]:
     """Indices where two probability lists differ by more than `tol` (length mismatch: all)."""
     if len(expected) != len(got):
