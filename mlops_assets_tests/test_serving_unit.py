@@ -277,7 +277,7 @@ def _encoded(request_id: str, n: int) -> bytes:
                           matrix=np.arange(2 * n).reshape(n, 2), labels=[1] * n, probabilities=[0.5] * n)
 
 
-_KILLED_WRITER = """
+_KILLED_WRITER = r"""
 import os, signal, sys
 import numpy as np
 from mlops_assets.lib.serving.prediction_log import PredictionLogWriter, encode_request, write_part
@@ -295,7 +295,7 @@ for i in range(20):
                                          matrix=np.array([[i, 1], [i, 2]]), labels=[1, -1],
                                          probabilities=[0.9, 0.1]), 2)
 # A write that a crash cut short: never answered, so never logged.
-os.write(writer._fd, b'{"logged_at": "2026-')
+os.write(writer._fd, b'M\x00\x00\x10\x00partial')
 if mode == "ship":
     writer.flush()
 os.kill(os.getpid(), signal.SIGKILL)
@@ -504,3 +504,60 @@ def test_prediction_log_url_default_and_override(tmp_path) -> None:
         == "s3://b/p"
     assert app_module.prediction_log_url(settings, ServiceOptions(prediction_log_url="memory://x"), env={}) \
         == "memory://x"
+
+
+# --- the ingress's forwarding, without Ray --------------------------------------------------------
+
+
+def test_a_forwarded_request_runs_the_app_in_process_and_returns_its_log_line(core, spec) -> None:
+    from mlops_assets.lib.serving.ingress import ForwardedRequest, call_asgi
+    from mlops_assets.lib.serving.prediction_log import decode_spool
+
+    asyncio.run(core.reconfigure(ModelRef(version="1")))
+    body = json.dumps({"records": _records(spec, 2)}).encode()
+    headers = [(b"authorization", f"Bearer {TOKEN}".encode()), (b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    lines: list[tuple[bytes, int]] = []
+    state = {"request_id": "fixed-id", "log_sink": lambda line, rows: lines.append((line, rows))}
+    answer = asyncio.run(call_asgi(app_module.api, ForwardedRequest("POST", "/predict", b"", headers, body,
+                                                                    "fixed-id"), state))
+    assert answer.status == 200 and json.loads(answer.body)["request_id"] == "fixed-id"
+    assert (b"content-type", b"application/json") in answer.headers
+    assert len(lines) == 1 and lines[0][1] == 2
+    rows = decode_spool(lines[0][0])
+    assert [r["request_id"] for r in rows] == ["fixed-id"] * 2 and rows[0]["model_version"] == "1"
+    assert core.log.pending() == 0  # logged by the sink (the ingress), not by this replica's own log
+
+
+def test_retry_sends_again_only_when_the_replica_died() -> None:
+    from ray.exceptions import ActorDiedError
+
+    from mlops_assets.lib.serving.ingress import call_with_retry
+
+    calls: list[int] = []
+
+    async def dies_once() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ActorDiedError()
+        return "answer"
+
+    assert asyncio.run(call_with_retry(dies_once, backoff_s=0)) == "answer" and len(calls) == 2
+
+    async def broken() -> str:
+        calls.append(1)
+        raise ValueError("a bug, not a death")
+
+    calls.clear()
+    with pytest.raises(ValueError):
+        asyncio.run(call_with_retry(broken, backoff_s=0))
+    assert len(calls) == 1
+
+    async def always_dies() -> str:
+        calls.append(1)
+        raise ActorDiedError()
+
+    calls.clear()
+    with pytest.raises(ActorDiedError):
+        asyncio.run(call_with_retry(always_dies, attempts=3, backoff_s=0))
+    assert len(calls) == 3

@@ -1,14 +1,22 @@
-"""The Ray Serve application: a FastAPI ingress over `ServiceCore`.
+"""The Ray Serve application: a thin ingress in front of scoring replicas that run a FastAPI app.
 
 Deployed declaratively from `deploy/serve_config.yaml` (import path
-`mlops_assets.lib.serving.app:build_app`); the deployment's `user_config` names the registry
-version, so switching versions is a `reconfigure` on running replicas, not a restart.
-Routes are plain functions over the replica's one `ServiceCore` (one replica per worker
-process), which lets tests run the same FastAPI app without Ray.
+`mlops_assets.lib.serving.app:build_app`). Two deployments:
+
+- `PredictionIngress` takes the HTTP request, forwards it to a `PredictionService` replica
+  through a handle, sends it again to another replica if that one dies mid-request (see
+  `ingress.py`), and spools the answered request's log line before it answers.
+- `PredictionService` runs the FastAPI app below in process over its one `ServiceCore`; its
+  `user_config` names the registry version, so switching versions is a `reconfigure` on
+  running replicas, not a restart.
+
+Routes are plain functions over the replica's `ServiceCore`, which lets tests run the same
+FastAPI app without Ray.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -17,7 +25,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,6 +42,13 @@ from mlops_assets.lib.serving.config import (
     api_token,
     mlflow_tracking_uri,
 )
+from mlops_assets.lib.serving.ingress import (
+    ForwardedRequest,
+    ForwardedResponse,
+    call_asgi,
+    call_with_retry,
+    read_capped,
+)
 from mlops_assets.lib.serving.metrics import RayServeMetrics, ServingMetrics
 from mlops_assets.lib.serving.prediction_log import PredictionLogWriter
 from mlops_assets.lib.serving.request import RequestError
@@ -43,6 +58,7 @@ from mlops_assets.lib.settings import Settings, join_url, load_settings
 
 logger = logging.getLogger(__name__)
 
+INGRESS_DEPLOYMENT_NAME = "PredictionIngress"
 KNOWN_ROUTES = {"/predict", "/healthz", "/model"}
 
 api = FastAPI(
@@ -154,7 +170,10 @@ api.add_middleware(RequestMetricsMiddleware)
 })
 async def predict(request: Request) -> JSONResponse:
     core = _require_core()
-    result = await core.predict(request.headers, request.stream())
+    # Behind the ingress, the request id and the log sink come with the request (`call_asgi`).
+    result = await core.predict(request.headers, request.stream(),
+                                request_id=getattr(request.state, "request_id", None),
+                                log_sink=getattr(request.state, "log_sink", None))
     return JSONResponse(result.body())
 
 
@@ -171,7 +190,18 @@ async def model() -> JSONResponse:
     return JSONResponse(_require_core().model_info())
 
 
-# --- the Ray Serve deployment ---------------------------------------------------------------
+# --- the Ray Serve deployments -------------------------------------------------------------
+
+
+def _prediction_log(opts: ServiceOptions, settings: Settings, metrics: ServingMetrics) -> PredictionLogWriter:
+    return PredictionLogWriter(
+        prediction_log_url(settings, opts),
+        flush_interval_s=opts.log_flush_interval_s,
+        flush_rows=opts.log_flush_rows,
+        max_buffer_rows=opts.log_max_buffer_rows,
+        on_failure=metrics.prediction_log_failure,
+        on_flush=metrics.prediction_log_written,
+    )
 
 
 @serve.deployment(
@@ -186,35 +216,34 @@ async def model() -> JSONResponse:
     user_config=ModelRef().to_user_config(),
     ray_actor_options={"num_cpus": 0.5},
 )
-@serve.ingress(api)
 class PredictionService:
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         opts = ServiceOptions.from_args(options)
         settings = load_settings()
         spec = load_spec(opts.dataset_spec_path or settings.dataset_spec_path)
         metrics: ServingMetrics = RayServeMetrics()
-        log = PredictionLogWriter(
-            prediction_log_url(settings, opts),
-            flush_interval_s=opts.log_flush_interval_s,
-            flush_rows=opts.log_flush_rows,
-            max_buffer_rows=opts.log_max_buffer_rows,
-            on_failure=metrics.prediction_log_failure,
-            on_flush=metrics.prediction_log_written,
-        )
         core = ServiceCore(
             spec=spec,
             options=opts,
             token=api_token(),
             metrics=metrics,
-            log_writer=log,
+            log_writer=None,  # the ingress spools what this replica answers
             loader=registry_loader(mlflow_tracking_uri() or settings.mlflow_tracking_uri, spec),
         )
         if opts.batch_max_size > 1:
-            self._score_batched.set_max_batch_size(opts.batch_max_size)
-            self._score_batched.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
+            self._score_batched.set_max_batch_size(opts.batch_max_size)  # type: ignore[attr-defined]
+            self._score_batched.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)  # type: ignore[attr-defined]
             core.score_fn = self._score_batched
         self._core = core
         set_core(core)
+
+    async def handle(self, request: ForwardedRequest) -> ForwardedResponse:
+        """One HTTP request from the ingress, through the FastAPI app; the log line goes back with it."""
+        lines: list[tuple[bytes, int]] = []
+        state = {"request_id": request.request_id, "log_sink": lambda line, rows: lines.append((line, rows))}
+        response = await call_asgi(api, request, state)
+        response.log_lines = lines
+        return response
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         await self._core.reconfigure(ModelRef.from_user_config(user_config))
@@ -228,14 +257,71 @@ class PredictionService:
         scorer = self._core.require_scorer()
         return await score_off_loop_if_large(scorer, matrices)
 
+
+_INTERNAL_ERROR = b'{"error":"internal error; the server log has the details"}'
+_NO_REPLICA = b'{"error":"no replica could answer (they were restarting); retry"}'
+_JSON = [(b"content-type", b"application/json")]
+
+
+@serve.deployment(
+    name=INGRESS_DEPLOYMENT_NAME,
+    # It only waits on scorers: a high in-flight limit, so the scorers' queue is what bounds load.
+    max_ongoing_requests=256,
+    max_queued_requests=256,
+    health_check_period_s=5,
+    graceful_shutdown_timeout_s=25,  # longer than the scorers', so their last answers are still logged
+    ray_actor_options={"num_cpus": 0.25},
+)
+class PredictionIngress:
+    def __init__(self, scorer: Any, options: dict[str, Any] | None = None) -> None:
+        opts = ServiceOptions.from_args(options)
+        self._scorer = scorer
+        self._body_cap = opts.max_body_bytes + 1  # one byte over the limit is enough for the scorer's 413
+        self._log = _prediction_log(opts, load_settings(), RayServeMetrics())
+
+    async def __call__(self, request: Request) -> Response:
+        import uuid
+
+        from ray.serve.exceptions import BackPressureError
+
+        forwarded = ForwardedRequest(
+            method=request.method, path=request.url.path, query_string=request.url.query.encode(),
+            headers=list(request.headers.raw), body=await read_capped(request.stream(), self._body_cap),
+            request_id=uuid.uuid4().hex,
+        )
+        try:
+            answer: ForwardedResponse = await call_with_retry(
+                lambda: self._scorer.handle.remote(forwarded), what=f"{request.method} {forwarded.path}")
+        except BackPressureError as exc:
+            return _raw_response(503, [*_JSON, (b"retry-after", b"1")], json.dumps({"error": str(exc)}).encode())
+        except Exception as exc:
+            from mlops_assets.lib.serving.ingress import replica_died
+
+            if replica_died(exc):
+                logger.error("%s %s: every try hit a dying replica", request.method, forwarded.path)
+                return _raw_response(503, _JSON, _NO_REPLICA)
+            logger.exception("the scoring deployment failed on %s %s", request.method, forwarded.path)
+            return _raw_response(500, _JSON, _INTERNAL_ERROR)
+        for line, rows in answer.log_lines:
+            self._log.append_encoded(line, rows)  # before the answer leaves: a crash keeps the row
+        return _raw_response(answer.status, answer.headers, answer.body)
+
     def __del__(self) -> None:
-        # Graceful shutdown: write what the prediction log still holds.
-        core = getattr(self, "_core", None)
-        if core is not None:
-            core.close()
+        # Graceful shutdown: ship what the spool still holds.
+        log = getattr(self, "_log", None)
+        if log is not None:
+            log.close()
+
+
+def _raw_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
+    response = Response(content=body, status_code=status)
+    response.raw_headers = [(k, v) for k, v in headers if k.lower() != b"content-length"] + [
+        (b"content-length", str(len(body)).encode())]
+    return response
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
     """Application builder for the Serve config's `import_path`; `args` are ServiceOptions."""
     options = ServiceOptions.from_args(args)  # fail the deploy early on a bad option
-    return PredictionService.bind({k: v for k, v in vars(options).items() if v is not None})
+    given = {k: v for k, v in vars(options).items() if v is not None}
+    return PredictionIngress.bind(PredictionService.bind(given), given)  # type: ignore[attr-defined]

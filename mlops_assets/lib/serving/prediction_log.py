@@ -1,6 +1,6 @@
 """The prediction log: every answered record, spooled locally before the answer, shipped as Parquet parts.
 
-`PredictionLogWriter.append` writes one line to a local spool file (one `write` to a file opened
+`PredictionLogWriter.append` writes one line to a local spool file (one frame, one `write` to a file opened
 with O_APPEND: the bytes are in the page cache when it returns, so they outlive a SIGKILL of the
 process; no fsync, which only matters for a crash of the machine). A background thread ships the
 spool as Parquet parts (on a timer, when enough rows wait, and on close) to any fsspec URL:
@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
+import struct
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -80,6 +83,18 @@ def default_spool_dir(log_url: str, env: Mapping[str, str] | None = None) -> str
     return os.path.join(root, hashlib.sha256(log_url.encode()).hexdigest()[:16])
 
 
+# A spool segment is a sequence of frames: 1 byte kind, 4 bytes payload length (big-endian), payload.
+# The length tells a frame a crash cut short (its request was never answered) from a whole one.
+_FRAME = struct.Struct(">cI")
+_MATRIX, _ROWS = b"M", b"J"
+_HEADER_LEN = struct.Struct(">I")
+
+
+@functools.lru_cache(maxsize=8)
+def _columns_json(columns: tuple[str, ...]) -> str:
+    return json.dumps(list(columns))
+
+
 def encode_request(
     *,
     request_id: str,
@@ -90,16 +105,19 @@ def encode_request(
     probabilities: Sequence[float],
     logged_at: datetime | None = None,
 ) -> bytes:
-    """One answered request as one spool line: the feature matrix as nested lists, not row dicts.
+    """One answered request as one spool frame: a small JSON header, then the matrix and outputs as raw arrays.
 
-    Encoding lists of ints costs a fraction of encoding one dict per record, and this runs on the
-    request path.
+    This runs on the request path, so it copies arrays instead of encoding one value at a time
+    (a tenth of the cost of JSON for 10 records of 30 features).
     """
-    at = (logged_at or datetime.now(UTC)).isoformat()
-    line = {"logged_at": at, "request_id": request_id, "model_version": model_version, "columns": list(columns),
-            "values": matrix.tolist(), "label": [int(v) for v in labels],
-            "probability": [float(v) for v in probabilities]}
-    return json.dumps(line, separators=(",", ":")).encode() + b"\n"
+    at_ns = time.time_ns() if logged_at is None else int(logged_at.timestamp() * 1_000_000) * 1000
+    values = np.ascontiguousarray(matrix, dtype=np.int64)
+    header = (f'{{"t":{at_ns},"request_id":{json.dumps(request_id)},"model_version":{json.dumps(model_version)},'
+              f'"n":{values.shape[0]},"columns":{_columns_json(tuple(columns))}}}').encode()
+    payload = b"".join((_HEADER_LEN.pack(len(header)), header, values.tobytes(),
+                        np.asarray(labels, dtype=np.int64).tobytes(),
+                        np.asarray(probabilities, dtype=np.float64).tobytes()))
+    return _FRAME.pack(_MATRIX, len(payload)) + payload
 
 
 def _json_default(value: Any) -> Any:
@@ -111,34 +129,50 @@ def _json_default(value: Any) -> Any:
 
 
 def encode_rows(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """Ready-made rows (see `prediction_rows`) as one spool line."""
-    return json.dumps({"rows": list(rows)}, separators=(",", ":"), default=_json_default).encode() + b"\n"
+    """Ready-made rows (see `prediction_rows`) as one spool frame."""
+    payload = json.dumps(list(rows), separators=(",", ":"), default=_json_default).encode()
+    return _FRAME.pack(_ROWS, len(payload)) + payload
+
+
+def _matrix_rows(payload: bytes) -> list[dict[str, Any]]:
+    (size,) = _HEADER_LEN.unpack_from(payload)
+    header = json.loads(payload[4:4 + size])
+    n, columns = int(header["n"]), header["columns"]
+    at = datetime.fromtimestamp(header["t"] / 1e9, UTC)
+    offset = 4 + size
+    values = np.frombuffer(payload, dtype=np.int64, count=n * len(columns), offset=offset).reshape(n, len(columns))
+    offset += values.nbytes
+    labels = np.frombuffer(payload, dtype=np.int64, count=n, offset=offset)
+    probabilities = np.frombuffer(payload, dtype=np.float64, count=n, offset=offset + labels.nbytes)
+    return [{"logged_at": at, "request_id": header["request_id"], "model_version": header["model_version"],
+             "record_index": i, **dict(zip(columns, row, strict=True)), "label": int(label), "probability": float(p)}
+            for i, (row, label, p) in enumerate(zip(values.tolist(), labels.tolist(), probabilities.tolist(),
+                                                    strict=True))]
 
 
 def decode_spool(data: bytes) -> list[dict[str, Any]]:
-    """The rows of a spool segment. A last line without its newline is a write the crash cut short:
-    its request was never answered (the answer waits for the write), so it is skipped."""
+    """The rows of a spool segment. A last frame shorter than its length is a write the crash cut
+    short: its request was never answered (the answer waits for the write), so it is skipped."""
     rows: list[dict[str, Any]] = []
-    lines = data.split(b"\n")
-    for line in lines[:-1]:  # the element after the last newline is empty or torn
-        if not line:
-            continue
-        entry = json.loads(line)
-        if "rows" in entry:
-            for row in entry["rows"]:
+    offset = 0
+    while offset < len(data):
+        if offset + _FRAME.size > len(data):
+            break
+        kind, size = _FRAME.unpack_from(data, offset)
+        start, offset = offset + _FRAME.size, offset + _FRAME.size + size
+        if offset > len(data):
+            break
+        payload = data[start:offset]
+        if kind == _MATRIX:
+            rows += _matrix_rows(payload)
+        elif kind == _ROWS:
+            for row in json.loads(payload):
                 row["logged_at"] = datetime.fromisoformat(row["logged_at"])
                 rows.append(row)
-            continue
-        at = datetime.fromisoformat(entry["logged_at"])
-        columns = entry["columns"]
-        for i, (values, label, p) in enumerate(zip(entry["values"], entry["label"], entry["probability"],
-                                                   strict=True)):
-            rows.append({"logged_at": at, "request_id": entry["request_id"], "model_version": entry["model_version"],
-                         "record_index": i, **dict(zip(columns, values, strict=True)), "label": label,
-                         "probability": p})
-    if lines[-1]:
-        logger.warning("prediction spool: skipping a torn last line of %d bytes (a write cut by a crash)",
-                       len(lines[-1]))
+        else:
+            raise ValueError(f"prediction spool: unknown frame kind {kind!r} at byte {start - _FRAME.size}")
+    if offset != len(data):
+        logger.warning("prediction spool: skipping a torn last frame (a write cut by a crash)")
     return rows
 
 
@@ -241,7 +275,7 @@ class PredictionLogWriter:
             self.append_encoded(encode_rows(rows), len(rows))
 
     def append_encoded(self, line: bytes, rows: int) -> None:
-        """Spool one encoded line (`encode_request`) of `rows` rows; when it returns, a crash keeps it."""
+        """Spool one encoded frame (`encode_request`) of `rows` rows; when it returns, a crash keeps it."""
         dropped = 0
         with self._lock:
             try:

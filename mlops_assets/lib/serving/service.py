@@ -20,13 +20,14 @@ import numpy as np
 from mlops_assets.lib.dataset_spec import DatasetSpec
 from mlops_assets.lib.serving.config import ModelRef, ServiceOptions
 from mlops_assets.lib.serving.metrics import ServingMetrics
-from mlops_assets.lib.serving.prediction_log import PredictionLogWriter, prediction_rows
+from mlops_assets.lib.serving.prediction_log import PredictionLogWriter, encode_request
 from mlops_assets.lib.serving.request import RequestError, build_request_model, parse_predict_matrix
 from mlops_assets.lib.serving.scoring import Features, ScoredRecords, Scorer, prediction_items, score_many
 
 logger = logging.getLogger(__name__)
 
 ScoreFn = Callable[[np.ndarray], Awaitable[ScoredRecords]]
+LogSink = Callable[[bytes, int], None]  # (one encoded spool line, rows in it)
 # Up to this many rows a model call takes well under a millisecond: it runs on the event loop,
 # since a hop to a worker thread would cost more than the call. Larger inputs go to a thread.
 INLINE_SCORING_MAX_ROWS = 256
@@ -124,7 +125,7 @@ class ServiceCore:
         options: ServiceOptions,
         token: str,
         metrics: ServingMetrics,
-        log_writer: PredictionLogWriter,
+        log_writer: PredictionLogWriter | None,
         loader: Callable[[ModelRef], Scorer],
     ) -> None:
         if not token:
@@ -221,14 +222,20 @@ class ServiceCore:
         return scorer
 
     async def predict(
-        self, headers: Mapping[str, str], chunks: AsyncIterator[bytes]
+        self, headers: Mapping[str, str], chunks: AsyncIterator[bytes], *,
+        request_id: str | None = None, log_sink: LogSink | None = None,
     ) -> PredictResult:
-        """Auth, content type, size, schema, score, log: each failure a RequestError naming it."""
+        """Auth, content type, size, schema, score, log: each failure a RequestError naming it.
+
+        `request_id` and `log_sink` come from the ingress when there is one: it keeps the id
+        across retries on another replica and spools the log line itself, so a request is
+        logged once, by the process that answered it. Without them, this replica's own log.
+        """
         self.authorize(headers.get("authorization"))
         if not is_json_content_type(headers.get("content-type")):
             raise RequestError(415, f"Content-Type must be application/json, got {headers.get('content-type')!r}")
         raw = await read_limited(chunks, headers.get("content-length"), self.options.max_body_bytes)
-        records, matrix = parse_predict_matrix(raw, self.request_model)
+        _, matrix = parse_predict_matrix(raw, self.request_model)
         self.require_scorer()
         try:
             scored = await asyncio.wait_for(self.score_fn(matrix), timeout=self.options.predict_timeout_s)
@@ -236,15 +243,19 @@ class ServiceCore:
             raise RequestError(
                 504, f"prediction took longer than {self.options.predict_timeout_s}s; retry or send fewer records"
             ) from None
-        request_id = uuid.uuid4().hex
+        request_id = request_id or uuid.uuid4().hex
         items = prediction_items(scored, self.spec)
         for label, n in Counter(scored.labels).items():
             self.metrics.predictions(self.spec.label_values[int(label)], n)
-        self.log.append(prediction_rows(
-            request_id=request_id, model_version=scored.version, records=records,
-            labels=scored.labels, probabilities=scored.probabilities,
-        ))
+        sink = log_sink or (self.log.append_encoded if self.log is not None else None)
+        if sink is None:
+            raise RuntimeError("this replica has no prediction log and the request brought no log sink")
+        # Before the answer: once the line is spooled, a crash can no longer lose it.
+        sink(encode_request(request_id=request_id, model_version=scored.version, columns=self.spec.feature_names,
+                            matrix=matrix, labels=scored.labels, probabilities=scored.probabilities),
+             len(scored.labels))
         return PredictResult(request_id, scored.version, items)
 
     def close(self) -> None:
-        self.log.close()
+        if self.log is not None:
+            self.log.close()
