@@ -195,6 +195,18 @@ DRIFT = {"SSLfinal_State": 0.6, "URL_of_Anchor": 0.6, "having_Sub_Domain": 0.6, 
          "Prefix_Suffix": 0.6}
 
 
+@pytest.fixture()
+def serving() -> Iterator[dict[str, object]]:
+    """A healthy-looking endpoint (dashboard, /healthz, /model on loopback): the watch's outage
+    branch sees no outage, so these tests reach the regression path."""
+    from mlops_assets.defs.deployment import RayServeResource
+    from mlops_assets_tests.serve_stub import ServeStub
+
+    stub = ServeStub()
+    yield {"ray_serve": RayServeResource(dashboard_url=stub.url, serve_url=stub.url, api_token="stub-token")}
+    stub.close()
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory, spec) -> Iterator[tuple[str, dict[str, str]]]:
     """A real MLflow store holding one small CatBoost model as three versions: 1 and 2 equal, 3 with
@@ -244,8 +256,8 @@ def _served_rows(spec, scorer, version: str, at: datetime, *, drift: dict, n: in
     ("flips", 60, "watching"),  # too few rows compared to judge yet
 ], ids=["equal-model-drifted-inputs", "predictions-flip", "below-minimum-rows"])
 def test_the_watch_compares_versions_on_the_same_inputs(
-    tmp_path: Path, webhook: Webhook, spec, registry: tuple[str, dict[str, str]], new: str, after_rows: int,
-    verdict: str,
+    tmp_path: Path, webhook: Webhook, spec, registry: tuple[str, dict[str, str]], serving: dict[str, object],
+    new: str, after_rows: int, verdict: str,
 ) -> None:
     from mlops_assets.defs.mlflow_resource import MlflowResource
     from mlops_assets.lib import model_store
@@ -259,6 +271,7 @@ def test_the_watch_compares_versions_on_the_same_inputs(
         "monitoring": MonitoringResource(prediction_log_url=str(tmp_path / "predictions"), metrics_url=_closed_url(),
                                          alert_webhook_url=webhook.url, watch_min_requests=10,
                                          watch_min_compared_rows=100),
+        **serving,
     }
     score = {v: scorer_from_loaded(model_store.load_verified_model(uri, "watched", version=v), spec)
              for v in (old, live)}
@@ -297,8 +310,49 @@ def test_the_watch_compares_versions_on_the_same_inputs(
         assert f"{after_rows} of 100 rows compared" in _skip(second)
 
 
+def test_a_version_restored_by_the_rollback_job_is_not_judged_against_the_one_it_replaced(
+    tmp_path: Path, webhook: Webhook, spec, registry: tuple[str, dict[str, str]], serving: dict[str, object],
+) -> None:
+    from mlops_assets.defs.mlflow_resource import MlflowResource
+    from mlops_assets.lib import model_store
+    from mlops_assets.lib.serving.scoring import scorer_from_loaded
+
+    uri, versions = registry
+    good, bad = versions["equal"], versions["flips"]
+
+    @dg.op
+    def record_restore(context) -> None:  # no annotation: dagster reads it as a string here
+        context.log_event(dg.AssetMaterialization("model_deployment",
+                                                  metadata={"live_version": good, "replaced_version": bad}))
+
+    @dg.job(name="rollback")
+    def rollback_recorded() -> None:
+        record_restore()
+
+    resources = {
+        "platform": PlatformResource(data_url=str(tmp_path)),
+        "mlflow": MlflowResource(tracking_uri=uri, model_name="watched"),
+        "monitoring": MonitoringResource(prediction_log_url=str(tmp_path / "predictions"), metrics_url=_closed_url(),
+                                         alert_webhook_url=webhook.url, watch_min_requests=10),
+        **serving,
+    }
+    scorer = scorer_from_loaded(model_store.load_verified_model(uri, "watched", version=good), spec)
+    with dg.instance_for_test() as instance:
+        assert rollback_recorded.execute_in_process(instance=instance).success
+        at = datetime.fromtimestamp(
+            instance.get_latest_materialization_event(dg.AssetKey("model_deployment")).timestamp, UTC)
+        write_part(_served_rows(spec, scorer, good, at + timedelta(seconds=1), drift={}, n=200, seed=3),
+                   str(tmp_path / "predictions"), "part-1.parquet")
+        result, cursor = _tick(post_deploy_watch, instance, None, **resources)
+    state = json.loads(cursor)
+    # Compared with the bad version it replaced, every legit answer would "flip": no judging that.
+    assert _requests(result) == [] and state["restored"] is True and state["verdict"] == "watching"
+    assert state["seen"]["compared_with"] is None and state["seen"]["compared_rows"] == 0
+    assert webhook.received == []
+
+
 def test_the_watch_keeps_watching_when_the_replaced_version_cannot_be_loaded(
-    tmp_path: Path, webhook: Webhook, registry: tuple[str, dict[str, str]],
+    tmp_path: Path, webhook: Webhook, registry: tuple[str, dict[str, str]], serving: dict[str, object],
 ) -> None:
     from mlops_assets.defs.mlflow_resource import MlflowResource
 
@@ -308,6 +362,7 @@ def test_the_watch_keeps_watching_when_the_replaced_version_cannot_be_loaded(
         "mlflow": MlflowResource(tracking_uri=uri, model_name="watched"),
         "monitoring": MonitoringResource(prediction_log_url=str(tmp_path / "predictions"), metrics_url=_closed_url(),
                                          alert_webhook_url=webhook.url),
+        **serving,
     }
     with dg.instance_for_test() as instance:
         _report(instance, "model_deployment", live_version=versions["flips"], replaced_version="99")  # unknown

@@ -109,14 +109,18 @@ class Loop:
             assert time.monotonic() < deadline, f"{len(wanted - have)} answered records not in the log"
             time.sleep(0.5)
 
-    def tick(self, sensor_name: str, cursor: str | None) -> tuple[list[dg.RunRequest], str | None, str]:
+    def tick(self, sensor_name: str, cursor: str | None, **monitoring: object,
+             ) -> tuple[list[dg.RunRequest], str | None, str]:
+        """One evaluation of a sensor on the real instance; `monitoring` overrides MonitoringResource fields."""
         from mlops_assets.defs.deployment import RayServeResource
+        from mlops_assets.defs.mlflow_resource import MlflowResource
         from mlops_assets.defs.monitoring import MonitoringResource
         from mlops_assets.defs.resources import PlatformResource
 
         sensor = self.defs.get_sensor_def(sensor_name)
         context = dg.build_sensor_context(instance=self.instance, cursor=cursor, resources={
-            "platform": PlatformResource(), "monitoring": MonitoringResource(), "ray_serve": RayServeResource()})
+            "platform": PlatformResource(), "monitoring": MonitoringResource(**monitoring),
+            "ray_serve": RayServeResource(), "mlflow": MlflowResource()})
         result = sensor(context)
         requests = list(result.run_requests or []) if isinstance(result, dg.SensorResult) else []
         skip = result.skip_reason.skip_message if isinstance(result, dg.SensorResult) and result.skip_reason else ""
@@ -291,7 +295,9 @@ def test_a_bad_deployment_is_rolled_back_by_the_watch_and_alerted(loop: Loop) ->
     requests, watch_cursor, why = loop.tick("post_deploy_watch", watch_cursor)
     [request] = requests
     state = json.loads(watch_cursor)
-    assert state["verdict"] == "rollback" and state["seen"]["positive_share_delta"] > 0.3
+    # Judged on the same rows: the good version, scored offline on the bad one's inputs, disagrees.
+    assert state["verdict"] == "rollback" and state["seen"]["compared_with"] == good
+    assert state["seen"]["compared_rows"] == 300 and state["seen"]["flip_share"] > 0.3
     [alert] = [a for a in loop.webhook.received if a["kind"] == "rollback"]
     assert f"version {bad}" in alert["summary"] and alert["details"]["rollback_to"] == good
     assert loop.tick("post_deploy_watch", watch_cursor)[0] == []  # decided once
@@ -304,5 +310,5 @@ def test_a_bad_deployment_is_rolled_back_by_the_watch_and_alerted(loop: Loop) ->
                                                                   records=20, batch_size=10, seed=203))
     assert {a["model_version"] for a in check.answered} == {good}
     seen = state["seen"]
-    print(f"watch: v{bad} moved its probabilities (KS {seen['probability_ks']:.2f}, positive share "
-          f"{seen['positive_share_delta']:+.2f}); rolled back to v{good}")
+    print(f"watch: v{bad} disagreed with v{good} on {seen['flip_share']:.2f} of the same {seen['compared_rows']} "
+          f"rows (positive share {seen['positive_share_delta']:+.2f}); rolled back to v{good}")
