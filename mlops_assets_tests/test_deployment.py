@@ -193,3 +193,39 @@ def test_sample_request_prints_a_reproducible_command() -> None:
 
     command = curl_command("http://127.0.0.1:8000/predict", {"records": [{"a": 1}]})
     assert "$MLOPS_API_TOKEN" in command and "'{\"records\": [{\"a\": 1}]}'" in command
+
+
+@pytest.fixture()
+def serve_stub():
+    from mlops_assets_tests.serve_stub import ServeStub
+
+    stub = ServeStub(version="3")
+    yield stub
+    stub.close()
+
+
+def test_serving_outage_names_what_is_down_and_nothing_while_serving(serve_stub) -> None:
+    from mlops_assets_tests.ray_support import free_port
+    from mlops_assets_tests.serve_stub import running_app
+
+    assert dep.serving_outage(serve_stub.target) is None
+    serve_stub.healthz = 503
+    assert dep.serving_outage(serve_stub.target) == "/healthz answered 503"
+    serve_stub.healthz = 200
+    serve_stub.applications = {"phishing": {**running_app(replicas=0), "status": "DEPLOYING"}}
+    assert "DEPLOYING with no running replica" in (dep.serving_outage(serve_stub.target) or "")
+    serve_stub.applications = {"phishing": running_app(replicas=1, state="STARTING")}
+    assert "no running replica" in (dep.serving_outage(serve_stub.target) or "")
+    serve_stub.applications = {}
+    assert "'phishing' is not deployed" in (dep.serving_outage(serve_stub.target) or "")
+    closed = f"http://127.0.0.1:{free_port()}"
+    assert (dep.serving_outage(dep.ServeTarget(closed, closed)) or "").startswith(dep.DASHBOARD_DOWN)
+
+
+def test_restore_champion_without_a_champion_deploys_nothing(serve_stub, spec, tmp_path) -> None:
+    from mlops_assets.lib.model_store import NoChampionError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(NoChampionError, match="nothing to restore"):
+        dep.restore_champion(target=serve_stub.target, tracking_uri=uri, spec=spec, model_name="none-yet")
+    assert serve_stub.applications["phishing"]["_version"] == "3"  # the stub was only read

@@ -18,10 +18,11 @@ import httpx
 import pandas as pd
 
 from mlops_assets import constants as c
-from mlops_assets.defs.deployment import rollback_job
+from mlops_assets.defs.deployment import RayServeResource, replica_env, rollback_job
 from mlops_assets.defs.mlflow_resource import MlflowResource
 from mlops_assets.defs.monitoring import MonitoringResource
 from mlops_assets.defs.resources import PlatformResource
+from mlops_assets.lib import deployment as dep
 from mlops_assets.lib import model_store
 from mlops_assets.lib import monitoring as mon
 from mlops_assets.lib.alerts import send_alert
@@ -187,9 +188,59 @@ def _deployed_by_rollback(instance: dg.DagsterInstance) -> bool:
     return run is not None and run.job_name == rollback_job.name
 
 
+# A restore inside a sensor tick must end well within the daemon's evaluation timeout (60 s by
+# default); a restore that takes longer goes on in the cluster and the next tick checks it.
+OUTAGE_RESTORE_TIMEOUT_S = 45.0
+
+
+def _serving_outage_tick(
+    context: dg.SensorEvaluationContext, platform: PlatformResource, monitoring: MonitoringResource,
+    mlflow: MlflowResource, ray_serve: RayServeResource, state: dict[str, Any],
+) -> dg.SensorResult | None:
+    """None while serving works. On an outage (head lost, app missing, no running replica,
+    /healthz down): deploy the registry's champion again, aliases untouched, and alert once per
+    outage. `state["outage"]` (in the cursor) holds an outage until serving is back."""
+    from mlops_assets.lib.redaction import redact_text
+
+    target = ray_serve.target()
+    outage = dep.serving_outage(target)
+    pending = state.get("outage")
+    if outage is None and pending is None:
+        return None
+    if pending is None:
+        pending = {"since": datetime.now(UTC).isoformat(), "reason": outage, "alerted": []}
+    tracking_uri = mlflow.resolved_tracking_uri()
+    webhook, alerted = monitoring.resolved_webhook_url(), list(pending.get("alerted") or [])
+    try:
+        restored = dep.restore_champion(
+            target=target, tracking_uri=tracking_uri, spec=platform.spec(), model_name=mlflow.resolved_model_name(),
+            base_config=ray_serve.base_config(), env_vars=replica_env(platform.settings(), tracking_uri),
+            http_host=ray_serve.resolved_http_host(), timeout_s=min(ray_serve.timeout_s, OUTAGE_RESTORE_TIMEOUT_S))
+    except Exception as exc:  # not restored this tick: alert once, try again on the next
+        error = redact_text(f"{type(exc).__name__}: {exc}")[:500]
+        if "serving_outage" not in alerted:
+            send_alert("serving_outage", f"serving is down ({pending['reason']}) and was not restored: {error}",
+                       {"outage": pending["reason"], "since": pending["since"], "error": error},
+                       webhook_url=webhook, timeout_s=monitoring.alert_timeout_s, log=context.log)
+            alerted.append("serving_outage")
+        state["outage"] = {**pending, "alerted": alerted, "last_error": error}
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"serving outage, restore failed: {error[:200]}"),
+                               cursor=json.dumps(state, default=str))
+    state.pop("outage", None)
+    if "serving_restored" not in alerted:
+        done = f"champion version {restored.champion} " + ("deployed again" if restored.action == "deployed" else "serving")
+        send_alert("serving_restored", f"serving was down ({pending['reason']}); {done}, no rollback",
+                   {"outage": pending["reason"], "since": pending["since"], "champion": restored.champion,
+                    "action": restored.action, "endpoint": target.endpoint},
+                   webhook_url=webhook, timeout_s=monitoring.alert_timeout_s, log=context.log)
+    return dg.SensorResult(skip_reason=dg.SkipReason(f"serving outage: {restored.describe()}; no rollback"),
+                           cursor=json.dumps(state, default=str))
+
+
 @dg.sensor(job=rollback_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def post_deploy_watch(
     context: dg.SensorEvaluationContext, platform: PlatformResource, monitoring: MonitoringResource,
+    ray_serve: RayServeResource,
     mlflow: MlflowResource,
 ) -> dg.SensorResult | dg.SkipReason:
     """After each deployment, watch error rate, latency and the new version's answers against the
@@ -204,6 +255,9 @@ def post_deploy_watch(
     state = json.loads(context.cursor) if context.cursor else {}
     limits = monitoring.watch_limits()
     metrics_url = monitoring.resolved_metrics_url()
+    outage = _serving_outage_tick(context, platform, monitoring, mlflow, ray_serve, state)
+    if outage is not None:  # infrastructure, not the model: restored, never rolled back
+        return outage
     if state.get("deployment") != deployment:
         # First tick of a new deployment: the counters' baseline (the replica outlives versions).
         baseline = scrape_counters(metrics_url)

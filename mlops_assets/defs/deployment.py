@@ -140,7 +140,15 @@ def rollback_champion_op(
                               http_host=ray_serve.resolved_http_host())
     except Exception as exc:
         raise dg.Failure(description=redact_text(str(exc))) from exc
-    context.add_output_metadata(_result_metadata(result, target))
+    metadata = {**_result_metadata(result, target),
+                "model_version": mlflow.model_version_link(mlflow.resolved_model_name(), result.live_version)}
+    context.add_output_metadata(metadata)
+    # The catalog's model_deployment names what serves: a rollback is a deployment too.
+    context.log_event(dg.AssetMaterialization(
+        asset_key=model_deployment.key,
+        description=f"rollback: version {result.live_version} live again, replacing {result.replaced_version}",
+        metadata={**metadata, "deployed_by": "rollback"},
+    ))
     return {"live_version": result.live_version, "replaced_version": result.replaced_version}
 
 

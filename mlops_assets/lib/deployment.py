@@ -408,21 +408,38 @@ def deploy_version(
             )
         steps.append("live: healthy and answers equal the offline model")
     except Exception as exc:
-        restored = _restore(target, previous_config)
+        restored = _restore(target, previous_config, replaced, min(timeout_s, RESTORE_TIMEOUT_S))
         reason = exc if isinstance(exc, DeploymentError) else f"{type(exc).__name__}: {exc}"
         raise DeploymentError(f"deploying version {version} failed: {reason}; {restored}") from exc
     return DeployResult(target.endpoint, str(ref.version), replaced if replaced != ref.version else None,
                         len(records), time.monotonic() - start, steps)
 
 
-def _restore(target: ServeTarget, previous_config: Mapping[str, Any] | None) -> str:
+RESTORE_TIMEOUT_S = 120.0
+
+
+def _restore(target: ServeTarget, previous_config: Mapping[str, Any] | None, previous_version: str | None = None,
+             timeout_s: float = RESTORE_TIMEOUT_S) -> str:
+    """Submit the config that was live before, and wait until its version answers again."""
     if previous_config is None:
         return "nothing was deployed before"
     try:
         submit(target, previous_config)
     except Exception as exc:  # report, but the original failure is what the caller must see
         return f"restoring the previous config failed too: {exc}"
-    return "the previous config was restored (its replicas kept their model)"
+    if not previous_version:
+        return "the previous config was restored"
+    # The failed candidate may have left the app DEPLOY_FAILED; that status lingers until the
+    # controller applies the restored config, so here only "RUNNING and naming the old version" counts.
+    deadline = time.monotonic() + timeout_s
+    streak = 0
+    while time.monotonic() < deadline:
+        running = (app_details(target) or {}).get("status") == "RUNNING"
+        streak = streak + 1 if running and live_version(target) == previous_version else 0
+        if streak >= 3:
+            return f"the previous config was restored and version {previous_version} serves"
+        time.sleep(0.5)
+    return f"the previous config was resubmitted, but version {previous_version} was not RUNNING after {timeout_s:.0f}s"
 
 
 def delete_app(target: ServeTarget) -> None:
@@ -442,10 +459,12 @@ def rollback(
     env_vars: Mapping[str, str] | None = None,
     args: Mapping[str, Any] | None = None,
     http_host: str | None = None,
+    timeout_s: float = 180.0,
 ) -> DeployResult:
     """Swap `champion` and `previous-champion`, then deploy the new champion, in one step.
 
-    If the deploy fails, the aliases are swapped back, so the registry keeps naming what serves.
+    If the deploy fails, the aliases are swapped back (only if no one moved them meanwhile), so
+    the registry keeps naming what serves.
     """
     from mlflow import MlflowClient
 
@@ -457,7 +476,102 @@ def rollback(
         expected = offline_probabilities(offline_model(tracking_uri, model_name, new), records, spec)
         return deploy_version(target=target, tracking_uri=tracking_uri, spec=spec, version=new,
                               records=records, expected=expected, model_name=model_name,
-                              base_config=base_config, env_vars=env_vars, args=args, http_host=http_host)
+                              base_config=base_config, env_vars=env_vars, args=args, http_host=http_host,
+                              timeout_s=timeout_s)
     except Exception as exc:
-        rollback_champion(client, model_name)
+        try:
+            rollback_champion(client, model_name, expected_champion=new)
+        except Exception as undo:  # the aliases moved under us, or the registry is down: say so
+            raise DeploymentError(f"rollback to version {new} (from {replaced}) failed: {exc}; undoing the alias "
+                                  f"swap failed too ({type(undo).__name__}: {undo})") from exc
         raise DeploymentError(f"rollback to version {new} (from {replaced}) failed and was undone: {exc}") from exc
+
+
+# --- outages: serving lost (a Ray head restarted, replicas gone), told apart from a bad model -----
+
+
+DASHBOARD_DOWN = "Ray dashboard unreachable"
+
+
+def serving_outage(target: ServeTarget) -> str | None:
+    """Why the endpoint cannot serve, or None when it can.
+
+    An outage is infrastructure, not a model: the dashboard does not answer, the Serve app is
+    missing or has no RUNNING replica, or `/healthz` is unreachable or not 200. A replica that
+    answers with a model, whichever version, is not an outage.
+    """
+    try:
+        apps = serve_applications(target).get("applications") or {}
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # no head listening: nothing to deploy to
+        return f"{DASHBOARD_DOWN} at {target.dashboard_url} ({type(exc).__name__})"
+    except (httpx.HTTPError, ValueError) as exc:  # a head, but Serve's API slow or failing (a fresh head)
+        return f"Serve REST API at {target.dashboard_url} did not answer ({type(exc).__name__})"
+    app = apps.get(target.app_name)
+    if app is None:
+        return f"Serve application {target.app_name!r} is not deployed"
+    replicas = [r for d in (app.get("deployments") or {}).values() for r in d.get("replicas") or []]
+    if not any(r.get("state") == "RUNNING" for r in replicas):
+        return f"Serve application {target.app_name!r} is {app.get('status')} with no running replica"
+    try:
+        code, _ = get_json(target, "/healthz")
+    except httpx.HTTPError as exc:
+        return f"endpoint {target.serve_url} unreachable ({type(exc).__name__})"
+    return None if code == 200 else f"/healthz answered {code}"
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What `restore_champion` found and did; `action` is "none" (already serving) or "deployed"."""
+
+    action: str
+    champion: str
+    was_serving: str | None
+    reason: str
+    deploy: DeployResult | None = None
+
+    def describe(self) -> str:
+        if self.action == "none":
+            return f"champion version {self.champion} already serving: nothing to restore"
+        return f"restored serving of champion version {self.champion} ({self.reason})"
+
+
+def restore_champion(
+    *,
+    target: ServeTarget,
+    tracking_uri: str,
+    spec: DatasetSpec,
+    model_name: str,
+    records: Sequence[Mapping[str, int]] | None = None,
+    base_config: Mapping[str, Any] | None = None,
+    env_vars: Mapping[str, str] | None = None,
+    args: Mapping[str, Any] | None = None,
+    http_host: str | None = None,
+    timeout_s: float = 180.0,
+) -> RestoreResult:
+    """Serve the registry's `champion` again when the app is missing, down or serving another version.
+
+    The champion goes through the whole deploy (load-and-query check, live check); the aliases
+    are never touched: this restores what the registry already says, it decides nothing.
+    Raises LookupError when there is no champion, DeploymentError when the deploy fails.
+    """
+    from mlflow import MlflowClient
+
+    from mlops_assets import constants as c
+    from mlops_assets.lib.model_store import NoChampionError, alias_version
+
+    champion = alias_version(MlflowClient(tracking_uri=tracking_uri), model_name, c.ALIAS_CHAMPION)
+    if champion is None:
+        raise NoChampionError(f"model {model_name!r} has no {c.ALIAS_CHAMPION!r} version: nothing to restore")
+    outage = serving_outage(target)
+    if outage is not None and outage.startswith(DASHBOARD_DOWN):  # no head to deploy to: nothing to try yet
+        raise DeploymentError(f"cannot restore champion version {champion}: {outage}; start the Ray head first")
+    live = live_version(target) if outage is None else None
+    if outage is None and live == champion:
+        return RestoreResult("none", champion, live, "serving")
+    reason = outage or f"version {live} serves, the registry's champion is {champion}"
+    records = list(records) if records else simulated_sample(spec)
+    expected = offline_probabilities(offline_model(tracking_uri, model_name, champion), records, spec)
+    result = deploy_version(target=target, tracking_uri=tracking_uri, spec=spec, version=champion, records=records,
+                            expected=expected, model_name=model_name, base_config=base_config, env_vars=env_vars,
+                            args=args, http_host=http_host, timeout_s=timeout_s)
+    return RestoreResult("deployed", champion, live, reason, result)
