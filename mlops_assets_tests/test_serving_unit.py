@@ -542,7 +542,7 @@ def test_retry_sends_again_only_when_the_replica_died() -> None:
             raise ActorDiedError()
         return "answer"
 
-    assert asyncio.run(call_with_retry(dies_once, backoff_s=0)) == "answer" and len(calls) == 2
+    assert asyncio.run(call_with_retry(dies_once, backoff_s=0)) == ("answer", 2) and len(calls) == 2
 
     async def broken() -> str:
         calls.append(1)

@@ -43,6 +43,7 @@ from mlops_assets.lib.serving.config import (
     mlflow_tracking_uri,
 )
 from mlops_assets.lib.serving.ingress import (
+    ATTEMPTS_HEADER,
     ForwardedRequest,
     ForwardedResponse,
     call_asgi,
@@ -193,6 +194,18 @@ async def model() -> JSONResponse:
 # --- the Ray Serve deployments -------------------------------------------------------------
 
 
+def log_to_serve_files() -> None:
+    """In a replica, send this package's log records to the replica's Serve log file.
+
+    Serve configures only the `ray.serve` logger; without this, a failed load's traceback or a
+    retry warning would go nowhere.
+    """
+    ours = logging.getLogger("mlops_assets")
+    ours.handlers = list(logging.getLogger("ray.serve").handlers)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+
+
 def _prediction_log(opts: ServiceOptions, settings: Settings, metrics: ServingMetrics) -> PredictionLogWriter:
     return PredictionLogWriter(
         prediction_log_url(settings, opts),
@@ -218,6 +231,7 @@ def _prediction_log(opts: ServiceOptions, settings: Settings, metrics: ServingMe
 )
 class PredictionService:
     def __init__(self, options: dict[str, Any] | None = None) -> None:
+        log_to_serve_files()
         opts = ServiceOptions.from_args(options)
         settings = load_settings()
         spec = load_spec(opts.dataset_spec_path or settings.dataset_spec_path)
@@ -274,6 +288,7 @@ _JSON = [(b"content-type", b"application/json")]
 )
 class PredictionIngress:
     def __init__(self, scorer: Any, options: dict[str, Any] | None = None) -> None:
+        log_to_serve_files()
         opts = ServiceOptions.from_args(options)
         self._scorer = scorer
         self._body_cap = opts.max_body_bytes + 1  # one byte over the limit is enough for the scorer's 413
@@ -290,7 +305,7 @@ class PredictionIngress:
             request_id=uuid.uuid4().hex,
         )
         try:
-            answer: ForwardedResponse = await call_with_retry(
+            answer, tries = await call_with_retry(
                 lambda: self._scorer.handle.remote(forwarded), what=f"{request.method} {forwarded.path}")
         except BackPressureError as exc:
             return _raw_response(503, [*_JSON, (b"retry-after", b"1")], json.dumps({"error": str(exc)}).encode())
@@ -304,7 +319,8 @@ class PredictionIngress:
             return _raw_response(500, _JSON, _INTERNAL_ERROR)
         for line, rows in answer.log_lines:
             self._log.append_encoded(line, rows)  # before the answer leaves: a crash keeps the row
-        return _raw_response(answer.status, answer.headers, answer.body)
+        headers = answer.headers if tries == 1 else [*answer.headers, (ATTEMPTS_HEADER, str(tries).encode())]
+        return _raw_response(answer.status, headers, answer.body)
 
     def __del__(self) -> None:
         # Graceful shutdown: ship what the spool still holds.

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+ATTEMPTS_HEADER = b"x-mlops-attempts"  # on answers that took more than one try: visible to operators and tests
 # Tries per request when replicas die: the first, then two more on other replicas.
 DEFAULT_ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.05  # doubled per retry; Serve needs a moment to drop a dead replica from its set
@@ -105,11 +106,11 @@ async def call_with_retry(
     backoff_s: float = RETRY_BACKOFF_S,
     retryable: Callable[[BaseException], bool] = replica_died,
     what: str = "request",
-) -> T:
-    """`call()`, again (after a short backoff) when it fails with a retryable error."""
+) -> tuple[T, int]:
+    """`call()`, again (after a short backoff) when it fails with a retryable error; (result, tries)."""
     for attempt in range(1, attempts + 1):
         try:
-            return await call()
+            return await call(), attempt
         except Exception as exc:
             if attempt == attempts or not retryable(exc):
                 raise
