@@ -149,6 +149,33 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_restore(args: argparse.Namespace) -> int:
+    """Serve the registry's champion again when the Serve app is missing or serves another version."""
+    import os
+
+    from mlops_assets.defs.deployment import replica_env
+    from mlops_assets.lib import deployment as dep
+    from mlops_assets.lib.dataset_spec import load_spec
+    from mlops_assets.lib.settings import load_settings
+
+    settings = load_settings()
+    target = dep.target_from_env(dashboard_url=args.dashboard_url, serve_url=args.endpoint)
+    tracking_uri = args.tracking_uri or settings.mlflow_tracking_uri
+    try:
+        result = dep.restore_champion(target=target, tracking_uri=tracking_uri, spec=load_spec(settings.dataset_spec_path),
+                                      model_name=args.model_name or settings.model_name,
+                                      env_vars=replica_env(settings, tracking_uri),
+                                      http_host=os.environ.get("MLOPS_SERVE_HTTP_HOST") or None)
+    except LookupError as exc:  # no champion yet (a fresh platform): nothing to serve, not an error
+        print(f"mlops-assets serve restore: {exc}")
+        return 0
+    except dep.DeploymentError as exc:
+        print(f"mlops-assets serve restore: failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"mlops-assets serve restore: {result.describe()}; endpoint {target.endpoint}")
+    return 0
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -262,6 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--endpoint", default=None,
                           help="serving URL (default: MLOPS_SERVE_URL, else the local Serve port)")
     rollback.set_defaults(func=_cmd_rollback)
+
+    serve = sub.add_parser("serve", help="the Ray Serve application")
+    serve_sub = serve.add_subparsers(dest="what", required=True)
+    restore = serve_sub.add_parser("restore", help="deploy the registry's champion again if the Serve app is "
+                                                   "missing or serves another version (aliases untouched)")
+    restore.add_argument("--model-name", default=None, help="registered model (default: MLOPS_MODEL_NAME)")
+    restore.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI)")
+    restore.add_argument("--dashboard-url", default=None,
+                         help="Ray dashboard (default: MLOPS_RAY_DASHBOARD_URL, else the local head)")
+    restore.add_argument("--endpoint", default=None,
+                         help="serving URL (default: MLOPS_SERVE_URL, else the local Serve port)")
+    restore.set_defaults(func=_cmd_serve_restore)
     return parser
 
 

@@ -57,6 +57,7 @@ mlflow_store() {
 case "${1:-}" in
   up)
     "$BIN/python" -m mlops_assets.lib.ray_cluster up
+    "$BIN/mlops-assets" serve restore || echo "serving of the champion not restored (see above); the rest of the platform starts anyway" >&2
     read -r tracking artifacts < <(mlflow_store)
     mkdir -p "$("$BIN/python" -c "from mlops_assets.lib.settings import load_settings as s; import pathlib; print(pathlib.Path(s().data_url) / 'mlflow')")"
     start mlflow "$BIN/mlflow" server --backend-store-uri "$tracking" --default-artifact-root "$artifacts" \
