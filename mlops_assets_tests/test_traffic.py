@@ -83,8 +83,9 @@ def test_rate_concurrency_and_batches_are_bounded(spec: DatasetSpec, endpoint: F
     assert sorted(len(b["records"]) for b in endpoint.bodies) == [5] + [10] * 9
     assert set(endpoint.auth) == {f"Bearer {TOKEN}"}
     assert endpoint.max_in_flight <= 3
-    # 10 requests at 25/s: the last one starts no earlier than 9 gaps of 40 ms after the first.
-    assert max(endpoint.times) - min(endpoint.times) >= 9 / 25 - 0.02
+    # 10 requests at 25/s: the last one is sent no earlier than 9 gaps of 40 ms after the start.
+    # Judged on the client's clock: arrival times at the server compress when the machine is busy.
+    assert result.seconds >= 9 / 25
     assert len({(a["request_id"], a["record_index"]) for a in result.answered}) == 95
 
 
