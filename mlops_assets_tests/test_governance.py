@@ -289,7 +289,11 @@ def test_trace_names_every_link_from_one_prediction_back_to_the_raw_batches(serv
 @pytest.mark.slow
 def test_the_token_is_in_no_serve_config_and_no_response(served: Served) -> None:
     """The token reaches replicas through the head's environment, never a config the dashboard shows."""
-    config = httpx.get(f"{served.target.dashboard_url}/api/serve/applications/", timeout=10)
+    from mlops_assets.lib.ray_cluster import auth_headers
+
+    url = f"{served.target.dashboard_url}/api/serve/applications/"
+    assert httpx.get(url, timeout=10).status_code == 401  # the dashboard itself wants the Ray token
+    config = httpx.get(url, headers=auth_headers(), timeout=10)
     assert config.status_code == 200 and TOKEN not in config.text
     spec = default_spec()
     records = dep.sample_records(simulate_records(spec, SimulationConfig(n_rows=20, seed=8)), spec, 2)
