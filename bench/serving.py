@@ -212,15 +212,18 @@ def haproxy_env(state: Path) -> dict[str, str]:
 def ray_platform(setup: Setup, ingress: str, log: Any = print) -> Iterator[tuple[Any, Any]]:
     """A Ray head on loopback (free ports) with `ingress` ('proxy' or 'haproxy'); yields (target, cluster)."""
     from mlops_assets.lib import deployment as dep
-    from mlops_assets.lib.ray_cluster import ClusterConfig, start_head, stop_head
+    from mlops_assets.lib.ray_cluster import ClusterConfig, auth_env, ensure_token, start_head, stop_head
 
     state = Path(tempfile.mkdtemp(prefix=f"ray-{ingress}-", dir=setup.root))
     cluster = ClusterConfig(
         port=free_port(), dashboard_port=free_port(), metrics_export_port=free_port(), serve_http_port=free_port(),
-        state_dir=str(state),
-        extra_ports={"ray-client-server-port": free_port(), "dashboard-agent-listen-port": free_port(),
-                     "dashboard-agent-grpc-port": free_port(), "runtime-env-agent-port": free_port()},
+        state_dir=str(state), client_server_port=free_port(), dashboard_agent_port=free_port(),
+        dashboard_agent_grpc_port=free_port(), runtime_env_agent_port=free_port(),
+        dashboard_metrics_port=free_port(), autoscaler_metrics_port=free_port(),
     )
+    # The head runs with token auth; this process's deploy calls find the token through these variables.
+    ensure_token(cluster)
+    os.environ.update(auth_env(cluster))
     env = {"MLOPS_API_TOKEN": TOKEN, **replica_env(setup), "RAY_SERVE_ENABLE_HA_PROXY": "0"}
     if ingress == "haproxy":
         env.update(haproxy_env(state))

@@ -25,13 +25,15 @@ from mlops_assets.lib.ray_cluster import (
     ClusterConfig,
     auth_env,
     auth_headers,
+    config_from_env,
+    ensure_token,
+    head_command,
+    head_env,
     read_token,
     start_head,
     stop_head,
 )
 from mlops_assets_tests.ray_support import isolated_cluster
-
-pytestmark = pytest.mark.integration
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 APP = "auth_probe"
@@ -196,6 +198,7 @@ def _grpc_status(address: str, method: str, token: str | None) -> grpc.StatusCod
 UNAVOIDABLE = {"ray::ServeReplica": "/ray.serve.ASGIService/HandleRequest"}
 
 
+@pytest.mark.integration
 def test_every_listener_of_the_cluster_is_on_loopback_or_refuses_a_caller_without_the_token(head: Head) -> None:
     listeners = _listeners(head.pid)
     ports = {port for _, _, port in listeners}
@@ -216,6 +219,7 @@ def test_every_listener_of_the_cluster_is_on_loopback_or_refuses_a_caller_withou
         assert _grpc_status(address, method, head.token) != grpc.StatusCode.UNAUTHENTICATED, (name, address)
 
 
+@pytest.mark.integration
 def test_the_dashboard_refuses_a_request_without_the_token(head: Head) -> None:
     url = f"{head.cluster.dashboard_url}/api/version"
     assert httpx.get(url, trust_env=False).status_code == 401
@@ -223,6 +227,7 @@ def test_the_dashboard_refuses_a_request_without_the_token(head: Head) -> None:
     assert httpx.get(url, headers=auth_headers(head.cluster), trust_env=False).status_code == 200
 
 
+@pytest.mark.integration
 def test_a_job_submission_without_the_token_is_refused_and_with_it_runs(head: Head) -> None:
     jobs = f"{head.cluster.dashboard_url}/api/jobs/"
     body = {"entrypoint": "python -c 'print(1)'", "submission_id": "no-token-job"}
@@ -238,16 +243,22 @@ def test_a_job_submission_without_the_token_is_refused_and_with_it_runs(head: He
     assert "SUCCEEDED" in done.stdout and "42" in done.stdout, done.stdout
 
 
+@pytest.mark.integration
 def test_a_ray_client_connection_without_the_token_is_refused_and_with_it_runs_a_task(head: Head) -> None:
-    address = f"ray://127.0.0.1:{head.cluster.client_server_port}"
+    # The client server answers a call without the token UNAUTHENTICATED; Ray's client takes that
+    # for "not ready yet" and gives up with a connection timeout.
+    server = f"127.0.0.1:{head.cluster.client_server_port}"
+    assert _grpc_status(server, "/ray.rpc.RayletDriver/ClusterInfo", None) == grpc.StatusCode.UNAUTHENTICATED
+    address = f"ray://{server}"
     refused = _run_client(head, "client", address, with_token=False)
     assert refused.returncode != 0 and "task answered" not in refused.stdout, refused.stdout
-    assert "authenticat" in refused.stderr.lower(), refused.stderr[-2000:]
+    assert "connection timeout" in refused.stderr, refused.stderr[-2000:]
     done = _run_client(head, "client", address, with_token=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "task answered 42" in done.stdout
 
 
+@pytest.mark.integration
 def test_the_gcs_refuses_a_grpc_call_without_the_token(head: Head) -> None:
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
@@ -261,6 +272,7 @@ def test_the_gcs_refuses_a_grpc_call_without_the_token(head: Head) -> None:
         assert len(reply.node_info_list) == 1
 
 
+@pytest.mark.integration
 def test_a_serve_deploy_without_the_token_is_refused_and_with_it_applies(head: Head) -> None:
     url = f"{head.cluster.dashboard_url}/api/serve/applications/"
     changed = {**head.serve_config,
@@ -283,6 +295,7 @@ def test_a_serve_deploy_without_the_token_is_refused_and_with_it_applies(head: H
     assert live["applications"][APP]["route_prefix"] == "/taken-over"
 
 
+@pytest.mark.integration
 def test_status_reports_a_head_it_cannot_authenticate_to(head: Head, tmp_path: Path) -> None:
     from dataclasses import replace
 
@@ -294,3 +307,46 @@ def test_status_reports_a_head_it_cannot_authenticate_to(head: Head, tmp_path: P
     assert dashboard_state(stranger) == "unauthorized"
     with pytest.raises(RuntimeError, match="refuses the token"):
         start_head(stranger)
+
+
+# --- without a head -----------------------------------------------------------------------------
+
+
+def test_the_token_is_created_once_private_and_given_to_ray_as_a_path(tmp_path: Path) -> None:
+    cfg = ClusterConfig(state_dir=str(tmp_path / "ray"))
+    path = ensure_token(cfg)
+    token = path.read_text()
+    assert path == tmp_path / "ray" / "auth_token" and len(token) >= 40
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert ensure_token(cfg).read_text() == token  # never regenerated under a running head
+    env = head_env(cfg, {"RAY_AUTH_TOKEN": "leaked", "MLOPS_API_TOKEN": "t"})
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == str(path)
+    assert "RAY_AUTH_TOKEN" not in env and token not in env.values()
+    assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # keeps the loopback node IP
+    assert auth_headers(cfg) == {"Authorization": f"Bearer {token}"}
+    assert auth_env(cfg)["RAY_AUTH_TOKEN_PATH"] == str(path)
+
+
+def test_clients_find_the_token_from_ray_variables_or_the_configured_cluster(tmp_path: Path) -> None:
+    file = tmp_path / "t"
+    file.write_text("from-path\n")
+    assert read_token(env={"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(file)}) == "from-env"
+    assert read_token(env={"RAY_AUTH_TOKEN_PATH": str(file)}) == "from-path"
+    env = {"MLOPS_DATA_URL": str(tmp_path / "data")}
+    assert read_token(env=env) is None and auth_headers(env=env) == {}
+    ensure_token(config_from_env(env))
+    assert read_token(env=env) == (tmp_path / "data" / "ray" / "auth_token").read_text()
+
+
+def test_every_port_of_the_head_is_configurable_and_on_loopback() -> None:
+    env = {"MLOPS_RAY_CLIENT_PORT": "7101", "MLOPS_RAY_AGENT_PORT": "7102", "MLOPS_RAY_AGENT_GRPC_PORT": "7103",
+           "MLOPS_RAY_RUNTIME_ENV_AGENT_PORT": "7104", "MLOPS_RAY_DASHBOARD_METRICS_PORT": "7105",
+           "MLOPS_RAY_AUTOSCALER_METRICS_PORT": "7106"}
+    cfg = config_from_env(env)
+    cmd = head_command(cfg, "ray")
+    for flag in ("--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--ray-client-server-port=7101",
+                 "--dashboard-agent-listen-port=7102", "--dashboard-agent-grpc-port=7103",
+                 "--runtime-env-agent-port=7104"):
+        assert flag in cmd
+    env_of_head = head_env(cfg)
+    assert (env_of_head["DASHBOARD_METRIC_PORT"], env_of_head["AUTOSCALER_METRIC_PORT"]) == ("7105", "7106")

@@ -4,7 +4,7 @@ The head runs as `ray start --head --block` in its own session, so stopping it i
 that one process group (the one we started, found by its pid file), never `ray stop`, which
 would end every Ray process of the user on the machine. Workers inherit the head's
 environment: that is how `MLOPS_API_TOKEN` reaches replicas without being written into the
-Serve config. Run as `python -m mlops_assets.lib.ray_cluster up|down|status`.
+Serve config. Run as `python -m mlops_assets.lib.ray_cluster up|down|status|token`.
 
 Authentication: every head starts with `RAY_AUTH_MODE=token`. The token is generated on first
 use (`ensure_token`) into `<state_dir>/auth_token` (git-ignored `data/ray/` for make, mode
@@ -295,7 +295,7 @@ def stop_head(cfg: ClusterConfig, timeout_s: float = 30.0) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlops_assets.lib.ray_cluster", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("action", choices=["up", "down", "status", "token"])
     args = parser.parse_args(argv)
     cfg = config_from_env()
     if args.action == "up":
@@ -305,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"token auth (token file {cfg.token_path})")
     elif args.action == "down":
         print("ray head stopped" if stop_head(cfg) else f"no ray head started from {cfg.pid_file}")
+    elif args.action == "token":
+        print(ensure_token(cfg))  # the path, never the token: for compose secrets and Ray clients
     else:
         state = dashboard_state(cfg)
         detail = f" (it refuses the token in {cfg.token_path})" if state == "unauthorized" else ""
