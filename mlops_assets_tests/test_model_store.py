@@ -235,3 +235,29 @@ def test_a_version_the_gate_rejected_is_never_promoted_and_is_found_with_its_rea
     assert ms.promote_to_champion(client, name, bad.version, allow_rejected=True) == str(good.version)
     assert [e.details.get("override") for e in ms.history(client, name) if e.action == "promote"] == [
         None, "gate rejected"]
+
+
+@pytest.mark.parametrize("uri, kind", [
+    ("sqlite:////data/mlflow/mlflow.db", "sqlite-file"), ("sqlite:///mlflow.db", "sqlite-file"),
+    ("sqlite://", "process"), ("postgresql+psycopg2://u:p@db/mlflow", "postgres"),
+    ("postgresql://db/mlflow", "postgres"), ("http://127.0.0.1:5000", "process"), ("/tmp/mlruns", "process"),
+])
+def test_the_lock_lives_in_the_registry_database_where_there_is_one(uri, kind):
+    assert ms.lock_kind(uri) == kind
+
+
+def test_the_sqlite_promotion_lock_holds_off_another_process(store, name):
+    import subprocess
+    import sys
+
+    client, uri, _ = store
+    probe = ("import sys; from mlflow import MlflowClient; from mlops_assets.lib import model_store as ms\n"
+             "try:\n"
+             "    with ms.promotion_lock(MlflowClient(sys.argv[1]), sys.argv[2], timeout_s=0.5): print('granted')\n"
+             "except ms.PromotionLockTimeout: print('timed out')\n")
+    with ms.promotion_lock(client, name) as kind:
+        assert kind == "sqlite-file"
+        held = subprocess.run([sys.executable, "-c", probe, uri, name], capture_output=True, text=True, timeout=120)
+    free = subprocess.run([sys.executable, "-c", probe, uri, name], capture_output=True, text=True, timeout=120)
+    assert held.stdout.strip() == "timed out", held.stderr[-2000:]
+    assert free.stdout.strip() == "granted", free.stderr[-2000:]
