@@ -5,6 +5,10 @@ The MLflow server runs as in the production configuration: `mlflow server --app-
 started through deploy/production/entrypoint.sh, its admin password and Flask secret read from
 mounted files, the auth settings from deploy/production/mlflow-auth.ini. The training path then
 runs against it over HTTP with basic auth, artifacts proxied by the server.
+
+Then a tracking URI that carries its password (PostgreSQL, `postgresql+psycopg2://role:password@...`):
+training and a deployment to a Ray Serve application on a Ray head of the test's own; the password
+shows up nowhere but in the 0600 file that hands the URI to the replicas.
 """
 
 from __future__ import annotations
