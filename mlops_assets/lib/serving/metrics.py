@@ -12,7 +12,7 @@ from collections import Counter as _Tally
 from typing import Protocol
 
 PREFIX = "mlops_serving_"
-LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+LATENCY_BOUNDARIES_MS: list[float] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 
 
 class ServingMetrics(Protocol):
@@ -57,10 +57,11 @@ class RayServeMetrics:
     def __init__(self) -> None:
         from ray.serve import metrics as m
 
+        # Ray annotates tag_keys as a 1-tuple (Tuple[str]); any tuple of names is what it takes.
         self._requests = m.Counter(PREFIX + "requests_total", "HTTP requests by route and status code.",
-                                   tag_keys=("route", "status"))
+                                   tag_keys=("route", "status"))  # type: ignore[arg-type]
         self._errors = m.Counter(PREFIX + "errors_total", "HTTP responses with status >= 400 by route and status.",
-                                 tag_keys=("route", "status"))
+                                 tag_keys=("route", "status"))  # type: ignore[arg-type]
         self._latency = m.Histogram(PREFIX + "request_latency_ms", "Request latency in the replica, ms.",
                                     boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route",))
         self._predictions = m.Counter(PREFIX + "predictions_total", "Scored records by predicted class.",

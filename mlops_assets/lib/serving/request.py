@@ -126,14 +126,14 @@ def build_request_model(spec: DatasetSpec, max_records: int) -> RequestModel:
         field_type = Annotated[StrictInt, AfterValidator(_domain_check(feature.values))]
         record_fields[f"f{i}"] = (
             field_type,
-            Field(alias=feature.name, json_schema_extra={"enum": sorted(feature.values)}),
+            Field(alias=feature.name, json_schema_extra={"enum": list(sorted(feature.values))}),
         )
-    record = create_model(  # type: ignore[call-overload]
+    record = create_model(
         "Record",
         __config__=ConfigDict(extra="forbid", strict=True, populate_by_name=False),
         **record_fields,
     )
-    body = create_model(  # type: ignore[call-overload]
+    body = create_model(
         "PredictRequest",
         __config__=ConfigDict(extra="forbid"),
         records=(list[record], Field(min_length=1, max_length=max_records)),  # type: ignore[valid-type]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -51,7 +51,7 @@ class ScoredRecords:
     labels: list[int]
 
 
-Features = pd.DataFrame | np.ndarray  # a frame with the spec's columns, or a matrix in the spec's column order
+Features: TypeAlias = pd.DataFrame | np.ndarray  # a frame with the spec's columns, or a matrix in the spec's column order
 
 
 def takes_arrays(model: Any, spec: DatasetSpec) -> bool:
@@ -132,7 +132,7 @@ def score_many(scorer: Scorer, frames: Sequence[Features]) -> list[ScoredRecords
     if len(frames) == 1:
         return [scorer.score(frames[0])]
     if all(isinstance(f, np.ndarray) for f in frames):
-        joined = scorer.score(np.concatenate(frames))  # type: ignore[arg-type]
+        joined = scorer.score(np.concatenate(frames))
     else:
         joined = scorer.score(pd.concat([f if isinstance(f, pd.DataFrame) else pd.DataFrame(
             f, columns=scorer.spec.feature_names) for f in frames], ignore_index=True))
