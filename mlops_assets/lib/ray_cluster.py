@@ -22,7 +22,9 @@ that replicas or the dashboard could show. Clients of the cluster:
 Loopback: `--node-ip-address=127.0.0.1` alone is not enough, Ray replaces a loopback node IP
 with the machine's address unless `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (single-node mode: no
 other node can join). With it every listener of the head binds 127.0.0.1: GCS, raylet, dashboard
-and its agent, runtime env agent, Ray client server, the metrics exporters, the workers.
+and its agent, runtime env agent, Ray client server, the metrics exporters, the workers. The one
+exception, Ray Serve's per-replica gRPC server (hard-coded to every interface), answers a caller
+without the token UNAUTHENTICATED (mlops_assets_tests/test_ray_auth.py checks both).
 """
 
 from __future__ import annotations
