@@ -180,7 +180,8 @@ def test_deploy_folder_is_consistent_with_the_code() -> None:
     compose = yaml.safe_load((deploy / "docker-compose.yaml").read_text())
     read_by_code = {"MLFLOW_TRACKING_URI", "MLOPS_DATA_URL", "MLOPS_PREDICTION_LOG_URL", "MLOPS_API_TOKEN",
                     "MLOPS_RAY_DASHBOARD_URL", "MLOPS_SERVE_URL", "MLOPS_SERVE_HTTP_HOST", "MLFLOW_UI_URL",
-                    "DAGSTER_PG_HOST", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB"}
+                    "DAGSTER_PG_HOST", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB",
+                    "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"}  # the last two read by Ray itself (token auth)
     for name in ("ray-head", "dagster-webserver"):
         assert set(compose["services"][name]["environment"]) <= read_by_code, name
     for dockerfile in ("Dockerfile.serving", "Dockerfile.dagster"):
