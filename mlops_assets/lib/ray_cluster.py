@@ -227,6 +227,9 @@ def head_env(cfg: ClusterConfig, env: Mapping[str, str] | None = None) -> dict[s
             "DASHBOARD_METRIC_PORT": str(cfg.dashboard_metrics_port),
             "AUTOSCALER_METRIC_PORT": str(cfg.autoscaler_metrics_port)}
     full.pop("RAY_AUTH_TOKEN", None)  # would win over the path and be visible in every worker's env
+    # On a busy 2-core machine the dashboard agent can take longer than Ray's 30 s to start, and the
+    # raylet then aborts the whole head; Ray itself allows 100 s where agents start slowly (Windows).
+    full.setdefault("RAY_agent_register_timeout_ms", "100000")
     return full
 
 
