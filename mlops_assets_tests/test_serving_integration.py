@@ -287,6 +287,12 @@ def test_a_version_that_cannot_load_leaves_the_live_one_serving(platform: Platfo
     dep.submit(platform.target, bad)
     with pytest.raises(dep.DeploymentError, match="could not switch to version 999"):
         dep.wait_until_serving(platform.target, "999", timeout_s=60)
+    # A stable code and one line, from the real registry's error; the exception stays in the replica log.
+    status, body = dep.get_json(platform.target, "/model")
+    assert status == 200 and body["last_load_error"]["code"] == "model_version_not_found", body
+    assert "version 999" in body["last_load_error"]["message"]
+    shown = json.dumps(body)
+    assert all(w not in shown for w in ("Traceback", "sqlite", "RESOURCE_DOES_NOT_EXIST", "Exception"))
     with httpx.Client(timeout=30) as client:
         response = platform.post(client, {"records": records})
     assert response.status_code == 200 and response.json()["model_version"] == live
