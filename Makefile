@@ -57,10 +57,10 @@ $(DAGSTER_HOME)/dagster.yaml:
 demo: install .env $(DAGSTER_HOME)/dagster.yaml
 	mkdir -p data/mlflow
 	$(BIN)/mlops-assets simulate data --rows $(DEMO_ROWS) --seed $(DEMO_SEED) --name demo-seed$(DEMO_SEED).csv
-	$(BIN)/python -m mlops_assets.lib.ray_cluster up
+	$(BIN)/python -m mlops_assets.tools.ray_cluster up
 	$(BIN)/dagster asset materialize -m mlops_assets.definitions -c deploy/run_config/in_process.yaml --select 'raw_batches*'
 	$(BIN)/mlops-assets status
-	$(BIN)/python -m mlops_assets.lib.serving.sample_request
+	$(BIN)/python -m mlops_assets.tools.sample_request
 	@echo ""
 	@echo "Serving stays up: http://127.0.0.1:8000/predict (token: MLOPS_API_TOKEN in .env; source it with: set -a; . ./.env; set +a)"
 	@echo "Ray dashboard: http://127.0.0.1:8265   Dagster and MLflow UIs: make up   Stop everything: make down"

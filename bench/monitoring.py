@@ -33,11 +33,11 @@ from bench.common import emit, format_table, machine, median
 
 def build_log(root: Path, rows: int, seed: int = 5) -> tuple[Any, Any, Any, float]:
     """A prediction log of `rows` rows under `root`; (spec, reference frame, model, in-process scoring s)."""
-    from mlops_assets.lib.dataset_spec import default_spec
-    from mlops_assets.lib.serving.prediction_log import prediction_rows, write_part
-    from mlops_assets.lib.serving.scoring import positive_column
-    from mlops_assets.lib.simulator import SimulationConfig, simulate_records
-    from mlops_assets.lib.training import TARGET_COLUMN, TrainingParams, train_model
+    from mlops_assets.core.dataset_spec import default_spec
+    from mlops_assets.serving.prediction_log import prediction_rows, write_part
+    from mlops_assets.serving.scoring import positive_column
+    from mlops_assets.tools.simulator import SimulationConfig, simulate_records
+    from mlops_assets.training.train import TARGET_COLUMN, TrainingParams, train_model
 
     spec = default_spec()
     reference = simulate_records(spec, SimulationConfig(n_rows=6000, seed=42))
@@ -68,8 +68,8 @@ def build_log(root: Path, rows: int, seed: int = 5) -> tuple[Any, Any, Any, floa
 
 
 def measure(root: Path, spec: Any, reference: Any, repeats: int) -> dict[str, float]:
-    from mlops_assets.lib import drift
-    from mlops_assets.lib import monitoring as mon
+    from mlops_assets.monitoring import drift
+    from mlops_assets.monitoring import live as mon
 
     columns = mon.monitored_columns(spec.feature_names)
     prob = columns[-1]

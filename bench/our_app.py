@@ -11,12 +11,12 @@ from __future__ import annotations
 import asyncio
 import os
 
-from mlops_assets.lib.dataset_spec import default_spec
-from mlops_assets.lib.serving import app as app_module
-from mlops_assets.lib.serving.config import ModelRef, ServiceOptions
-from mlops_assets.lib.serving.metrics import InMemoryMetrics
-from mlops_assets.lib.serving.prediction_log import PredictionLogWriter
-from mlops_assets.lib.serving.service import ServiceCore
+from mlops_assets.core.dataset_spec import default_spec
+from mlops_assets.serving import app as app_module
+from mlops_assets.serving.config import ModelRef, ServiceOptions
+from mlops_assets.serving.metrics import InMemoryMetrics
+from mlops_assets.serving.prediction_log import PredictionLogWriter
+from mlops_assets.serving.service import ServiceCore
 
 
 class _CountingMetrics(InMemoryMetrics):

@@ -46,8 +46,8 @@ IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
 
 def fresh_root(parent: Path, name: str) -> tuple[Path, dict[str, str]]:
     """A folder with the simulated file in its landing folder, and the environment pointing at it."""
-    from mlops_assets.lib.dataset_spec import default_spec
-    from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
+    from mlops_assets.core.dataset_spec import default_spec
+    from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
 
     root = parent / name
     (root / "data" / "mlflow").mkdir(parents=True)
@@ -74,14 +74,16 @@ def direct(env: Mapping[str, str]) -> dict[str, float]:
     from mlflow import MlflowClient
 
     from mlops_assets import constants as c
-    from mlops_assets.lib import evaluation as ev
-    from mlops_assets.lib import features as feat
-    from mlops_assets.lib import gate, ingestion, model_store
-    from mlops_assets.lib import training as tr
-    from mlops_assets.lib.dataset_spec import default_spec
-    from mlops_assets.lib.settings import load_settings
-    from mlops_assets.lib.tracking import use_tracking_uri
-    from mlops_assets.lib.validation import ValidationThresholds, build_report, render_markdown
+    from mlops_assets.core.dataset_spec import default_spec
+    from mlops_assets.evaluation import gate
+    from mlops_assets.evaluation import metrics as ev
+    from mlops_assets.features import cleaning as feat
+    from mlops_assets.ingestion import batches as ingestion
+    from mlops_assets.registry import model_store
+    from mlops_assets.settings import load_settings
+    from mlops_assets.training import train as tr
+    from mlops_assets.training.tracking import use_tracking_uri
+    from mlops_assets.validation.report import ValidationThresholds, build_report, render_markdown
 
     settings = load_settings(dict(env))
     spec = default_spec()
@@ -197,8 +199,8 @@ def sensor_latency(parent: Path, timeout_s: float) -> dict[str, float]:
     """Land a file under a running `dagster-daemon`; seconds until the sensor's run has started."""
     import dagster as dg
 
-    from mlops_assets.lib.dataset_spec import default_spec
-    from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
+    from mlops_assets.core.dataset_spec import default_spec
+    from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
 
     root = parent / "sensor"
     (root / "data" / "raw").mkdir(parents=True)

@@ -90,12 +90,12 @@ def prepare(root: Path, rows: int = 6000, seed: int = 42) -> Setup:
     import mlflow
     from mlflow import MlflowClient
 
-    from mlops_assets.lib import deployment as dep
-    from mlops_assets.lib import model_store
-    from mlops_assets.lib.dataset_spec import default_spec
-    from mlops_assets.lib.simulator import SimulationConfig, simulate_records
-    from mlops_assets.lib.tracking import use_tracking_uri
-    from mlops_assets.lib.training import TARGET_COLUMN, TrainingParams, train_model
+    from mlops_assets.core.dataset_spec import default_spec
+    from mlops_assets.deployment import rollout as dep
+    from mlops_assets.registry import model_store
+    from mlops_assets.tools.simulator import SimulationConfig, simulate_records
+    from mlops_assets.training.tracking import use_tracking_uri
+    from mlops_assets.training.train import TARGET_COLUMN, TrainingParams, train_model
 
     spec = default_spec()
     (root / "mlflow").mkdir(parents=True, exist_ok=True)
@@ -211,8 +211,8 @@ def haproxy_env(state: Path) -> dict[str, str]:
 @contextlib.contextmanager
 def ray_platform(setup: Setup, ingress: str, log: Any = print) -> Iterator[tuple[Any, Any]]:
     """A Ray head on loopback (free ports) with `ingress` ('proxy' or 'haproxy'); yields (target, cluster)."""
-    from mlops_assets.lib import deployment as dep
-    from mlops_assets.lib.ray_cluster import ClusterConfig, auth_env, ensure_token, start_head, stop_head
+    from mlops_assets.deployment import rollout as dep
+    from mlops_assets.tools.ray_cluster import ClusterConfig, auth_env, ensure_token, start_head, stop_head
 
     state = Path(tempfile.mkdtemp(prefix=f"ray-{ingress}-", dir=setup.root))
     cluster = ClusterConfig(
@@ -247,7 +247,7 @@ def replica_env(setup: Setup) -> dict[str, str]:
     """Everything replicas read, pinned to this run (a user's .env, exported by make, must not leak in)."""
     import mlops_assets
 
-    spec_path = Path(mlops_assets.__file__).parent / "lib" / "datasets" / "phishing_websites.json"
+    spec_path = Path(mlops_assets.__file__).parent / "core" / "datasets" / "phishing_websites.json"
     return {"MLFLOW_TRACKING_URI": setup.tracking_uri, "MLOPS_DATA_URL": str(setup.root / "data"),
             "MLOPS_PREDICTION_LOG_URL": str(setup.root / "data" / "predictions"), "MLOPS_DATASET_SPEC": str(spec_path)}
 
@@ -260,7 +260,7 @@ def deploy(setup: Setup, target: Any, deployment: Mapping[str, Any] | None = Non
     `code`: a folder holding another checkout's `mlops_assets/` and `deploy/` (e.g. `git archive` of an
     older commit): replicas import the package from there (PYTHONPATH) and its serve config is used.
     """
-    from mlops_assets.lib import deployment as dep
+    from mlops_assets.deployment import rollout as dep
 
     if code:
         prefer_code_dir(code)
@@ -388,8 +388,8 @@ def lever_apps(setup: Setup, target: Any, log: Any) -> list[tuple[str, str]]:
     load: on a shared 2-core machine, measuring them one after another mostly measures the neighbours.
     Replicas ask for 0.05 CPU each so that all fit beside the main app in the head's 2 CPUs (a scheduling figure only).
     """
-    from mlops_assets.lib import deployment as dep
-    from mlops_assets.lib.serving.config import ModelRef
+    from mlops_assets.deployment import rollout as dep
+    from mlops_assets.serving.config import ModelRef
 
     live = dep.live_config(target)
     if live is None:

@@ -1,5 +1,5 @@
 """Defaults in one place. Per-environment values (folders, URIs, tokens) come from the
-environment through `mlops_assets.lib.settings`; everything else that is a default lives here."""
+environment through `mlops_assets.settings`; everything else that is a default lives here."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ RAW_FILES_SENSOR_INTERVAL_SECONDS = 30
 PROFILES_SUBDIR = "profiles"  # reference/<model version>/ and production/<window>/
 LABELS_SUBDIR = "labels"  # landing folder of delayed ground-truth labels
 PRODUCTION_BATCH_STAGING_SUBDIR = "labels_staging"  # labelled production records on their way to a batch
-# Drift rule (lib/drift.py): a column drifts when the test is significant AND the distance is large.
+# Drift rule (monitoring/drift.py): a column drifts when the test is significant AND the distance is large.
 DRIFT_P_VALUE = 0.01  # significance level of the chi-squared / KS test
 DRIFT_HELLINGER = 0.1  # categorical: e.g. a balanced binary feature moving 50/50 -> 64/36
 DRIFT_KS_STATISTIC = 0.1  # continuous: largest CDF gap of 10 percentage points
@@ -68,7 +68,7 @@ DRIFT_MIN_ROWS = 100  # fewer current rows: scores are reported, drift is never 
 # Drift check: an event when more than this share of the features drifted, or the predictions did.
 DRIFT_MAX_FEATURE_SHARE = 0.1  # up to 3 of 30 features may drift alone without a retraining
 DRIFT_FAIL_ON_PREDICTION_DRIFT = True
-# Windows and freshness of the production profiles (lib/monitoring.py).
+# Windows and freshness of the production profiles (monitoring/live.py).
 MONITORING_WINDOW = "1h"
 MAX_PROFILE_AGE = "3h"  # newest prediction older than this: the monitoring data is stale
 PROFILES_MAX_LAG_MINUTES = 120  # production_profiles not materialized for this long: freshness fails

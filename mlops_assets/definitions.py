@@ -1,40 +1,10 @@
-"""Assembles the platform's Definitions: every concern's `defs`, with the resources bound once."""
+"""The platform's Definitions, loaded from the defs folder the way `dg` projects do.
+
+Each module under `defs/` ends in a `defs` it owns; `defs/resources.py` binds every resource once.
+"""
 
 import dagster as dg
 
-from mlops_assets.defs import (
-    automation,
-    deployment,
-    evaluation,
-    features,
-    ingestion,
-    monitoring,
-    registry,
-    training,
-    validation,
-)
-from mlops_assets.defs.deployment import RayServeResource
-from mlops_assets.defs.mlflow_resource import MlflowResource
-from mlops_assets.defs.monitoring import MonitoringResource
-from mlops_assets.defs.resources import ParquetIOManager, PlatformResource
+import mlops_assets.defs
 
-defs = dg.Definitions.merge(
-    ingestion.defs,
-    validation.defs,
-    features.defs,
-    training.defs,
-    evaluation.defs,
-    registry.defs,
-    deployment.defs,
-    monitoring.defs,
-    automation.defs,
-    dg.Definitions(
-        resources={
-            "platform": PlatformResource(),
-            "io_manager": ParquetIOManager(),
-            "mlflow": MlflowResource(),
-            "ray_serve": RayServeResource(),
-            "monitoring": MonitoringResource(),
-        },
-    ),
-)
+defs = dg.load_defs(defs_root=mlops_assets.defs)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mlops_assets.lib.dataset_spec import DatasetSpec, default_spec
-from mlops_assets.lib.simulator import SimulationConfig, simulate_records
+from mlops_assets.core.dataset_spec import DatasetSpec, default_spec
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """A Ray head of a test's own: every port free and on loopback, so modules never collide
 with each other or with a `make demo` head on the default ports.
 
-The head runs with token authentication (see mlops_assets.lib.ray_cluster). `isolated_cluster`
+The head runs with token authentication (see mlops_assets.tools.ray_cluster). `isolated_cluster`
 creates the cluster's token and points this test process's Ray clients at it (the variables of
 `auth_env` in `os.environ`), so the project's dashboard client, `ray://` and the job SDK in
 this process authenticate as a `make` client does with data/ray/auth_token.
@@ -11,7 +11,7 @@ import os
 import socket
 from pathlib import Path
 
-from mlops_assets.lib.ray_cluster import ClusterConfig, auth_env, ensure_token
+from mlops_assets.tools.ray_cluster import ClusterConfig, auth_env, ensure_token
 
 
 def free_port() -> int:

@@ -9,8 +9,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from mlops_assets.lib import deployment as dep
-from mlops_assets.lib.serving.config import APP_NAME, DEPLOYMENT_NAME
+from mlops_assets.deployment import rollout as dep
+from mlops_assets.serving.config import APP_NAME, DEPLOYMENT_NAME
 
 
 def running_app(version: str = "1", replicas: int = 2, state: str = "RUNNING") -> dict[str, Any]:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from mlops_assets.lib.serving.config import api_token
+from mlops_assets.serving.config import api_token
 
 
 def test_variable_wins_over_file(tmp_path: Path):

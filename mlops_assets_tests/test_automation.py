@@ -16,17 +16,16 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from mlops_assets.defs.automation import (
+from mlops_assets.defs.monitoring.sensors import (
     degradation_retraining_sensor,
     drift_retraining_sensor,
     post_deploy_watch,
     retraining_job,
     run_failure_alert,
 )
-from mlops_assets.defs.monitoring import MonitoringResource
-from mlops_assets.defs.resources import PlatformResource
-from mlops_assets.lib import monitoring as mon
-from mlops_assets.lib.serving.prediction_log import prediction_rows, write_part
+from mlops_assets.defs.resources import MonitoringResource, PlatformResource
+from mlops_assets.monitoring import live as mon
+from mlops_assets.serving.prediction_log import prediction_rows, write_part
 
 
 class Webhook:
@@ -199,7 +198,7 @@ DRIFT = {"SSLfinal_State": 0.6, "URL_of_Anchor": 0.6, "having_Sub_Domain": 0.6, 
 def serving() -> Iterator[dict[str, object]]:
     """A healthy-looking endpoint (dashboard, /healthz, /model on loopback): the watch's outage
     branch sees no outage, so these tests reach the regression path."""
-    from mlops_assets.defs.deployment import RayServeResource
+    from mlops_assets.defs.resources import RayServeResource
     from mlops_assets_tests.serve_stub import ServeStub
 
     stub = ServeStub()
@@ -214,9 +213,10 @@ def registry(tmp_path_factory: pytest.TempPathFactory, spec) -> Iterator[tuple[s
     import mlflow
     from mlflow import MlflowClient
 
-    from mlops_assets.lib import model_store, tracking
-    from mlops_assets.lib import training as tr
-    from mlops_assets.lib.simulator import SimulationConfig, simulate_records
+    from mlops_assets.registry import model_store
+    from mlops_assets.tools.simulator import SimulationConfig, simulate_records
+    from mlops_assets.training import tracking
+    from mlops_assets.training import train as tr
 
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root}/mlflow.db"
@@ -236,7 +236,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory, spec) -> Iterator[tuple[s
 
 def _served_rows(spec, scorer, version: str, at: datetime, *, drift: dict, n: int, seed: int) -> list[dict]:
     """What `version` answered on n simulated records (drifted or not), four records a request."""
-    from mlops_assets.lib.simulator import SimulationConfig, simulate_records
+    from mlops_assets.tools.simulator import SimulationConfig, simulate_records
 
     records = simulate_records(spec, SimulationConfig(n_rows=n, seed=seed, drift=drift))[spec.feature_names]
     scored = scorer.score(records)
@@ -259,9 +259,9 @@ def test_the_watch_compares_versions_on_the_same_inputs(
     tmp_path: Path, webhook: Webhook, spec, registry: tuple[str, dict[str, str]], serving: dict[str, object],
     new: str, after_rows: int, verdict: str,
 ) -> None:
-    from mlops_assets.defs.mlflow_resource import MlflowResource
-    from mlops_assets.lib import model_store
-    from mlops_assets.lib.serving.scoring import scorer_from_loaded
+    from mlops_assets.defs.resources import MlflowResource
+    from mlops_assets.registry import model_store
+    from mlops_assets.serving.scoring import scorer_from_loaded
 
     uri, versions = registry
     old, live = versions["equal"], versions[new]
@@ -313,9 +313,9 @@ def test_the_watch_compares_versions_on_the_same_inputs(
 def test_a_version_restored_by_the_rollback_job_is_not_judged_against_the_one_it_replaced(
     tmp_path: Path, webhook: Webhook, spec, registry: tuple[str, dict[str, str]], serving: dict[str, object],
 ) -> None:
-    from mlops_assets.defs.mlflow_resource import MlflowResource
-    from mlops_assets.lib import model_store
-    from mlops_assets.lib.serving.scoring import scorer_from_loaded
+    from mlops_assets.defs.resources import MlflowResource
+    from mlops_assets.registry import model_store
+    from mlops_assets.serving.scoring import scorer_from_loaded
 
     uri, versions = registry
     good, bad = versions["equal"], versions["flips"]
@@ -354,7 +354,7 @@ def test_a_version_restored_by_the_rollback_job_is_not_judged_against_the_one_it
 def test_the_watch_keeps_watching_when_the_replaced_version_cannot_be_loaded(
     tmp_path: Path, webhook: Webhook, registry: tuple[str, dict[str, str]], serving: dict[str, object],
 ) -> None:
-    from mlops_assets.defs.mlflow_resource import MlflowResource
+    from mlops_assets.defs.resources import MlflowResource
 
     uri, versions = registry
     resources = {
@@ -406,10 +406,10 @@ def test_dashboard_and_alert_rules_only_use_metrics_that_exist() -> None:
     exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
     exprs += [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     used = {m for e in exprs for m in re.findall(r"\b(?:ray_)?mlops_\w+", e)}
-    serving_src = (root / "mlops_assets/lib/serving/metrics.py").read_text()
+    serving_src = (root / "mlops_assets/serving/metrics.py").read_text()
     declared = {f"ray_mlops_serving_{n}" for n in re.findall(r'PREFIX \+ "(\w+)"', serving_src)}
     histogram = {f"{n}_bucket" for n in declared}
-    monitoring_src = (root / "mlops_assets/defs/monitoring.py").read_text()
+    monitoring_src = (root / "mlops_assets/defs/monitoring/assets.py").read_text()
     written = set(re.findall(r'"(mlops_(?:drift|live)_\w+)"', monitoring_src))
     written |= {f"mlops_live_{k}" for k in ("n_labelled", "accuracy", "f1", "roc_auc", "precision", "recall")}
     written |= {f"mlops_offline_{k}" for k in ("accuracy", "f1", "roc_auc")}

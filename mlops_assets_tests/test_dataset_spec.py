@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from mlops_assets.lib.dataset_spec import DatasetSpecError, load_spec
-from mlops_assets.lib.schema import build_schema
+from mlops_assets.core.dataset_spec import DatasetSpecError, load_spec
+from mlops_assets.core.schema import build_schema
 
 
 def test_default_spec_is_the_phishing_schema(spec):

@@ -30,12 +30,12 @@ import yaml
 from mlflow import MlflowClient
 
 from mlops_assets import constants as c
-from mlops_assets.lib import deployment as dep
-from mlops_assets.lib import model_store
-from mlops_assets.lib.dataset_spec import default_spec
-from mlops_assets.lib.ray_cluster import start_head, stop_head
-from mlops_assets.lib.simulator import SimulationConfig, simulate_records
-from mlops_assets.lib.tracking import use_tracking_uri
+from mlops_assets.core.dataset_spec import default_spec
+from mlops_assets.deployment import rollout as dep
+from mlops_assets.registry import model_store
+from mlops_assets.tools.ray_cluster import start_head, stop_head
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records
+from mlops_assets.training.tracking import use_tracking_uri
 from mlops_assets_tests.ray_support import isolated_cluster
 from mlops_assets_tests.test_automation import Webhook
 from mlops_assets_tests.test_serving_integration import ARGS, MODEL_NAME, TOKEN, Platform, _train
@@ -237,10 +237,12 @@ def test_a_rollback_whose_redeploy_fails_leaves_the_aliases_as_they_were(platfor
 @pytest.fixture(scope="module")
 def dagster(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A real Dagster instance, the platform's resources pointed at this module's cluster, a webhook."""
-    from mlops_assets.defs.deployment import RayServeResource
-    from mlops_assets.defs.mlflow_resource import MlflowResource
-    from mlops_assets.defs.monitoring import MonitoringResource
-    from mlops_assets.defs.resources import PlatformResource
+    from mlops_assets.defs.resources import (
+        MlflowResource,
+        MonitoringResource,
+        PlatformResource,
+        RayServeResource,
+    )
 
     folder = tmp_path_factory.mktemp("dagster")
     config = dep.load_serve_config()
@@ -274,7 +276,7 @@ def dagster(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def test_a_rollback_records_itself_on_model_deployment(platform: Platform, dagster: dict[str, Any]) -> None:
-    from mlops_assets.defs.deployment import rollback_job
+    from mlops_assets.defs.deployment.assets import rollback_job
 
     instance = dagster["instance"]
     assert _aliases(platform) == ("2", "1") and dep.live_version(platform.target) == "2"
@@ -311,8 +313,8 @@ def _kill_head_group(platform: Platform) -> None:
 def test_after_the_head_is_lost_the_watch_restores_the_champion_without_a_rollback(
     platform: Platform, dagster: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from mlops_assets.defs import automation
-    from mlops_assets.defs.automation import post_deploy_watch
+    from mlops_assets.defs.monitoring import sensors as automation
+    from mlops_assets.defs.monitoring.sensors import post_deploy_watch
 
     # Evaluated here, not by the daemon: no 60 s evaluation timeout, so one tick may take the
     # whole restore on this shared machine (a cold head starts Serve, its proxy and two replicas).
@@ -363,7 +365,7 @@ def test_serve_restore_redeploys_a_missing_app_and_leaves_a_serving_one_alone(
     platform: Platform, dagster: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     """What `make up` runs after starting the head: the champion again if nothing serves it."""
-    from mlops_assets.cli import main
+    from mlops_assets.tools.cli import main
 
     for key, value in {**platform.env_vars, "MLOPS_API_TOKEN": TOKEN, "MLOPS_MODEL_NAME": MODEL_NAME}.items():
         monkeypatch.setenv(key, value)

@@ -7,9 +7,9 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from mlops_assets.lib import deployment as dep
-from mlops_assets.lib.ray_cluster import ClusterConfig, config_from_env, head_command
-from mlops_assets.lib.serving.config import ModelRef
+from mlops_assets.deployment import rollout as dep
+from mlops_assets.serving.config import ModelRef
+from mlops_assets.tools.ray_cluster import ClusterConfig, config_from_env, head_command
 
 
 def _app(config: dict[str, Any]) -> dict[str, Any]:
@@ -19,10 +19,10 @@ def _app(config: dict[str, Any]) -> dict[str, Any]:
 def test_the_shipped_serve_config_is_valid_and_points_at_the_app() -> None:
     config = dep.load_serve_config()
     app = _app(config)
-    assert app["import_path"] == "mlops_assets.lib.serving.app:build_app"
+    assert app["import_path"] == "mlops_assets.serving.app:build_app"
     assert config["http_options"]["host"] == "127.0.0.1"
     assert "MLOPS_API_TOKEN" not in str(config)  # the token never goes into a config
-    from mlops_assets.lib.serving.app import build_app
+    from mlops_assets.serving.app import build_app
 
     assert build_app(app["args"]) is not None
 
@@ -145,7 +145,7 @@ def test_cluster_and_target_from_env(tmp_path) -> None:
 
 def test_deployment_definitions_load_with_the_platform() -> None:
     from mlops_assets import definitions
-    from mlops_assets.defs import deployment
+    from mlops_assets.defs.deployment import assets as deployment
 
     key = dg.AssetKey("model_deployment")
     defs = definitions.defs
@@ -165,7 +165,7 @@ def test_deploy_folder_is_consistent_with_the_code() -> None:
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from mlops_assets.lib.serving.config import ServiceOptions
+    from mlops_assets.serving.config import ServiceOptions
 
     deploy = Path(dep.DEFAULT_SERVE_CONFIG).parent
     local = dep.load_serve_config()
@@ -190,7 +190,7 @@ def test_deploy_folder_is_consistent_with_the_code() -> None:
 
 
 def test_sample_request_prints_a_reproducible_command() -> None:
-    from mlops_assets.lib.serving.sample_request import curl_command
+    from mlops_assets.tools.sample_request import curl_command
 
     command = curl_command("http://127.0.0.1:8000/predict", {"records": [{"a": 1}]})
     assert "$MLOPS_API_TOKEN" in command and "'{\"records\": [{\"a\": 1}]}'" in command
@@ -224,7 +224,7 @@ def test_serving_outage_names_what_is_down_and_nothing_while_serving(serve_stub)
 
 
 def test_restore_champion_without_a_champion_deploys_nothing(serve_stub, spec, tmp_path) -> None:
-    from mlops_assets.lib.model_store import NoChampionError
+    from mlops_assets.registry.model_store import NoChampionError
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(NoChampionError, match="nothing to restore"):

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from mlops_assets.lib import drift
-from mlops_assets.lib.dataset_spec import DatasetSpec
-from mlops_assets.lib.simulator import SimulationConfig, simulate_records
+from mlops_assets.core.dataset_spec import DatasetSpec
+from mlops_assets.monitoring import drift
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records
 
 DRIFTED = ("URL_Length", "Favicon")  # one 3-valued and one binary feature
 

@@ -1,4 +1,4 @@
-"""Unit tests of lib/evaluation.py: metrics on hand-checked numbers, slices, plots, the whole evaluation."""
+"""Unit tests of evaluation/metrics.py: metrics on hand-checked numbers, slices, plots, the whole evaluation."""
 
 import math
 from pathlib import Path
@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlops_assets.lib import evaluation as ev
-from mlops_assets.lib import training as tr
-from mlops_assets.lib.simulator import SimulationConfig, simulate_records
+from mlops_assets.evaluation import metrics as ev
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records
+from mlops_assets.training import train as tr
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlops_assets.lib.dataset_spec import spec_from_dict
-from mlops_assets.lib.features import (
+from mlops_assets.core.dataset_spec import spec_from_dict
+from mlops_assets.features.cleaning import (
     SPLIT,
     TARGET,
     clean_features,
@@ -13,7 +13,7 @@ from mlops_assets.lib.features import (
     shared_vectors,
     split_train_test,
 )
-from mlops_assets.lib.simulator import SimulationConfig, simulate_records
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from mlops_assets.lib.gate import GateCriteria, GateDecision, decide
+from mlops_assets.evaluation.gate import GateCriteria, GateDecision, decide
 
 GOOD = {"roc_auc": 0.97, "pr_auc": 0.96, "accuracy": 0.93, "f1": 0.92, "recall": 0.91, "log_loss": 0.2,
         "precision": 0.93, "brier": 0.05}

@@ -27,14 +27,16 @@ import yaml
 from catboost import CatBoostClassifier
 from mlflow import MlflowClient
 
-from mlops_assets import cli
 from mlops_assets import constants as c
-from mlops_assets.lib import deployment as dep
-from mlops_assets.lib import governance, ingestion, model_store, tracking
-from mlops_assets.lib.dataset_spec import default_spec
-from mlops_assets.lib.ray_cluster import start_head, stop_head
-from mlops_assets.lib.serving.prediction_log import read_prediction_log
-from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
+from mlops_assets.core.dataset_spec import default_spec
+from mlops_assets.deployment import rollout as dep
+from mlops_assets.ingestion import batches as ingestion
+from mlops_assets.registry import governance, model_store
+from mlops_assets.serving.prediction_log import read_prediction_log
+from mlops_assets.tools import cli
+from mlops_assets.tools.ray_cluster import start_head, stop_head
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
+from mlops_assets.training import tracking
 from mlops_assets_tests.ray_support import isolated_cluster
 
 TOKEN = "governance-test-token-5f1c2a9e"
@@ -71,7 +73,7 @@ def test_the_model_card_names_data_evaluation_gate_and_code() -> None:
 
 
 def test_the_card_of_a_rejected_candidate_lists_the_failed_checks_and_says_it_stays_challenger() -> None:
-    from mlops_assets.lib import gate
+    from mlops_assets.evaluation import gate
 
     metrics = {"roc_auc": 0.62, "pr_auc": 0.6, "accuracy": 0.9, "f1": 0.85, "recall": 0.8, "log_loss": 0.3}
     decision = gate.decide(metrics, {**metrics, "roc_auc": 0.97}, gate.GateCriteria(), champion_version="4")
@@ -289,7 +291,7 @@ def test_trace_names_every_link_from_one_prediction_back_to_the_raw_batches(serv
 @pytest.mark.slow
 def test_the_token_is_in_no_serve_config_and_no_response(served: Served) -> None:
     """The token reaches replicas through the head's environment, never a config the dashboard shows."""
-    from mlops_assets.lib.ray_cluster import auth_headers
+    from mlops_assets.tools.ray_cluster import auth_headers
 
     url = f"{served.target.dashboard_url}/api/serve/applications/"
     assert httpx.get(url, timeout=10).status_code == 401  # the dashboard itself wants the Ray token

@@ -7,14 +7,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mlops_assets.lib.ingestion import (
+from mlops_assets.ingestion.batches import (
     accepted_batches,
     dataset_version,
     ingest_landed_files,
     list_landed_files,
     load_raw_dataset,
 )
-from mlops_assets.lib.simulator import write_batch
+from mlops_assets.tools.simulator import write_batch
 
 
 def _tree_digest(folder: Path) -> dict[str, str]:

@@ -29,12 +29,14 @@ from catboost import CatBoostClassifier
 from mlflow import MlflowClient
 
 from mlops_assets import constants as c
-from mlops_assets.lib import deployment as dep
-from mlops_assets.lib import ingestion, model_store, traffic
-from mlops_assets.lib import monitoring as mon
-from mlops_assets.lib.dataset_spec import DatasetSpec, default_spec
-from mlops_assets.lib.ray_cluster import start_head, stop_head
-from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
+from mlops_assets.core.dataset_spec import DatasetSpec, default_spec
+from mlops_assets.deployment import rollout as dep
+from mlops_assets.ingestion import batches as ingestion
+from mlops_assets.monitoring import live as mon
+from mlops_assets.registry import model_store
+from mlops_assets.tools import traffic
+from mlops_assets.tools.ray_cluster import start_head, stop_head
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
 from mlops_assets_tests.ray_support import isolated_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -112,10 +114,12 @@ class Loop:
     def tick(self, sensor_name: str, cursor: str | None, **monitoring: object,
              ) -> tuple[list[dg.RunRequest], str | None, str]:
         """One evaluation of a sensor on the real instance; `monitoring` overrides MonitoringResource fields."""
-        from mlops_assets.defs.deployment import RayServeResource
-        from mlops_assets.defs.mlflow_resource import MlflowResource
-        from mlops_assets.defs.monitoring import MonitoringResource
-        from mlops_assets.defs.resources import PlatformResource
+        from mlops_assets.defs.resources import (
+            MlflowResource,
+            MonitoringResource,
+            PlatformResource,
+            RayServeResource,
+        )
 
         sensor = self.defs.get_sensor_def(sensor_name)
         context = dg.build_sensor_context(instance=self.instance, cursor=cursor, resources={
@@ -250,7 +254,7 @@ def test_the_loop_from_raw_data_to_drift_to_one_retraining_through_the_gate(loop
 
 
 def test_a_bad_deployment_is_rolled_back_by_the_watch_and_alerted(loop: Loop) -> None:
-    from mlops_assets.defs.deployment import model_deployment
+    from mlops_assets.defs.deployment.assets import model_deployment
     from mlops_assets.defs.resources import ParquetIOManager
 
     good = loop.champion()

@@ -11,10 +11,10 @@ import pytest
 from mlflow import MlflowClient
 
 from mlops_assets import constants as c
-from mlops_assets.lib import model_store as ms
-from mlops_assets.lib import tracking
-from mlops_assets.lib import training as tr
-from mlops_assets.lib.simulator import SimulationConfig, simulate_records
+from mlops_assets.registry import model_store as ms
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records
+from mlops_assets.training import tracking
+from mlops_assets.training import train as tr
 
 pytestmark = pytest.mark.integration
 
@@ -251,7 +251,7 @@ def test_the_sqlite_promotion_lock_holds_off_another_process(store, name):
     import sys
 
     client, uri, _ = store
-    probe = ("import sys; from mlflow import MlflowClient; from mlops_assets.lib import model_store as ms\n"
+    probe = ("import sys; from mlflow import MlflowClient; from mlops_assets.registry import model_store as ms\n"
              "try:\n"
              "    with ms.promotion_lock(MlflowClient(sys.argv[1]), sys.argv[2], timeout_s=0.5): print('granted')\n"
              "except ms.PromotionLockTimeout: print('timed out')\n")

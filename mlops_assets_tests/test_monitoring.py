@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlops_assets.lib import monitoring as m
+from mlops_assets.monitoring import live as m
 
 T0 = datetime(2024, 6, 11, 10, 0, tzinfo=UTC)
 PHISHING, LEGIT = -1, 1  # the default spec's positive and negative class

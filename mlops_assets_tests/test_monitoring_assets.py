@@ -19,9 +19,8 @@ from catboost import CatBoostClassifier
 from mlflow import MlflowClient
 
 from mlops_assets import constants as c
-from mlops_assets.defs.deployment import RayServeResource
-from mlops_assets.defs.mlflow_resource import MlflowResource
-from mlops_assets.defs.monitoring import (
+from mlops_assets.core.dataset_spec import DatasetSpec, default_spec
+from mlops_assets.defs.monitoring.assets import (
     DEGRADATION_CHECK,
     FRESH_DATA_CHECK,
     NO_DRIFT_CHECK,
@@ -32,12 +31,13 @@ from mlops_assets.defs.monitoring import (
     production_profiles,
     reference_profile,
 )
-from mlops_assets.defs.resources import ParquetIOManager, PlatformResource
-from mlops_assets.lib import drift, ingestion, model_store
-from mlops_assets.lib import monitoring as mon
-from mlops_assets.lib.dataset_spec import DatasetSpec, default_spec
-from mlops_assets.lib.serving.prediction_log import prediction_rows, write_part
-from mlops_assets.lib.simulator import SimulationConfig, simulate_records
+from mlops_assets.defs.resources import MlflowResource, ParquetIOManager, PlatformResource, RayServeResource
+from mlops_assets.ingestion import batches as ingestion
+from mlops_assets.monitoring import drift
+from mlops_assets.monitoring import live as mon
+from mlops_assets.registry import model_store
+from mlops_assets.serving.prediction_log import prediction_rows, write_part
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records
 
 pytestmark = pytest.mark.integration
 

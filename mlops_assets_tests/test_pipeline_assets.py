@@ -7,10 +7,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mlops_assets.defs import features, ingestion, validation
-from mlops_assets.defs.ingestion import raw_files_sensor
+from mlops_assets.defs.features import assets as features
+from mlops_assets.defs.ingestion import assets as ingestion
+from mlops_assets.defs.ingestion.assets import raw_files_sensor
 from mlops_assets.defs.resources import ParquetIOManager, PlatformResource
-from mlops_assets.lib.simulator import write_batch
+from mlops_assets.defs.validation import assets as validation
+from mlops_assets.tools.simulator import write_batch
 
 FOUNDATION = [ingestion.raw_batches, ingestion.raw_dataset, validation.validation_report,
               features.feature_set, features.train_test_split]

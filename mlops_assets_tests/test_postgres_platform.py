@@ -34,9 +34,11 @@ from catboost import CatBoostClassifier
 from mlflow import MlflowClient
 
 from mlops_assets import constants as c
-from mlops_assets.lib import ingestion, model_store, tracking
-from mlops_assets.lib.dataset_spec import default_spec
-from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
+from mlops_assets.core.dataset_spec import default_spec
+from mlops_assets.ingestion import batches as ingestion
+from mlops_assets.registry import model_store
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
+from mlops_assets.training import tracking
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -21,7 +21,7 @@ import httpx
 import psutil
 import pytest
 
-from mlops_assets.lib.ray_cluster import (
+from mlops_assets.tools.ray_cluster import (
     ClusterConfig,
     auth_env,
     auth_headers,
@@ -299,7 +299,7 @@ def test_a_serve_deploy_without_the_token_is_refused_and_with_it_applies(head: H
 def test_status_reports_a_head_it_cannot_authenticate_to(head: Head, tmp_path: Path) -> None:
     from dataclasses import replace
 
-    from mlops_assets.lib.ray_cluster import dashboard_state, ensure_token
+    from mlops_assets.tools.ray_cluster import dashboard_state, ensure_token
 
     stranger = replace(head.cluster, token_file=str(tmp_path / "other_token"))
     ensure_token(stranger)

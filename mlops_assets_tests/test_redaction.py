@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from mlops_assets.lib.redaction import has_credentials, is_secret_name, redact_text, redact_uri, redact_values
+from mlops_assets.core.redaction import (
+    has_credentials,
+    is_secret_name,
+    redact_text,
+    redact_uri,
+    redact_values,
+)
 
 
 @pytest.mark.parametrize(("uri", "expected"), [

@@ -30,8 +30,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from mlops_assets.lib.dataset_spec import default_spec
-from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
+from mlops_assets.core.dataset_spec import default_spec
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCTION = REPO / "deploy" / "production"
@@ -73,7 +73,7 @@ def test_production_configs_hold_no_secret_values_and_publish_only_on_loopback()
     # Local services bind loopback by default.
     platform_sh = (REPO / "scripts" / "platform.sh").read_text()
     assert platform_sh.count("--host 127.0.0.1") == 2  # the MLflow UI and the Dagster UI
-    from mlops_assets.lib.ray_cluster import ClusterConfig, head_command
+    from mlops_assets.tools.ray_cluster import ClusterConfig, head_command
 
     command = head_command(ClusterConfig(), "ray")
     assert "--dashboard-host=127.0.0.1" in command and "--node-ip-address=127.0.0.1" in command
@@ -234,8 +234,8 @@ def test_mlflow_requires_auth_and_no_secret_reaches_mlflow_dagster_or_responses(
 
 
 def test_a_password_in_the_tracking_uri_reaches_replicas_as_a_0600_file_never_as_a_variable(tmp_path: Path) -> None:
-    from mlops_assets.lib import deployment as dep
-    from mlops_assets.lib.serving.config import (
+    from mlops_assets.deployment import rollout as dep
+    from mlops_assets.serving.config import (
         TRACKING_URI_FILE_ENV,
         ModelRef,
         mlflow_tracking_uri,
@@ -269,8 +269,8 @@ def test_a_password_in_the_tracking_uri_reaches_replicas_as_a_0600_file_never_as
 
 def test_the_replica_env_of_the_deployment_asset_names_a_file_under_the_data_root(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlops_assets.defs.deployment import replica_env
-    from mlops_assets.lib.settings import load_settings
+    from mlops_assets.defs.deployment.assets import replica_env
+    from mlops_assets.settings import load_settings
 
     uri = "postgresql+psycopg2://mlflow:pw-456@db:5432/mlflow"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -286,7 +286,7 @@ def test_the_replica_env_of_the_deployment_asset_names_a_file_under_the_data_roo
 
 
 def test_run_links_show_the_store_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlops_assets.defs.mlflow_resource import MlflowResource
+    from mlops_assets.defs.resources import MlflowResource
 
     monkeypatch.delenv("MLFLOW_UI_URL", raising=False)
     resource = MlflowResource(tracking_uri="postgresql+psycopg2://u:pw-789@db/mlflow")
@@ -414,9 +414,9 @@ def test_a_postgres_password_in_the_tracking_uri_reaches_no_event_mlflow_field_s
         pg_store: PgStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
     from contextlib import ExitStack
 
-    from mlops_assets import cli
-    from mlops_assets.lib import deployment as dep
-    from mlops_assets.lib.ray_cluster import start_head, stop_head
+    from mlops_assets.deployment import rollout as dep
+    from mlops_assets.tools import cli
+    from mlops_assets.tools.ray_cluster import start_head, stop_head
     from mlops_assets_tests.ray_support import isolated_cluster
 
     password, token = pg_store.password, "tok-" + secrets.token_hex(12)
@@ -530,7 +530,7 @@ def test_a_postgres_password_in_the_tracking_uri_reaches_no_event_mlflow_field_s
 def _ray_auth_headers(cluster: object) -> dict[str, str]:
     """The Ray token header when the head runs with token authentication (else none)."""
     try:
-        from mlops_assets.lib.ray_cluster import auth_headers  # type: ignore[attr-defined]
+        from mlops_assets.tools.ray_cluster import auth_headers  # type: ignore[attr-defined]
     except ImportError:
         return {}
     return dict(auth_headers(cluster))

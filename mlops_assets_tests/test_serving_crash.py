@@ -20,10 +20,10 @@ import httpx
 import pandas as pd
 import pytest
 
-from mlops_assets.lib import deployment as dep
-from mlops_assets.lib.serving.app import INGRESS_DEPLOYMENT_NAME
-from mlops_assets.lib.serving.config import DEPLOYMENT_NAME
-from mlops_assets.lib.serving.prediction_log import read_prediction_log
+from mlops_assets.deployment import rollout as dep
+from mlops_assets.serving.app import INGRESS_DEPLOYMENT_NAME
+from mlops_assets.serving.config import DEPLOYMENT_NAME
+from mlops_assets.serving.prediction_log import read_prediction_log
 from mlops_assets_tests.test_serving_integration import (  # noqa: F401 - platform: the module fixture
     ARGS,
     MODEL_NAME,

@@ -24,14 +24,14 @@ from catboost import CatBoostClassifier
 from mlflow import MlflowClient
 
 from mlops_assets import constants as c
-from mlops_assets.lib import deployment as dep
-from mlops_assets.lib import model_store
-from mlops_assets.lib.dataset_spec import DatasetSpec, default_spec
-from mlops_assets.lib.ray_cluster import ClusterConfig, start_head, stop_head
-from mlops_assets.lib.serving.config import ModelRef
-from mlops_assets.lib.serving.prediction_log import read_prediction_log
-from mlops_assets.lib.simulator import SimulationConfig, simulate_records
-from mlops_assets.lib.tracking import use_tracking_uri
+from mlops_assets.core.dataset_spec import DatasetSpec, default_spec
+from mlops_assets.deployment import rollout as dep
+from mlops_assets.registry import model_store
+from mlops_assets.serving.config import ModelRef
+from mlops_assets.serving.prediction_log import read_prediction_log
+from mlops_assets.tools.ray_cluster import ClusterConfig, start_head, stop_head
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records
+from mlops_assets.training.tracking import use_tracking_uri
 from mlops_assets_tests.ray_support import isolated_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -342,9 +342,7 @@ def serve_config_file(platform: Platform, tmp_path: Path) -> str:
 
 
 def _resources(platform: Platform, serve_config_file: str) -> dict[str, Any]:
-    from mlops_assets.defs.deployment import RayServeResource
-    from mlops_assets.defs.mlflow_resource import MlflowResource
-    from mlops_assets.defs.resources import PlatformResource
+    from mlops_assets.defs.resources import MlflowResource, PlatformResource, RayServeResource
 
     return {
         "platform": PlatformResource(data_url=platform.env_vars["MLOPS_DATA_URL"]),
@@ -357,7 +355,7 @@ def _resources(platform: Platform, serve_config_file: str) -> dict[str, Any]:
 def test_model_deployment_asset_deploys_the_champion(platform: Platform, serve_config_file: str) -> None:
     import dagster as dg
 
-    from mlops_assets.defs.deployment import model_deployment, serving_health
+    from mlops_assets.defs.deployment.assets import model_deployment, serving_health
 
     client = MlflowClient(tracking_uri=platform.tracking_uri)
     model_store.promote_to_champion(client, MODEL_NAME, "2")
@@ -381,8 +379,8 @@ def test_model_deployment_asset_deploys_the_champion(platform: Platform, serve_c
 
 def test_cli_rollback_then_rollback_job(platform: Platform, serve_config_file: str,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from mlops_assets.cli import main
-    from mlops_assets.defs.deployment import rollback_job
+    from mlops_assets.defs.deployment.assets import rollback_job
+    from mlops_assets.tools.cli import main
 
     client = MlflowClient(tracking_uri=platform.tracking_uri)
     assert model_store.alias_version(client, MODEL_NAME, c.ALIAS_CHAMPION) == "2"
@@ -402,7 +400,7 @@ def test_cli_rollback_then_rollback_job(platform: Platform, serve_config_file: s
 
 
 def test_sample_request_answers_and_prints_the_curl_command(platform: Platform, monkeypatch, capsys) -> None:
-    from mlops_assets.lib.serving.sample_request import main
+    from mlops_assets.tools.sample_request import main
 
     monkeypatch.setenv("MLOPS_API_TOKEN", TOKEN)
     assert main(["--endpoint", platform.target.serve_url]) == 0

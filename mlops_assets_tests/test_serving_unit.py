@@ -16,26 +16,26 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from mlops_assets.lib.dataset_spec import DatasetSpec
-from mlops_assets.lib.model_store import ModelIntegrityError
-from mlops_assets.lib.serving import app as app_module
-from mlops_assets.lib.serving.config import ModelRef, ServiceOptions
-from mlops_assets.lib.serving.metrics import InMemoryMetrics
-from mlops_assets.lib.serving.prediction_log import PredictionLogWriter, read_prediction_log
-from mlops_assets.lib.serving.request import (
+from mlops_assets.core.dataset_spec import DatasetSpec
+from mlops_assets.registry.model_store import ModelIntegrityError
+from mlops_assets.serving import app as app_module
+from mlops_assets.serving.config import ModelRef, ServiceOptions
+from mlops_assets.serving.metrics import InMemoryMetrics
+from mlops_assets.serving.prediction_log import PredictionLogWriter, read_prediction_log
+from mlops_assets.serving.request import (
     RequestError,
     build_request_model,
     parse_predict_body,
     records_to_frame,
 )
-from mlops_assets.lib.serving.scoring import (
+from mlops_assets.serving.scoring import (
     Scorer,
     decision_threshold,
     positive_column,
     prediction_items,
     score_many,
 )
-from mlops_assets.lib.serving.service import ServiceCore, bearer_token_ok, is_json_content_type, read_limited
+from mlops_assets.serving.service import ServiceCore, bearer_token_ok, is_json_content_type, read_limited
 
 TOKEN = "s3cret-token"
 
@@ -206,7 +206,7 @@ def test_model_ref_from_user_config() -> None:
 
 
 def _rows(n: int, request_id: str = "r") -> list[dict[str, Any]]:
-    from mlops_assets.lib.serving.prediction_log import prediction_rows
+    from mlops_assets.serving.prediction_log import prediction_rows
 
     return prediction_rows(request_id=request_id, model_version="1", records=[{"a": 1}] * n,
                            labels=[1] * n, probabilities=[0.25] * n)
@@ -254,7 +254,7 @@ def test_a_failing_sink_never_raises_counts_and_retries(tmp_path: Path) -> None:
     def flaky(rows, url, name):
         if broken.is_set():
             raise OSError("bucket unreachable")
-        from mlops_assets.lib.serving.prediction_log import write_part
+        from mlops_assets.serving.prediction_log import write_part
 
         return write_part(rows, url, name)
 
@@ -271,7 +271,7 @@ def test_a_failing_sink_never_raises_counts_and_retries(tmp_path: Path) -> None:
 
 
 def _encoded(request_id: str, n: int) -> bytes:
-    from mlops_assets.lib.serving.prediction_log import encode_request
+    from mlops_assets.serving.prediction_log import encode_request
 
     return encode_request(request_id=request_id, model_version="1", columns=["a", "b"],
                           matrix=np.arange(2 * n).reshape(n, 2), labels=[1] * n, probabilities=[0.5] * n)
@@ -280,7 +280,7 @@ def _encoded(request_id: str, n: int) -> bytes:
 _KILLED_WRITER = r"""
 import os, signal, sys
 import numpy as np
-from mlops_assets.lib.serving.prediction_log import PredictionLogWriter, encode_request, write_part
+from mlops_assets.serving.prediction_log import PredictionLogWriter, encode_request, write_part
 
 log_url, spool, mode = sys.argv[1:4]
 
@@ -400,7 +400,7 @@ def test_a_failed_load_answers_a_stable_code_and_logs_the_exception(
         raise error
 
     core._loader = failing
-    with caplog.at_level(logging.ERROR, logger="mlops_assets.lib.serving.service"):
+    with caplog.at_level(logging.ERROR, logger="mlops_assets.serving.service"):
         asyncio.run(core.reconfigure(ModelRef(version="7")))
     health = client.get("/healthz")
     assert health.status_code == 503 and health.json()["error"]["code"] == code
@@ -496,7 +496,7 @@ def test_missing_token_configuration_refuses_to_start(spec, tmp_path) -> None:
 
 
 def test_prediction_log_url_default_and_override(tmp_path) -> None:
-    from mlops_assets.lib.settings import load_settings
+    from mlops_assets.settings import load_settings
 
     settings = load_settings({"MLOPS_DATA_URL": str(tmp_path)})
     assert app_module.prediction_log_url(settings, ServiceOptions(), env={}) == f"{tmp_path}/predictions"
@@ -510,8 +510,8 @@ def test_prediction_log_url_default_and_override(tmp_path) -> None:
 
 
 def test_a_forwarded_request_runs_the_app_in_process_and_returns_its_log_line(core, spec) -> None:
-    from mlops_assets.lib.serving.ingress import ForwardedRequest, call_asgi
-    from mlops_assets.lib.serving.prediction_log import decode_spool
+    from mlops_assets.serving.ingress import ForwardedRequest, call_asgi
+    from mlops_assets.serving.prediction_log import decode_spool
 
     asyncio.run(core.reconfigure(ModelRef(version="1")))
     body = json.dumps({"records": _records(spec, 2)}).encode()
@@ -532,7 +532,7 @@ def test_a_forwarded_request_runs_the_app_in_process_and_returns_its_log_line(co
 def test_retry_sends_again_only_when_the_replica_died() -> None:
     from ray.exceptions import ActorDiedError
 
-    from mlops_assets.lib.serving.ingress import call_with_retry
+    from mlops_assets.serving.ingress import call_with_retry
 
     calls: list[int] = []
 

@@ -4,15 +4,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlops_assets.lib.ingestion import read_table
-from mlops_assets.lib.simulator import (
+from mlops_assets.ingestion.batches import read_table
+from mlops_assets.tools.simulator import (
     SimulationConfig,
     drifted_shares,
     parse_drift,
     simulate_records,
     write_batch,
 )
-from mlops_assets.lib.validation import conflicting_vector_count
+from mlops_assets.validation.report import conflicting_vector_count
 
 
 @pytest.fixture(scope="module")

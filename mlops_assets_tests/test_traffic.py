@@ -14,10 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mlops_assets.cli import main
-from mlops_assets.lib import monitoring as mon
-from mlops_assets.lib import traffic
-from mlops_assets.lib.dataset_spec import DatasetSpec
+from mlops_assets.core.dataset_spec import DatasetSpec
+from mlops_assets.monitoring import live as mon
+from mlops_assets.tools import traffic
+from mlops_assets.tools.cli import main
 
 TOKEN = "traffic-test-token"
 

@@ -1,4 +1,4 @@
-"""Unit tests of lib/training.py on small simulated frames (no MLflow, no Dagster)."""
+"""Unit tests of training/train.py on small simulated frames (no MLflow, no Dagster)."""
 
 from pathlib import Path
 
@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlops_assets.lib import training as tr
-from mlops_assets.lib.dataset_spec import DatasetSpec
-from mlops_assets.lib.simulator import SimulationConfig, simulate_records
+from mlops_assets.core.dataset_spec import DatasetSpec
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records
+from mlops_assets.training import train as tr
 
 FAST = {"iterations": 120, "thread_count": 2}
 

@@ -13,17 +13,17 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from mlops_assets import cli
 from mlops_assets import constants as c
-from mlops_assets.defs.evaluation import model_evaluation, promotion_gate
-from mlops_assets.defs.mlflow_resource import MlflowResource
-from mlops_assets.defs.registry import passed_gate, registered_model
-from mlops_assets.defs.resources import ParquetIOManager, PlatformResource
-from mlops_assets.defs.training import trained_model
-from mlops_assets.lib import governance, model_store, tracking
-from mlops_assets.lib import training as tr
-from mlops_assets.lib.dataset_spec import default_spec
-from mlops_assets.lib.simulator import SimulationConfig, simulate_records, write_batch
+from mlops_assets.core.dataset_spec import default_spec
+from mlops_assets.defs.evaluation.assets import model_evaluation, promotion_gate
+from mlops_assets.defs.registry.assets import passed_gate, registered_model
+from mlops_assets.defs.resources import MlflowResource, ParquetIOManager, PlatformResource
+from mlops_assets.defs.training.assets import trained_model
+from mlops_assets.registry import governance, model_store
+from mlops_assets.tools import cli
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
+from mlops_assets.training import tracking
+from mlops_assets.training import train as tr
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 import pandas as pd
 
-from mlops_assets.lib.validation import ValidationThresholds, build_report, render_markdown
+from mlops_assets.validation.report import ValidationThresholds, build_report, render_markdown
 
 
 def test_report_figures_on_calibrated_data(spec, simulated):

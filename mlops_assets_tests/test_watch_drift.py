@@ -20,10 +20,11 @@ from catboost import CatBoostClassifier
 from scipy import stats
 
 from mlops_assets import constants as c
-from mlops_assets.lib import deployment as dep
-from mlops_assets.lib import model_store, tracking
-from mlops_assets.lib import monitoring as mon
-from mlops_assets.lib.simulator import SimulationConfig, simulate_records
+from mlops_assets.deployment import rollout as dep
+from mlops_assets.monitoring import live as mon
+from mlops_assets.registry import model_store
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records
+from mlops_assets.training import tracking
 from mlops_assets_tests.test_loop_e2e import DRIFT, MONITOR, Loop, _check, _meta, wait_for_new_window
 from mlops_assets_tests.test_loop_e2e import loop as loop  # noqa: F401 - the fixture, one cluster for this module
 
@@ -43,8 +44,8 @@ def _log_model(lp: Loop, model: CatBoostClassifier, example: pd.DataFrame) -> tu
 
 def _deploy(lp: Loop, version: str, run_id: str, frame: pd.DataFrame) -> dg.ExecuteInProcessResult:
     """Champion := version, then the platform's model_deployment and reference_profile assets."""
-    from mlops_assets.defs.deployment import model_deployment
-    from mlops_assets.defs.monitoring import reference_profile
+    from mlops_assets.defs.deployment.assets import model_deployment
+    from mlops_assets.defs.monitoring.assets import reference_profile
     from mlops_assets.defs.resources import ParquetIOManager
 
     model_store.promote_to_champion(lp.client(), c.REGISTERED_MODEL_NAME, version)

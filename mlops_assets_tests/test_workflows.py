@@ -122,7 +122,7 @@ def _commands(script: str) -> list[list[str]]:
 
 def _cli_accepts(args: list[str]) -> bool:
     """Whether `mlops-assets <args>` parses: subcommand, nested subcommand and every option exist."""
-    from mlops_assets.cli import build_parser
+    from mlops_assets.tools.cli import build_parser
 
     try:
         build_parser().parse_args(args)

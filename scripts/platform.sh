@@ -51,15 +51,15 @@ stop() {  # name
 }
 
 mlflow_store() {
-  "$BIN/python" -c "from mlops_assets.lib.settings import load_settings as s; x = s(); print(x.mlflow_tracking_uri, x.mlflow_artifact_root)"
+  "$BIN/python" -c "from mlops_assets.settings import load_settings as s; x = s(); print(x.mlflow_tracking_uri, x.mlflow_artifact_root)"
 }
 
 case "${1:-}" in
   up)
-    "$BIN/python" -m mlops_assets.lib.ray_cluster up
+    "$BIN/python" -m mlops_assets.tools.ray_cluster up
     "$BIN/mlops-assets" serve restore || echo "serving of the champion not restored (see above); the rest of the platform starts anyway" >&2
     read -r tracking artifacts < <(mlflow_store)
-    mkdir -p "$("$BIN/python" -c "from mlops_assets.lib.settings import load_settings as s; import pathlib; print(pathlib.Path(s().data_url) / 'mlflow')")"
+    mkdir -p "$("$BIN/python" -c "from mlops_assets.settings import load_settings as s; import pathlib; print(pathlib.Path(s().data_url) / 'mlflow')")"
     start mlflow "$BIN/mlflow" server --backend-store-uri "$tracking" --default-artifact-root "$artifacts" \
       --host 127.0.0.1 --port "$MLFLOW_PORT"
     start dagster "$BIN/dagster" dev -w workspace.yaml --host 127.0.0.1 --port "$DAGSTER_PORT"
@@ -68,7 +68,7 @@ case "${1:-}" in
   down)
     stop dagster
     stop mlflow
-    "$BIN/python" -m mlops_assets.lib.ray_cluster down
+    "$BIN/python" -m mlops_assets.tools.ray_cluster down
     ;;
   *)
     echo "usage: $0 up|down" >&2

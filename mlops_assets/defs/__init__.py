@@ -1,4 +1,2 @@
-"""The thin Dagster layer: assets, checks, resources, sensors and jobs, one module per concern.
-
-Each module exposes `defs`; `mlops_assets.definitions` merges them and binds the resources.
-"""
+"""The thin Dagster layer, one folder per lifecycle stage (assets.py, and sensors.py where they
+belong); `resources.py` builds every resource once. `mlops_assets.definitions` loads this folder."""

@@ -4,7 +4,7 @@ for putting URIs into metadata and messages without their credentials."""
 
 import dagster as dg
 
-from mlops_assets.lib.redaction import redact_text, redact_uri
+from mlops_assets.core.redaction import redact_text, redact_uri
 
 __all__ = ["latest_metadata", "path_value", "redact_text", "redact_uri", "required_text", "url_value"]
 

@@ -1,0 +1,1 @@
+"""The Ray Serve deployment, its health check and the rollback job."""

@@ -1,0 +1,134 @@
+"""Deployment: the champion served by Ray Serve, its health check, and the one-step rollback job."""
+
+
+import os
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from mlops_assets import constants as c
+from mlops_assets.defs.metadata import redact_text, url_value
+from mlops_assets.defs.resources import MlflowResource, PlatformResource, RayServeResource
+from mlops_assets.deployment import rollout as dep
+from mlops_assets.settings import Settings
+
+SAMPLE_RECORDS = 64  # test-set rows the candidate must answer exactly as the offline model does
+SPLIT_COLUMN = "split"  # the train_test_split frame's split column ("train" / "test")
+
+
+def replica_env(settings: Settings, tracking_uri: str) -> dict[str, str]:
+    """What replicas must agree on with Dagster: the same registry and data root (never the token).
+
+    A tracking URI with a password reaches them as a 0600 file under <data root>/secrets (or the
+    operator's mounted file), named by MLOPS_MLFLOW_TRACKING_URI_FILE: never in the Serve config."""
+    try:
+        env = dep.replica_env_vars(os.environ, tracking_uri=tracking_uri, data_url=settings.data_url)
+    except ValueError as exc:  # a credential and no file to hand it over in: the message says what to mount
+        raise dg.Failure(description=str(exc)) from None
+    if settings.dataset_spec_path:
+        env["MLOPS_DATASET_SPEC"] = settings.dataset_spec_path
+    return env
+
+
+def _result_metadata(result: dep.DeployResult, target: dep.ServeTarget) -> dict[str, Any]:
+    return {
+        "endpoint": url_value(result.endpoint),
+        "live_version": result.live_version,
+        "replaced_version": result.replaced_version or "none",
+        "checked_records": result.checked_records,
+        "deploy_seconds": dg.MetadataValue.float(round(result.seconds, 2)),
+        "steps": dg.MetadataValue.md("\n".join(f"- {s}" for s in result.steps)),
+        "ray_dashboard": url_value(f"{target.dashboard_url}/#/serve"),
+    }
+
+
+@dg.asset(group_name=c.GROUP_DEPLOYMENT, kinds={"ray", "mlflow"})
+def model_deployment(
+    context: dg.AssetExecutionContext,
+    platform: PlatformResource,
+    mlflow: MlflowResource,
+    ray_serve: RayServeResource,
+    registered_model: dict,
+    train_test_split: pd.DataFrame,
+) -> dg.MaterializeResult:
+    """The Ray Serve application serving the champion, live only after a load-and-query check."""
+    spec = platform.spec()
+    name = registered_model["model_name"]
+    version = registered_model.get("champion_version")
+    if not version:
+        raise dg.Failure(f"model {name!r} has no champion yet (the gate has not passed): nothing to deploy")
+    test = train_test_split[train_test_split[SPLIT_COLUMN] == "test"] if SPLIT_COLUMN in train_test_split else train_test_split
+    records = dep.sample_records(test, spec, SAMPLE_RECORDS)
+    tracking_uri = mlflow.resolved_tracking_uri()
+    expected = dep.offline_probabilities(dep.offline_model(tracking_uri, name, str(version)), records, spec)
+    target = ray_serve.target()
+    try:
+        result = dep.deploy_version(
+            target=target, tracking_uri=tracking_uri, spec=spec, version=str(version), records=records,
+            expected=expected, model_name=name, base_config=ray_serve.base_config(),
+            env_vars=replica_env(platform.settings(), tracking_uri), http_host=ray_serve.resolved_http_host(),
+            timeout_s=ray_serve.timeout_s,
+        )
+    except dep.DeploymentError as exc:
+        live = dep.live_version(target)
+        raise dg.Failure(description=redact_text(str(exc)), metadata={"candidate_version": str(version),
+                                                         "still_live_version": live or "none"}) from exc
+    context.log.info(redact_text(f"version {result.live_version} live at {result.endpoint} (replaced {result.replaced_version})"))
+    return dg.MaterializeResult(
+        value={"model_name": name, "live_version": result.live_version, "replaced_version": result.replaced_version,
+               "endpoint": result.endpoint, "app_name": target.app_name},
+        metadata={**_result_metadata(result, target), "model_version": mlflow.model_version_link(name, result.live_version)},
+    )
+
+
+@dg.asset_check(asset=model_deployment, description="The endpoint is healthy and serves the deployed version.")
+def serving_health(ray_serve: RayServeResource, model_deployment: dict) -> dg.AssetCheckResult:
+    target = ray_serve.target()
+    try:
+        health_code, health = dep.get_json(target, "/healthz")
+        model_code, model = dep.get_json(target, "/model")
+    except Exception as exc:  # unreachable endpoint: a failed check, with the reason
+        return dg.AssetCheckResult(passed=False, metadata={"error": redact_text(f"{type(exc).__name__}: {exc}")})
+    live = str(model.get("version")) if model_code == 200 else None
+    return dg.AssetCheckResult(
+        passed=health_code == 200 and live == model_deployment["live_version"],
+        metadata={"healthz": health_code, "live_version": live or "none",
+                  "deployed_version": model_deployment["live_version"], "status": str(health.get("status"))},
+    )
+
+
+@dg.op(description="Point champion at previous-champion and deploy it; undone if the deploy fails.")
+def rollback_champion_op(
+    context: dg.OpExecutionContext, platform: PlatformResource, mlflow: MlflowResource, ray_serve: RayServeResource
+) -> dict:
+    spec = platform.spec()
+    tracking_uri = mlflow.resolved_tracking_uri()
+    target = ray_serve.target()
+    records = dep.simulated_sample(spec)
+    try:
+        result = dep.rollback(target=target, tracking_uri=tracking_uri, spec=spec,
+                              model_name=mlflow.resolved_model_name(), records=records,
+                              base_config=ray_serve.base_config(),
+                              env_vars=replica_env(platform.settings(), tracking_uri),
+                              http_host=ray_serve.resolved_http_host())
+    except Exception as exc:
+        raise dg.Failure(description=redact_text(str(exc))) from exc
+    metadata = {**_result_metadata(result, target),
+                "model_version": mlflow.model_version_link(mlflow.resolved_model_name(), result.live_version)}
+    context.add_output_metadata(metadata)
+    # The catalog's model_deployment names what serves: a rollback is a deployment too.
+    context.log_event(dg.AssetMaterialization(
+        asset_key=model_deployment.key,
+        description=f"rollback: version {result.live_version} live again, replacing {result.replaced_version}",
+        metadata={**metadata, "deployed_by": "rollback"},
+    ))
+    return {"live_version": result.live_version, "replaced_version": result.replaced_version}
+
+
+@dg.job(name="rollback", description="One step back: champion := previous-champion, redeployed to Ray Serve.")
+def rollback_job() -> None:
+    rollback_champion_op()
+
+
+defs = dg.Definitions(assets=[model_deployment], asset_checks=[serving_health], jobs=[rollback_job])

@@ -1,0 +1,1 @@
+"""Hold-out evaluation against the champion and the promotion gate."""

@@ -1,0 +1,1 @@
+"""Feature set and the leakage-free split."""

@@ -1,0 +1,1 @@
+"""Ingestion assets, the landing-folder sensor and its job."""

@@ -1,0 +1,1 @@
+"""Profiles, drift, online performance; the sensors and schedules that close the loop."""

@@ -1,0 +1,625 @@
+"""Monitoring: reference and production profiles, drift, live performance from delayed labels, and
+the labelled production records that retraining learns from.
+
+Thin layer over `monitoring/drift.py` (the one whylogs module) and `monitoring/live.py` (pure rules).
+Drift and live performance are always judged for the version that is serving: the one the
+endpoint's `/model` names, else the registry's champion.
+"""
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import fsspec
+import pandas as pd
+
+from mlops_assets import constants as c
+from mlops_assets.core.dataset_spec import DatasetSpec
+from mlops_assets.defs.metadata import path_value, redact_text
+from mlops_assets.defs.resources import MlflowResource, MonitoringResource, PlatformResource, RayServeResource
+from mlops_assets.deployment import rollout as dep
+from mlops_assets.ingestion import batches as ingestion
+from mlops_assets.monitoring import drift
+from mlops_assets.monitoring import live as mon
+from mlops_assets.registry import model_store
+from mlops_assets.serving.scoring import scorer_from_loaded
+from mlops_assets.settings import Settings, join_url
+from mlops_assets.tools.simulator import write_batch
+
+REFERENCE_FILE = "profile.bin"
+REFERENCE_META = "reference.json"
+REFERENCE_ARTIFACT_DIR = "monitoring"  # on the version's MLflow run
+REFERENCE_ARTIFACT = f"{REFERENCE_ARTIFACT_DIR}/reference_profile{drift.PROFILE_SUFFIX}"
+WINDOWS_KEPT = 168  # windows listed in production_profiles' value (a week of hours); files stay
+NO_DRIFT_CHECK = "no_drift"
+FRESH_DATA_CHECK = "prediction_log_is_fresh"
+DEGRADATION_CHECK = "live_performance_not_degraded"
+
+
+def profiles_url(settings: Settings) -> str:
+    return join_url(settings.data_url, c.PROFILES_SUBDIR)
+
+
+def reference_dir(settings: Settings, version: str) -> str:
+    return join_url(profiles_url(settings), "reference", str(version))
+
+
+def _window_width_name(window: str) -> str:
+    return f"{int(mon.to_timedelta(window, 'window').total_seconds())}s"
+
+
+def _path_key(start: pd.Timestamp) -> str:
+    return pd.Timestamp(start).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _write_json(url: str, body: Any) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "w") as handle:
+        json.dump(body, handle, indent=1, default=str)
+
+
+def _read_json(url: str) -> Any | None:
+    fs, path = fsspec.core.url_to_fs(url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as handle:
+        return json.load(handle)
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def _floats(values: dict[str, Any]) -> dict[str, dg.MetadataValue]:
+    """Numeric metadata the UI plots over runs; NaN (not computable) is left out."""
+    return {k: dg.MetadataValue.float(round(float(v), 6)) for k, v in values.items()
+            if v is not None and not (isinstance(v, float) and math.isnan(v))}
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "none"
+    head = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    body = ["| " + " | ".join("n/a" if isinstance(v, float) and math.isnan(v) else
+                              (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row) + " |"
+            for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *body])
+
+
+METRICS_SUBDIR = "metrics"  # Prometheus textfile-collector files (node_exporter --collector.textfile.directory)
+
+
+def write_prometheus_textfile(settings: Settings, name: str, series: list[tuple[str, dict[str, str], float]]) -> str:
+    """Monitoring results as gauges for Prometheus (deploy/monitoring/ reads them): one file per asset,
+    written then renamed so a scrape never sees half of it. NaN values are left out."""
+    lines = []
+    for metric, labels, value in series:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        tags = ",".join(f'{k}="{str(v).replace(chr(34), "")}"' for k, v in sorted(labels.items()))
+        lines.append(f"{metric}{{{tags}}} {float(value)}")
+    url = join_url(settings.data_url, METRICS_SUBDIR, f"{name}.prom")
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(f"{path}.tmp", "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    fs.mv(f"{path}.tmp", path)
+    return url
+
+
+# ---------------------------------------------------------------------------------------------
+# Which version is serving
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    model_name: str
+    version: str | None
+    source: str  # "endpoint", "registry champion" or "none"
+    run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def offline_metrics(self) -> dict[str, float]:
+        """The version's hold-out metrics, from the registry tags `metric.test_<name>`."""
+        out = {}
+        for key, value in self.tags.items():
+            if key.startswith("metric.test_"):
+                try:
+                    out[key.removeprefix("metric.test_")] = float(value)
+                except ValueError:
+                    continue
+        return out
+
+
+def serving_model(mlflow: MlflowResource, ray_serve: RayServeResource) -> ServingModel:
+    """The version the endpoint serves (its `/model`), else the registry champion, else none."""
+    name = mlflow.resolved_model_name()
+    client = mlflow.client()
+    try:
+        live = dep.live_version(ray_serve.target())
+    except Exception:  # an unreachable or misconfigured endpoint is "not known", not an error
+        live = None
+    version, source = (live, "endpoint") if live else (
+        model_store.alias_version(client, name, c.ALIAS_CHAMPION), "registry champion")
+    if version is None:
+        return ServingModel(name, None, "none")
+    try:
+        mv = client.get_model_version(name, str(version))
+    except Exception:  # the endpoint serves a version this registry does not know
+        return ServingModel(name, str(version), source)
+    return ServingModel(name, str(version), source, mv.run_id, dict(mv.tags or {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# reference_profile
+
+
+def reference_frame(model: Any, spec: DatasetSpec, features: pd.DataFrame) -> pd.DataFrame:
+    """Features plus the version's answers on them, scored exactly as the serving path scores."""
+    scored = model.score(features[spec.feature_names])
+    frame = features[spec.feature_names].reset_index(drop=True).copy()
+    frame[mon.PREDICTED_LABEL] = scored.labels
+    frame[mon.PROBABILITY] = scored.probabilities
+    return frame
+
+
+def load_reference(settings: Settings, mlflow: MlflowResource, model: ServingModel) -> tuple[bytes, str] | None:
+    """The serving version's reference profile: the data root's copy when it belongs to this
+    version's run, else the MLflow artifact on that run; None when neither exists."""
+    if model.version is None:
+        return None
+    folder = reference_dir(settings, model.version)
+    meta = _read_json(join_url(folder, REFERENCE_META)) or {}
+    if meta.get("model_name") == model.model_name and meta.get("run_id") == model.run_id:
+        try:
+            return drift.load_profile(join_url(folder, REFERENCE_FILE)), join_url(folder, REFERENCE_FILE)
+        except (OSError, ValueError, FileNotFoundError):
+            pass
+    if model.run_id:
+        try:
+            with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
+                local = mlflow.client().download_artifacts(model.run_id, REFERENCE_ARTIFACT, tmp)
+                return drift.load_profile(local), f"runs:/{model.run_id}/{REFERENCE_ARTIFACT}"
+        except Exception:
+            return None
+    return None
+
+
+@dg.asset(group_name=c.GROUP_MONITORING, kinds={"whylogs"})
+def reference_profile(
+    context: dg.AssetExecutionContext,
+    platform: PlatformResource,
+    mlflow: MlflowResource,
+    registered_model: dict,
+    train_test_split: pd.DataFrame,
+) -> dg.MaterializeResult:
+    """whylogs profile of the version's training features and its predictions on them, stored with the version."""
+    spec = platform.spec()
+    settings = platform.settings()
+    name, version, run_id = registered_model["model_name"], str(registered_model["version"]), registered_model["run_id"]
+    loaded = model_store.load_verified_model(mlflow.resolved_tracking_uri(), name, version=version)
+    train = train_test_split[train_test_split["split"] == "train"] if "split" in train_test_split else train_test_split
+    frame = reference_frame(scorer_from_loaded(loaded, spec), spec, train)
+    columns = mon.monitored_columns(spec.feature_names)
+    blob = drift.profile_frame(frame[columns])
+    folder = reference_dir(settings, version)
+    drift.save_profile(blob, join_url(folder, REFERENCE_FILE))
+    summary = drift.profile_summary(blob)
+    _write_json(join_url(folder, REFERENCE_META), {
+        "model_name": name, "version": version, "run_id": run_id, "rows": len(frame), "columns": columns,
+        "backend": drift.BACKEND, "created_at": datetime.now(UTC).isoformat(),
+        "data_version": registered_model.get("data_version"), "feature_version": registered_model.get("feature_version"),
+    })
+    with tempfile.TemporaryDirectory(prefix="reference-") as tmp:
+        local = Path(tmp) / f"reference_profile{drift.PROFILE_SUFFIX}"
+        local.write_bytes(blob)
+        mlflow.client().log_artifact(run_id, str(local), REFERENCE_ARTIFACT_DIR)
+    positive_share = float((frame[mon.PREDICTED_LABEL] == spec.positive_class).mean()) if len(frame) else math.nan
+    context.log.info(f"reference profile of {name} v{version}: {len(frame)} training rows")
+    return dg.MaterializeResult(
+        value={"model_name": name, "version": version, "run_id": run_id, "url": join_url(folder, REFERENCE_FILE),
+               "artifact": f"runs:/{run_id}/{REFERENCE_ARTIFACT}", "rows": len(frame)},
+        metadata={
+            "model_version": version,
+            "rows": len(frame),
+            "columns": len(columns),
+            "reference_profile": path_value(join_url(folder, REFERENCE_FILE)),
+            "mlflow_artifact": f"runs:/{run_id}/{REFERENCE_ARTIFACT}",
+            **_floats({"predicted_positive_share": positive_share,
+                       "probability_mean": summary["columns"][mon.PROBABILITY].get("mean", math.nan)}),
+            "dagster/row_count": len(frame),
+        },
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# production_profiles
+
+
+class ProductionProfilesConfig(dg.Config):
+    """Width of the time windows the prediction log is cut into, and how old its newest record may be."""
+
+    window: str = c.MONITORING_WINDOW
+    max_age: str = c.MAX_PROFILE_AGE
+
+
+# Two kinds of freshness: the FreshnessPolicy (Dagster's own, shown in the UI; it supersedes the
+# freshness checks since 1.12) says the asset must be rebuilt at least every
+# PROFILES_MAX_LAG_MINUTES; the check below says the prediction log itself must be recent.
+@dg.asset(
+    group_name=c.GROUP_MONITORING,
+    kinds={"whylogs"},
+    freshness_policy=dg.FreshnessPolicy.time_window(
+        fail_window=pd.Timedelta(minutes=c.PROFILES_MAX_LAG_MINUTES).to_pytimedelta(),
+        warn_window=pd.Timedelta(minutes=c.PROFILES_MAX_LAG_MINUTES // 2).to_pytimedelta()),
+    check_specs=[dg.AssetCheckSpec(FRESH_DATA_CHECK, asset="production_profiles",
+                                   description="The newest prediction in the log is younger than max_age.")],
+)
+def production_profiles(
+    context: dg.AssetExecutionContext,
+    config: ProductionProfilesConfig,
+    platform: PlatformResource,
+    monitoring: MonitoringResource,
+):  # no return annotation: with checks, Dagster reads it as the outputs
+    """Mergeable whylogs profiles of the prediction log's inputs and outputs, per time window and model version."""
+    spec = platform.spec()
+    settings = platform.settings()
+    log_url = monitoring.log_url(settings)
+    read = mon.read_prediction_log_files(log_url)
+    for path, why in read.skipped:
+        context.log.warning(redact_text(f"skipped unreadable prediction log file {path}: {why}"))
+    columns = mon.monitored_columns(spec.feature_names)
+    width = _window_width_name(config.window)
+    base = join_url(profiles_url(settings), "production", width)
+    windows = mon.split_windows(read.frame, config.window)
+    listed, written = [], 0
+    for window, rows in windows:
+        folder = join_url(base, _path_key(window.start))
+        manifest = _read_json(join_url(folder, "manifest.json")) or {}
+        versions: dict[str, Any] = {}
+        for version, part in rows.groupby(mon.MODEL_VERSION, sort=True):
+            url = join_url(folder, f"{version}{drift.PROFILE_SUFFIX}")
+            known = (manifest.get("versions") or {}).get(str(version)) or {}
+            if known.get("rows") != len(part):  # new or grown since the last run: profile again
+                present = [col for col in columns if col in part]
+                drift.save_profile(drift.profile_frame(part[present], window.start.to_pydatetime()), url)
+                written += 1
+            versions[str(version)] = {"rows": len(part), "url": url}
+        entry = {"key": window.key, "start": window.start.isoformat(), "end": window.end.isoformat(),
+                 "rows": window.rows, "newest": window.newest.isoformat() if window.newest is not None else None,
+                 "versions": versions}
+        _write_json(join_url(folder, "manifest.json"), entry)
+        listed.append(entry)
+    now = datetime.now(UTC)
+    fresh = mon.window_freshness([w for w, _ in windows], now, config.max_age)
+    latest = listed[-1] if listed else None
+    check = dg.AssetCheckResult(
+        check_name=FRESH_DATA_CHECK, passed=fresh.fresh, severity=dg.AssetCheckSeverity.WARN,
+        description=fresh.reason,
+        metadata={"newest_record": fresh.newest.isoformat() if fresh.newest is not None else "none",
+                  "max_age_seconds": fresh.max_age_seconds,
+                  **_floats({"age_seconds": fresh.age_seconds})},
+    )
+    return dg.MaterializeResult(
+        value={"window": config.window, "width": width, "log_url": log_url, "base_url": base,
+               "windows": listed[-WINDOWS_KEPT:], "newest": fresh.newest.isoformat() if fresh.newest is not None else None},
+        metadata={
+            "window": config.window,
+            "windows": len(listed),
+            "profiles_written": written,
+            "log_rows": len(read.frame),
+            "log_files": len(read.files),
+            "skipped_files": len(read.skipped),
+            "latest_window": latest["key"] if latest else "none",
+            "latest_window_rows": latest["rows"] if latest else 0,
+            "profiles": path_value(base),
+            **_floats({"newest_record_age_seconds": fresh.age_seconds}),
+        },
+        check_results=[check],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# drift_report
+
+
+class DriftConfig(dg.Config):
+    """The drift rule (see README, "Drift statistics and thresholds")."""
+
+    p_value: float = c.DRIFT_P_VALUE
+    hellinger: float = c.DRIFT_HELLINGER
+    ks_statistic: float = c.DRIFT_KS_STATISTIC
+    min_rows: int = c.DRIFT_MIN_ROWS
+    max_drifted_feature_share: float = c.DRIFT_MAX_FEATURE_SHARE
+    fail_on_prediction_drift: bool = c.DRIFT_FAIL_ON_PREDICTION_DRIFT
+
+    def thresholds(self) -> drift.DriftThresholds:
+        return drift.DriftThresholds(self.p_value, self.hellinger, self.ks_statistic, self.min_rows)
+
+
+def _scores_table(scores: dict[str, drift.DriftScore]) -> pd.DataFrame:
+    rows = [{"column": s.column, "method": s.method, "statistic": s.statistic, "p_value": s.p_value,
+             "rows": s.n_current, "drift": "yes" if s.drift else "", "reason": s.reason}
+            for s in sorted(scores.values(), key=lambda s: (not s.drift, -_nan_low(s.statistic)))]
+    return pd.DataFrame(rows)
+
+
+def _nan_low(value: float) -> float:
+    return -1.0 if math.isnan(value) else value
+
+
+@dg.asset(
+    group_name=c.GROUP_MONITORING,
+    kinds={"whylogs"},
+    check_specs=[dg.AssetCheckSpec(NO_DRIFT_CHECK, asset="drift_report",
+                                   description="Inputs and predictions of the serving version have not drifted "
+                                               "from its reference beyond the configured thresholds.")],
+)
+def drift_report(
+    context: dg.AssetExecutionContext,
+    config: DriftConfig,
+    platform: PlatformResource,
+    mlflow: MlflowResource,
+    ray_serve: RayServeResource,
+    production_profiles: dict,
+):  # no return annotation: with checks, Dagster reads it as the outputs
+    """Per-feature and prediction drift of the newest window against the serving version's reference.
+
+    Every row served in the window counts, whichever version answered it: a rollback or a version
+    switch inside the window must not hide drift in the traffic (the inputs are the traffic's,
+    not a version's), and the minimum number of rows counts them all.
+    """
+    spec = platform.spec()
+    settings = platform.settings()
+    thresholds = config.thresholds()
+    model = serving_model(mlflow, ray_serve)
+    windows = [w for w in production_profiles.get("windows", []) if w.get("versions")]
+    window = windows[-1] if windows else None
+    reference = load_reference(settings, mlflow, model)
+
+    judged_why = None
+    if model.version is None:
+        judged_why = "no serving version (no endpoint answering and no champion)"
+    elif reference is None:
+        judged_why = f"no reference profile for version {model.version}: materialize reference_profile"
+    elif window is None:
+        judged_why = "no production data yet"
+    if judged_why is not None:
+        context.log.info(f"drift not judged: {judged_why}")
+        return dg.MaterializeResult(
+            value={"judged": False, "reason": judged_why, "serving_version": model.version, "drift_detected": False},
+            metadata={"judged": False, "reason": judged_why, "serving_version": model.version or "none",
+                      "drift_detected": False},
+            check_results=[dg.AssetCheckResult(check_name=NO_DRIFT_CHECK, passed=True,
+                                               description=f"not judged: {judged_why}",
+                                               metadata={"judged": False})],
+        )
+
+    assert reference is not None and window is not None and model.version is not None
+    ref_blob, ref_where = reference
+    served = window["versions"]  # version -> {"rows", "url"}: the window's rows, per answering version
+    current = drift.merge_profiles(drift.load_profile(part["url"]) for part in served.values())
+    features = drift.drift_scores(ref_blob, current, spec.feature_names, thresholds=thresholds)
+    outputs = drift.prediction_drift(ref_blob, current, probability_column=mon.PROBABILITY,
+                                     label_column=mon.PREDICTED_LABEL, thresholds=thresholds)
+    feature_summary = drift.drift_summary(features)
+    prediction_drifted = any(s.drift for s in outputs.values())
+    too_many = feature_summary["drift_share"] > config.max_drifted_feature_share
+    detected = too_many or (prediction_drifted and config.fail_on_prediction_drift)
+    event_key = mon.drift_event_key(model.version, _path_key(pd.Timestamp(window["start"]))) if detected else None
+    rows = sum(int(part["rows"]) for part in served.values())
+    answered_by = ", ".join(f"v{v}: {part['rows']}" for v, part in sorted(served.items()))
+    probability, label = outputs[mon.PROBABILITY], outputs[mon.PREDICTED_LABEL]
+    reasons = []
+    if too_many:
+        reasons.append(f"{feature_summary['n_drifted']} of {feature_summary['n_columns']} features drifted "
+                       f"(share {feature_summary['drift_share']:.2f} > {config.max_drifted_feature_share}): "
+                       f"{', '.join(feature_summary['drifted_columns'])}")
+    if prediction_drifted:
+        reasons.append("predictions drifted: " + "; ".join(s.reason for s in outputs.values() if s.drift))
+    description = "; ".join(reasons) or (f"no drift in window {window['key']} ({rows} rows, "
+                                         f"{feature_summary['n_drifted']} features flagged)")
+    report = {
+        "judged": True, "serving_version": model.version, "serving_source": model.source,
+        "window": window["key"], "window_start": window["start"], "rows": rows, "reference": ref_where,
+        "rows_by_version": {v: int(part["rows"]) for v, part in served.items()},
+        "drift_detected": detected, "event_key": event_key, "reasons": reasons,
+        "thresholds": config.model_dump(), "features": {k: s.to_dict() for k, s in features.items()},
+        "predictions": {k: s.to_dict() for k, s in outputs.items()},
+        "n_drifted_features": feature_summary["n_drifted"], "drifted_features": feature_summary["drifted_columns"],
+    }
+    report_url = join_url(settings.reports_url, "drift", f"{_path_key(pd.Timestamp(window['start']))}-v{model.version}.json")
+    _write_json(report_url, report)
+    per_feature = {f"drift/{k}": s.statistic for k, s in features.items()}
+    numbers = {
+        "drift_share": feature_summary["drift_share"],
+        "max_feature_statistic": feature_summary["max_statistic"],
+        "prediction_ks": probability.statistic,
+        "prediction_ks_p_value": probability.p_value,
+        "predicted_label_hellinger": label.statistic,
+    }
+    check = dg.AssetCheckResult(
+        check_name=NO_DRIFT_CHECK, passed=not detected, severity=dg.AssetCheckSeverity.ERROR,
+        description=description,
+        metadata={"judged": True, "serving_version": model.version, "window": window["key"],
+                  "n_drifted_features": feature_summary["n_drifted"],
+                  "drifted_features": ", ".join(feature_summary["drifted_columns"]) or "none",
+                  "prediction_drift": prediction_drifted, "event_key": event_key or "none",
+                  **_floats({"drift_share": feature_summary["drift_share"], "prediction_ks": probability.statistic})},
+    )
+    version_label = {"model_version": model.version}
+    write_prometheus_textfile(settings, "drift_report", [
+        ("mlops_drift_detected", version_label, float(detected)),
+        ("mlops_drift_feature_share", version_label, feature_summary["drift_share"]),
+        ("mlops_drift_prediction_ks", version_label, probability.statistic),
+        ("mlops_drift_window_rows", version_label, float(rows)),
+        *[("mlops_drift_feature_statistic", {**version_label, "feature": k}, s.statistic) for k, s in features.items()],
+    ])
+    context.log.info(f"drift of v{model.version} in window {window['key']}: {description}")
+    return dg.MaterializeResult(
+        value=report,
+        metadata={
+            "judged": True,
+            "serving_version": model.version,
+            "serving_source": model.source,
+            "window": window["key"],
+            "rows": rows,
+            "rows_by_version": answered_by,
+            "drift_detected": detected,
+            "event_key": event_key or "none",
+            "n_drifted_features": feature_summary["n_drifted"],
+            "drifted_features": ", ".join(feature_summary["drifted_columns"]) or "none",
+            "prediction_drift": prediction_drifted,
+            **_floats(numbers),
+            **_floats(per_feature),
+            "scores": dg.MetadataValue.md(_md_table(_scores_table({**features, **outputs}))),
+            "reference": ref_where,
+            "report": path_value(report_url),
+        },
+        check_results=[check],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Delayed labels: online_performance and the labelled records retraining learns from
+
+
+class OnlinePerformanceConfig(dg.Config):
+    """When live metrics count as degraded against the serving version's hold-out metrics."""
+
+    tolerance: float = c.DEGRADATION_TOLERANCE
+    metrics: list[str] = list(c.DEGRADATION_METRICS)
+    min_labelled: int = c.MIN_LABELLED
+
+
+@dg.asset(
+    group_name=c.GROUP_MONITORING,
+    kinds={"pandas", "scikitlearn"},
+    check_specs=[dg.AssetCheckSpec(DEGRADATION_CHECK, asset="online_performance",
+                                   description="Live metrics of the serving version are within tolerance of its "
+                                               "hold-out metrics.")],
+)
+def online_performance(
+    context: dg.AssetExecutionContext,
+    config: OnlinePerformanceConfig,
+    platform: PlatformResource,
+    mlflow: MlflowResource,
+    ray_serve: RayServeResource,
+    monitoring: MonitoringResource,
+):  # no return annotation: with checks, Dagster reads it as the outputs
+    """Live metrics of the serving version from delayed labels joined onto its predictions."""
+    spec = platform.spec()
+    settings = platform.settings()
+    model = serving_model(mlflow, ray_serve)
+    log = mon.read_prediction_log(monitoring.log_url(settings))
+    labels = mon.read_labels(monitoring.resolved_labels_url(settings))
+    for path, why in labels.skipped:
+        context.log.warning(redact_text(f"skipped unreadable label file {path}: {why}"))
+    served = log[log[mon.MODEL_VERSION] == model.version] if model.version and not log.empty else log.iloc[:0]
+    join = mon.join_labels(served, labels.frame, label_values=list(spec.label_values))
+    live = mon.online_metrics(join.joined, spec.positive_class)
+    offline = model.offline_metrics()
+    rule = mon.DegradationRule(config.tolerance, tuple(config.metrics), config.min_labelled)
+    verdict = mon.degradation(live, offline, rule)
+    check = dg.AssetCheckResult(
+        check_name=DEGRADATION_CHECK, passed=not verdict.degraded, severity=dg.AssetCheckSeverity.ERROR,
+        description="; ".join(verdict.reasons),
+        metadata={"judged": verdict.judged, "serving_version": model.version or "none",
+                  "n_labelled": int(live["n_labelled"]),
+                  **_floats({f"delta_{k}": v for k, v in verdict.deltas.items()})},
+    )
+    version_label = {"model_version": model.version or "none"}
+    write_prometheus_textfile(settings, "online_performance", [
+        ("mlops_live_degraded", version_label, float(verdict.degraded)),
+        *[(f"mlops_live_{k}", version_label, v) for k, v in live.items()],
+        *[(f"mlops_offline_{k}", version_label, offline.get(k, math.nan)) for k in config.metrics],
+    ])
+    by_version = []
+    if not log.empty:
+        everything = mon.join_labels(log, labels.frame, label_values=list(spec.label_values)).joined
+        for version, part in everything.groupby(mon.MODEL_VERSION):
+            metrics = mon.online_metrics(part, spec.positive_class)
+            by_version.append({"version": version, **{k: metrics[k] for k in ("n_labelled", "accuracy", "f1", "roc_auc")}})
+    output = {"serving_version": model.version, "live": {k: _finite(v) for k, v in live.items()},
+              "offline": offline, "degraded": verdict.degraded, "judged": verdict.judged,
+              "reasons": list(verdict.reasons), "join": join.metadata(),
+              "event_key": f"degraded-{model.version}" if verdict.degraded else None}
+    return dg.MaterializeResult(
+        value=output,
+        metadata={
+            "serving_version": model.version or "none",
+            "degraded": verdict.degraded,
+            "judged": verdict.judged,
+            "event_key": output["event_key"] or "none",
+            **{k: v for k, v in join.metadata().items()},
+            **_floats({f"live_{k}": v for k, v in live.items() if k != "n_labelled"}),
+            **_floats({f"offline_{k}": offline.get(k) for k in config.metrics}),
+            "by_version": dg.MetadataValue.md(_md_table(pd.DataFrame(by_version))),
+            "unknown_label_ids": ", ".join(join.unknown_ids) or "none",
+        },
+        check_results=[check],
+    )
+
+
+EXPORTED_KEYS_FILE = "exported_keys.csv"
+
+
+@dg.asset(group_name=c.GROUP_MONITORING, kinds={"pandas", "parquet"})
+def labelled_production_batch(
+    context: dg.AssetExecutionContext, platform: PlatformResource, monitoring: MonitoringResource,
+) -> dg.MaterializeResult:
+    """Labelled production records not yet learned from, accepted as a raw batch through ingestion."""
+    spec = platform.spec()
+    settings = platform.settings()
+    log = mon.read_prediction_log(monitoring.log_url(settings))
+    labels = mon.read_labels(monitoring.resolved_labels_url(settings)).frame
+    join = mon.join_labels(log, labels, label_values=list(spec.label_values)) if not log.empty else None
+    staging = join_url(settings.data_url, c.PRODUCTION_BATCH_STAGING_SUBDIR)
+    keys_url = join_url(staging, EXPORTED_KEYS_FILE)
+    key = [mon.REQUEST_ID, mon.RECORD_INDEX]
+    fs, keys_path = fsspec.core.url_to_fs(keys_url)
+    exported = pd.read_csv(keys_url, dtype={mon.REQUEST_ID: str}) if fs.exists(keys_path) else pd.DataFrame(
+        {mon.REQUEST_ID: pd.Series([], dtype=str), mon.RECORD_INDEX: pd.Series([], dtype="int64")})
+    joined = join.joined if join is not None else pd.DataFrame(columns=[*key, mon.TRUE_LABEL, *spec.feature_names])
+    fresh = joined.merge(exported[key].assign(_seen=True), on=key, how="left")
+    fresh = fresh[fresh["_seen"].isna()].drop(columns="_seen")
+    missing = [f for f in spec.feature_names if f not in fresh]
+    if fresh.empty or missing:
+        why = "no new labelled production records" if not missing else f"prediction log lacks features {missing}"
+        context.log.info(why)
+        return dg.MaterializeResult(value={"rows": 0, "batch_id": None, "reason": why},
+                                    metadata={"rows": 0, "reason": why, "already_exported": len(exported)})
+    records = fresh[spec.feature_names].astype("int64").assign(**{spec.label: fresh[mon.TRUE_LABEL].astype("int64")})
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    landing = join_url(staging, "landing")
+    write_batch(records[spec.columns], landing, fmt="csv", name=f"production-labelled-{stamp}.csv")
+    # The same path as any landed file: contract check, quarantine, content-addressed batch.
+    result = ingestion.ingest_landed_files(landing, settings.batches_url, settings.quarantine_url, spec)
+    for landed in ingestion.list_landed_files(landing):
+        fs.rm(fsspec.core.url_to_fs(landed.url)[1])  # accepted (copied) or already known: done here
+    if result.quarantined:
+        raise dg.Failure(f"labelled production batch broke the data contract: {result.quarantined[0].reason}")
+    updated = pd.concat([exported[key], fresh[key]], ignore_index=True)
+    fs.makedirs(keys_path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(keys_path, "w") as handle:
+        updated.to_csv(handle, index=False)
+    batch = result.accepted[0].batch_id if result.accepted else None
+    return dg.MaterializeResult(
+        value={"rows": len(records), "batch_id": batch},
+        metadata={"rows": len(records), "batch_id": batch or "identical batch already accepted",
+                  "already_exported": len(exported), "label_join": dg.MetadataValue.json(join.metadata() if join else {}),
+                  "positive_share": round(float((records[spec.label] == spec.positive_class).mean()), 4),
+                  "dagster/row_count": len(records)},
+    )
+
+
+defs = dg.Definitions(
+    assets=[reference_profile, production_profiles, drift_report, online_performance, labelled_production_batch],
+)

@@ -1,0 +1,328 @@
+"""Automation of the loop: monitoring and retraining jobs, the drift and degradation sensors, the
+run-failure alert, the watch after each deployment, and the periodic schedules.
+
+Sensors decide; runs act. Each sensor reads the latest materialization of the asset it watches
+(its metadata carries the verdict), asks a pure rule in `monitoring/live.py` what to do, and
+returns run requests with run keys, so a drift event becomes exactly one retraining run even if
+the same report is read on many ticks.
+"""
+
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import dagster as dg
+import httpx
+import pandas as pd
+
+from mlops_assets import constants as c
+from mlops_assets.core.dataset_spec import DatasetSpec
+from mlops_assets.defs.deployment.assets import RayServeResource, replica_env, rollback_job
+from mlops_assets.defs.resources import MlflowResource, MonitoringResource, PlatformResource
+from mlops_assets.deployment import rollout as dep
+from mlops_assets.monitoring import live as mon
+from mlops_assets.monitoring.alerts import send_alert
+from mlops_assets.registry import model_store
+from mlops_assets.serving.scoring import Scorer, scorer_from_loaded
+
+RETRAINING_JOB = "retraining"
+MONITORING_JOB = "monitoring"
+# Runs that train a model: while one of them is queued or running, no retraining is requested.
+TRAINING_JOBS = (RETRAINING_JOB, "ingestion_onward")
+IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+               dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
+TRIGGER_TAG = "mlops_assets/trigger"
+EVENT_TAG = "mlops_assets/event"
+
+monitoring_job = dg.define_asset_job(
+    MONITORING_JOB,
+    selection=dg.AssetSelection.assets("production_profiles", "drift_report", "online_performance"),
+    description="Profile the prediction log, measure drift and live performance of the serving version.",
+)
+
+# Retraining is the normal path from raw data to a deployed champion (gate and deployment
+# included), preceded by the labelled production records becoming a raw batch.
+retraining_job = dg.define_asset_job(
+    RETRAINING_JOB,
+    selection=dg.AssetSelection.assets("labelled_production_batch") | dg.AssetSelection.assets("raw_batches").downstream(),
+    description="Retrain on the accepted raw data plus labelled production data; gate, register, deploy.",
+    tags={"mlops_assets/purpose": "retraining"},
+)
+
+
+def training_run_in_progress(instance: dg.DagsterInstance) -> bool:
+    runs = instance.get_runs(dg.RunsFilter(job_name=None, statuses=IN_PROGRESS), limit=50)
+    return any(run.job_name in TRAINING_JOBS for run in runs)
+
+
+def latest_metadata(instance: dg.DagsterInstance, asset: str) -> tuple[dict[str, Any], float | None]:
+    """(metadata as plain values, timestamp) of the asset's latest materialization."""
+    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+    if event is None or event.asset_materialization is None:
+        return {}, None
+    meta = {k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
+    return meta, event.timestamp
+
+
+def _retrain_tick(context: dg.SensorEvaluationContext, monitoring: MonitoringResource, asset: str,
+                  flag: str, trigger: str) -> dg.SensorResult | dg.SkipReason:
+    meta, _ = latest_metadata(context.instance, asset)
+    cursor = mon.RetrainCursor.from_json(context.cursor)
+    event = str(meta.get("event_key")) if meta.get(flag) and meta.get("event_key") not in (None, "none") else None
+    decision = mon.retrain_decision(event, cursor, datetime.now(UTC),
+                                    run_in_progress=event is not None and training_run_in_progress(context.instance),
+                                    cooldown_s=monitoring.retrain_cooldown_s)
+    if not decision.request:
+        return dg.SensorResult(skip_reason=dg.SkipReason(decision.reason), cursor=decision.cursor.to_json())
+    context.log.info(f"{trigger}: requesting retraining for event {decision.run_key}")
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=decision.run_key, tags={TRIGGER_TAG: trigger, EVENT_TAG: str(decision.run_key)})],
+        cursor=decision.cursor.to_json(),
+    )
+
+
+@dg.sensor(job=retraining_job, minimum_interval_seconds=c.MONITORING_SENSOR_INTERVAL_SECONDS,
+           default_status=dg.DefaultSensorStatus.RUNNING)
+def drift_retraining_sensor(context: dg.SensorEvaluationContext, monitoring: MonitoringResource):
+    """One retraining run per drift event (serving version x window), with a cooldown, never during one."""
+    return _retrain_tick(context, monitoring, "drift_report", "drift_detected", "drift")
+
+
+@dg.sensor(job=retraining_job, minimum_interval_seconds=c.MONITORING_SENSOR_INTERVAL_SECONDS,
+           default_status=dg.DefaultSensorStatus.RUNNING)
+def degradation_retraining_sensor(context: dg.SensorEvaluationContext, monitoring: MonitoringResource):
+    """One retraining run per serving version whose live metrics degraded, with a cooldown."""
+    return _retrain_tick(context, monitoring, "online_performance", "degraded", "degradation")
+
+
+@dg.run_failure_sensor(name="run_failure_alert", default_status=dg.DefaultSensorStatus.RUNNING,
+                       minimum_interval_seconds=30)
+def run_failure_alert(context: dg.RunFailureSensorContext, monitoring: MonitoringResource) -> None:
+    """Alert on every failed run: a log line, and a webhook POST when one is configured."""
+    run = context.dagster_run
+    error = context.failure_event.message or "no message"
+    result = send_alert(
+        "run_failed", f"run {run.run_id[:8]} of job {run.job_name} failed: {error[:300]}",
+        {"run_id": run.run_id, "job_name": run.job_name, "error": error[:2000],
+         "tags": {k: v for k, v in run.tags.items() if not k.startswith(".dagster")}},
+        webhook_url=monitoring.resolved_webhook_url(), timeout_s=monitoring.alert_timeout_s, log=context.log,
+    )
+    if result.attempted and not result.posted:
+        context.log.warning(f"alert for run {run.run_id} not delivered: {result.error}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The watch after each deployment
+
+
+def scrape_counters(url: str, timeout_s: float = 5.0) -> mon.ServingCounters | None:
+    try:
+        with httpx.Client(timeout=timeout_s, trust_env=False) as client:
+            response = client.get(url)
+        response.raise_for_status()
+        return mon.parse_serving_metrics(response.text)
+    except Exception:
+        return None
+
+
+# The replaced version, loaded once per deployment (registry download and sha256 check) and kept
+# in the process that evaluates the sensor, which lives across ticks: (registry, model, version).
+_REPLACED_MODELS: OrderedDict[tuple[str, str, str], Scorer] = OrderedDict()
+_REPLACED_KEPT = 2
+
+
+def replaced_scorer(tracking_uri: str, model_name: str, version: str, spec: DatasetSpec) -> Scorer:
+    key = (tracking_uri, model_name, str(version))
+    if key in _REPLACED_MODELS:
+        _REPLACED_MODELS.move_to_end(key)
+        return _REPLACED_MODELS[key]
+    scorer = scorer_from_loaded(model_store.load_verified_model(tracking_uri, model_name, version=str(version)), spec)
+    _REPLACED_MODELS[key] = scorer
+    while len(_REPLACED_MODELS) > _REPLACED_KEPT:
+        _REPLACED_MODELS.popitem(last=False)
+    return scorer
+
+
+def _scores(scorer: Scorer) -> Callable[[pd.DataFrame], tuple[Sequence[int], Sequence[float]]]:
+    def score(features: pd.DataFrame) -> tuple[Sequence[int], Sequence[float]]:
+        scored = scorer.score(features)
+        return scored.labels, scored.probabilities
+    return score
+
+
+def _watch_observation(
+    log: pd.DataFrame, live: str, deployed_at: pd.Timestamp,
+    counters: mon.ServingCounters | None, baseline: mon.ServingCounters | None, *,
+    feature_names: Sequence[str], positive_class: int,
+    score_old: Callable[[pd.DataFrame], tuple[Sequence[int], Sequence[float]]] | None,
+    max_rows: int = c.WATCH_MAX_COMPARED_ROWS,
+) -> tuple[mon.WatchObservation, dict[str, Any]]:
+    """Requests from the log; 5xx and latency from the metrics (the log holds answered requests
+    only); the prediction comparison from the replaced version scored on the new one's logged
+    inputs, so both sides saw exactly the same rows (input drift is the drift path's business)."""
+    after = log[(log[mon.MODEL_VERSION] == live) & (log[mon.TIMESTAMP] >= deployed_at)] if not log.empty else log
+    answered = int(after[mon.REQUEST_ID].nunique()) if not after.empty else 0
+    errors, p95 = 0, None
+    if counters is not None and baseline is not None:
+        _, errors, p95 = mon.counters_since(counters, baseline)
+    same = mon.compare_on_same_rows(after, feature_names, score_old, positive_class, max_rows) \
+        if score_old is not None else mon.VersionComparison(0)
+    obs = mon.WatchObservation(requests=answered + errors, errors=errors, latency_p95_s=p95,
+                               positive_share_delta=same.positive_share_delta, probability_ks=same.probability_ks,
+                               compared_rows=same.rows, flip_share=same.flip_share,
+                               mean_abs_delta=same.mean_abs_delta)
+    seen = {"answered_requests": answered, "server_errors": errors, "latency_p95_s": p95, **same.to_dict(),
+            "rows_after": len(after), "metrics": counters is not None}
+    return obs, seen
+
+
+def _deployed_by_rollback(instance: dg.DagsterInstance) -> bool:
+    """The latest model_deployment was recorded by the rollback job: the version it restored is
+    the known good one, and the version it replaced the one that failed."""
+    event = instance.get_latest_materialization_event(dg.AssetKey("model_deployment"))
+    run = instance.get_run_by_id(event.run_id) if event is not None and event.run_id else None
+    return run is not None and run.job_name == rollback_job.name
+
+
+# A restore inside a sensor tick must end well within the daemon's evaluation timeout (60 s by
+# default); a restore that takes longer goes on in the cluster and the next tick checks it.
+OUTAGE_RESTORE_TIMEOUT_S = 45.0
+
+
+def _serving_outage_tick(
+    context: dg.SensorEvaluationContext, platform: PlatformResource, monitoring: MonitoringResource,
+    mlflow: MlflowResource, ray_serve: RayServeResource, state: dict[str, Any],
+) -> dg.SensorResult | None:
+    """None while serving works. On an outage (head lost, app missing, no running replica,
+    /healthz down): deploy the registry's champion again, aliases untouched, and alert once per
+    outage. `state["outage"]` (in the cursor) holds an outage until serving is back."""
+    from mlops_assets.core.redaction import redact_text
+
+    target = ray_serve.target()
+    outage = dep.serving_outage(target)
+    pending = state.get("outage")
+    if outage is None and pending is None:
+        return None
+    if pending is None:
+        pending = {"since": datetime.now(UTC).isoformat(), "reason": outage, "alerted": []}
+    tracking_uri = mlflow.resolved_tracking_uri()
+    webhook, alerted = monitoring.resolved_webhook_url(), list(pending.get("alerted") or [])
+    try:
+        restored = dep.restore_champion(
+            target=target, tracking_uri=tracking_uri, spec=platform.spec(), model_name=mlflow.resolved_model_name(),
+            base_config=ray_serve.base_config(), env_vars=replica_env(platform.settings(), tracking_uri),
+            http_host=ray_serve.resolved_http_host(), timeout_s=min(ray_serve.timeout_s, OUTAGE_RESTORE_TIMEOUT_S))
+    except Exception as exc:  # not restored this tick: alert once, try again on the next
+        error = redact_text(f"{type(exc).__name__}: {exc}")[:500]
+        if "serving_outage" not in alerted:
+            send_alert("serving_outage", f"serving is down ({pending['reason']}) and was not restored: {error}",
+                       {"outage": pending["reason"], "since": pending["since"], "error": error},
+                       webhook_url=webhook, timeout_s=monitoring.alert_timeout_s, log=context.log)
+            alerted.append("serving_outage")
+        state["outage"] = {**pending, "alerted": alerted, "last_error": error}
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"serving outage, restore failed: {error[:200]}"),
+                               cursor=json.dumps(state, default=str))
+    state.pop("outage", None)
+    if "serving_restored" not in alerted:
+        done = f"champion version {restored.champion} " + ("deployed again" if restored.action == "deployed" else "serving")
+        send_alert("serving_restored", f"serving was down ({pending['reason']}); {done}, no rollback",
+                   {"outage": pending["reason"], "since": pending["since"], "champion": restored.champion,
+                    "action": restored.action, "endpoint": target.endpoint},
+                   webhook_url=webhook, timeout_s=monitoring.alert_timeout_s, log=context.log)
+    return dg.SensorResult(skip_reason=dg.SkipReason(f"serving outage: {restored.describe()}; no rollback"),
+                           cursor=json.dumps(state, default=str))
+
+
+@dg.sensor(job=rollback_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+def post_deploy_watch(
+    context: dg.SensorEvaluationContext, platform: PlatformResource, monitoring: MonitoringResource,
+    ray_serve: RayServeResource,
+    mlflow: MlflowResource,
+) -> dg.SensorResult | dg.SkipReason:
+    """After each deployment, watch error rate, latency and the new version's answers against the
+    replaced version's on the same inputs; roll back and alert if they break a limit."""
+    meta, at = latest_metadata(context.instance, "model_deployment")
+    if not meta or at is None:
+        return dg.SkipReason("no deployment yet")
+    live = str(meta.get("live_version"))
+    replaced = meta.get("replaced_version")
+    replaced = None if replaced in (None, "none") else str(replaced)
+    deployment = f"{live}@{at:.3f}"
+    state = json.loads(context.cursor) if context.cursor else {}
+    limits = monitoring.watch_limits()
+    metrics_url = monitoring.resolved_metrics_url()
+    outage = _serving_outage_tick(context, platform, monitoring, mlflow, ray_serve, state)
+    if outage is not None:  # infrastructure, not the model: restored, never rolled back
+        return outage
+    if state.get("deployment") != deployment:
+        # First tick of a new deployment: the counters' baseline (the replica outlives versions).
+        baseline = scrape_counters(metrics_url)
+        state = {"deployment": deployment, "baseline": baseline.to_dict() if baseline else None, "verdict": "watching",
+                 "restored": _deployed_by_rollback(context.instance)}
+    if state.get("verdict") in ("rollback", "passed"):
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"deployment {deployment}: {state['verdict']}"),
+                               cursor=json.dumps(state))
+    deployed_at = pd.Timestamp(at, unit="s", tz="UTC")
+    log = mon.read_prediction_log(monitoring.log_url(platform.settings()))
+    counters = scrape_counters(metrics_url) if state.get("baseline") else None
+    baseline = mon.ServingCounters.from_dict(state["baseline"]) if state.get("baseline") else None
+    spec = platform.spec()
+    score_old, load_error = None, None
+    if replaced is not None and not state.get("restored"):
+        try:
+            score_old = _scores(replaced_scorer(mlflow.resolved_tracking_uri(), mlflow.resolved_model_name(),
+                                                replaced, spec))
+        except Exception as exc:  # not comparable this tick (registry down, bad hash): keep watching
+            load_error = f"version {replaced} not loaded for comparison: {type(exc).__name__}"
+            context.log.warning(load_error)
+    obs, seen = _watch_observation(log, live, deployed_at, counters, baseline, feature_names=spec.feature_names,
+                                   positive_class=spec.positive_class, score_old=score_old,
+                                   max_rows=monitoring.watch_max_compared_rows)
+    decision = mon.watch_decision(obs, deployed_at, datetime.now(UTC), limits)
+    state["verdict"] = decision.verdict
+    state["seen"] = {**seen, "compared_with": replaced if score_old is not None else None,
+                     **({"load_error": load_error} if load_error else {})}
+    if not decision.rollback:
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"v{live}: {decision.verdict}: {'; '.join(decision.reasons)}"),
+                               cursor=json.dumps(state, default=str))
+    summary = f"version {live} broke its post-deployment limits: {'; '.join(decision.reasons)}"
+    if replaced is None or state.get("restored"):
+        # A restored version is the known good one: rolling it back would go further back blindly.
+        why = "it was restored by a rollback" if state.get("restored") else "no previous version to roll back to"
+        send_alert("watch_failed", f"{summary}; not rolling back: {why}",
+                   {"version": live, **seen}, webhook_url=monitoring.resolved_webhook_url(),
+                   timeout_s=monitoring.alert_timeout_s, log=context.log)
+        return dg.SensorResult(skip_reason=dg.SkipReason(f"limits broken, not rolling back: {why}"),
+                               cursor=json.dumps(state, default=str))
+    send_alert("rollback", summary + f"; rolling back to version {replaced}",
+               {"version": live, "rollback_to": replaced, "reasons": list(decision.reasons), **seen},
+               webhook_url=monitoring.resolved_webhook_url(), timeout_s=monitoring.alert_timeout_s, log=context.log)
+    return dg.SensorResult(
+        run_requests=[dg.RunRequest(run_key=f"watch-rollback-{deployment}",
+                                    tags={TRIGGER_TAG: "post_deploy_watch", EVENT_TAG: deployment,
+                                          "mlops_assets/rollback_from": live})],
+        cursor=json.dumps(state, default=str),
+    )
+
+
+# Periodic monitoring keeps drift and live metrics current: on by default, it only reads.
+monitoring_schedule = dg.ScheduleDefinition(
+    name="periodic_monitoring", job=monitoring_job, cron_schedule=c.MONITORING_SCHEDULE_CRON,
+    default_status=dg.DefaultScheduleStatus.RUNNING, execution_timezone="UTC",
+)
+# Periodic retraining is off by default: the drift and degradation sensors retrain when there is
+# a reason, and a blind weekly retrain churns the champion and costs compute. Turn it on when
+# labels arrive steadily and fresh data alone is worth a new model.
+retraining_schedule = dg.ScheduleDefinition(
+    name="periodic_retraining", job=retraining_job, cron_schedule=c.RETRAINING_SCHEDULE_CRON,
+    default_status=dg.DefaultScheduleStatus.STOPPED, execution_timezone="UTC",
+    tags={TRIGGER_TAG: "schedule"},
+)
+
+defs = dg.Definitions(
+    jobs=[monitoring_job, retraining_job],
+    sensors=[drift_retraining_sensor, degradation_retraining_sensor, run_failure_alert, post_deploy_watch],
+    schedules=[monitoring_schedule, retraining_schedule],
+)

@@ -1,0 +1,1 @@
+"""Registration, aliases and the instance lookups that `trace` uses."""

@@ -1,0 +1,120 @@
+"""Validation: the pandera contract and dataset-level figures as a report with asset checks."""
+
+import json
+
+import dagster as dg
+import fsspec
+import pandas as pd
+
+from mlops_assets import constants as c
+from mlops_assets.defs.metadata import path_value, required_text
+from mlops_assets.defs.resources import PlatformResource
+from mlops_assets.settings import join_url
+from mlops_assets.validation.report import ValidationThresholds, build_report, render_markdown
+
+
+class ValidationConfig(dg.Config):
+    """Limits of the dataset-level checks (defaults in constants.py)."""
+
+    min_rows: int = c.MIN_ROWS
+    max_null_share: float = c.MAX_NULL_SHARE
+    min_minority_class_share: float = c.MIN_MINORITY_CLASS_SHARE
+    warn_duplicate_share: float = c.WARN_DUPLICATE_SHARE
+
+
+@dg.asset(group_name=c.GROUP_VALIDATION, kinds={"pandera", "pandas"})
+def validation_report(context: dg.AssetExecutionContext, config: ValidationConfig, platform: PlatformResource,
+                      raw_dataset: pd.DataFrame) -> dg.Output[dict]:
+    """Contract result, nulls, duplicates, conflicting labels and label balance of raw_dataset."""
+    settings = platform.settings()
+    data_version = required_text(context.instance, "raw_dataset", "data_version")
+    thresholds = ValidationThresholds(**config.model_dump())
+    report = build_report(raw_dataset, platform.spec(), thresholds, data_version)
+    base = join_url(settings.reports_url, f"validation-{data_version}")
+    fs, _ = fsspec.core.url_to_fs(settings.reports_url)
+    fs.makedirs(fsspec.core.url_to_fs(settings.reports_url)[1], exist_ok=True)
+    with fsspec.open(f"{base}.json", "w") as handle:
+        json.dump(report, handle, indent=1)
+    markdown = render_markdown(report)
+    with fsspec.open(f"{base}.md", "w") as handle:
+        handle.write(markdown)
+    return dg.Output(
+        report,
+        metadata={
+            "data_version": data_version,
+            "row_count": report["row_count"],
+            "schema_valid": report["schema"]["valid"],
+            "null_share": report["null_share"],
+            "duplicate_share": report["duplicate_share"],
+            "conflicting_label_vectors": report["conflicting_label_vectors"],
+            "minority_class_share": report["minority_class_share"],
+            "report_json": path_value(f"{base}.json"),
+            "report_markdown": path_value(f"{base}.md"),
+            "report": dg.MetadataValue.md(markdown),
+        },
+    )
+
+
+@dg.asset_check(asset=validation_report, blocking=True, description="raw_dataset meets the pandera contract.")
+def schema_is_valid(validation_report: dict) -> dg.AssetCheckResult:
+    violations = validation_report["schema"]["violations"]
+    return dg.AssetCheckResult(
+        passed=not violations,
+        metadata={"violations": len(violations),
+                  "details": dg.MetadataValue.json(violations[:20])},
+        description="; ".join(v["message"] for v in violations[:5]) or None,
+    )
+
+
+@dg.asset_check(asset=validation_report, blocking=True, description="Enough rows to train and evaluate.")
+def enough_rows(validation_report: dict) -> dg.AssetCheckResult:
+    rows, limit = validation_report["row_count"], validation_report["thresholds"]["min_rows"]
+    return dg.AssetCheckResult(passed=rows >= limit, metadata={"row_count": rows, "min_rows": limit})
+
+
+@dg.asset_check(asset=validation_report, blocking=True, description="Both classes present in usable shares.")
+def label_balance(validation_report: dict) -> dg.AssetCheckResult:
+    share, limit = validation_report["minority_class_share"], validation_report["thresholds"]["min_minority_class_share"]
+    return dg.AssetCheckResult(
+        passed=share >= limit,
+        metadata={"minority_class_share": share, "min_minority_class_share": limit,
+                  "label_share": dg.MetadataValue.json(validation_report["label_share"])},
+    )
+
+
+@dg.asset_check(asset=validation_report, blocking=True, description="Few enough missing feature values.")
+def null_share(validation_report: dict) -> dg.AssetCheckResult:
+    share, limit = validation_report["null_share"], validation_report["thresholds"]["max_null_share"]
+    return dg.AssetCheckResult(
+        passed=share <= limit,
+        metadata={"null_share": share, "max_null_share": limit,
+                  "unlabelled_rows": validation_report["unlabelled_rows"],
+                  "by_column": dg.MetadataValue.json(validation_report["null_share_by_column"])},
+    )
+
+
+@dg.asset_check(asset=validation_report, description="Exact duplicate rows (reported; removed by cleaning).")
+def duplicate_share(validation_report: dict) -> dg.AssetCheckResult:
+    share, limit = validation_report["duplicate_share"], validation_report["thresholds"]["warn_duplicate_share"]
+    return dg.AssetCheckResult(
+        passed=share <= limit, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"duplicate_share": share, "warn_above": limit,
+                  "distinct_feature_vectors": validation_report["distinct_feature_vectors"]},
+    )
+
+
+@dg.asset_check(asset=validation_report, description="Feature vectors seen with both labels (reported; resolved by cleaning).")
+def conflicting_labels(validation_report: dict) -> dg.AssetCheckResult:
+    count = validation_report["conflicting_label_vectors"]
+    distinct = max(1, validation_report["distinct_feature_vectors"])
+    # A few per cent of vectors is what real data of this kind shows; far more means mislabelled data.
+    return dg.AssetCheckResult(
+        passed=count / distinct <= 0.05, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"conflicting_label_vectors": count, "share_of_distinct_vectors": round(count / distinct, 6)},
+    )
+
+
+defs = dg.Definitions(
+    assets=[validation_report],
+    asset_checks=[schema_is_valid, enough_rows, label_balance, null_share, duplicate_share, conflicting_labels],
+)

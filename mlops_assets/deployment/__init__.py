@@ -1,0 +1,3 @@
+"""Deployment: Ray Serve configs, the load-and-query check, rollout and rollback.
+
+Pure, typed functions: no Dagster imports here."""

@@ -1,0 +1,577 @@
+"""Deploying a registry version to the running Ray Serve application, and rolling it back.
+
+Steps, each of which fails with a reason and leaves the previous version serving:
+1. load-and-query check: the candidate is loaded through the serving code path (sha256
+   verified), answers the sample records, and its answers equal the offline model's;
+2. declarative deploy: `deploy/serve_config.yaml` with the version pinned in `user_config`,
+   PUT to the dashboard's `/api/serve/applications/` (what `serve deploy` does). A changed
+   user_config is a lightweight update: replicas `reconfigure`, nothing restarts;
+3. live check: the application is RUNNING, `/model` names the candidate, `/healthz` is 200
+   and the sample answered over HTTP equals the offline answers.
+If step 2 or 3 fails, the config that was live before is submitted again.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+import yaml
+
+from mlops_assets.core.dataset_spec import DatasetSpec
+from mlops_assets.serving.config import APP_NAME, DEPLOYMENT_NAME, ModelRef, ServiceOptions, api_token
+from mlops_assets.serving.request import build_request_model, parse_predict_matrix
+from mlops_assets.serving.scoring import Scorer, positive_column, scorer_from_loaded
+
+DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
+PROBABILITY_TOLERANCE = 1e-9  # same model file, same inputs: answers must match to float precision
+# Settings replicas need, passed as runtime_env env_vars. The API token is not among them: it
+# reaches workers through the Ray head's environment (a Kubernetes Secret in the RayService),
+# so it never appears in a config that the dashboard shows. Nor does a tracking URI with a
+# password: replicas read it from a file (MLOPS_MLFLOW_TRACKING_URI_FILE).
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLOPS_DATA_URL", "MLOPS_PREDICTION_LOG_URL", "MLOPS_DATASET_SPEC")
+
+
+class DeploymentError(RuntimeError):
+    """A deploy step failed; the message names the step and the reason."""
+
+
+@dataclass(frozen=True)
+class ServeTarget:
+    """Where the Ray dashboard (deploy API) and the Serve HTTP proxy listen."""
+
+    dashboard_url: str
+    serve_url: str
+    app_name: str = APP_NAME
+    token: str = ""
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.serve_url.rstrip('/')}/predict"
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    endpoint: str
+    live_version: str
+    replaced_version: str | None
+    checked_records: int
+    seconds: float
+    steps: list[str] = field(default_factory=list)
+
+
+def target_from_env(
+    env: Mapping[str, str] | None = None, *, dashboard_url: str | None = None, serve_url: str | None = None
+) -> ServeTarget:
+    """Explicit URLs, else MLOPS_RAY_DASHBOARD_URL / MLOPS_SERVE_URL, else the local head's ports."""
+    import os
+
+    from mlops_assets.tools.ray_cluster import config_from_env
+
+    env = os.environ if env is None else env
+    cluster = config_from_env(env)
+    return ServeTarget(
+        dashboard_url=dashboard_url or env.get("MLOPS_RAY_DASHBOARD_URL") or cluster.dashboard_url,
+        serve_url=serve_url or env.get("MLOPS_SERVE_URL") or cluster.serve_url,
+        token=api_token(env),
+    )
+
+
+# --- pure pieces ----------------------------------------------------------------------------
+
+
+def load_serve_config(path: str | Path | None = None) -> dict[str, Any]:
+    """The Serve config: `path`, else env MLOPS_SERVE_CONFIG, else the repository's deploy/serve_config.yaml."""
+    import os
+
+    with open(path or os.environ.get("MLOPS_SERVE_CONFIG") or DEFAULT_SERVE_CONFIG) as handle:
+        return yaml.safe_load(handle)
+
+
+def render_serve_config(
+    base: Mapping[str, Any],
+    *,
+    ref: ModelRef,
+    app_name: str = APP_NAME,
+    env_vars: Mapping[str, str] | None = None,
+    http_port: int | None = None,
+    http_host: str | None = None,
+    args: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The config to submit: `base` with the model pinned and per-environment values filled in."""
+    config = copy.deepcopy(dict(base))
+    apps = [a for a in config.get("applications", []) if a.get("name") == app_name]
+    if len(apps) != 1:
+        raise DeploymentError(f"serve config must have exactly one application named {app_name!r}")
+    app = apps[0]
+    deployments = [d for d in app.setdefault("deployments", []) if d.get("name") == DEPLOYMENT_NAME]
+    if not deployments:
+        deployments = [{"name": DEPLOYMENT_NAME}]
+        app["deployments"].append(deployments[0])
+    deployments[0]["user_config"] = ref.to_user_config()
+    if env_vars:
+        from mlops_assets.core.redaction import has_credentials, redact_uri
+
+        # The dashboard returns runtime_env to anyone who can read it: no credential goes there.
+        leaking = sorted(k for k, v in env_vars.items() if has_credentials(str(v)))
+        if leaking:
+            raise DeploymentError(
+                f"runtime_env variable(s) {leaking} carry a credential "
+                f"({', '.join(redact_uri(str(env_vars[k])) for k in leaking)}); give replicas secrets "
+                "through their environment or a mounted file (MLOPS_MLFLOW_TRACKING_URI_FILE for the registry)")
+        runtime_env = app.setdefault("runtime_env", {})
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **{k: str(v) for k, v in env_vars.items()}}
+    if args:
+        app["args"] = {**app.get("args", {}), **dict(args)}
+    ServiceOptions.from_args(app.get("args"))  # a bad option fails here, not in a replica
+    if http_port is not None:
+        config.setdefault("http_options", {})["port"] = int(http_port)
+    if http_host:  # containers bind 0.0.0.0; the shipped config binds loopback
+        config.setdefault("http_options", {})["host"] = http_host
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(config)  # the same validation the dashboard applies
+    return config
+
+
+def forwarded_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The FORWARDED_ENV settings of `env` that carry no credential (those reach replicas as files:
+    `serving.config.replica_tracking_env`), plus an operator's mounted tracking-URI file."""
+    from mlops_assets.core.redaction import has_credentials
+    from mlops_assets.serving.config import TRACKING_URI_FILE_ENV
+
+    out = {k: env[k] for k in FORWARDED_ENV if env.get(k) and not has_credentials(env[k])}
+    if env.get(TRACKING_URI_FILE_ENV):
+        out[TRACKING_URI_FILE_ENV] = env[TRACKING_URI_FILE_ENV]
+    return out
+
+
+def replica_env_vars(env: Mapping[str, str], *, tracking_uri: str, data_url: str) -> dict[str, str]:
+    """The replicas' runtime_env variables: the forwarded settings, this deploy's registry and data root.
+
+    A tracking URI with a credential goes as the path of a 0600 file holding it (the operator's
+    mounted file, else one under a local data root's secrets folder); ValueError when neither exists.
+    """
+    from mlops_assets.serving.config import SECRETS_SUBDIR, TRACKING_URI_FILE_ENV, replica_tracking_env
+
+    out = forwarded_env(env)
+    for key in ("MLFLOW_TRACKING_URI", TRACKING_URI_FILE_ENV):  # this deploy's registry, not the process's
+        out.pop(key, None)
+    local = data_url.removeprefix("file://")
+    secrets_dir = f"{local.rstrip('/')}/{SECRETS_SUBDIR}" if "://" not in local else None
+    out.update(replica_tracking_env(tracking_uri, secrets_dir=secrets_dir, env=env))
+    out["MLOPS_DATA_URL"] = data_url
+    return out
+
+
+def mismatches(expected: Sequence[float], got: Sequence[float], tol: float = PROBABILITY_TOLERANCE) -> list[int]:
+    """Indices where two probability lists differ by more than `tol` (length mismatch: all)."""
+    if len(expected) != len(got):
+        return list(range(max(len(expected), len(got))))
+    return [i for i, (a, b) in enumerate(zip(expected, got, strict=True)) if not math.isclose(a, b, abs_tol=tol)]
+
+
+def sample_records(frame: pd.DataFrame, spec: DatasetSpec, n: int = 64) -> list[dict[str, int]]:
+    """Up to `n` feature records (plain ints, spec order) from a test set or simulated frame."""
+    part = frame[spec.feature_names].head(n).astype("int64")
+    return [{k: int(v) for k, v in row.items()} for row in part.to_dict(orient="records")]
+
+
+def simulated_sample(spec: DatasetSpec, n: int = 64, seed: int = 20240611) -> list[dict[str, int]]:
+    """Check records when no test set is at hand (rollback): seeded draws from the spec's domains."""
+    from mlops_assets.tools.simulator import SimulationConfig, simulate_records
+
+    return sample_records(simulate_records(spec, SimulationConfig(n_rows=n, seed=seed)), spec, n)
+
+
+def offline_probabilities(model: Any, records: Sequence[Mapping[str, int]], spec: DatasetSpec) -> list[float]:
+    """The model applied directly to a DataFrame: the reference the served answers must equal."""
+    frame = pd.DataFrame.from_records(list(records), columns=spec.feature_names)
+    proba = model.predict_proba(frame)
+    return [float(p) for p in proba[:, positive_column(getattr(model, "classes_", None), spec.positive_class)]]
+
+
+def offline_model(tracking_uri: str, model_name: str, version: str) -> Any:
+    """The registered model through MLflow's catboost flavor: a load path independent of serving's."""
+    import mlflow.catboost
+
+    from mlops_assets.training.tracking import use_tracking_uri
+
+    with use_tracking_uri(tracking_uri):  # scoped: no global MLflow URI or env var left behind
+        return mlflow.catboost.load_model(f"models:/{model_name}/{version}")
+
+
+# --- step 1: load-and-query check -------------------------------------------------------------
+
+
+def check_candidate(
+    tracking_uri: str,
+    ref: ModelRef,
+    spec: DatasetSpec,
+    records: Sequence[Mapping[str, int]],
+    expected: Sequence[float],
+) -> Scorer:
+    """Load the candidate as a replica would and score `records` through the request path."""
+    import json
+
+    from mlops_assets.registry.model_store import load_verified_model
+
+    if not records:
+        raise DeploymentError("load-and-query check needs at least one sample record")
+    try:
+        loaded = load_verified_model(tracking_uri, ref.model_name, alias=ref.alias, version=ref.version)
+        scorer = scorer_from_loaded(loaded, spec)
+    except Exception as exc:
+        raise DeploymentError(f"load check: {ref.describe()} does not load: {type(exc).__name__}: {exc}") from exc
+    request_model = build_request_model(spec, max(len(records), 1))
+    body = json.dumps({"records": list(records)}).encode()
+    _, matrix = parse_predict_matrix(body, request_model)  # the replica's path: validated matrix, then the model
+    got = scorer.score(matrix).probabilities
+    bad = mismatches(expected, got)
+    if bad:
+        i = bad[0]
+        raise DeploymentError(
+            f"query check: {ref.describe()} differs from the offline model on {len(bad)} of {len(records)} "
+            f"sample records (first: record {i}, served {got[i] if i < len(got) else None}, "
+            f"offline {expected[i] if i < len(expected) else None})"
+        )
+    return scorer
+
+
+# --- talking to the cluster ---------------------------------------------------------------------
+
+
+def _client(timeout: float = 10.0, *, dashboard: bool = False) -> httpx.Client:
+    # The dashboard's REST API takes the Ray cluster's token; the Serve proxy never sees it.
+    from mlops_assets.tools.ray_cluster import auth_headers
+
+    headers = auth_headers() if dashboard else None
+    return httpx.Client(timeout=timeout, trust_env=False, headers=headers)  # loopback: never via an HTTP proxy
+
+
+def serve_applications(target: ServeTarget) -> dict[str, Any]:
+    with _client(dashboard=True) as client:
+        response = client.get(f"{target.dashboard_url}/api/serve/applications/")
+    response.raise_for_status()
+    return response.json()
+
+
+def app_details(target: ServeTarget) -> dict[str, Any] | None:
+    try:
+        return (serve_applications(target).get("applications") or {}).get(target.app_name)
+    except httpx.HTTPError:
+        return None
+
+
+def live_config(target: ServeTarget) -> dict[str, Any] | None:
+    """The full ServeDeploySchema as last deployed (to restore it), or None when nothing is deployed."""
+    details = serve_applications(target)
+    apps = details.get("applications") or {}
+    if target.app_name not in apps or not apps[target.app_name].get("deployed_app_config"):
+        return None
+    config = {
+        "proxy_location": details.get("proxy_location") or "HeadOnly",
+        "http_options": {k: v for k, v in (details.get("http_options") or {}).items()
+                         if k in ("host", "port", "request_timeout_s", "keep_alive_timeout_s", "root_path")},
+        "applications": [a["deployed_app_config"] for a in apps.values() if a.get("deployed_app_config")],
+    }
+    return config
+
+
+def submit(target: ServeTarget, config: Mapping[str, Any]) -> None:
+    """PUT a ServeDeploySchema to the dashboard: the declarative path `serve deploy` uses."""
+    with _client(30.0, dashboard=True) as client:
+        response = client.put(f"{target.dashboard_url}/api/serve/applications/", json=dict(config))
+    if response.status_code != 200:
+        raise DeploymentError(f"deploy request rejected ({response.status_code}): {response.text[:500]}")
+
+
+def get_json(target: ServeTarget, path: str, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+    with _client(timeout) as client:
+        response = client.get(f"{target.serve_url.rstrip('/')}{path}")
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return response.status_code, {"error": response.text[:200]}
+
+
+def live_version(target: ServeTarget) -> str | None:
+    try:
+        status, body = get_json(target, "/model")
+    except httpx.HTTPError:
+        return None
+    return str(body["version"]) if status == 200 and body.get("version") else None
+
+
+def predict_over_http(
+    target: ServeTarget, records: Sequence[Mapping[str, int]], spec: DatasetSpec, max_records: int | None = None
+) -> tuple[str, list[float]]:
+    """Score records over HTTP in requests of at most the service's `max_records`; (version, probabilities)."""
+    if max_records is None:
+        _, info = get_json(target, "/model")
+        max_records = int(info.get("max_records") or len(records) or 1)
+    key = f"{spec.positive_name}_probability"
+    versions: set[str] = set()
+    probabilities: list[float] = []
+    with _client(30.0) as client:
+        for start in range(0, len(records), max_records):
+            chunk = list(records[start:start + max_records])
+            response = client.post(target.endpoint, json={"records": chunk},
+                                   headers={"Authorization": f"Bearer {target.token}"})
+            if response.status_code != 200:
+                raise DeploymentError(f"live query: /predict answered {response.status_code}: {response.text[:300]}")
+            body = response.json()
+            versions.add(str(body["model_version"]))
+            probabilities += [float(p[key]) for p in body["predictions"]]
+    if len(versions) != 1:
+        raise DeploymentError(f"live query: answers came from versions {sorted(versions)}, expected one")
+    return versions.pop(), probabilities
+
+
+def wait_until_serving(target: ServeTarget, version: str, timeout_s: float = 180.0) -> None:
+    """Wait until the app is RUNNING and `/model` names `version` (3 answers in a row)."""
+    deadline = time.monotonic() + timeout_s
+    streak, last = 0, "no answer yet"
+    while time.monotonic() < deadline:
+        details = app_details(target) or {}
+        status = details.get("status")
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise DeploymentError(f"application {target.app_name} is {status}: {details.get('message', '')[:500]}")
+        try:
+            code, body = get_json(target, "/model")
+        except httpx.HTTPError as exc:
+            code, body = 0, {"error": type(exc).__name__}
+        if code == 200 and str(body.get("version")) == version and status == "RUNNING":
+            streak += 1
+            if streak >= 3:
+                return
+        else:
+            streak = 0
+            error = body.get("last_load_error") or body.get("error")
+            if code == 200 and error and version in str(body.get("requested", "")):
+                raise DeploymentError(f"replica could not switch to version {version}: {error}")
+            last = f"status {status}, /model {code} version {body.get('version')} {error or ''}".strip()
+        time.sleep(0.5)
+    raise DeploymentError(f"version {version} not serving after {timeout_s}s ({last})")
+
+
+# --- the whole deploy -------------------------------------------------------------------------
+
+
+def deploy_version(
+    *,
+    target: ServeTarget,
+    tracking_uri: str,
+    spec: DatasetSpec,
+    version: str,
+    records: Sequence[Mapping[str, int]],
+    expected: Sequence[float],
+    model_name: str,
+    base_config: Mapping[str, Any] | None = None,
+    env_vars: Mapping[str, str] | None = None,
+    args: Mapping[str, Any] | None = None,
+    http_host: str | None = None,
+    timeout_s: float = 180.0,
+) -> DeployResult:
+    """Check, deploy and verify `version`; on a failure after submitting, restore what was live."""
+    start = time.monotonic()
+    ref = ModelRef(model_name=model_name, version=str(version))
+    steps: list[str] = []
+    check_candidate(tracking_uri, ref, spec, records, expected)
+    steps.append(f"load-and-query check passed on {len(records)} records")
+
+    previous_config = live_config(target) if app_details(target) is not None else None
+    replaced = live_version(target)
+    http_port = int(httpx.URL(target.serve_url).port or 8000)
+    config = render_serve_config(base_config or load_serve_config(), ref=ref, app_name=target.app_name,
+                                 env_vars=env_vars, http_port=http_port, http_host=http_host, args=args)
+    try:
+        submit(target, config)
+        steps.append("config submitted")
+        wait_until_serving(target, ref.version or "", timeout_s)
+        code, health = get_json(target, "/healthz")
+        if code != 200:
+            raise DeploymentError(f"health check after deploy: /healthz answered {code}: {health}")
+        served_version, got = predict_over_http(target, records, spec)
+        bad = mismatches(expected, got)
+        if served_version != ref.version or bad:
+            raise DeploymentError(
+                f"live query: version {served_version} answered, {len(bad)} of {len(records)} answers differ "
+                "from the offline model"
+            )
+        steps.append("live: healthy and answers equal the offline model")
+    except Exception as exc:
+        restored = _restore(target, previous_config, replaced, min(timeout_s, RESTORE_TIMEOUT_S))
+        reason = exc if isinstance(exc, DeploymentError) else f"{type(exc).__name__}: {exc}"
+        raise DeploymentError(f"deploying version {version} failed: {reason}; {restored}") from exc
+    return DeployResult(target.endpoint, str(ref.version), replaced if replaced != ref.version else None,
+                        len(records), time.monotonic() - start, steps)
+
+
+RESTORE_TIMEOUT_S = 120.0
+
+
+def _restore(target: ServeTarget, previous_config: Mapping[str, Any] | None, previous_version: str | None = None,
+             timeout_s: float = RESTORE_TIMEOUT_S) -> str:
+    """Submit the config that was live before, and wait until its version answers again."""
+    if previous_config is None:
+        return "nothing was deployed before"
+    try:
+        submit(target, previous_config)
+    except Exception as exc:  # report, but the original failure is what the caller must see
+        return f"restoring the previous config failed too: {exc}"
+    if not previous_version:
+        return "the previous config was restored"
+    # The failed candidate may have left the app DEPLOY_FAILED; that status lingers until the
+    # controller applies the restored config, so here only "RUNNING and naming the old version" counts.
+    deadline = time.monotonic() + timeout_s
+    streak = 0
+    while time.monotonic() < deadline:
+        running = (app_details(target) or {}).get("status") == "RUNNING"
+        streak = streak + 1 if running and live_version(target) == previous_version else 0
+        if streak >= 3:
+            return f"the previous config was restored and version {previous_version} serves"
+        time.sleep(0.5)
+    return f"the previous config was resubmitted, but version {previous_version} was not RUNNING after {timeout_s:.0f}s"
+
+
+def delete_app(target: ServeTarget) -> None:
+    """Remove every Serve application (what `serve shutdown` does over the REST API)."""
+    with _client(30.0, dashboard=True) as client:
+        client.delete(f"{target.dashboard_url}/api/serve/applications/")
+
+
+def rollback(
+    *,
+    target: ServeTarget,
+    tracking_uri: str,
+    spec: DatasetSpec,
+    model_name: str,
+    records: Sequence[Mapping[str, int]],
+    base_config: Mapping[str, Any] | None = None,
+    env_vars: Mapping[str, str] | None = None,
+    args: Mapping[str, Any] | None = None,
+    http_host: str | None = None,
+    timeout_s: float = 180.0,
+) -> DeployResult:
+    """Swap `champion` and `previous-champion`, then deploy the new champion, in one step.
+
+    If the deploy fails, the aliases are swapped back (only if no one moved them meanwhile), so
+    the registry keeps naming what serves.
+    """
+    from mlflow import MlflowClient
+
+    from mlops_assets.registry.model_store import rollback_champion
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    new, replaced = rollback_champion(client, model_name)
+    try:
+        expected = offline_probabilities(offline_model(tracking_uri, model_name, new), records, spec)
+        return deploy_version(target=target, tracking_uri=tracking_uri, spec=spec, version=new,
+                              records=records, expected=expected, model_name=model_name,
+                              base_config=base_config, env_vars=env_vars, args=args, http_host=http_host,
+                              timeout_s=timeout_s)
+    except Exception as exc:
+        try:
+            rollback_champion(client, model_name, expected_champion=new)
+        except Exception as undo:  # the aliases moved under us, or the registry is down: say so
+            raise DeploymentError(f"rollback to version {new} (from {replaced}) failed: {exc}; undoing the alias "
+                                  f"swap failed too ({type(undo).__name__}: {undo})") from exc
+        raise DeploymentError(f"rollback to version {new} (from {replaced}) failed and was undone: {exc}") from exc
+
+
+# --- outages: serving lost (a Ray head restarted, replicas gone), told apart from a bad model -----
+
+
+DASHBOARD_DOWN = "Ray dashboard unreachable"
+
+
+def serving_outage(target: ServeTarget) -> str | None:
+    """Why the endpoint cannot serve, or None when it can.
+
+    An outage is infrastructure, not a model: the dashboard does not answer, the Serve app is
+    missing or has no RUNNING replica, or `/healthz` is unreachable or not 200. A replica that
+    answers with a model, whichever version, is not an outage.
+    """
+    try:
+        apps = serve_applications(target).get("applications") or {}
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # no head listening: nothing to deploy to
+        return f"{DASHBOARD_DOWN} at {target.dashboard_url} ({type(exc).__name__})"
+    except (httpx.HTTPError, ValueError) as exc:  # a head, but Serve's API slow or failing (a fresh head)
+        return f"Serve REST API at {target.dashboard_url} did not answer ({type(exc).__name__})"
+    app = apps.get(target.app_name)
+    if app is None:
+        return f"Serve application {target.app_name!r} is not deployed"
+    replicas = [r for d in (app.get("deployments") or {}).values() for r in d.get("replicas") or []]
+    if not any(r.get("state") == "RUNNING" for r in replicas):
+        return f"Serve application {target.app_name!r} is {app.get('status')} with no running replica"
+    try:
+        code, _ = get_json(target, "/healthz")
+    except httpx.HTTPError as exc:
+        return f"endpoint {target.serve_url} unreachable ({type(exc).__name__})"
+    return None if code == 200 else f"/healthz answered {code}"
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What `restore_champion` found and did; `action` is "none" (already serving) or "deployed"."""
+
+    action: str
+    champion: str
+    was_serving: str | None
+    reason: str
+    deploy: DeployResult | None = None
+
+    def describe(self) -> str:
+        if self.action == "none":
+            return f"champion version {self.champion} already serving: nothing to restore"
+        return f"restored serving of champion version {self.champion} ({self.reason})"
+
+
+def restore_champion(
+    *,
+    target: ServeTarget,
+    tracking_uri: str,
+    spec: DatasetSpec,
+    model_name: str,
+    records: Sequence[Mapping[str, int]] | None = None,
+    base_config: Mapping[str, Any] | None = None,
+    env_vars: Mapping[str, str] | None = None,
+    args: Mapping[str, Any] | None = None,
+    http_host: str | None = None,
+    timeout_s: float = 180.0,
+) -> RestoreResult:
+    """Serve the registry's `champion` again when the app is missing, down or serving another version.
+
+    The champion goes through the whole deploy (load-and-query check, live check); the aliases
+    are never touched: this restores what the registry already says, it decides nothing.
+    Raises LookupError when there is no champion, DeploymentError when the deploy fails.
+    """
+    from mlflow import MlflowClient
+
+    from mlops_assets import constants as c
+    from mlops_assets.registry.model_store import NoChampionError, alias_version
+
+    champion = alias_version(MlflowClient(tracking_uri=tracking_uri), model_name, c.ALIAS_CHAMPION)
+    if champion is None:
+        raise NoChampionError(f"model {model_name!r} has no {c.ALIAS_CHAMPION!r} version: nothing to restore")
+    outage = serving_outage(target)
+    if outage is not None and outage.startswith(DASHBOARD_DOWN):  # no head to deploy to: nothing to try yet
+        raise DeploymentError(f"cannot restore champion version {champion}: {outage}; start the Ray head first")
+    live = live_version(target) if outage is None else None
+    if outage is None and live == champion:
+        return RestoreResult("none", champion, live, "serving")
+    reason = outage or f"version {live} serves, the registry's champion is {champion}"
+    records = list(records) if records else simulated_sample(spec)
+    expected = offline_probabilities(offline_model(tracking_uri, model_name, champion), records, spec)
+    result = deploy_version(target=target, tracking_uri=tracking_uri, spec=spec, version=champion, records=records,
+                            expected=expected, model_name=model_name, base_config=base_config, env_vars=env_vars,
+                            args=args, http_host=http_host, timeout_s=timeout_s)
+    return RestoreResult("deployed", champion, live, reason, result)

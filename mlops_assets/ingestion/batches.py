@@ -1,0 +1,222 @@
+"""Content-addressed ingestion of landed raw files, with quarantine for files that break the contract.
+
+Accepted files are copied, once, to `<batches>/<sha256>/` (the original bytes and a typed
+Parquet copy, plus `batch.json`); nothing there is ever overwritten or removed. A bad file is
+moved from the landing folder to `<quarantine>/<UTC time>-<name>` beside a `.reason.json`.
+All paths are fsspec URLs, so the same code runs on a local folder, memory:// or s3://.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+import fsspec
+import pandas as pd
+
+from mlops_assets import constants as c
+from mlops_assets.core.dataset_spec import DatasetSpec
+from mlops_assets.core.schema import ContractViolation, check_contract
+from mlops_assets.settings import join_url
+
+
+class UnreadableFileError(ValueError):
+    """A landed file is not a table this platform can read."""
+
+
+@dataclass(frozen=True)
+class LandedFile:
+    url: str
+    name: str
+    size: int
+    modified: str  # a fingerprint of the file's state, not a parsed time
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.size}:{self.modified}"
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    batch_id: str  # the content hash (sha256 of the file's bytes)
+    source: str
+    file_name: str
+    file_format: str
+    rows: int
+    columns: list[str]
+    accepted_at: str
+    stored_at: str
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class QuarantineRecord:
+    source: str
+    file_name: str
+    sha256: str
+    moved_to: str
+    quarantined_at: str
+    violations: list[dict[str, object]]
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(str(v["message"]) for v in self.violations)
+
+
+@dataclass
+class IngestResult:
+    accepted: list[BatchRecord] = field(default_factory=list)
+    quarantined: list[QuarantineRecord] = field(default_factory=list)
+    already_accepted: list[str] = field(default_factory=list)  # landed files whose content is stored
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def list_landed_files(landing_url: str) -> list[LandedFile]:
+    """Files in the landing folder, by name; hidden and temporary files are not landed yet."""
+    fs, root = _fs(landing_url)
+    if not fs.exists(root):
+        return []
+    out = []
+    for info in fs.ls(root, detail=True):
+        name = info["name"].rstrip("/").rsplit("/", 1)[-1]
+        if info.get("type") != "file" or name.startswith(".") or name.endswith(".tmp"):
+            continue
+        modified = info.get("mtime") or info.get("LastModified") or info.get("created") or ""
+        out.append(LandedFile(url=join_url(landing_url, name), name=name, size=int(info.get("size") or 0),
+                              modified=str(modified)))
+    return sorted(out, key=lambda f: f.name)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_format(name: str) -> str:
+    lower = name.lower()
+    if lower.endswith(".csv"):
+        return "csv"
+    if lower.endswith((".parquet", ".pq")):
+        return "parquet"
+    return "unknown"
+
+
+def read_table(name: str, data: bytes) -> pd.DataFrame:
+    """Parse landed bytes by suffix; raise UnreadableFileError with what went wrong."""
+    fmt = file_format(name)
+    if fmt == "unknown":
+        raise UnreadableFileError(
+            f"{name}: not a table: unsupported file type (accepted: {', '.join(c.RAW_FILE_SUFFIXES)})")
+    if not data.strip():
+        raise UnreadableFileError(f"{name}: the file is empty")
+    try:
+        if fmt == "csv":
+            return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=True, skipinitialspace=True)
+        return pd.read_parquet(io.BytesIO(data))
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnreadableFileError(f"{name}: cannot be read as {fmt}: {first_line}") from exc
+
+
+def _typed(frame: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
+    """A conforming frame as nullable integers in the spec's column order."""
+    return frame[spec.columns].apply(lambda s: pd.to_numeric(s, errors="raise")).astype("Int64")
+
+
+def accepted_batches(batches_url: str) -> list[BatchRecord]:
+    """Every accepted batch, oldest first (read from the write-once `batch.json` files)."""
+    fs, root = _fs(batches_url)
+    if not fs.exists(root):
+        return []
+    records = []
+    for path in fs.glob(f"{root}/*/batch.json"):
+        with fs.open(path, "r") as handle:
+            records.append(BatchRecord(**json.load(handle)))
+    return sorted(records, key=lambda r: (r.accepted_at, r.batch_id))
+
+
+def _store_batch(data: bytes, typed: pd.DataFrame, landed: LandedFile, sha: str, batches_url: str) -> BatchRecord:
+    fs, _ = _fs(batches_url)
+    folder = join_url(batches_url, sha)
+    fmt = file_format(landed.name)
+    record = BatchRecord(
+        batch_id=sha, source=landed.url, file_name=landed.name, file_format=fmt, rows=len(typed),
+        columns=list(typed.columns), accepted_at=_now(), stored_at=folder,
+    )
+    fs.makedirs(_fs(folder)[1], exist_ok=True)
+    with fsspec.open(join_url(folder, f"source.{fmt}"), "wb") as handle:
+        handle.write(data)
+    with fsspec.open(join_url(folder, "data.parquet"), "wb") as handle:
+        typed.to_parquet(handle, index=False)
+    # batch.json last: a batch exists only once all its files are written.
+    with fsspec.open(join_url(folder, "batch.json"), "w") as handle:
+        json.dump(record.as_dict(), handle, indent=1)
+    return record
+
+
+def _quarantine(landed: LandedFile, sha: str, violations: list[ContractViolation], quarantine_url: str) -> QuarantineRecord:
+    fs, _ = _fs(quarantine_url)
+    fs.makedirs(_fs(quarantine_url)[1], exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    target = join_url(quarantine_url, f"{stamp}-{landed.name}")
+    record = QuarantineRecord(
+        source=landed.url, file_name=landed.name, sha256=sha, moved_to=target, quarantined_at=_now(),
+        violations=[v.as_dict() for v in violations],
+    )
+    with fsspec.open(f"{target}.reason.json", "w") as handle:
+        json.dump({**asdict(record), "reason": record.reason}, handle, indent=1)
+    fs.mv(_fs(landed.url)[1], _fs(target)[1])
+    return record
+
+
+def ingest_landed_files(landing_url: str, batches_url: str, quarantine_url: str, spec: DatasetSpec) -> IngestResult:
+    """Accept each new conforming file once; quarantine the rest. Never touches accepted batches."""
+    result = IngestResult()
+    known = {record.batch_id for record in accepted_batches(batches_url)}
+    for landed in list_landed_files(landing_url):
+        with fsspec.open(landed.url, "rb") as handle:
+            data = handle.read()
+        sha = sha256_bytes(data)
+        if sha in known:
+            result.already_accepted.append(landed.name)
+            continue
+        try:
+            frame = read_table(landed.name, data)
+            violations = check_contract(frame, spec)
+        except UnreadableFileError as exc:
+            violations = [ContractViolation("unreadable", str(exc))]
+        if violations:
+            result.quarantined.append(_quarantine(landed, sha, violations, quarantine_url))
+            continue
+        result.accepted.append(_store_batch(data, _typed(frame, spec), landed, sha, batches_url))
+        known.add(sha)
+    return result
+
+
+def dataset_version(batch_ids: list[str]) -> str:
+    """A short version derived from the batches' content hashes (order does not matter)."""
+    joined = "\n".join(sorted(batch_ids))
+    return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def load_raw_dataset(batches: list[BatchRecord], spec: DatasetSpec) -> pd.DataFrame:
+    """The union of accepted batches, in acceptance order, with the spec's columns."""
+    frames = []
+    for record in batches:
+        with fsspec.open(join_url(record.stored_at, "data.parquet"), "rb") as handle:
+            frames.append(pd.read_parquet(handle))
+    if not frames:
+        return pd.DataFrame({col: pd.Series(dtype="Int64") for col in spec.columns})
+    return pd.concat(frames, ignore_index=True)[spec.columns].astype("Int64")

@@ -1,1 +1,0 @@
-"""Pure, typed ML logic with no Dagster imports: the Dagster layer in `defs/` stays thin."""

@@ -1,0 +1,3 @@
+"""Monitoring: the prediction log's windows, profiles and drift, labels, the watch and retrain rules.
+
+Pure, typed functions: no Dagster imports here."""

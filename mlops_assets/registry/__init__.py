@@ -1,0 +1,3 @@
+"""Registry: MLflow model versions and aliases, model cards and lineage traces.
+
+Pure, typed functions: no Dagster imports here."""

@@ -1,0 +1,343 @@
+"""The Ray Serve application: a thin ingress in front of scoring replicas that run a FastAPI app.
+
+Deployed declaratively from `deploy/serve_config.yaml` (import path
+`mlops_assets.serving.app:build_app`). Two deployments:
+
+- `PredictionIngress` takes the HTTP request, forwards it to a `PredictionService` replica
+  through a handle, sends it again to another replica if that one dies mid-request (see
+  `ingress.py`), and spools the answered request's log line before it answers.
+- `PredictionService` runs the FastAPI app below in process over its one `ServiceCore`; its
+  `user_config` names the registry version, so switching versions is a `reconfigure` on
+  running replicas, not a restart.
+
+Routes are plain functions over the replica's `ServiceCore`, which lets tests run the same
+FastAPI app without Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from ray.serve import Application
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mlops_assets.core.dataset_spec import DatasetSpec, load_spec
+from mlops_assets.serving.config import (
+    DEFAULT_BATCH_MAX_SIZE,
+    DEFAULT_BATCH_WAIT_TIMEOUT_S,
+    DEPLOYMENT_NAME,
+    PREDICTION_LOG_ENV,
+    PREDICTIONS_SUBDIR,
+    ModelRef,
+    ServiceOptions,
+    api_token,
+    mlflow_tracking_uri,
+)
+from mlops_assets.serving.ingress import (
+    ATTEMPTS_HEADER,
+    ForwardedRequest,
+    ForwardedResponse,
+    call_asgi,
+    call_with_retry,
+    read_capped,
+)
+from mlops_assets.serving.metrics import RayServeMetrics, ServingMetrics
+from mlops_assets.serving.prediction_log import PredictionLogWriter
+from mlops_assets.serving.request import RequestError
+from mlops_assets.serving.scoring import ScoredRecords, Scorer, scorer_from_loaded
+from mlops_assets.serving.service import NO_MODEL_CONFIGURED, ServiceCore, score_off_loop_if_large
+from mlops_assets.settings import Settings, join_url, load_settings
+
+logger = logging.getLogger(__name__)
+
+INGRESS_DEPLOYMENT_NAME = "PredictionIngress"
+KNOWN_ROUTES = {"/predict", "/healthz", "/model"}
+
+api = FastAPI(
+    title="mlops_assets prediction service",
+    description="Binary classification over the dataset spec's features. POST /predict needs a bearer token.",
+    version="1",
+)
+
+_core: ServiceCore | None = None  # set by the replica (or a test) before requests arrive
+
+
+def set_core(core: ServiceCore | None) -> None:
+    global _core
+    _core = core
+
+
+def _require_core() -> ServiceCore:
+    if _core is None:
+        raise RequestError(503, "service is starting; no model loaded yet")
+    return _core
+
+
+def prediction_log_url(settings: Settings, options: ServiceOptions, env: dict[str, str] | None = None) -> str:
+    """Configured URL (option, then env MLOPS_PREDICTION_LOG_URL), else `<data root>/predictions`."""
+    env = dict(os.environ) if env is None else env
+    return options.prediction_log_url or env.get(PREDICTION_LOG_ENV) or join_url(settings.data_url, PREDICTIONS_SUBDIR)
+
+
+def registry_loader(tracking_uri: str, spec: DatasetSpec):
+    """Load a version through model_store (sha256 verified, native CatBoost format)."""
+    from mlops_assets.registry.model_store import load_verified_model
+
+    def load(ref: ModelRef) -> Scorer:
+        loaded = load_verified_model(tracking_uri, ref.model_name, alias=ref.alias, version=ref.version)
+        return scorer_from_loaded(loaded, spec)
+
+    return load
+
+
+# --- error handling: a JSON message for every failure, never a traceback or a path -------
+
+
+def _error_response(status: int, body: dict[str, Any]) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(status_code=status, content=body, headers=headers)
+
+
+@api.exception_handler(RequestError)
+async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
+    return _error_response(exc.status_code, exc.body())
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error_response(exc.status_code, {"error": str(exc.detail)})
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return _error_response(422, {"error": "invalid request"})
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error in the prediction service")
+    return _error_response(500, {"error": "internal error; the server log has the details"})
+
+
+class RequestMetricsMiddleware:
+    """Count every HTTP request by route and status, and time it (a plain ASGI middleware).
+
+    Plain ASGI rather than `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs each
+    request through an extra task and memory stream, which cost more than the model call.
+    An exception that escapes the app is counted as the 500 the error handler answers.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_and_note(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            core = _core
+            if core is not None:
+                path = scope.get("path", "")
+                core.metrics.request(path if path in KNOWN_ROUTES else "other", status[0], time.perf_counter() - start)
+
+
+api.add_middleware(RequestMetricsMiddleware)
+
+
+# --- routes --------------------------------------------------------------------------------
+
+
+@api.post("/predict", summary="Score 1..max_records records", openapi_extra={
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+})
+async def predict(request: Request) -> JSONResponse:
+    core = _require_core()
+    # Behind the ingress, the request id and the log sink come with the request (`call_asgi`).
+    result = await core.predict(request.headers, request.stream(),
+                                request_id=getattr(request.state, "request_id", None),
+                                log_sink=getattr(request.state, "log_sink", None))
+    return JSONResponse(result.body())
+
+
+@api.get("/healthz", summary="200 when a model is loaded, else 503")
+async def healthz() -> JSONResponse:
+    if _core is None:
+        return JSONResponse(status_code=503, content={"status": "unavailable", "error": NO_MODEL_CONFIGURED.body()})
+    ok, body = _core.health()
+    return JSONResponse(status_code=200 if ok else 503, content=body)
+
+
+@api.get("/model", summary="The served version: training run, feature version, trained at, features")
+async def model() -> JSONResponse:
+    return JSONResponse(_require_core().model_info())
+
+
+# --- the Ray Serve deployments -------------------------------------------------------------
+
+
+def log_to_serve_files() -> None:
+    """In a replica, send this package's log records to the replica's Serve log file.
+
+    Serve configures only the `ray.serve` logger; without this, a failed load's traceback or a
+    retry warning would go nowhere.
+    """
+    ours = logging.getLogger("mlops_assets")
+    ours.handlers = list(logging.getLogger("ray.serve").handlers)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+
+
+def _prediction_log(opts: ServiceOptions, settings: Settings, metrics: ServingMetrics) -> PredictionLogWriter:
+    return PredictionLogWriter(
+        prediction_log_url(settings, opts),
+        flush_interval_s=opts.log_flush_interval_s,
+        flush_rows=opts.log_flush_rows,
+        max_buffer_rows=opts.log_max_buffer_rows,
+        on_failure=metrics.prediction_log_failure,
+        on_flush=metrics.prediction_log_written,
+    )
+
+
+@serve.deployment(
+    name=DEPLOYMENT_NAME,
+    # Scoring is a few ms; a small in-flight limit plus a bounded queue turns overload into a
+    # fast 503 ("Request dropped due to backpressure") instead of unbounded latency.
+    max_ongoing_requests=16,
+    max_queued_requests=64,
+    health_check_period_s=5,
+    health_check_timeout_s=10,
+    graceful_shutdown_timeout_s=20,
+    user_config=ModelRef().to_user_config(),
+    ray_actor_options={"num_cpus": 0.5},
+)
+class PredictionService:
+    def __init__(self, options: dict[str, Any] | None = None) -> None:
+        log_to_serve_files()
+        opts = ServiceOptions.from_args(options)
+        settings = load_settings()
+        spec = load_spec(opts.dataset_spec_path or settings.dataset_spec_path)
+        metrics: ServingMetrics = RayServeMetrics()
+        core = ServiceCore(
+            spec=spec,
+            options=opts,
+            token=api_token(),
+            metrics=metrics,
+            log_writer=None,  # the ingress spools what this replica answers
+            loader=registry_loader(mlflow_tracking_uri() or settings.mlflow_tracking_uri, spec),
+        )
+        if opts.batch_max_size > 1:
+            self._score_batched.set_max_batch_size(opts.batch_max_size)  # type: ignore[attr-defined]
+            self._score_batched.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)  # type: ignore[attr-defined]
+            core.score_fn = self._score_batched
+        self._core = core
+        set_core(core)
+
+    async def handle(self, request: ForwardedRequest) -> ForwardedResponse:
+        """One HTTP request from the ingress, through the FastAPI app; the log line goes back with it."""
+        lines: list[tuple[bytes, int]] = []
+        state = {"request_id": request.request_id, "log_sink": lambda line, rows: lines.append((line, rows))}
+        response = await call_asgi(api, request, state)
+        response.log_lines = lines
+        return response
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        await self._core.reconfigure(ModelRef.from_user_config(user_config))
+
+    def check_health(self) -> None:
+        self._core.check_health()
+
+    @serve.batch(max_batch_size=DEFAULT_BATCH_MAX_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
+    async def _score_batched(self, matrices: list[np.ndarray]) -> list[ScoredRecords]:
+        # One model snapshot per batch: every request in it is answered by the same version.
+        scorer = self._core.require_scorer()
+        return await score_off_loop_if_large(scorer, matrices)
+
+
+_INTERNAL_ERROR = b'{"error":"internal error; the server log has the details"}'
+_NO_REPLICA = b'{"error":"no replica could answer (they were restarting); retry"}'
+_JSON = [(b"content-type", b"application/json")]
+
+
+@serve.deployment(
+    name=INGRESS_DEPLOYMENT_NAME,
+    # It only waits on scorers: a high in-flight limit, so the scorers' queue is what bounds load.
+    max_ongoing_requests=256,
+    max_queued_requests=256,
+    health_check_period_s=5,
+    graceful_shutdown_timeout_s=25,  # longer than the scorers', so their last answers are still logged
+    ray_actor_options={"num_cpus": 0.25},
+)
+class PredictionIngress:
+    def __init__(self, scorer: Any, options: dict[str, Any] | None = None) -> None:
+        log_to_serve_files()
+        opts = ServiceOptions.from_args(options)
+        self._scorer = scorer
+        self._body_cap = opts.max_body_bytes + 1  # one byte over the limit is enough for the scorer's 413
+        self._log = _prediction_log(opts, load_settings(), RayServeMetrics())
+
+    async def __call__(self, request: Request) -> Response:
+        import uuid
+
+        from ray.serve.exceptions import BackPressureError
+
+        forwarded = ForwardedRequest(
+            method=request.method, path=request.url.path, query_string=request.url.query.encode(),
+            headers=list(request.headers.raw), body=await read_capped(request.stream(), self._body_cap),
+            request_id=uuid.uuid4().hex,
+        )
+        try:
+            answer, tries = await call_with_retry(
+                lambda: self._scorer.handle.remote(forwarded), what=f"{request.method} {forwarded.path}")
+        except BackPressureError as exc:
+            return _raw_response(503, [*_JSON, (b"retry-after", b"1")], json.dumps({"error": str(exc)}).encode())
+        except Exception as exc:
+            from mlops_assets.serving.ingress import replica_died
+
+            if replica_died(exc):
+                logger.error("%s %s: every try hit a dying replica", request.method, forwarded.path)
+                return _raw_response(503, _JSON, _NO_REPLICA)
+            logger.exception("the scoring deployment failed on %s %s", request.method, forwarded.path)
+            return _raw_response(500, _JSON, _INTERNAL_ERROR)
+        for line, rows in answer.log_lines:
+            self._log.append_encoded(line, rows)  # before the answer leaves: a crash keeps the row
+        headers = answer.headers if tries == 1 else [*answer.headers, (ATTEMPTS_HEADER, str(tries).encode())]
+        return _raw_response(answer.status, headers, answer.body)
+
+    def __del__(self) -> None:
+        # Graceful shutdown: ship what the spool still holds.
+        log = getattr(self, "_log", None)
+        if log is not None:
+            log.close()
+
+
+def _raw_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
+    response = Response(content=body, status_code=status)
+    response.raw_headers = [(k, v) for k, v in headers if k.lower() != b"content-length"] + [
+        (b"content-length", str(len(body)).encode())]
+    return response
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Application builder for the Serve config's `import_path`; `args` are ServiceOptions."""
+    options = ServiceOptions.from_args(args)  # fail the deploy early on a bad option
+    given = {k: v for k, v in vars(options).items() if v is not None}
+    return PredictionIngress.bind(PredictionService.bind(given), given)  # type: ignore[attr-defined]

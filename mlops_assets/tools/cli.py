@@ -1,0 +1,319 @@
+"""`mlops-assets`: the commands Dagster does not cover (simulate, status, rollback, trace).
+
+Bad arguments exit with status 2 and a message that names the argument; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from mlops_assets import constants as c
+from mlops_assets.core.redaction import redact_text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1), got {value}")
+    return value
+
+
+def _cmd_simulate_data(args: argparse.Namespace) -> int:
+    from mlops_assets.core.dataset_spec import load_spec
+    from mlops_assets.settings import load_settings
+    from mlops_assets.tools.simulator import SimulationConfig, parse_drift, simulate_records, write_batch
+
+    settings = load_settings()
+    spec = load_spec(args.spec or settings.dataset_spec_path)
+    drift = parse_drift(args.drift)
+    config = SimulationConfig(
+        n_rows=args.rows,
+        seed=args.seed,
+        duplicate_share=args.duplicate_share,
+        conflict_share=args.conflict_share,
+        drift=drift,
+    )
+    frame = simulate_records(spec, config)
+    target = write_batch(frame, args.out or settings.landing_url, fmt=args.format, name=args.name)
+    print(f"wrote {len(frame)} records ({spec.name}, seed {args.seed}) to {target}")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import os
+
+    from mlops_assets.serving.config import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT
+    from mlops_assets.settings import load_settings
+    from mlops_assets.tools.status import champion_status, format_status, to_json
+
+    settings = load_settings()
+    if args.history:
+        return _print_history(args)
+    endpoint = None if args.no_endpoint else (
+        args.endpoint or os.environ.get("MLOPS_SERVE_URL") or f"http://{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}"
+    )
+    status = champion_status(args.tracking_uri or settings.mlflow_tracking_uri,
+                             args.model_name or settings.model_name, endpoint)
+    print(to_json(status) if args.json else format_status(status))
+    return 0 if status["champion"] is not None else 1  # scripts can tell "no champion yet"
+
+
+def _print_history(args: argparse.Namespace) -> int:
+    import json
+
+    from mlflow import MlflowClient
+
+    from mlops_assets.registry import governance
+    from mlops_assets.settings import load_settings
+
+    settings = load_settings()
+    model_name = args.model_name or settings.model_name
+    rows = governance.history_rows(MlflowClient(args.tracking_uri or settings.mlflow_tracking_uri), model_name)
+    print(json.dumps(rows, indent=2) if args.json else governance.format_history(model_name, rows))
+    return 0
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from mlops_assets.registry import governance
+    from mlops_assets.serving.config import PREDICTION_LOG_ENV, PREDICTIONS_SUBDIR
+    from mlops_assets.settings import join_url, load_settings
+
+    settings = load_settings()
+    sources = governance.TraceSources(
+        prediction_log_url=args.log_url or os.environ.get(PREDICTION_LOG_ENV)
+        or join_url(settings.data_url, PREDICTIONS_SUBDIR),
+        tracking_uri=args.tracking_uri or settings.mlflow_tracking_uri,
+        model_name=args.model_name or settings.model_name,
+        batches_url=settings.batches_url,
+    )
+    instance = None
+    if os.environ.get("DAGSTER_HOME"):  # the Dagster runs are checked in the instance it names
+        import dagster as dg
+
+        from mlops_assets.defs.registry.lookups import InstanceLookup
+
+        instance = dg.DagsterInstance.get()
+        sources.dagster = InstanceLookup(instance)
+    try:
+        report = governance.trace(args.request_id, sources)
+    except governance.RequestNotFound as exc:
+        print(f"mlops-assets trace: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if instance is not None:
+            instance.dispose()
+    print(json.dumps(report, indent=2, default=str) if args.json else governance.format_trace(report))
+    return 0 if report["links_ok"] else 1
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    import os
+
+    from mlops_assets.core.dataset_spec import load_spec
+    from mlops_assets.deployment import rollout as dep
+    from mlops_assets.settings import load_settings
+
+    settings = load_settings()
+    target = dep.target_from_env(dashboard_url=args.dashboard_url, serve_url=args.endpoint)
+    tracking_uri = args.tracking_uri or settings.mlflow_tracking_uri
+    env_vars = dep.replica_env_vars(os.environ, tracking_uri=tracking_uri, data_url=settings.data_url)
+    spec = load_spec(settings.dataset_spec_path)
+    try:
+        result = dep.rollback(target=target, tracking_uri=tracking_uri, spec=spec,
+                              model_name=args.model_name or settings.model_name,
+                              records=dep.simulated_sample(spec), env_vars=env_vars)
+    except (dep.DeploymentError, LookupError) as exc:
+        # The registry and the endpoint are as they were: say why, exit 1.
+        print(redact_text(f"mlops-assets rollback: failed: {exc}"), file=sys.stderr)
+        return 1
+    print(f"rolled back: version {result.live_version} is champion and live at {result.endpoint} "
+          f"(replaced version {result.replaced_version})")
+    return 0
+
+
+def _cmd_serve_restore(args: argparse.Namespace) -> int:
+    """Serve the registry's champion again when the Serve app is missing or serves another version."""
+    import os
+
+    from mlops_assets.core.dataset_spec import load_spec
+    from mlops_assets.defs.deployment.assets import replica_env
+    from mlops_assets.deployment import rollout as dep
+    from mlops_assets.settings import load_settings
+
+    settings = load_settings()
+    target = dep.target_from_env(dashboard_url=args.dashboard_url, serve_url=args.endpoint)
+    tracking_uri = args.tracking_uri or settings.mlflow_tracking_uri
+    try:
+        result = dep.restore_champion(target=target, tracking_uri=tracking_uri, spec=load_spec(settings.dataset_spec_path),
+                                      model_name=args.model_name or settings.model_name,
+                                      env_vars=replica_env(settings, tracking_uri),
+                                      http_host=os.environ.get("MLOPS_SERVE_HTTP_HOST") or None)
+    except LookupError as exc:  # no champion yet (a fresh platform): nothing to serve, not an error
+        print(f"mlops-assets serve restore: {exc}")
+        return 0
+    except dep.DeploymentError as exc:
+        print(f"mlops-assets serve restore: failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"mlops-assets serve restore: {result.describe()}; endpoint {target.endpoint}")
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _cmd_simulate_traffic(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from mlops_assets.core.dataset_spec import load_spec
+    from mlops_assets.serving.config import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, api_token
+    from mlops_assets.settings import join_url, load_settings
+    from mlops_assets.tools import traffic
+    from mlops_assets.tools.simulator import parse_drift
+
+    settings = load_settings()
+    spec = load_spec(args.spec or settings.dataset_spec_path)
+    base = args.endpoint or os.environ.get("MLOPS_SERVE_URL") or f"http://{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}"
+    config = traffic.TrafficConfig(
+        endpoint=f"{base.rstrip('/')}/predict", token=api_token(),
+        records=args.records, batch_size=args.batch_size, rate=args.rate, concurrency=args.concurrency,
+        max_duration_s=args.max_duration, seed=args.seed, drift=parse_drift(args.drift),
+    )
+    if not 0.0 < args.label_share <= 1.0 or args.label_delay < 0:
+        raise ValueError(f"--label-share must be in (0, 1] and --label-delay at least 0, got "
+                         f"{args.label_share} and {args.label_delay}")
+    records = traffic.traffic_records(spec, config)  # unknown drift features fail here, before any request
+    result = traffic.send_traffic(spec, config, records)
+    print(f"traffic to {config.endpoint}: {result.summary()}")
+    if args.labels:
+        if args.label_delay:
+            time.sleep(args.label_delay)  # labels arrive later than predictions, as in production
+        labels = traffic.labels_frame(result, share=args.label_share, seed=args.seed)
+        out = args.labels_dir or os.environ.get("MLOPS_LABELS_URL") or join_url(settings.data_url, c.LABELS_SUBDIR)
+        target = traffic.write_labels(labels, out)
+        print(f"wrote {len(labels)} delayed labels to {target}")
+    return 0 if result.requests_ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlops-assets", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    simulate = sub.add_parser("simulate", help="simulate raw data, or traffic and its delayed labels")
+    sim_sub = simulate.add_subparsers(dest="what", required=True)
+    data = sim_sub.add_parser("data", help="write N seeded records into the landing folder")
+    data.add_argument("--rows", type=_positive_int, default=5000, help="records to write (default 5000)")
+    data.add_argument("--seed", type=int, default=c.SIMULATOR_SEED, help="random seed")
+    data.add_argument("--out", default=None, help="landing folder or fsspec URL (default: MLOPS_LANDING_URL)")
+    data.add_argument("--format", choices=["csv", "parquet"], default="csv")
+    data.add_argument("--name", default=None, help="file name (default: batch-<UTC time>.<format>)")
+    data.add_argument("--duplicate-share", type=_share, default=None, help="share of exact duplicate rows")
+    data.add_argument("--conflict-share", type=_share, default=None,
+                      help="share of distinct feature vectors that also appear with the other label")
+    data.add_argument("--drift", action="append", default=[], metavar="FEATURE=AMOUNT",
+                      help="move AMOUNT of FEATURE's value share onto its rarest value (repeatable)")
+    data.add_argument("--spec", default=None, help="dataset spec JSON (default: MLOPS_DATASET_SPEC or phishing)")
+    data.set_defaults(func=_cmd_simulate_data)
+
+    traffic = sim_sub.add_parser("traffic", help="send bounded, rate-limited requests to the endpoint (token: MLOPS_API_TOKEN)")
+    traffic.add_argument("--records", type=_positive_int, default=500, help="records to send in all (default 500)")
+    traffic.add_argument("--batch-size", type=_positive_int, default=10, help="records per request (default 10)")
+    traffic.add_argument("--rate", type=_positive_float, default=20.0, help="requests per second (default 20)")
+    traffic.add_argument("--concurrency", type=_positive_int, default=2, help="parallel connections (default 2)")
+    traffic.add_argument("--max-duration", type=_positive_float, default=120.0,
+                         help="seconds after which nothing new is sent (default 120)")
+    traffic.add_argument("--seed", type=int, default=c.SIMULATOR_SEED + 1, help="random seed of the records")
+    traffic.add_argument("--drift", action="append", default=[], metavar="FEATURE=AMOUNT",
+                         help="inject drift: move AMOUNT of FEATURE's value share onto its rarest value (repeatable)")
+    traffic.add_argument("--endpoint", default=None,
+                         help="serving URL (default: MLOPS_SERVE_URL, else the local Serve port)")
+    traffic.add_argument("--labels", action="store_true",
+                         help="then write the true labels of the answered records as delayed labels")
+    traffic.add_argument("--label-share", type=_positive_float, default=1.0, help="share of records labelled (0, 1]")
+    traffic.add_argument("--label-delay", type=float, default=0.0, help="seconds to wait before writing the labels")
+    traffic.add_argument("--labels-dir", default=None, help="labels landing folder (default: MLOPS_LABELS_URL or data/labels)")
+    traffic.add_argument("--spec", default=None, help="dataset spec JSON (default: MLOPS_DATASET_SPEC or phishing)")
+    traffic.set_defaults(func=_cmd_simulate_traffic)
+
+    status = sub.add_parser("status", help="the champion model: version, metrics, data and feature versions, run")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument("--model-name", default=None, help="registered model (default: MLOPS_MODEL_NAME)")
+    status.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI)")
+    status.add_argument("--endpoint", default=None,
+                        help="serving URL to health-check (default: MLOPS_SERVE_URL, else the local Serve port)")
+    status.add_argument("--no-endpoint", action="store_true", help="skip the endpoint health check")
+    status.add_argument("--history", action="store_true",
+                        help="list who registered, promoted, demoted or rolled back which version, and when")
+    status.set_defaults(func=_cmd_status)
+
+    trace = sub.add_parser("trace", help="provenance of one prediction: version, run, gate, features, "
+                                         "raw batches, Dagster runs, code (exit 1 if a link is broken)")
+    trace.add_argument("request_id", help="the request_id of a /predict answer")
+    trace.add_argument("--json", action="store_true", help="print JSON for scripts")
+    trace.add_argument("--model-name", default=None, help="registered model (default: MLOPS_MODEL_NAME)")
+    trace.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI)")
+    trace.add_argument("--log-url", default=None,
+                       help="prediction log (default: MLOPS_PREDICTION_LOG_URL, else <data>/predictions)")
+    trace.set_defaults(func=_cmd_trace)
+
+    rollback = sub.add_parser("rollback", help="champion := previous-champion, redeployed to Ray Serve, in one step")
+    rollback.add_argument("--model-name", default=None, help="registered model (default: MLOPS_MODEL_NAME)")
+    rollback.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI)")
+    rollback.add_argument("--dashboard-url", default=None,
+                          help="Ray dashboard (default: MLOPS_RAY_DASHBOARD_URL, else the local head)")
+    rollback.add_argument("--endpoint", default=None,
+                          help="serving URL (default: MLOPS_SERVE_URL, else the local Serve port)")
+    rollback.set_defaults(func=_cmd_rollback)
+
+    serve = sub.add_parser("serve", help="the Ray Serve application")
+    serve_sub = serve.add_subparsers(dest="what", required=True)
+    restore = serve_sub.add_parser("restore", help="deploy the registry's champion again if the Serve app is "
+                                                   "missing or serves another version (aliases untouched)")
+    restore.add_argument("--model-name", default=None, help="registered model (default: MLOPS_MODEL_NAME)")
+    restore.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI)")
+    restore.add_argument("--dashboard-url", default=None,
+                         help="Ray dashboard (default: MLOPS_RAY_DASHBOARD_URL, else the local head)")
+    restore.add_argument("--endpoint", default=None,
+                         help="serving URL (default: MLOPS_SERVE_URL, else the local Serve port)")
+    restore.set_defaults(func=_cmd_serve_restore)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        # Known bad input: one clear line, no traceback.
+        print(redact_text(f"mlops-assets {args.command}: error: {exc}"), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

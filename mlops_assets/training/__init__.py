@@ -1,0 +1,3 @@
+"""Training: the CatBoost model and its MLflow tracking.
+
+Pure, typed functions: no Dagster imports here."""

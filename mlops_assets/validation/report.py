@@ -1,0 +1,93 @@
+"""Dataset-level validation: the contract on the union of batches plus the figures that tell
+whether the data is usable (nulls, duplicates, conflicting labels, label balance, size)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pandas as pd
+
+from mlops_assets import constants as c
+from mlops_assets.core.dataset_spec import DatasetSpec
+from mlops_assets.core.schema import check_contract
+
+
+@dataclass(frozen=True)
+class ValidationThresholds:
+    min_rows: int = c.MIN_ROWS
+    max_null_share: float = c.MAX_NULL_SHARE
+    min_minority_class_share: float = c.MIN_MINORITY_CLASS_SHARE
+    warn_duplicate_share: float = c.WARN_DUPLICATE_SHARE
+
+
+def conflicting_vector_count(frame: pd.DataFrame, spec: DatasetSpec) -> int:
+    """Distinct feature vectors seen with more than one label."""
+    labelled = frame.dropna(subset=[spec.label])
+    if labelled.empty:
+        return 0
+    per_vector = labelled.groupby(spec.feature_names, dropna=False)[spec.label].nunique()
+    return int((per_vector > 1).sum())
+
+
+def build_report(frame: pd.DataFrame, spec: DatasetSpec, thresholds: ValidationThresholds,
+                 data_version: str) -> dict[str, Any]:
+    """A machine-readable validation report; every figure a check needs is in it."""
+    rows = len(frame)
+    violations = [v.as_dict() for v in check_contract(frame, spec)] if rows else []
+    feature_nulls = frame[spec.feature_names].isna() if rows else pd.DataFrame()
+    label_counts = frame[spec.label].value_counts(dropna=True)
+    labelled = int(label_counts.sum())
+    label_share = {str(int(k)): round(float(v) / labelled, 4) for k, v in label_counts.items()} if labelled else {}
+    minority = min((label_share.get(str(k), 0.0) for k in spec.label_values), default=0.0)
+    summary = {
+        col: {str(int(k)): int(v) for k, v in frame[col].value_counts(dropna=True).sort_index().items()}
+        for col in spec.feature_names
+    } if rows else {}
+    return {
+        "dataset": spec.name,
+        "data_version": data_version,
+        "thresholds": asdict(thresholds),
+        "row_count": rows,
+        "schema": {"valid": not violations, "violations": violations},
+        "null_share": round(float(feature_nulls.to_numpy().mean()), 6) if rows else 0.0,
+        "rows_with_missing_features": int(feature_nulls.any(axis=1).sum()) if rows else 0,
+        "null_share_by_column": {
+            col: round(float(share), 6) for col, share in frame[spec.columns].isna().mean().items() if share > 0
+        } if rows else {},
+        "unlabelled_rows": int(frame[spec.label].isna().sum()),
+        "duplicate_share": round(float(frame.duplicated().mean()), 6) if rows else 0.0,
+        "distinct_feature_vectors": int(len(frame[spec.feature_names].drop_duplicates())) if rows else 0,
+        "conflicting_label_vectors": conflicting_vector_count(frame, spec),
+        "label_share": label_share,
+        "minority_class_share": round(float(minority), 6),
+        "value_counts": summary,
+    }
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The human-readable form of the report."""
+    t = report["thresholds"]
+    schema = report["schema"]
+    lines = [
+        f"# Validation report: {report['dataset']} (data version {report['data_version']})",
+        "",
+        "| figure | value | limit |",
+        "|---|---|---|",
+        f"| rows | {report['row_count']} | at least {t['min_rows']} |",
+        f"| schema | {'valid' if schema['valid'] else 'INVALID'} | no violation |",
+        f"| null share (features) | {report['null_share']:.4f} | at most {t['max_null_share']} |",
+        f"| unlabelled rows | {report['unlabelled_rows']} | dropped by feature cleaning |",
+        f"| exact duplicate share | {report['duplicate_share']:.4f} | warn above {t['warn_duplicate_share']} |",
+        f"| distinct feature vectors | {report['distinct_feature_vectors']} | |",
+        f"| vectors with conflicting labels | {report['conflicting_label_vectors']} | reported, resolved by cleaning |",
+        f"| label share | {report['label_share']} | minority at least {t['min_minority_class_share']} |",
+        "",
+    ]
+    if schema["violations"]:
+        lines += ["## Contract violations", ""]
+        lines += [f"- {v['message']}" for v in schema["violations"]]
+        lines.append("")
+    lines += ["## Value counts", "", "| column | counts |", "|---|---|"]
+    lines += [f"| {col} | {counts} |" for col, counts in report["value_counts"].items()]
+    return "\n".join(lines) + "\n"
