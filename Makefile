@@ -81,4 +81,4 @@ bench: install .env $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 
 clean:
-	rm -rf data/
+	find data -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
