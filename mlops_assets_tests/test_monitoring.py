@@ -80,6 +80,82 @@ def test_rows_without_a_readable_timestamp_are_dropped() -> None:
         m.normalize_prediction_log(pd.DataFrame({"request_id": ["a"]}))
 
 
+def _ship(root: Path, name: str, *stamps: str) -> None:
+    """Rows at these times, written as the serving writer ships a segment."""
+    from mlops_assets.serving.prediction_log import prediction_rows, write_part
+
+    rows = [row for i, at in enumerate(stamps) for row in prediction_rows(
+        request_id=f"{name}-{i}", model_version="3", records=[{"URL_Length": 1}], labels=[LEGIT],
+        probabilities=[0.1], logged_at=pd.Timestamp(at).to_pydatetime())]
+    write_part(rows, str(root), f"part-{name}.parquet")
+
+
+def test_a_window_reads_only_its_hour_folders_and_the_older_layouts(tmp_path: Path) -> None:
+    root = tmp_path / "predictions"
+    _ship(root, "a", "2024-06-11T09:59:00Z", "2024-06-11T10:01:00Z")  # spans 10:00: two parts of one name
+    _ship(root, "b", "2024-06-11T11:30:00Z")
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.parquet")) == [
+        "date=2024-06-11/hour=09/part-a.parquet", "date=2024-06-11/hour=10/part-a.parquet",
+        "date=2024-06-11/hour=11/part-b.parquet"]
+    # Parts of the day-only layout (the day of their first row) and a flat file still count.
+    legacy = root / "date=2024-06-10"
+    legacy.mkdir()
+    _log("2024-06-10T23:59:00Z", "2024-06-11T10:30:00Z").to_parquet(legacy / "part-old.parquet", index=False)
+    (root / "date=2024-06-11" / "hour=10" / "part-bad.parquet").write_bytes(b"corrupt")
+
+    read = m.read_window(str(root), pd.Timestamp("2024-06-11T10:00Z"), pd.Timestamp("2024-06-11T11:00Z"))
+    assert read.frame[m.TIMESTAMP].dt.strftime("%H:%M").tolist() == ["10:01", "10:30"]
+    assert len(read.skipped) == 1
+    hourly, old = m.list_log_parts(str(root), pd.Timestamp("2024-06-11T10:00Z"), pd.Timestamp("2024-06-11T11:00Z"))
+    assert [p.rsplit("/", 2)[-2] for p in hourly] == ["hour=10", "hour=10"]  # never hour 09 or 11
+    assert [p.rsplit("/", 1)[-1] for p in old] == ["part-old.parquet"]
+    assert m.read_window(str(root), pd.Timestamp("2024-06-12T10:00Z"), pd.Timestamp("2024-06-12T11:00Z")).frame.empty
+    assert m.newest_record(str(root)) == pd.Timestamp("2024-06-11T11:30:00Z")
+    assert m.newest_record(str(tmp_path / "absent")) is None
+
+
+def _hours_on_disk(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.glob("date=*/hour=*"))
+
+
+def test_retention_deletes_old_hours_and_never_the_current_one(tmp_path: Path) -> None:
+    root = tmp_path / "predictions"
+    for day in ("01", "08", "09"):
+        _ship(root, f"x{day}", f"2024-06-{day}T10:15:00Z")
+    _ship(root, "now", "2024-06-10T12:05:00Z")
+    now = pd.Timestamp("2024-06-10T12:30:00Z")
+
+    done = m.apply_retention(str(root), 3, now, action="delete")
+    assert done.hours == ("date=2024-06-01/hour=10",) and done.parts_removed == 1
+    assert _hours_on_disk(root) == ["date=2024-06-08/hour=10", "date=2024-06-09/hour=10", "date=2024-06-10/hour=12"]
+    assert not (root / "date=2024-06-01").exists()
+    # However short the retention, the hour being written stays.
+    m.apply_retention(str(root), 0.001, now, action="delete")
+    assert _hours_on_disk(root) == ["date=2024-06-10/hour=12"]
+    assert m.apply_retention(str(root), None, now).cutoff is None
+    with pytest.raises(m.MonitoringError):
+        m.apply_retention(str(root), 0, now)
+    with pytest.raises(m.MonitoringError):
+        m.apply_retention(str(root), 3, now, action="shred")
+
+
+def test_retention_compacts_old_hours_into_one_part_with_the_same_rows(tmp_path: Path) -> None:
+    root = tmp_path / "predictions"
+    _ship(root, "a", "2024-06-01T10:15:00Z", "2024-06-01T10:20:00Z")
+    _ship(root, "b", "2024-06-01T10:10:00Z")
+    _ship(root, "c", "2024-06-10T12:05:00Z")
+    before = m.read_prediction_log(str(root))
+    now = pd.Timestamp("2024-06-10T12:30:00Z")
+
+    done = m.apply_retention(str(root), 3, now, action="compact")
+    assert done.hours == ("date=2024-06-01/hour=10",) and done.parts_removed == 2
+    assert [p.name for p in (root / "date=2024-06-01" / "hour=10").iterdir()] == [m.COMPACTED_PART]
+    assert (root / "date=2024-06-01" / m.COMPACTED_DAY_MARKER).exists()  # the day is not listed again
+    pd.testing.assert_frame_equal(m.read_prediction_log(str(root)), before)
+    assert len(list((root / "date=2024-06-10" / "hour=12").iterdir())) == 1
+    assert m.apply_retention(str(root), 3, now, action="compact").hours == ()
+
+
 # ---------------------------------------------------------------------------------------------
 # Windows and freshness
 

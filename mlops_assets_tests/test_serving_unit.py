@@ -270,6 +270,30 @@ def test_a_failing_sink_never_raises_counts_and_retries(tmp_path: Path) -> None:
     assert len(read_prediction_log(str(tmp_path / "log"))) == 3
 
 
+def test_parts_are_filed_by_the_hour_of_their_rows_and_a_segment_across_an_hour_splits(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from mlops_assets.serving.prediction_log import prediction_rows, write_part
+
+    at = datetime(2026, 1, 5, 10, 59, 59, tzinfo=UTC)
+    writer = _writer(tmp_path, replay_orphans=False)
+    for i, when in enumerate((at, at + timedelta(seconds=2), at + timedelta(seconds=3))):
+        writer.append(prediction_rows(request_id=f"r{i}", model_version="1", records=[{"a": i}] * 2,
+                                      labels=[1, 1], probabilities=[0.5, 0.5], logged_at=when))
+    assert writer.flush() == 6
+    writer.close()
+    log_dir = tmp_path / "log"
+    parts = sorted(p.relative_to(log_dir).as_posix() for p in log_dir.rglob("*.parquet"))
+    [name] = {p.rsplit("/", 1)[-1] for p in parts}  # one segment: the same part name in both hours
+    assert parts == [f"date=2026-01-05/hour=10/{name}", f"date=2026-01-05/hour=11/{name}"]
+    assert pd.read_parquet(log_dir / parts[0])["request_id"].tolist() == ["r0", "r0"]
+    assert pd.read_parquet(log_dir / parts[1])["request_id"].tolist() == ["r1", "r1", "r2", "r2"]
+    # Shipping the same segment again (a replay after a crash) rewrites the same two parts.
+    write_part(read_prediction_log(str(log_dir)).to_dict("records"), str(log_dir), name)
+    assert sorted(p.relative_to(log_dir).as_posix() for p in log_dir.rglob("*.parquet")) == parts
+    assert len(read_prediction_log(str(log_dir))) == 6
+
+
 def _encoded(request_id: str, n: int) -> bytes:
     from mlops_assets.serving.prediction_log import encode_request
 

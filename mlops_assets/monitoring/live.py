@@ -22,6 +22,7 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from mlops_assets import constants as c
+from mlops_assets.serving.prediction_log import hour_folder
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,165 @@ def read_prediction_log_files(url: str) -> FilesRead:
 def read_prediction_log(url: str) -> pd.DataFrame:
     """The prediction log under an fsspec URL as one frame, oldest first (empty if none)."""
     return read_prediction_log_files(url).frame
+
+
+# ---------------------------------------------------------------------------------------------
+# The log by time: one folder per hour (`date=YYYY-MM-DD/hour=HH/`, see serving/prediction_log.py)
+#
+# A window reads the folders of its hours only, so its cost does not grow with the history. Parts
+# of the older layouts (flat under the root, or under `date=YYYY-MM-DD/` only) are still read:
+# the root's files and the date folders of the window's days and the day before (a date-only part
+# was filed by its first row), their rows filtered by time.
+
+
+def _ls_files(fs: Any, folder: str) -> list[str]:
+    try:
+        entries = fs.ls(folder, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(e["name"] for e in entries if e.get("type") == "file" and e["name"].endswith(LOG_SUFFIXES)
+                  and not e["name"].rsplit("/", 1)[-1].startswith("."))
+
+
+def _hour_starts(start: pd.Timestamp, end: pd.Timestamp) -> list[pd.Timestamp]:
+    return list(pd.date_range(_utc(start).floor("h"), _utc(end) - pd.Timedelta(1, "ns"), freq="h"))
+
+
+def list_log_parts(url: str, start: datetime | pd.Timestamp, end: datetime | pd.Timestamp) -> tuple[list[str], list[str]]:
+    """(parts in the hour folders of [start, end), parts of the older layouts that may hold rows of it)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    start, end = _utc(start), _utc(end)
+    hourly = [p for hour in _hour_starts(start, end) for p in _ls_files(fs, f"{root}/{hour_folder(hour)}")]
+    days = pd.date_range((start - pd.Timedelta(days=1)).floor("D"), (end - pd.Timedelta(1, "ns")).floor("D"), freq="D")
+    legacy = _ls_files(fs, root) + [p for day in days for p in _ls_files(fs, f"{root}/date={day:%Y-%m-%d}")]
+    return hourly, legacy
+
+
+def read_log_parts(url: str, paths: Sequence[str], start: datetime | pd.Timestamp | None = None,
+                   end: datetime | pd.Timestamp | None = None) -> FilesRead:
+    """These parts of the log (paths as `list_log_parts` gives them), normalized, rows in [start, end)."""
+    fs, _ = fsspec.core.url_to_fs(url)
+    frames, read, skipped = [], [], []
+    for path in paths:
+        try:
+            frames.append(_canonical_names(_read_file(fs, path)))
+            read.append(path)
+        except Exception as exc:  # one corrupt file must not stop monitoring; it is reported
+            skipped.append((path, f"{type(exc).__name__}: {exc}"))
+            logger.warning("skipping unreadable file %s: %s", path, exc)
+    frames = [f for f in frames if len(f.columns)]
+    frame = normalize_prediction_log(pd.concat(frames, ignore_index=True) if frames else pd.DataFrame())
+    if start is not None:
+        frame = frame[frame[TIMESTAMP] >= _utc(start)]
+    if end is not None:
+        frame = frame[frame[TIMESTAMP] < _utc(end)]
+    return FilesRead(frame.reset_index(drop=True), tuple(read), tuple(skipped))
+
+
+def read_window(url: str, start: datetime | pd.Timestamp, end: datetime | pd.Timestamp) -> FilesRead:
+    """The rows logged in [start, end): only the folders of those hours (and older-layout parts)."""
+    hourly, legacy = list_log_parts(url, start, end)
+    return read_log_parts(url, [*hourly, *legacy], start, end)
+
+
+def newest_record(url: str) -> pd.Timestamp | None:
+    """The newest timestamp in the log, from its newest non-empty hour folder (or older-layout parts)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        days = sorted((e for e in fs.ls(root, detail=False) if e.rsplit("/", 1)[-1].startswith("date=")), reverse=True)
+    except FileNotFoundError:
+        return None
+    for day in days:
+        hours = sorted((e for e in fs.ls(day, detail=False) if e.rsplit("/", 1)[-1].startswith("hour=")), reverse=True)
+        paths = next((found for hour in hours if (found := _ls_files(fs, hour))), [])
+        frame = read_log_parts(url, [*paths, *_ls_files(fs, day)]).frame
+        if not frame.empty:
+            return pd.Timestamp(frame[TIMESTAMP].max())
+    frame = read_log_parts(url, _ls_files(fs, root)).frame
+    return pd.Timestamp(frame[TIMESTAMP].max()) if not frame.empty else None
+
+
+# Retention: hours older than the retention are compacted (their parts merged into one) or deleted.
+RETENTION_ACTIONS = ("compact", "delete")
+COMPACTED_PART = "part-compacted.parquet"
+COMPACTED_DAY_MARKER = "_compacted"  # in a date folder whose every hour is compacted: not listed again
+
+
+@dataclass(frozen=True)
+class RetentionResult:
+    action: str
+    cutoff: pd.Timestamp | None  # hours that ended at or before it were acted on; None: retention off
+    hours: tuple[str, ...] = ()  # the hour folders acted on
+    parts_removed: int = 0
+
+    def metadata(self) -> dict[str, Any]:
+        return {"retention_action": self.action, "retention_cutoff": self.cutoff.isoformat() if self.cutoff else "none",
+                "retention_hours": len(self.hours), "retention_parts_removed": self.parts_removed}
+
+
+def apply_retention(url: str, keep_days: float | None, now: datetime | pd.Timestamp,
+                    action: str = "compact") -> RetentionResult:
+    """Compact or delete the hour folders of the log that ended more than `keep_days` before the
+    current hour; the current hour is never touched, whatever `keep_days` says. None: keep all."""
+    if action not in RETENTION_ACTIONS:
+        raise MonitoringError(f"retention action {action!r} is not one of {RETENTION_ACTIONS}")
+    if keep_days is None:
+        return RetentionResult(action, None)
+    if keep_days <= 0:
+        raise MonitoringError(f"retention must be a positive number of days (or None to keep all), got {keep_days}")
+    current = _utc(now).floor("h")
+    cutoff = min(current, current - pd.Timedelta(days=keep_days))
+    fs, root = fsspec.core.url_to_fs(url)
+    try:
+        days = sorted(e for e in fs.ls(root, detail=False) if e.rsplit("/", 1)[-1].startswith("date="))
+    except FileNotFoundError:
+        return RetentionResult(action, cutoff)
+    acted, removed = [], 0
+    for day in days:
+        day_start = _utc(pd.Timestamp(day.rsplit("date=", 1)[-1]))
+        if day_start >= cutoff or fs.exists(f"{day}/{COMPACTED_DAY_MARKER}"):
+            continue
+        for hour in sorted(e for e in fs.ls(day, detail=False) if e.rsplit("/", 1)[-1].startswith("hour=")):
+            start = day_start + pd.Timedelta(hours=int(hour.rsplit("hour=", 1)[-1]))
+            if start + pd.Timedelta(hours=1) > cutoff:
+                continue
+            parts = _ls_files(fs, hour)
+            if action == "delete":
+                fs.rm(hour, recursive=True)
+            elif parts and [p.rsplit("/", 1)[-1] for p in parts] != [COMPACTED_PART]:
+                _compact(fs, url, hour, parts)
+            else:
+                continue
+            acted.append(hour.removeprefix(f"{root}/"))
+            removed += len(parts)
+        if action == "delete" and day_start + pd.Timedelta(days=2) <= cutoff:
+            legacy = _ls_files(fs, day)  # date-only parts: their rows end by the next day
+            for path in legacy:
+                fs.rm(path)
+            removed += len(legacy)
+            if not fs.ls(day, detail=False):
+                fs.rm(day, recursive=True)
+        elif action == "compact" and day_start + pd.Timedelta(days=1) <= cutoff:
+            with fs.open(f"{day}/{COMPACTED_DAY_MARKER}", "w") as handle:
+                handle.write(f"hours before {cutoff.isoformat()} compacted\n")
+    if acted:
+        logger.info("prediction log retention: %s %d hour folders (%d parts) before %s", action, len(acted),
+                    removed, cutoff.isoformat())
+    return RetentionResult(action, cutoff, tuple(acted), removed)
+
+
+def _compact(fs: Any, url: str, folder: str, parts: Sequence[str]) -> None:
+    frames = [_read_file(fs, path) for path in parts]
+    merged = pd.concat([f for f in frames if len(f.columns)], ignore_index=True)
+    sort_by = [c for c in ("logged_at", TIMESTAMP, REQUEST_ID, RECORD_INDEX) if c in merged]
+    merged = merged.sort_values(sort_by, kind="stable").reset_index(drop=True)
+    target = f"{folder}/{COMPACTED_PART}"
+    with fs.open(f"{target}.tmp", "wb") as handle:  # written then renamed: readers see old parts or the new one
+        merged.to_parquet(handle, index=False)
+    fs.mv(f"{target}.tmp", target)
+    for path in parts:
+        if path != target:
+            fs.rm(path)
 
 
 def monitored_columns(feature_names: Sequence[str], probability_column: str = PROBABILITY) -> list[str]:

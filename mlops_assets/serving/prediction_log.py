@@ -5,7 +5,8 @@ with O_APPEND: the bytes are in the page cache when it returns, so they outlive 
 process; no fsync, which only matters for a crash of the machine). A background thread ships the
 spool as Parquet parts (on a timer, when enough rows wait, and on close) to any fsspec URL:
 object stores cannot append to a file, so each spool segment becomes one immutable part under
-`date=YYYY-MM-DD/`, and is deleted once shipped. A failed ship keeps the segment for the next
+`date=YYYY-MM-DD/hour=HH/` of its rows' time (two parts of one name when it spans an hour), and
+is deleted once shipped; monitoring reads one hour's folder per window. A failed ship keeps the segment for the next
 attempt (up to a bound, then the oldest segments are dropped) and is reported through
 `on_failure`, which the service counts in a metric.
 
@@ -188,18 +189,34 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return table.cast(pa.schema(fields))
 
 
+def hour_folder(at: datetime | pd.Timestamp) -> str:
+    """The folder of an hour's rows under the log URL: `date=YYYY-MM-DD/hour=HH` (UTC)."""
+    ts = pd.Timestamp(at)
+    ts = ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    return f"date={ts:%Y-%m-%d}/hour={ts:%H}"
+
+
 def write_part(rows: Sequence[Mapping[str, Any]], log_url: str, part_name: str) -> str:
-    """Write rows as one Parquet part under `<log_url>/date=<day of first row>/`; return its URL."""
+    """Write rows as Parquet parts named `part_name`, one under each `<log_url>/date=D/hour=H/` their
+    `logged_at` falls in (a segment spanning an hour boundary splits); return the URL of the last part.
+
+    The split is a function of the rows, so shipping a segment again rewrites the same parts.
+    """
     table = rows_to_table(rows)
-    day = pd.Timestamp(rows[0]["logged_at"]).strftime("%Y-%m-%d")
-    target = join_url(log_url, f"date={day}", part_name)
-    fs, path = fsspec.core.url_to_fs(target)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{path}.tmp"
-    # Write then rename, so a reader never sees half a part (rename is a copy on object stores).
-    with fs.open(tmp, "wb") as handle:
-        pq.write_table(table, handle)
-    fs.mv(tmp, path)
+    stamps = pd.DatetimeIndex(pd.to_datetime(table.column("logged_at").to_pandas(), utc=True))
+    folders = np.array([f"date={d}/hour={h}" for d, h in zip(stamps.strftime("%Y-%m-%d"), stamps.strftime("%H"),
+                                                              strict=True)])
+    distinct, target = sorted(set(folders.tolist())), ""
+    for folder in distinct:
+        part = table if len(distinct) == 1 else table.filter(pa.array(folders == folder))
+        target = join_url(log_url, *folder.split("/"), part_name)
+        fs, path = fsspec.core.url_to_fs(target)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        tmp = f"{path}.tmp"
+        # Write then rename, so a reader never sees half a part (rename is a copy on object stores).
+        with fs.open(tmp, "wb") as handle:
+            pq.write_table(part, handle)
+        fs.mv(tmp, path)
     return target
 
 
