@@ -402,3 +402,67 @@ def test_concurrent_registry_writes_succeed_and_leave_one_promotion_chain(platfo
     assert sum(e.action == "register" for e in events) == REGISTRY_THREADS
     assert all(e.by == "test-postgres" for e in events)
     print(f"\npostgres: {REGISTRY_THREADS} concurrent register+promote+tag writers in {elapsed:.1f}s")
+
+
+def _ingest_first(env: dict[str, str], data: Path) -> None:
+    """When the training path starts at raw_dataset, landed files become batches through
+    `mlops-assets ingest` first, as `make pipeline` does."""
+    if "raw_batches" in training_path():
+        return
+    done = subprocess.run([str(Path(sys.executable).with_name("mlops-assets")), "ingest"], cwd=REPO,
+                          env={**os.environ, **env, "MLOPS_DATA_URL": str(data)}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_two_concurrent_training_runs_on_different_data_each_record_their_own_versions(platform: Platform) -> None:
+    """Two `dagster asset materialize` processes at once, same Postgres instance and registry, each
+    on its own data root: each model's tags, metadata.json, model card and trace name its own data."""
+    from mlops_assets.registry import governance
+
+    roots = {"left": platform.root / "left", "right": platform.root / "right"}
+    _land(roots["left"], rows=2000, seed=11)
+    _land(roots["right"], rows=2600, seed=12)
+    for root in roots.values():
+        _ingest_first(platform.env, root)
+    procs = {side: _materialize_cli(platform.env, root) for side, root in roots.items()}
+    outputs = {side: p.communicate(timeout=900)[0] for side, p in procs.items()}
+    for side, proc in procs.items():
+        assert proc.returncode == 0, outputs[side][-4000:]
+
+    client = platform.client()
+    versions = client.search_model_versions(f"name = '{MODEL}'")
+    assert len(versions) == 2
+    with dg.DagsterInstance.get() as instance:
+        records = [r for r in instance.get_run_records() if "trained_model" in
+                   {k.to_user_string() for k in (r.dagster_run.asset_selection or set())}]
+        assert len(records) == 2
+        assert max(r.start_time for r in records) < min(r.end_time for r in records)  # type: ignore[operator]
+        by_run = {r.run_id: r for r in instance.fetch_materializations(dg.AssetKey("trained_model"), limit=10).records}
+    for side, root in roots.items():
+        batches = ingestion.accepted_batches(str(root / "batches"))
+        data_version = ingestion.dataset_version([b.batch_id for b in batches])
+        [feature_dir] = [p.name for p in (root / "features").iterdir() if p.is_dir()]  # one feature version per data
+        [mv] = [v for v in versions if v.tags["raw_dataset_version"] == data_version]
+        assert mv.tags["data_version"] == data_version and mv.tags["feature_version"] == feature_dir, side
+        # The Dagster materialization of that run says the same.
+        meta = by_run[mv.tags["dagster_run_id"]].asset_materialization.metadata
+        assert (meta["data_version"].value, meta["feature_version"].value) == (data_version, feature_dir), side
+        # metadata.json, written from the trained_model record.
+        stored = tracking.read_metadata_json(client, mv.run_id)
+        assert stored["batch_ids"] == [b.batch_id for b in batches] and stored["feature_version"] == feature_dir
+        assert Path(stored["feature_path"]).parent == root / "features" / feature_dir
+        # The model card lists this data set's batches and versions, not the other's.
+        card = governance.read_model_card(client, mv.tags[governance.TAG_MODEL_CARD])
+        assert data_version in card and feature_dir in card and all(b.batch_id in card for b in batches), side
+        other = roots["right" if side == "left" else "left"]
+        assert not any(b.batch_id in card for b in ingestion.accepted_batches(str(other / "batches"))), side
+        # trace: every link resolves, to this data set's batches (re-hashed) and feature file.
+        sources = governance.TraceSources(prediction_log_url=str(root / "predictions"),
+                                          tracking_uri=platform.tracking_uri, model_name=MODEL,
+                                          batches_url=str(platform.root / "no-such-store"))
+        report = governance.trace_version(str(mv.version), sources)
+        assert report["data"]["raw_dataset_version"] == data_version
+        assert [b["batch_id"] for b in report["data"]["batches"]] == [b.batch_id for b in batches]
+        assert report["data"]["exists"] and report["features"]["exists"], report["broken"]
+        assert report["features"]["feature_version"] == feature_dir

@@ -3,6 +3,7 @@ deployment, materialized for real against a MLflow SQLite store in a temporary f
 Dagster instance."""
 
 import json
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import pytest
 from mlflow import MlflowClient
 
 from mlops_assets import constants as c
+from mlops_assets.core import records
 from mlops_assets.core.dataset_spec import default_spec
+from mlops_assets.core.records import Registration, Split
 from mlops_assets.defs.evaluation.assets import model_evaluation, promotion_gate
 from mlops_assets.defs.registry.assets import passed_gate, registered_model
 from mlops_assets.defs.resources import MlflowResource, ParquetIOManager, PlatformResource
@@ -32,19 +35,20 @@ FAST = {"ops": {"trained_model": {"config": {"iterations": 200, "thread_count": 
 
 
 @dg.asset(name="model_deployment", group_name=c.GROUP_DEPLOYMENT)
-def deployment_stand_in(registered_model: dict) -> dict:
+def deployment_stand_in(registered_model: Registration) -> dict:
     """Stands for model_deployment (which needs Ray): materialized only if the gate let it run."""
-    return {"deployed": registered_model["champion_version"]}
+    return {"deployed": registered_model.champion_version}
 
 
 OURS = [trained_model, model_evaluation, promotion_gate, registered_model, passed_gate, deployment_stand_in]
 
 
 def split_stand_in(n_rows: int = 1500, seed: int = 3, shuffle_train_labels: bool = False) -> dg.AssetsDefinition:
-    """A stand-in for the features group's `train_test_split`: same frame shape and metadata."""
+    """A stand-in for the features group's `train_test_split`: a Split record over the same frame
+    shape, its files content-addressed in a temporary folder."""
 
     @dg.asset(name="train_test_split", group_name=c.GROUP_FEATURES, kinds={"pandas"})
-    def _split() -> dg.Output[pd.DataFrame]:
+    def _split() -> dg.Output[Split]:
         spec = default_spec()
         raw = simulate_records(spec, SimulationConfig(n_rows=n_rows, seed=seed)).drop_duplicates()
         frame = raw[spec.feature_names].assign(target=(raw[spec.label] == spec.positive_class).astype(np.int64))
@@ -55,9 +59,15 @@ def split_stand_in(n_rows: int = 1500, seed: int = 3, shuffle_train_labels: bool
             train = frame["split"] == "train"
             frame.loc[train, "target"] = np.random.default_rng(0).permutation(frame.loc[train, "target"].to_numpy())
         version = f"stand-in-{n_rows}-{seed}-{int(shuffle_train_labels)}"
-        return dg.Output(frame, metadata={"data_version": f"data-{version}", "feature_version": f"features-{version}",
-                                          "feature_path": "/nonexistent/features.parquet",
-                                          "raw_dataset_version": f"data-{version}"})
+        folder = Path(tempfile.gettempdir()) / "mlops-split-stand-in" / version
+        records.write_frame(str(folder / "features.parquet"), frame.drop(columns=["split"]))
+        records.write_frame(str(folder / "split.parquet"), frame[["split"]])
+        record = Split(version=version, feature_version=f"features-{version}", data_version=f"data-{version}",
+                       batch_ids=(), feature_path=str(folder / "features.parquet"), path=str(folder / "split.parquet"),
+                       seed=seed, test_fraction=0.25, train_rows=int((frame["split"] == "train").sum()),
+                       test_rows=int((frame["split"] == "test").sum()))
+        return dg.Output(record, metadata={"data_version": record.data_version,
+                                           "feature_version": record.feature_version})
 
     return _split
 
@@ -88,7 +98,10 @@ def _chain(root: Path, instance: dg.DagsterInstance, split: dg.AssetsDefinition 
 
 
 def _output(root: Path, asset: str) -> dict:
-    return json.loads((root / "assets" / f"{asset}.json").read_text())
+    """The value the latest run stored for an asset (the IO manager's per-run pointer names it)."""
+    pointers = sorted((root / "assets" / asset / "by-run").glob("*.json"), key=lambda p: p.stat().st_mtime_ns)
+    stored = json.loads(pointers[-1].read_text())["path"]
+    return json.loads(Path(stored).read_text())["value"]
 
 
 def _uri(root: Path) -> str:
@@ -170,17 +183,30 @@ def test_the_run_holds_what_tracking_promises_and_the_champion_predicts_like_tra
     assert float(verified.tags["metric.test_roc_auc"]) == pytest.approx(evaluation["metrics"]["roc_auc"], abs=1e-6)
 
 
-def test_same_data_and_config_give_the_same_metrics_and_rematerializing_makes_no_new_version(root):
+def test_unchanged_inputs_train_nothing_and_changed_parameters_retrain(root):
     with dg.instance_for_test() as instance:
         assert _chain(root, instance).success
         first = _output(root, "model_evaluation")
-        assert _chain(root, instance).success  # a new training run on the same data and config
-        second = _output(root, "model_evaluation")
-        assert first["run_id"] != second["run_id"]
-        assert second["metrics"] == first["metrics"]
-        # Identical metrics are no regression: the second version becomes champion, the first is kept.
-        assert second["champion"]["version"] == "1" and second["gate"]["passed"]
         client = _client(root)
+        runs_before = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+        again = _chain(root, instance)  # the same data, code and parameters
+        assert again.success
+        # Nothing trained, registered or promoted; the run says why.
+        trained_meta = again.asset_materializations_for_node("trained_model")[0].metadata
+        assert trained_meta["skipped"].value is True and "unchanged" in trained_meta["skip_reason"].value
+        assert again.asset_materializations_for_node("registered_model")[0].metadata["skipped"].value is True
+        assert _output(root, "model_evaluation")["run_id"] == first["run_id"]
+        assert len(client.search_runs([client.get_experiment_by_name("test").experiment_id])) == len(runs_before)
+        assert len(client.search_model_versions(f"name = '{MODEL}'")) == 1
+        assert model_store.alias_version(client, MODEL, c.ALIAS_CHAMPION) == "1"
+
+        # Changed training parameters retrain: equal-or-better metrics are no regression, v2 is champion.
+        changed = {"ops": {"trained_model": {"config": {"iterations": 150, "thread_count": 2}}}}
+        retrained = dg.materialize([split_stand_in(), *OURS], resources=_resources(root), instance=instance,
+                                   run_config=changed, raise_on_error=False)
+        assert retrained.success
+        second = _output(root, "model_evaluation")
+        assert second["run_id"] != first["run_id"] and second["champion"]["version"] == "1"
         assert model_store.alias_version(client, MODEL, c.ALIAS_CHAMPION) == "2"
         assert model_store.alias_version(client, MODEL, c.ALIAS_PREVIOUS_CHAMPION) == "1"
 

@@ -1,12 +1,14 @@
-"""Small helpers for reading upstream materialization metadata (versions travel this way), and
-for putting URIs into metadata and messages without their credentials."""
+"""Small helpers for putting paths and URIs into metadata and messages without their credentials.
+
+Versions do not travel through metadata: each asset's value is a record carrying its own version
+and lineage (mlops_assets.core.records), loaded from exactly what the run's upstream produced."""
 
 
 import dagster as dg
 
 from mlops_assets.core.redaction import redact_text, redact_uri
 
-__all__ = ["latest_metadata", "path_value", "redact_text", "redact_uri", "required_text", "url_value"]
+__all__ = ["path_value", "redact_text", "redact_uri", "url_value"]
 
 
 def path_value(uri: str) -> dg.MetadataValue:
@@ -17,20 +19,3 @@ def path_value(uri: str) -> dg.MetadataValue:
 def url_value(url: str) -> dg.MetadataValue:
     """A clickable URL as Dagster metadata, credentials redacted."""
     return dg.MetadataValue.url(redact_uri(url))
-
-
-def latest_metadata(instance: dg.DagsterInstance, asset: str) -> dict[str, object]:
-    """The metadata of an asset's latest materialization as plain values ({} if never materialized)."""
-    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
-    if event is None or event.asset_materialization is None:
-        return {}
-    return {key: getattr(value, "value", value) for key, value in event.asset_materialization.metadata.items()}
-
-
-def required_text(instance: dg.DagsterInstance, asset: str, key: str) -> str:
-    """One text entry of an upstream asset's metadata; a clear error if it is missing."""
-    value = latest_metadata(instance, asset).get(key)
-    if value is None:
-        raise dg.Failure(f"upstream asset {asset!r} has no {key!r} in its latest materialization; "
-                         f"materialize {asset!r} first")
-    return str(value)

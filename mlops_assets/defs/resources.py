@@ -1,6 +1,7 @@
 """Typed resources shared by every asset: platform settings and the Parquet/JSON IO manager."""
 
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -15,6 +16,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from mlops_assets import constants as c
+from mlops_assets.core import records
 from mlops_assets.core.dataset_spec import DatasetSpec, load_spec
 from mlops_assets.core.redaction import redact_uri
 from mlops_assets.defs.metadata import path_value
@@ -63,42 +65,87 @@ def _with_spec(settings: Settings, spec_path: str | None) -> Settings:
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):
-    """Stores DataFrames as Parquet and plain dicts as JSON under the data root (any fsspec URL)."""
+    """Stores each output once at a content-addressed path under the data root (any fsspec URL):
+    records (mlops_assets.core.records) and dicts as JSON, DataFrames as Parquet, written to a
+    temporary name and renamed. A downstream step loads the file its own run's upstream step wrote
+    (a per-run pointer), so concurrent runs never read each other's values; an upstream outside
+    the run is read from the path its current materialization recorded (`stored_at`)."""
 
     base_url: str | None = None
 
     def _base(self) -> str:
         return self.base_url or load_settings().assets_url
 
-    def _path(self, context: dg.OutputContext | dg.InputContext, suffix: str) -> str:
+    def _folder(self, context: dg.OutputContext | dg.InputContext) -> str:
         key = context.asset_key.path if context.has_asset_key else [context.name]
-        return join_url(self._base(), *key[:-1], f"{key[-1]}{suffix}")
+        return join_url(self._base(), *key)
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
             return
         if isinstance(obj, pd.DataFrame):
-            path = self._path(context, ".parquet")
-            _makedirs_for(path)
-            with fsspec.open(path, "wb") as handle:
-                obj.to_parquet(handle, index=False)
+            data, suffix = records.parquet_bytes(obj), ".parquet"
         else:
-            path = self._path(context, ".json")
-            _makedirs_for(path)
-            with fsspec.open(path, "w") as handle:
-                json.dump(obj, handle, indent=1, default=str)
-        context.add_output_metadata({"stored_at": path_value(path)})
+            payload = ({"record": obj.kind, "value": obj.as_dict()} if isinstance(obj, records.Record)
+                       else {"value": obj})
+            data, suffix = json.dumps(payload, indent=1, default=str).encode(), ".json"
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        folder = self._folder(context)
+        path = join_url(folder, f"{digest}{suffix}")
+        records.write_atomic(path, data)
+        # The run's pointer: which file this run produced (run ids are unique, so no race).
+        pointer = join_url(folder, RUNS_DIR, f"{context.run_id}.json")
+        fs, stripped = fsspec.core.url_to_fs(pointer)
+        if fs.exists(stripped):
+            fs.rm(stripped)
+        records.write_atomic(pointer, json.dumps({"path": path, "sha256": digest}).encode())
+        context.add_output_metadata({"stored_at": path_value(path), "content_sha256": digest})
 
-    def load_input(self, context: dg.InputContext) -> Any:
+    def _stored_path(self, context: dg.InputContext) -> str:
         upstream = context.upstream_output
         assert upstream is not None
-        parquet = self._path(upstream, ".parquet")
-        fs, _ = fsspec.core.url_to_fs(parquet)
-        if fs.exists(parquet):
-            with fsspec.open(parquet, "rb") as handle:
-                return pd.read_parquet(handle)
-        with fsspec.open(self._path(upstream, ".json"), "r") as handle:
-            return json.load(handle)
+        try:
+            run_id: str | None = upstream.run_id
+        except dg.DagsterInvariantViolationError:
+            run_id = None  # the upstream is not part of this run
+        if run_id:
+            pointer = join_url(self._folder(upstream), RUNS_DIR, f"{run_id}.json")
+            fs, stripped = fsspec.core.url_to_fs(pointer)
+            if fs.exists(stripped):
+                with fs.open(stripped, "r") as handle:
+                    return str(json.load(handle)["path"])
+        if context.has_asset_key:
+            event = context.instance.get_latest_materialization_event(context.asset_key)
+            stored = event.asset_materialization.metadata.get("stored_at") if event and event.asset_materialization else None
+            if stored is not None and not str(getattr(stored, "value", stored)).startswith("***"):
+                return str(getattr(stored, "value", stored))
+        raise dg.Failure(f"no stored value of {context.asset_key.to_user_string() if context.has_asset_key else context.name}"
+                         f" for run {run_id or '(none)'}: materialize it first")
+
+    def load_input(self, context: dg.InputContext) -> Any:
+        path = self._stored_path(context)
+        wanted = getattr(context.dagster_type, "typing_type", Any)
+        if path.endswith(".parquet"):
+            return records.read_frame(path)
+        with fsspec.open(path, "r") as handle:
+            payload = json.load(handle)
+        value = payload.get("value")
+        kind = payload.get("record")
+        record_type = records.RECORD_TYPES.get(kind) if kind else None
+        if isinstance(wanted, type) and issubclass(wanted, records.Record):
+            return wanted.from_dict(value)
+        if record_type is not None:
+            record = record_type.from_dict(value)
+            # Consumers that take a frame get the frame the record points at (Split: with its split column).
+            if wanted is pd.DataFrame:
+                return record.frame() if isinstance(record, records.Split) else records.read_frame(value["path"])
+            if wanted is dict:
+                return record.as_dict()
+            return record
+        return value
+
+
+RUNS_DIR = "by-run"
 
 
 def _makedirs_for(path: str) -> None:

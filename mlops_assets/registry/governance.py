@@ -215,12 +215,17 @@ def record_model_card(
     model_evaluation: Mapping[str, Any], aliases: Sequence[str], registration_dagster_run_id: str,
     batches_url: str | None = None,
 ) -> str:
-    """Write the version's model card into its MLflow run and link it from the version; return its URI."""
+    """Write the version's model card into its MLflow run and link it from the version; return its URI.
+
+    The batches are the ones the trained_model record names (its `batch_ids`, in its batch store):
+    the card describes the data this model learnt from, whatever was landed since."""
     batches = None
     raw_version = str(trained_model.get("raw_dataset_version") or "")
-    if batches_url and raw_version:
+    store = str(trained_model.get("batches_url") or batches_url or "")
+    recorded = trained_model.get("batch_ids")
+    if store and raw_version:
         try:
-            batches = batches_for_version(batches_url, raw_version)
+            batches = batches_for_version(store, raw_version, list(recorded) if recorded else None)
         except OSError:
             batches = None  # an unreachable batch store leaves the card without the batch list
     facts = card_facts(model_name, version, trained_model=trained_model, model_evaluation=model_evaluation,
@@ -314,7 +319,6 @@ def trace(request_id: str, sources: TraceSources) -> dict[str, Any]:
     if rows.empty:
         raise RequestNotFound(redact_text(f"request {request_id!r} is not in the prediction log at "
                                           f"{sources.prediction_log_url} (it is flushed every few seconds; retry shortly)"))
-    broken: list[str] = []
     version = str(rows["model_version"].iloc[0])
     out: dict[str, Any] = {
         "request_id": request_id,
@@ -327,7 +331,16 @@ def trace(request_id: str, sources: TraceSources) -> dict[str, Any]:
             "prediction_log": sources.prediction_log_url,
         },
     }
+    return _trace_model(version, sources, out)
 
+
+def trace_version(version: str, sources: TraceSources) -> dict[str, Any]:
+    """The provenance of one registry version (what `trace` reports after the prediction)."""
+    return _trace_model(str(version), sources, {"request_id": None})
+
+
+def _trace_model(version: str, sources: TraceSources, out: dict[str, Any]) -> dict[str, Any]:
+    broken: list[str] = []
     client = MlflowClient(tracking_uri=sources.tracking_uri)
     try:
         mv = client.get_model_version(sources.model_name, version)
@@ -380,14 +393,19 @@ def trace(request_id: str, sources: TraceSources) -> dict[str, Any]:
         broken.append(f"feature set {feature_path!r} (version {tags.get('feature_version')}) not found")
 
     raw_version = tags.get("raw_dataset_version") or tags.get("data_version") or ""
-    recorded_ids = sources.dagster.batch_ids(raw_version) if sources.dagster and raw_version else None
-    batches = batches_for_version(sources.batches_url, raw_version, recorded_ids) if raw_version else None
+    # Lineage from the run's own record (metadata.json, written from the trained_model record): the
+    # batch ids and the store they are in. Older runs fall back to the Dagster instance / prefixes.
+    recorded_ids = (metadata or {}).get("batch_ids") or None
+    batch_store = str((metadata or {}).get("batch_store") or sources.batches_url)
+    if recorded_ids is None and sources.dagster and raw_version:
+        recorded_ids = sources.dagster.batch_ids(raw_version)
+    batches = batches_for_version(batch_store, raw_version, recorded_ids) if raw_version else None
     checked = [verify_batch(b) for b in batches or []]
     out["data"] = {"raw_dataset_version": raw_version, "data_version": tags.get("data_version"),
-                   "batch_store": sources.batches_url, "batches": checked,
+                   "batch_store": batch_store, "batches": checked,
                    "exists": bool(checked) and all(b["exists"] and b["sha256_matches"] for b in checked)}
     if not checked:
-        broken.append(f"no accepted batches in {sources.batches_url} make up raw dataset version {raw_version!r}")
+        broken.append(f"no accepted batches in {batch_store} make up raw dataset version {raw_version!r}")
     broken += [f"batch {b['batch_id']}: {b.get('problem') or 'sha256 of the stored file does not match'}"
                for b in checked if not (b["exists"] and b["sha256_matches"])]
 

@@ -177,6 +177,25 @@ def write_metadata_json(client: MlflowClient, run_id: str, metadata: Mapping[str
     return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{METADATA_FILE}"
 
 
+def run_artifact_uri(client: MlflowClient, run_id: str, path: str) -> str:
+    return f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{path}"
+
+
+def source_digest(modules: tuple[str, ...]) -> str:
+    """A short hash of the source files of `modules`: a change to the training code changes it."""
+    import hashlib
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec else None
+        digest.update(name.encode())
+        if origin and Path(origin).exists():
+            digest.update(Path(origin).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def read_metadata_json(client: MlflowClient, run_id: str) -> dict[str, Any]:
     import json
     import tempfile

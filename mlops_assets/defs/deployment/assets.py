@@ -8,12 +8,14 @@ import dagster as dg
 import pandas as pd
 
 from mlops_assets import constants as c
+from mlops_assets.core.records import Deployment, Registration
 from mlops_assets.defs.metadata import redact_text, url_value
 from mlops_assets.defs.resources import MlflowResource, PlatformResource, RayServeResource
 from mlops_assets.deployment import rollout as dep
 from mlops_assets.settings import Settings
 
 SAMPLE_RECORDS = 64  # test-set rows the candidate must answer exactly as the offline model does
+DEPLOYMENT_CODE_VERSION = "2"
 SPLIT_COLUMN = "split"  # the train_test_split frame's split column ("train" / "test")
 
 
@@ -43,26 +45,36 @@ def _result_metadata(result: dep.DeployResult, target: dep.ServeTarget) -> dict[
     }
 
 
-@dg.asset(group_name=c.GROUP_DEPLOYMENT, kinds={"ray", "mlflow"})
+@dg.asset(group_name=c.GROUP_DEPLOYMENT, kinds={"ray", "mlflow"}, code_version=DEPLOYMENT_CODE_VERSION)
 def model_deployment(
     context: dg.AssetExecutionContext,
     platform: PlatformResource,
     mlflow: MlflowResource,
     ray_serve: RayServeResource,
-    registered_model: dict,
+    registered_model: Registration,
     train_test_split: pd.DataFrame,
-) -> dg.MaterializeResult:
+) -> dg.Output[Deployment]:
     """The Ray Serve application serving the champion, live only after a load-and-query check."""
     spec = platform.spec()
-    name = registered_model["model_name"]
-    version = registered_model.get("champion_version")
+    name = registered_model.model_name
+    version = registered_model.champion_version
     if not version:
         raise dg.Failure(f"model {name!r} has no champion yet (the gate has not passed): nothing to deploy")
+    target = ray_serve.target()
+    live = _live_or_none(target)
+    if live == str(version):  # the champion already serves: redeploying would only restart replicas
+        context.log.info(f"skipped deployment: version {version} already serves at {target.endpoint}")
+        return dg.Output(
+            Deployment(model_name=name, live_version=str(version), replaced_version=None,
+                       endpoint=target.endpoint, app_name=target.app_name, skipped=True),
+            data_version=dg.DataVersion(f"{name}-{version}"),
+            metadata={"endpoint": url_value(target.endpoint), "live_version": str(version), "skipped": True,
+                      "skip_reason": f"version {version} already serves",
+                      "model_version": mlflow.model_version_link(name, str(version))})
     test = train_test_split[train_test_split[SPLIT_COLUMN] == "test"] if SPLIT_COLUMN in train_test_split else train_test_split
     records = dep.sample_records(test, spec, SAMPLE_RECORDS)
     tracking_uri = mlflow.resolved_tracking_uri()
     expected = dep.offline_probabilities(dep.offline_model(tracking_uri, name, str(version)), records, spec)
-    target = ray_serve.target()
     try:
         result = dep.deploy_version(
             target=target, tracking_uri=tracking_uri, spec=spec, version=str(version), records=records,
@@ -75,15 +87,25 @@ def model_deployment(
         raise dg.Failure(description=redact_text(str(exc)), metadata={"candidate_version": str(version),
                                                          "still_live_version": live or "none"}) from exc
     context.log.info(redact_text(f"version {result.live_version} live at {result.endpoint} (replaced {result.replaced_version})"))
-    return dg.MaterializeResult(
-        value={"model_name": name, "live_version": result.live_version, "replaced_version": result.replaced_version,
-               "endpoint": result.endpoint, "app_name": target.app_name},
-        metadata={**_result_metadata(result, target), "model_version": mlflow.model_version_link(name, result.live_version)},
+    return dg.Output(
+        Deployment(model_name=name, live_version=result.live_version, replaced_version=result.replaced_version,
+                   endpoint=result.endpoint, app_name=target.app_name),
+        data_version=dg.DataVersion(f"{name}-{result.live_version}"),
+        metadata={**_result_metadata(result, target), "skipped": False,
+                  "model_version": mlflow.model_version_link(name, result.live_version)},
     )
 
 
+def _live_or_none(target: dep.ServeTarget) -> str | None:
+    """The version the endpoint serves now; None when nothing answers (then deploy as usual)."""
+    try:
+        return dep.live_version(target)
+    except Exception:  # an unreachable cluster is the deploy step's to report, with its own message
+        return None
+
+
 @dg.asset_check(asset=model_deployment, description="The endpoint is healthy and serves the deployed version.")
-def serving_health(ray_serve: RayServeResource, model_deployment: dict) -> dg.AssetCheckResult:
+def serving_health(ray_serve: RayServeResource, model_deployment: Deployment) -> dg.AssetCheckResult:
     target = ray_serve.target()
     try:
         health_code, health = dep.get_json(target, "/healthz")
@@ -92,9 +114,9 @@ def serving_health(ray_serve: RayServeResource, model_deployment: dict) -> dg.As
         return dg.AssetCheckResult(passed=False, metadata={"error": redact_text(f"{type(exc).__name__}: {exc}")})
     live = str(model.get("version")) if model_code == 200 else None
     return dg.AssetCheckResult(
-        passed=health_code == 200 and live == model_deployment["live_version"],
+        passed=health_code == 200 and live == model_deployment.live_version,
         metadata={"healthz": health_code, "live_version": live or "none",
-                  "deployed_version": model_deployment["live_version"], "status": str(health.get("status"))},
+                  "deployed_version": model_deployment.live_version, "status": str(health.get("status"))},
     )
 
 

@@ -4,6 +4,7 @@
 import base64
 import math
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import dagster as dg
 import pandas as pd
 
 from mlops_assets import constants as c
+from mlops_assets.core.records import Evaluation, Split, TrainedModel, content_hash
 from mlops_assets.defs.resources import MlflowResource, PlatformResource
 from mlops_assets.evaluation import gate
 from mlops_assets.evaluation import metrics as ev
@@ -20,6 +22,8 @@ from mlops_assets.training import train as tr
 
 _CRITERIA = gate.GateCriteria()
 PLOTS_DIR = "evaluation"
+EVALUATION_CODE_VERSION = "2"  # bump when metrics or the gate are computed differently
+METADATA_RECORD_KEY = "model_evaluation"  # the Evaluation record inside the run's metadata.json
 
 
 class EvaluationConfig(dg.Config):
@@ -75,25 +79,36 @@ def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
     return {k: (None if math.isnan(v) else v) for k, v in metrics.items()}
 
 
-@dg.asset(group_name=c.GROUP_EVALUATION, kinds={"catboost", "mlflow", "scikitlearn"})
+@dg.asset(group_name=c.GROUP_EVALUATION, kinds={"catboost", "mlflow", "scikitlearn"},
+          code_version=EVALUATION_CODE_VERSION)
 def model_evaluation(
     context: dg.AssetExecutionContext,
     config: EvaluationConfig,
     platform: PlatformResource,
     mlflow: MlflowResource,
-    trained_model: dict,
-    train_test_split: pd.DataFrame,
-) -> dg.MaterializeResult:
+    trained_model: TrainedModel,
+    train_test_split: Split,
+) -> dg.Output[Evaluation]:
     """Hold-out metrics, plots and slices of the candidate and of the champion, with the gate decision."""
     spec = platform.spec()
     client = mlflow.client()
-    run_id = trained_model["run_id"]
-    feature_names = list(trained_model["feature_names"])
-    threshold = float(trained_model.get("decision_threshold", tr.DECISION_THRESHOLD))
+    run_id = trained_model.run_id
+    if trained_model.reused:  # nothing was trained: the stored evaluation of that run stands
+        stored = tracking.read_metadata_json(client, run_id).get(METADATA_RECORD_KEY)
+        if stored:
+            evaluation = replace(Evaluation.from_dict(stored), reused=True)
+            context.log.info(f"skipped evaluation: run {run_id} was evaluated when it was trained")
+            return dg.Output(evaluation, data_version=dg.DataVersion(trained_model.fingerprint), metadata={
+                "skipped": True, "skip_reason": f"model of run {run_id} reused, evaluated before",
+                **{k: dg.MetadataValue.float(v) for k, v in evaluation.metrics.items() if v is not None},
+                "gate_passed": bool(evaluation.gate.get("passed")), "champion": evaluation.champion_note,
+                "mlflow_run": mlflow.run_link(trained_model.experiment_id, run_id)})
+    feature_names = list(trained_model.feature_names)
+    threshold = float(trained_model.decision_threshold)
     # Only the test split: rows the model (and its early stopping) never saw.
-    _, test = tr.split_frame(train_test_split)
+    _, test = tr.split_frame(train_test_split.frame())
     X_test, y_test = tr.features_and_target(test, feature_names)
-    candidate = model_store.load_logged_model(client, trained_model["model_uri"], trained_model["model_sha256"])
+    candidate = model_store.load_logged_model(client, trained_model.model_uri, trained_model.model_sha256)
     champion, champion_note = _champion(mlflow, run_id, feature_names)
     class_names = (spec.label_values[spec.negative_class], spec.positive_name)
     with tempfile.TemporaryDirectory(prefix="evaluation-") as tmp:
@@ -115,32 +130,30 @@ def model_evaluation(
     client.log_dict(run_id, {"decision": decision.as_dict(), "criteria": config.criteria().as_dict(),
                              "confusion": result.confusion, "champion": champion_note,
                              "importance": dict(result.importance)}, f"{PLOTS_DIR}/evaluation.json")
-    meta = tracking.read_metadata_json(client, run_id)
-    meta["metrics"] = {**meta.get("metrics", {}), "test": _finite(result.metrics)}
-    tracking.write_metadata_json(client, run_id, meta)
-
-    output = {
-        "run_id": run_id,
-        "model_uri": trained_model["model_uri"],
-        "n_test": result.n_test,
-        "test_positive_share": result.positive_share,
-        "metrics": _finite(result.metrics),
-        "confusion": result.confusion,
-        "champion": None if champion is None else {
+    evaluation = Evaluation(
+        run_id=run_id, model_uri=trained_model.model_uri, fingerprint=trained_model.fingerprint,
+        n_test=result.n_test, test_positive_share=result.positive_share, metrics=_finite(result.metrics),
+        confusion=result.confusion,
+        champion=None if champion is None else {
             "version": champion.version, "run_id": champion.run_id,
             "metrics": _finite(result.champion_metrics or {}), "confusion": result.champion_confusion,
         },
-        "champion_note": champion_note,
-        "gate": decision.as_dict(),
-        "criteria": config.criteria().as_dict(),
-        "importance": result.importance[:10],
-    }
+        champion_note=champion_note, gate=decision.as_dict(), criteria=config.criteria().as_dict(),
+        importance=[list(item) for item in result.importance[:10]],
+    )
+    meta = tracking.read_metadata_json(client, run_id)
+    meta["metrics"] = {**meta.get("metrics", {}), "test": _finite(result.metrics)}
+    meta[METADATA_RECORD_KEY] = evaluation.as_dict()
+    tracking.write_metadata_json(client, run_id, meta)
+
     compare = pd.DataFrame({"candidate": result.metrics, **({"champion": result.champion_metrics}
                                                              if result.champion_metrics else {})})
-    return dg.MaterializeResult(
-        value=output,
+    return dg.Output(
+        evaluation,
+        data_version=dg.DataVersion(content_hash(trained_model.fingerprint, evaluation.gate)),
         metadata={
             **{k: dg.MetadataValue.float(v) for k, v in result.metrics.items() if not math.isnan(v)},
+            "skipped": False,
             "n_test": result.n_test,
             "gate_passed": decision.passed,
             "champion": champion_note,
@@ -149,7 +162,7 @@ def model_evaluation(
             "slices": dg.MetadataValue.md(_md_table(result.slices)),
             "feature_importance": dg.MetadataValue.md(
                 _md_table(pd.DataFrame(result.importance[:10], columns=["feature", "importance"]), 2)),
-            "mlflow_run": mlflow.run_link(trained_model["experiment_id"], run_id),
+            "mlflow_run": mlflow.run_link(trained_model.experiment_id, run_id),
             **plots_md,
         },
     )
@@ -159,8 +172,8 @@ def model_evaluation(
 # blocking `passed_gate` check on registered_model is what stops its deployment.
 @dg.asset_check(asset=model_evaluation,
                 description="Promotion gate: absolute thresholds and no regression against the champion.")
-def promotion_gate(model_evaluation: dict) -> dg.AssetCheckResult:
-    decision = gate.GateDecision.from_dict(model_evaluation["gate"])
+def promotion_gate(model_evaluation: Evaluation) -> dg.AssetCheckResult:
+    decision = gate.GateDecision.from_dict(model_evaluation.gate)
     return dg.AssetCheckResult(
         passed=decision.passed,
         severity=dg.AssetCheckSeverity.ERROR,
@@ -171,8 +184,8 @@ def promotion_gate(model_evaluation: dict) -> dg.AssetCheckResult:
             "failures": len(decision.failures),
             "compared_to_champion": decision.compared_to_champion,
             "champion_version": decision.champion_version or "none",
-            "criteria": dg.MetadataValue.json(model_evaluation.get("criteria", {})),
-            "mlflow_run_id": model_evaluation["run_id"],
+            "criteria": dg.MetadataValue.json(model_evaluation.criteria),
+            "mlflow_run_id": model_evaluation.run_id,
         },
     )
 

@@ -3,14 +3,17 @@
 from typing import Literal
 
 import dagster as dg
-import fsspec
-import pandas as pd
 
 from mlops_assets import constants as c
-from mlops_assets.defs.metadata import redact_uri, required_text
+from mlops_assets.core import records
+from mlops_assets.core.records import FeatureSet, RawDataset, Split, content_hash
+from mlops_assets.defs.ingestion.assets import load_raw_frame
+from mlops_assets.defs.metadata import redact_uri
 from mlops_assets.defs.resources import PlatformResource
 from mlops_assets.features import cleaning as feat
 from mlops_assets.settings import join_url
+
+SPLIT_CODE_VERSION = "2"  # bump when the split is drawn differently
 
 
 class FeatureConfig(dg.Config):
@@ -19,26 +22,26 @@ class FeatureConfig(dg.Config):
     missing_feature_policy: Literal["drop_row", "keep_nan"] = c.MISSING_FEATURE_POLICY  # type: ignore[assignment]
 
 
-@dg.asset(group_name=c.GROUP_FEATURES, kinds={"pandas", "parquet"}, deps=["validation_report"])
+@dg.asset(group_name=c.GROUP_FEATURES, kinds={"pandas", "parquet"}, deps=["validation_report"],
+          code_version=c.TRANSFORMATION_VERSION)
 def feature_set(context: dg.AssetExecutionContext, config: FeatureConfig, platform: PlatformResource,
-                raw_dataset: pd.DataFrame) -> dg.Output[pd.DataFrame]:
-    """Cleaned, deduplicated features with the target, as versioned Parquet."""
+                raw_dataset: RawDataset) -> dg.Output[FeatureSet]:
+    """Cleaned, deduplicated features with the target, as Parquet addressed by the feature version."""
     settings = platform.settings()
-    data_version = required_text(context.instance, "raw_dataset", "data_version")
-    features, stats = feat.clean_features(raw_dataset, platform.spec(), config.missing_feature_policy)
+    spec = platform.spec()
+    features, stats = feat.clean_features(load_raw_frame(raw_dataset, spec), spec, config.missing_feature_policy)
     version = feat.feature_version(features, f"{c.TRANSFORMATION_VERSION}:{config.missing_feature_policy}")
     path = join_url(settings.features_url, version, "features.parquet")
-    fs, stripped = fsspec.core.url_to_fs(path)
-    if not fs.exists(stripped):  # versions are immutable: same content, same file
-        fs.makedirs(stripped.rsplit("/", 1)[0], exist_ok=True)
-        with fsspec.open(path, "wb") as handle:
-            features.to_parquet(handle, index=False)
+    records.write_frame(path, features)  # versions are immutable: same content, same file, written once
+    record = FeatureSet(version=version, data_version=raw_dataset.version, batch_ids=raw_dataset.batch_ids,
+                        path=path, rows=len(features), transformation_version=c.TRANSFORMATION_VERSION,
+                        missing_feature_policy=config.missing_feature_policy, batches_url=raw_dataset.batches_url)
     return dg.Output(
-        features,
+        record,
         data_version=dg.DataVersion(version),
         metadata={
             "feature_version": version,
-            "data_version": data_version,
+            "data_version": raw_dataset.version,
             "transformation_version": c.TRANSFORMATION_VERSION,
             "missing_feature_policy": config.missing_feature_policy,
             "feature_path": redact_uri(path),
@@ -54,27 +57,40 @@ class SplitConfig(dg.Config):
     seed: int = c.SPLIT_SEED
 
 
-@dg.asset(group_name=c.GROUP_FEATURES, kinds={"pandas"},
+@dg.asset(group_name=c.GROUP_FEATURES, kinds={"pandas"}, code_version=SPLIT_CODE_VERSION,
           check_specs=[dg.AssetCheckSpec("no_shared_feature_vectors", asset="train_test_split", blocking=True,
                                          description="No feature vector is on both sides of the split.")])
 def train_test_split(context: dg.AssetExecutionContext, config: SplitConfig, platform: PlatformResource,
-                     feature_set: pd.DataFrame):
+                     feature_set: FeatureSet):
     """A stratified, seeded train/test split with no feature vector on both sides."""
     spec = platform.spec()
-    upstream = {key: required_text(context.instance, "feature_set", key)
-                for key in ("feature_version", "data_version", "feature_path")}
-    split = feat.split_train_test(feature_set, spec.feature_names, config.test_fraction, config.seed)
+    features = records.read_frame(feature_set.path)
+    split = feat.split_train_test(features, spec.feature_names, config.test_fraction, config.seed)
     shared = feat.shared_vectors(split, spec.feature_names)
     counts = split.groupby(feat.SPLIT)[feat.TARGET].agg(["size", "mean"])
+    version = content_hash(feature_set.version, SPLIT_CODE_VERSION, config.seed, config.test_fraction)
+    # Only the assignment column is stored: the features stay in the one feature file.
+    path = join_url(platform.settings().features_url, feature_set.version, f"split-{version}.parquet")
+    records.write_frame(path, split[[feat.SPLIT]])
+    rows = {side: int(counts.loc[side, "size"]) if side in counts.index else 0 for side in ("train", "test")}
+    record = Split(version=version, feature_version=feature_set.version, data_version=feature_set.data_version,
+                   batch_ids=feature_set.batch_ids, feature_path=feature_set.path, path=path, seed=config.seed,
+                   test_fraction=config.test_fraction, train_rows=rows["train"], test_rows=rows["test"],
+                   batches_url=feature_set.batches_url)
     yield dg.Output(
-        split,
+        record,
+        data_version=dg.DataVersion(version),
         metadata={
-            **upstream,
-            "raw_dataset_version": upstream["data_version"],
+            "feature_version": feature_set.version,
+            "data_version": feature_set.data_version,
+            "feature_path": redact_uri(feature_set.path),
+            "raw_dataset_version": feature_set.data_version,
+            "split_version": version,
+            "split_path": redact_uri(path),
             "split_seed": config.seed,
             "test_fraction": config.test_fraction,
-            "train_rows": int(counts.loc["train", "size"]) if "train" in counts.index else 0,
-            "test_rows": int(counts.loc["test", "size"]) if "test" in counts.index else 0,
+            "train_rows": rows["train"],
+            "test_rows": rows["test"],
             "train_positive_rate": round(float(counts.loc["train", "mean"]), 4) if "train" in counts.index else 0.0,
             "test_positive_rate": round(float(counts.loc["test", "mean"]), 4) if "test" in counts.index else 0.0,
         },

@@ -8,12 +8,15 @@ import dagster as dg
 import pandas as pd
 
 from mlops_assets import constants as c
+from mlops_assets.core.dataset_spec import DatasetSpec
+from mlops_assets.core.records import RawDataset
 from mlops_assets.defs.metadata import path_value, redact_text
 from mlops_assets.defs.resources import PlatformResource
 from mlops_assets.ingestion import batches as ingestion
 
 CONTRACT_CHECK = "landed_files_meet_contract"
 NOT_EMPTY_CHECK = "has_accepted_batches"
+RAW_DATASET_CODE_VERSION = "2"  # bump when the union of batches is built differently
 
 
 @dg.asset(
@@ -83,27 +86,39 @@ def raw_batches(context: dg.AssetExecutionContext, platform: PlatformResource) -
     )
 
 
-@dg.asset(group_name=c.GROUP_INGESTION, kinds={"pandas", "parquet"}, deps=[raw_batches])
-def raw_dataset(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.Output[pd.DataFrame]:
-    """The union of all accepted batches, versioned by their content hashes."""
+@dg.asset(group_name=c.GROUP_INGESTION, kinds={"pandas", "parquet"}, deps=[raw_batches],
+          code_version=RAW_DATASET_CODE_VERSION)
+def raw_dataset(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.Output[RawDataset]:
+    """The union of all accepted batches, versioned by their content hashes (a record naming them)."""
     settings = platform.settings()
-    spec = platform.spec()
     batches = ingestion.accepted_batches(settings.batches_url)
     if not batches:
         raise dg.Failure(redact_text(f"no accepted batch in {settings.batches_url}; land files in {settings.landing_url}"))
-    frame = ingestion.load_raw_dataset(batches, spec)
-    version = ingestion.dataset_version([b.batch_id for b in batches])
+    ids = tuple(b.batch_id for b in batches)
+    version = ingestion.dataset_version(list(ids))
+    record = RawDataset(version=version, batch_ids=ids, rows=sum(b.rows for b in batches),
+                        batches_url=settings.batches_url)
     return dg.Output(
-        frame,
+        record,
         data_version=dg.DataVersion(version),
         metadata={
             "data_version": version,
-            "rows": len(frame),
+            "rows": record.rows,
             "batches": len(batches),
-            "batch_ids": dg.MetadataValue.json([b.batch_id for b in batches]),
-            "dagster/row_count": len(frame),
+            "batch_ids": dg.MetadataValue.json(list(ids)),
+            "batch_store": path_value(settings.batches_url),
+            "dagster/row_count": record.rows,
         },
     )
+
+
+def load_raw_frame(raw: RawDataset, spec: DatasetSpec) -> pd.DataFrame:
+    """The frame of exactly the batches the record names (later batches are not mixed in)."""
+    by_id = {b.batch_id: b for b in ingestion.accepted_batches(raw.batches_url)}
+    missing = [i for i in raw.batch_ids if i not in by_id]
+    if missing:
+        raise dg.Failure(f"raw dataset {raw.version}: batches {missing[:3]} are gone from the batch store")
+    return ingestion.load_raw_dataset([by_id[i] for i in raw.batch_ids], spec)
 
 
 def _fingerprints(landing_url: str) -> dict[str, str]:

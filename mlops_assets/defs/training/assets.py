@@ -2,6 +2,7 @@
 
 
 import tempfile
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,14 +10,18 @@ import dagster as dg
 import pandas as pd
 
 from mlops_assets import constants as c
-from mlops_assets.defs.metadata import latest_metadata
+from mlops_assets.core.records import Split, TrainedModel, content_hash
 from mlops_assets.defs.resources import MlflowResource, PlatformResource
 from mlops_assets.registry import model_store
 from mlops_assets.training import tracking
 from mlops_assets.training import train as tr
 
 _DEFAULTS = tr.TrainingParams()
-UPSTREAM = "train_test_split"
+TRAINING_CODE_VERSION = "2"  # bump when training changes in a way the sources below do not show
+# The training code whose every change retrains (the fingerprint holds a digest of these files).
+TRAINING_SOURCES = ("mlops_assets.training.train",)
+TAG_FINGERPRINT = "training_fingerprint"
+METADATA_RECORD_KEY = "trained_model"  # the TrainedModel record inside metadata.json
 INPUT_EXAMPLE_ROWS = 5
 
 
@@ -39,36 +44,66 @@ class TrainingConfig(dg.Config):
         return tr.TrainingParams(**self.model_dump())
 
 
-def upstream_versions(instance: dg.DagsterInstance) -> dict[str, str]:
-    """Data and feature versions from the split's latest materialization ("unknown" if absent)."""
-    meta = latest_metadata(instance, UPSTREAM)
-    keys = ("data_version", "feature_version", "feature_path", "raw_dataset_version")
-    return {k: str(meta.get(k) or "unknown") for k in keys}
+def training_fingerprint(split: Split, params: tr.TrainingParams, dataset_spec: str) -> str:
+    """What a model is trained from: data, features, split, training code and parameters.
+
+    The same fingerprint twice means the same model: the second request reuses the first."""
+    return content_hash(split.data_version, split.feature_version, split.version, TRAINING_CODE_VERSION,
+                        tracking.source_digest(TRAINING_SOURCES), params.as_dict(), dataset_spec)
 
 
-@dg.asset(group_name=c.GROUP_TRAINING, kinds={"catboost", "mlflow"})
+def _reuse(client: Any, model_name: str, fingerprint: str, context: dg.AssetExecutionContext) -> TrainedModel | None:
+    """The record of a registered version trained from this very fingerprint, if there is one."""
+    found = client.search_model_versions(
+        f"name = '{model_name}' and tags.{TAG_FINGERPRINT} = '{fingerprint}'", order_by=["version_number DESC"])
+    for mv in found:
+        stored = tracking.read_metadata_json(client, mv.run_id).get(METADATA_RECORD_KEY)
+        if stored:
+            context.log.info(f"skipped training: version {mv.version} (run {mv.run_id}) was trained from the same "
+                             f"data, features, code and parameters (fingerprint {fingerprint})")
+            return replace(TrainedModel.from_dict(stored), reused=True)
+    return None
+
+
+@dg.asset(group_name=c.GROUP_TRAINING, kinds={"catboost", "mlflow"}, code_version=TRAINING_CODE_VERSION)
 def trained_model(
     context: dg.AssetExecutionContext,
     config: TrainingConfig,
     platform: PlatformResource,
     mlflow: MlflowResource,
-    train_test_split: pd.DataFrame,
-) -> dg.MaterializeResult:
-    """A seeded CatBoost classifier, logged to MLflow with its data, code and training curves."""
+    train_test_split: Split,
+) -> dg.Output[TrainedModel]:
+    """A seeded CatBoost classifier, logged to MLflow with its data, code and training curves.
+
+    Trains only what is stale: when a registered version already has this run's fingerprint
+    (same data, features, split, training code and parameters), that version's record is returned
+    and no MLflow run is made."""
     spec = platform.spec()
     params = config.params()
-    versions = upstream_versions(context.instance)
-    train, test = tr.split_frame(train_test_split)
-    git_sha = tracking.git_sha()
+    split = train_test_split
     client = mlflow.client()
+    fingerprint = training_fingerprint(split, params, spec.name)
+    reused = _reuse(client, mlflow.resolved_model_name(), fingerprint, context)
+    if reused is not None:
+        return dg.Output(reused, data_version=dg.DataVersion(fingerprint), metadata={
+            "skipped": True,
+            "skip_reason": f"unchanged: run {reused.run_id} was trained from the same inputs",
+            "fingerprint": fingerprint, "mlflow_run_id": reused.run_id, "model_uri": reused.model_uri,
+            "model_sha256": reused.model_sha256, "git_sha": reused.git_sha,
+            "data_version": reused.data_version, "feature_version": reused.feature_version,
+        })
+    frame = split.frame()
+    train, test = tr.split_frame(frame)
+    git_sha = tracking.git_sha()
     tags = {
         "dagster_run_id": context.run_id,
         "dagster_asset_key": context.asset_key.to_user_string(),
         "dagster_job": context.job_name,
         "git_sha": git_sha,
-        "data_version": versions["data_version"],
-        "feature_version": versions["feature_version"],
+        "data_version": split.data_version,
+        "feature_version": split.feature_version,
         "dataset_spec": spec.name,
+        TAG_FINGERPRINT: fingerprint,
     }
     with mlflow.start_run(run_name=f"trained_model-{context.run_id[:8]}", tags=tags) as run:
         run_id, experiment_id = run.info.run_id, run.info.experiment_id
@@ -86,36 +121,33 @@ def trained_model(
         })
         if result.tuning is not None:
             client.log_dict(run_id, {"best": result.tuning.best, "trials": result.tuning.trials}, "tuning.json")
-        _log_inputs(client, run_id, train_test_split, train, test, versions)
+        _log_inputs(client, run_id, frame, train, test, split)
         example = train[spec.feature_names].head(INPUT_EXAMPLE_ROWS)
         info = model_store.log_catboost_model(result.model, input_example=example)
         sha256 = model_store.artifact_sha256(client, info.model_uri)
-        trained_at = datetime.now(UTC).isoformat()
-        output: dict[str, Any] = {
-            "run_id": run_id,
-            "experiment_id": experiment_id,
-            "model_uri": info.model_uri,
-            "model_id": info.model_id,
-            "model_sha256": sha256,
-            "trained_at": trained_at,
-            "git_sha": git_sha,
-            "dagster_run_id": context.run_id,
-            "feature_names": spec.feature_names,
-            "positive_class": spec.positive_class,
-            "decision_threshold": tr.DECISION_THRESHOLD,
-            "params": result.params.as_dict(),
-            "best_iteration": result.best_iteration,
-            "validation_metrics": result.validation_metrics,
+        record = TrainedModel(
+            run_id=run_id, experiment_id=str(experiment_id), model_uri=info.model_uri, model_id=str(info.model_id),
+            model_sha256=sha256, trained_at=datetime.now(UTC).isoformat(), git_sha=git_sha,
+            dagster_run_id=context.run_id, fingerprint=fingerprint, feature_names=tuple(spec.feature_names),
+            positive_class=spec.positive_class, decision_threshold=tr.DECISION_THRESHOLD,
+            params=result.params.as_dict(), best_iteration=result.best_iteration,
+            validation_metrics=dict(result.validation_metrics), data_version=split.data_version,
+            raw_dataset_version=split.data_version, feature_version=split.feature_version,
+            feature_path=split.feature_path, split_version=split.version, batch_ids=split.batch_ids,
+            batches_url=split.batches_url,
             # Probabilities of the input example from the in-memory model: a loaded model must match them.
-            "input_example": example.to_dict(orient="records"),
-            "input_example_proba": [float(p) for p in tr.predict_positive(result.model, example)],
-            **versions,
-        }
-        metadata_uri = tracking.write_metadata_json(client, run_id, _metadata_json(output, info.artifact_path))
-    output["metadata_uri"] = metadata_uri
-    return dg.MaterializeResult(
-        value=output,
+            input_example=example.to_dict(orient="records"),
+            input_example_proba=[float(p) for p in tr.predict_positive(result.model, example)],
+        )
+        metadata_uri = tracking.run_artifact_uri(client, run_id, tracking.METADATA_FILE)
+        record = replace(record, metadata_uri=metadata_uri)
+        tracking.write_metadata_json(client, run_id, _metadata_json(record, info.artifact_path))
+    return dg.Output(
+        record,
+        data_version=dg.DataVersion(fingerprint),
         metadata={
+            "skipped": False,
+            "fingerprint": fingerprint,
             "mlflow_run": mlflow.run_link(experiment_id, run_id),
             "mlflow_run_id": run_id,
             "model_uri": info.model_uri,
@@ -129,7 +161,8 @@ def trained_model(
             "params": dg.MetadataValue.json(result.params.as_dict()),
             "tuning": dg.MetadataValue.json({"best": result.tuning.best, "trials": result.tuning.trials})
             if result.tuning else "off",
-            **{k: versions[k] for k in ("data_version", "feature_version")},
+            "data_version": split.data_version,
+            "feature_version": split.feature_version,
         },
     )
 
@@ -141,41 +174,45 @@ def _param(key: str, value: Any) -> Any:
 
 
 def _log_inputs(client: Any, run_id: str, full: pd.DataFrame, train: pd.DataFrame, test: pd.DataFrame,
-                versions: dict[str, str]) -> None:
+                split: Split) -> None:
     """Raw data and feature set by version; train and test splits by the digest of their rows."""
-    tracking.log_version_input(client, run_id, name="raw_dataset", version=versions["raw_dataset_version"],
-                               context="source")
+    tracking.log_version_input(client, run_id, name="raw_dataset", version=split.data_version, context="source",
+                               tags={"batch_ids": ",".join(split.batch_ids)[:4000]})
     tracking.log_frame_input(client, run_id, full, name="feature_set", context="features",
-                             source=versions["feature_path"] if versions["feature_path"] != "unknown" else None,
-                             digest=versions["feature_version"], targets=tr.TARGET_COLUMN,
-                             tags={"version": versions["feature_version"], "data_version": versions["data_version"]})
+                             source=split.feature_path, digest=split.feature_version, targets=tr.TARGET_COLUMN,
+                             tags={"version": split.feature_version, "data_version": split.data_version})
     for name, part in (("train", train), ("test", test)):
         tracking.log_frame_input(client, run_id, part.drop(columns=[tr.SPLIT_COLUMN]), name=f"{name}_split",
                                  context="training" if name == "train" else "evaluation",
-                                 targets=tr.TARGET_COLUMN, tags={"feature_version": versions["feature_version"]})
+                                 targets=tr.TARGET_COLUMN, tags={"feature_version": split.feature_version})
 
 
-def _metadata_json(output: dict[str, Any], artifact_location: str, registered: dict[str, Any] | None = None
-                   ) -> dict[str, Any]:
+def _metadata_json(record: TrainedModel, artifact_location: str) -> dict[str, Any]:
+    """The run's metadata.json, written from the record: the model card and `trace` read lineage here."""
     return {
         "model": {
-            "uri": output["model_uri"],
-            "model_id": output["model_id"],
-            "sha256": output["model_sha256"],
+            "uri": record.model_uri,
+            "model_id": record.model_id,
+            "sha256": record.model_sha256,
             "artifact_location": artifact_location,
-            "registered": registered,  # filled in by registered_model
+            "registered": None,  # filled in by registered_model
         },
-        "trained_at": output["trained_at"],
-        "metrics": {"validation": output["validation_metrics"]},
-        "data_version": output["data_version"],
-        "raw_dataset_version": output["raw_dataset_version"],
-        "feature_version": output["feature_version"],
-        "feature_path": output["feature_path"],
-        "feature_names": output["feature_names"],
-        "decision_threshold": output["decision_threshold"],
-        "git_sha": output["git_sha"],
-        "dagster_run_id": output["dagster_run_id"],
-        "params": output["params"],
+        "trained_at": record.trained_at,
+        "metrics": {"validation": record.validation_metrics},
+        "data_version": record.data_version,
+        "raw_dataset_version": record.raw_dataset_version,
+        "batch_ids": list(record.batch_ids),
+        "batch_store": record.batches_url,
+        "feature_version": record.feature_version,
+        "feature_path": record.feature_path,
+        "split_version": record.split_version,
+        "feature_names": list(record.feature_names),
+        "decision_threshold": record.decision_threshold,
+        "git_sha": record.git_sha,
+        "dagster_run_id": record.dagster_run_id,
+        "fingerprint": record.fingerprint,
+        "params": record.params,
+        METADATA_RECORD_KEY: record.as_dict(),
     }
 
 

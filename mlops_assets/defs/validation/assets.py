@@ -3,14 +3,17 @@
 import json
 
 import dagster as dg
-import fsspec
-import pandas as pd
 
 from mlops_assets import constants as c
-from mlops_assets.defs.metadata import path_value, required_text
+from mlops_assets.core import records
+from mlops_assets.core.records import RawDataset, content_hash
+from mlops_assets.defs.ingestion.assets import load_raw_frame
+from mlops_assets.defs.metadata import path_value
 from mlops_assets.defs.resources import PlatformResource
 from mlops_assets.settings import join_url
 from mlops_assets.validation.report import ValidationThresholds, build_report, render_markdown
+
+VALIDATION_CODE_VERSION = "2"  # bump when the report is computed differently
 
 
 class ValidationConfig(dg.Config):
@@ -22,22 +25,20 @@ class ValidationConfig(dg.Config):
     warn_duplicate_share: float = c.WARN_DUPLICATE_SHARE
 
 
-@dg.asset(group_name=c.GROUP_VALIDATION, kinds={"pandera", "pandas"})
+@dg.asset(group_name=c.GROUP_VALIDATION, kinds={"pandera", "pandas"}, code_version=VALIDATION_CODE_VERSION)
 def validation_report(context: dg.AssetExecutionContext, config: ValidationConfig, platform: PlatformResource,
-                      raw_dataset: pd.DataFrame) -> dg.Output[dict]:
+                      raw_dataset: RawDataset) -> dg.Output[dict]:
     """Contract result, nulls, duplicates, conflicting labels and label balance of raw_dataset."""
     settings = platform.settings()
-    data_version = required_text(context.instance, "raw_dataset", "data_version")
+    data_version = raw_dataset.version  # the version of the very data this run validates
     thresholds = ValidationThresholds(**config.model_dump())
-    report = build_report(raw_dataset, platform.spec(), thresholds, data_version)
-    base = join_url(settings.reports_url, f"validation-{data_version}")
-    fs, _ = fsspec.core.url_to_fs(settings.reports_url)
-    fs.makedirs(fsspec.core.url_to_fs(settings.reports_url)[1], exist_ok=True)
-    with fsspec.open(f"{base}.json", "w") as handle:
-        json.dump(report, handle, indent=1)
+    spec = platform.spec()
+    report = build_report(load_raw_frame(raw_dataset, spec), spec, thresholds, data_version)
+    # Addressed by data and thresholds: written once (temporary name, then rename), never in place.
+    base = join_url(settings.reports_url, f"validation-{data_version}-{content_hash(config.model_dump())[:8]}")
+    records.write_atomic(f"{base}.json", json.dumps(report, indent=1).encode())
     markdown = render_markdown(report)
-    with fsspec.open(f"{base}.md", "w") as handle:
-        handle.write(markdown)
+    records.write_atomic(f"{base}.md", markdown.encode())
     return dg.Output(
         report,
         metadata={
