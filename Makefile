@@ -50,9 +50,11 @@ test: install lint
 	$(BIN)/dg check defs
 	$(BIN)/pytest
 
-$(DAGSTER_HOME)/dagster.yaml:
+# The shipped instance settings (freshness on), written once: an edited dagster.yaml is kept.
+$(DAGSTER_HOME)/dagster.yaml: deploy/local/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
-	touch $@
+	@if [ -s $@ ] && ! cmp -s $< $@; then echo "keeping $@ (the shipped settings: $<)"; else cp $< $@; fi
+	@touch $@
 
 demo: install .env $(DAGSTER_HOME)/dagster.yaml
 	mkdir -p data/mlflow

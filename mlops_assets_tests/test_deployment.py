@@ -181,7 +181,9 @@ def test_deploy_folder_is_consistent_with_the_code() -> None:
     read_by_code = {"MLFLOW_TRACKING_URI", "MLOPS_DATA_URL", "MLOPS_PREDICTION_LOG_URL", "MLOPS_API_TOKEN",
                     "MLOPS_RAY_DASHBOARD_URL", "MLOPS_SERVE_URL", "MLOPS_SERVE_HTTP_HOST", "MLFLOW_UI_URL",
                     "DAGSTER_PG_HOST", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB",
-                    "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"}  # the last two read by Ray itself (token auth)
+                    "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH",  # read by Ray itself (token auth)
+                    # secret files, read by deploy/production/entrypoint.sh (test_deploy_files.py)
+                    "MLOPS_API_TOKEN_FILE", "DAGSTER_PG_PASSWORD_FILE", "RAY_AUTH_TOKEN_FILE"}
     for name in ("ray-head", "dagster-webserver"):
         assert set(compose["services"][name]["environment"]) <= read_by_code, name
     for dockerfile in ("Dockerfile.serving", "Dockerfile.dagster"):

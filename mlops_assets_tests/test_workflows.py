@@ -83,8 +83,48 @@ def test_continuous_training_starts_on_a_schedule_or_a_monitoring_event() -> Non
     from mlops_assets import constants as c
 
     assert ct["on"]["schedule"][0]["cron"] == c.RETRAINING_SCHEDULE_CRON
-    assert ct["jobs"]["retrain"]["env"]["DAGSTER_HOME"].endswith("/deploy/production")
-    assert (REPO / "deploy" / "production" / "dagster.yaml").is_file()
+    # The run is queued on the production host (retrain.sh there; test_deploy_files.py runs it).
+    assert ct["jobs"]["retrain"]["environment"] == "production"
+    assert "deploy/production/remote-retrain.sh" in " ".join(_runs(ct))
+    assert "-j retraining" in (REPO / "deploy" / "production" / "retrain.sh").read_text()
+
+
+# What a GitHub-hosted runner can reach of the deployment: the hosts' SSH, and the MLflow server
+# through the TLS proxy in front of its published port. The Dagster instance's database is
+# published by no compose file, so no workflow may need it.
+REACHED_THROUGH = {"DAGSTER_PG_": "postgres", "MLFLOW_TRACKING_URI": "mlflow", "MLOPS_RAY_DASHBOARD_URL": "ray-head",
+                   "MLOPS_SERVE_URL": "ray-head", "MLFLOW_UI_URL": "mlflow"}
+
+
+def _workflow_env(workflow: dict[str, Any]) -> dict[str, str]:
+    env = dict(workflow.get("env") or {})
+    for job in workflow["jobs"].values():
+        env.update(job.get("env") or {})
+        for step in job.get("steps", []):
+            env.update(step.get("env") or {})
+    return env
+
+
+def test_workflows_reach_only_what_the_deployment_publishes() -> None:
+    compose = yaml.safe_load((REPO / "deploy" / "production" / "docker-compose.yaml").read_text())
+    published = {name for name, service in compose["services"].items() if service.get("ports")}
+    assert "postgres" not in published and "mlflow" in published
+    ssh_steps = 0
+    for name in _all_workflows():
+        workflow = _load(name)
+        for key in _workflow_env(workflow):
+            for prefix, service in REACHED_THROUGH.items():
+                if key.startswith(prefix):
+                    assert service in published, f"{name}: {key} needs {service}, which compose never publishes"
+        assert "DAGSTER_HOME" not in _workflow_env(workflow) or name == "ci.yml", f"{name}: a remote Dagster instance"
+        for job_name, job in workflow["jobs"].items():
+            for step in job.get("steps", []):
+                if "remote-" in step.get("run", ""):
+                    # Over SSH only with the host keys pinned from a secret of the job's environment.
+                    assert step["env"]["DEPLOY_KNOWN_HOSTS"] == "${{ secrets.DEPLOY_KNOWN_HOSTS }}", f"{name}:{job_name}"
+                    assert job.get("environment"), f"{name}:{job_name}: environment secrets need an environment"
+                    ssh_steps += 1
+    assert ssh_steps == 3  # staging and production deploys, the retraining
 
 
 def test_images_go_only_to_the_registry_variable_and_no_workflow_holds_a_secret_value() -> None:

@@ -11,7 +11,7 @@ LOG_DIR=data/logs
 DAGSTER_PORT="${DAGSTER_PORT:-3000}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 mkdir -p "$RUN_DIR" "$LOG_DIR" "${DAGSTER_HOME:?DAGSTER_HOME must be set (the Makefile sets it)}"
-touch "$DAGSTER_HOME/dagster.yaml"
+[ -s "$DAGSTER_HOME/dagster.yaml" ] || cp deploy/local/dagster.yaml "$DAGSTER_HOME/dagster.yaml"  # freshness on
 
 alive() { [ -f "$RUN_DIR/$1.pid" ] && kill -0 "$(cat "$RUN_DIR/$1.pid")" 2>/dev/null; }
 

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 : "${REGISTRY:?set REGISTRY}" "${MLOPS_IMAGE_TAG:?set MLOPS_IMAGE_TAG}"
-for secret in postgres_password mlflow_admin_password mlflow_flask_secret api_token; do
+for secret in postgres_password mlflow_admin_password mlflow_flask_secret api_token ray_auth_token; do
   [ -s "secrets/$secret" ] || { echo "deploy: secrets/$secret is missing (see secrets/.gitignore)" >&2; exit 1; }
 done
 export MLOPS_GIT_SHA="$(git rev-parse HEAD 2>/dev/null || echo unknown)"  # images carry no .git
