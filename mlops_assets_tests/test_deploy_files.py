@@ -185,6 +185,18 @@ def test_the_images_copy_every_path_the_deploy_files_run_inside_them() -> None:
     assert ("ENTRYPOINT", '["/app/deploy/production/entrypoint.sh"]') in dagster  # run launchers' containers too
 
 
+def test_no_secret_file_or_local_data_enters_an_image_and_every_copied_path_does() -> None:
+    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    for private in ("deploy/production/secrets", ".env", "data", ".venv", ".git"):
+        assert private in ignored, f".dockerignore lets {private} into the build context"
+    for dockerfile in ("Dockerfile.dagster", "Dockerfile.serving"):
+        for instruction, args in _dockerfile(DEPLOY / dockerfile):
+            if instruction == "COPY":
+                for source in shlex.split(args)[:-1]:
+                    assert (REPO / source).exists() and source not in ignored, f"{dockerfile}: COPY {source}"
+
+
 # --- compose files: files, variables, ports -----------------------------------------------------
 
 
