@@ -93,6 +93,13 @@ WATCH_MAX_COMPARED_ROWS = 5000  # newest rows the replaced version scores per ti
 RETRAIN_COOLDOWN_S = 6 * 3600
 RETRAIN_KEYS_KEPT = 200  # event keys remembered in a sensor cursor (bounded)
 MONITORING_SENSOR_INTERVAL_SECONDS = 60
-MONITORING_SCHEDULE_CRON = "*/15 * * * *"  # production_profiles -> drift_report, online_performance
+# The monitoring assets are hourly partitions from this hour on (UTC); the schedule runs the last
+# complete hour this many minutes past each hour (a replica ships its spool every few seconds).
+MONITORING_PARTITIONS_START = "2026-01-01-00:00"
+MONITORING_SCHEDULE_MINUTE = 5
+# Prediction log retention: hours that ended this many days before the current hour are compacted
+# (their parts merged into one) or deleted; None keeps everything. The current hour is never touched.
+PREDICTION_LOG_RETENTION_DAYS: float | None = 30
+PREDICTION_LOG_RETENTION_ACTION = "compact"  # or "delete"
 RETRAINING_SCHEDULE_CRON = "0 3 * * 0"  # weekly, Sunday 03:00 UTC
 ALERT_WEBHOOK_TIMEOUT_S = 5.0

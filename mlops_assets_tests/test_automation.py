@@ -71,8 +71,8 @@ def _closed_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}/metrics"
 
 
-def _report(instance: dg.DagsterInstance, asset: str, **metadata: object) -> None:
-    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=asset, metadata=metadata))
+def _report(instance: dg.DagsterInstance, asset: str, partition: str | None = None, **metadata: object) -> None:
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=asset, partition=partition, metadata=metadata))
 
 
 def _tick(sensor, instance: dg.DagsterInstance, cursor: str | None, **resources: object):
@@ -95,7 +95,7 @@ def test_one_retraining_per_drift_event_and_none_during_the_cooldown() -> None:
         result, cursor = _tick(drift_retraining_sensor, instance, None)
         assert _requests(result) == [] and "no drift" in _skip(result)
 
-        _report(instance, "drift_report", drift_detected=True, event_key="drift-3-20260105T110000Z")
+        _report(instance, "drift_report", "2026-01-05-11:00", drift_detected=True, event_key="drift-3-20260105T110000Z")
         result, cursor = _tick(drift_retraining_sensor, instance, cursor)
         [request] = _requests(result)
         assert request.run_key == "drift-3-20260105T110000Z"
@@ -105,12 +105,12 @@ def test_one_retraining_per_drift_event_and_none_during_the_cooldown() -> None:
         for _ in range(3):
             result, cursor = _tick(drift_retraining_sensor, instance, cursor)
             assert _requests(result) == [] and "already handled" in _skip(result)
-        _report(instance, "drift_report", drift_detected=True, event_key="drift-3-20260105T110000Z")
+        _report(instance, "drift_report", "2026-01-05-11:00", drift_detected=True, event_key="drift-3-20260105T110000Z")
         result, cursor = _tick(drift_retraining_sensor, instance, cursor)
         assert _requests(result) == []
 
         # Drift in the next window is a new event, but within the cooldown: not yet.
-        _report(instance, "drift_report", drift_detected=True, event_key="drift-3-20260105T120000Z")
+        _report(instance, "drift_report", "2026-01-05-12:00", drift_detected=True, event_key="drift-3-20260105T120000Z")
         result, cursor = _tick(drift_retraining_sensor, instance, cursor)
         assert _requests(result) == [] and "cooldown" in _skip(result)
 
@@ -121,11 +121,23 @@ def test_one_retraining_per_drift_event_and_none_during_the_cooldown() -> None:
         assert [r.run_key for r in _requests(result)] == ["drift-3-20260105T120000Z"]
 
 
+def test_the_drift_sensor_judges_the_newest_window_not_the_latest_backfilled_one() -> None:
+    with dg.instance_for_test() as instance:
+        _report(instance, "drift_report", "2026-01-05-12:00", drift_detected=False, event_key="none")
+        # A backfill of an older day, materialized later, found drift back then: not a reason now.
+        _report(instance, "drift_report", "2026-01-04-09:00", drift_detected=True, event_key="drift-3-20260104T090000Z")
+        result, cursor = _tick(drift_retraining_sensor, instance, None)
+        assert _requests(result) == [] and "no drift" in _skip(result)
+        _report(instance, "drift_report", "2026-01-05-13:00", drift_detected=True, event_key="drift-3-20260105T130000Z")
+        result, cursor = _tick(drift_retraining_sensor, instance, cursor)
+        assert [r.run_key for r in _requests(result)] == ["drift-3-20260105T130000Z"]
+
+
 def test_no_retraining_request_while_a_training_run_is_in_progress() -> None:
     from dagster._core.test_utils import create_run_for_test
 
     with dg.instance_for_test() as instance:
-        _report(instance, "drift_report", drift_detected=True, event_key="drift-3-20260105T130000Z")
+        _report(instance, "drift_report", "2026-01-05-13:00", drift_detected=True, event_key="drift-3-20260105T130000Z")
         run = create_run_for_test(instance, job_name="ingestion_onward", status=dg.DagsterRunStatus.STARTED)
         result, cursor = _tick(drift_retraining_sensor, instance, None)
         assert _requests(result) == [] and "in progress" in _skip(result)
@@ -136,10 +148,10 @@ def test_no_retraining_request_while_a_training_run_is_in_progress() -> None:
 
 def test_degradation_sensor_requests_one_retraining_per_degraded_version() -> None:
     with dg.instance_for_test() as instance:
-        _report(instance, "online_performance", degraded=False, event_key="none")
+        _report(instance, "online_performance", "2026-01-05-10:00", degraded=False, event_key="none")
         result, cursor = _tick(degradation_retraining_sensor, instance, None)
         assert _requests(result) == []
-        _report(instance, "online_performance", degraded=True, event_key="degraded-4")
+        _report(instance, "online_performance", "2026-01-05-11:00", degraded=True, event_key="degraded-4")
         result, cursor = _tick(degradation_retraining_sensor, instance, cursor)
         assert [(r.run_key, r.tags["mlops_assets/trigger"]) for r in _requests(result)] == [("degraded-4", "degradation")]
         result, cursor = _tick(degradation_retraining_sensor, instance, cursor)
@@ -308,6 +320,53 @@ def test_the_watch_compares_versions_on_the_same_inputs(
         assert earlier_ks > 0.2, earlier_ks
     if after_rows < 100:
         assert f"{after_rows} of 100 rows compared" in _skip(second)
+
+
+def test_each_watch_tick_reads_only_the_parts_that_arrived_since_the_last(
+    tmp_path: Path, webhook: Webhook, spec, registry: tuple[str, dict[str, str]], serving: dict[str, object],
+) -> None:
+    from mlops_assets.defs.monitoring import sensors
+    from mlops_assets.defs.resources import MlflowResource
+    from mlops_assets.registry import model_store
+    from mlops_assets.serving.scoring import scorer_from_loaded
+
+    uri, versions = registry
+    old, live = versions["equal"], versions["equal-again"]
+    log = tmp_path / "predictions"
+    resources = {
+        "platform": PlatformResource(data_url=str(tmp_path)),
+        "mlflow": MlflowResource(tracking_uri=uri, model_name="watched"),
+        "monitoring": MonitoringResource(prediction_log_url=str(log), metrics_url=_closed_url(),
+                                         alert_webhook_url=webhook.url, watch_min_requests=10,
+                                         watch_min_compared_rows=1000),
+        **serving,
+    }
+    scorer = scorer_from_loaded(model_store.load_verified_model(uri, "watched", version=live), spec)
+    with dg.instance_for_test() as instance:
+        _report(instance, "model_deployment", live_version=live, replaced_version=old)
+        at = datetime.fromtimestamp(
+            instance.get_latest_materialization_event(dg.AssetKey("model_deployment")).timestamp, UTC)
+        # Rows of older hours, never listed: the watch reads the folders since the deployment only.
+        write_part(_served_rows(spec, scorer, live, at - timedelta(hours=3), drift={}, n=40, seed=4), str(log),
+                   "part-0.parquet")
+        write_part(_served_rows(spec, scorer, live, at + timedelta(seconds=1), drift={}, n=120, seed=5), str(log),
+                   "part-1.parquet")
+        _, cursor = _tick(post_deploy_watch, instance, None, **resources)
+        first = json.loads(cursor)
+        [part_1] = first["parts"]
+        assert part_1.endswith("part-1.parquet") and first["seen"]["answered_requests"] == 30
+        (log / part_1).unlink()  # read once: the next ticks must not need it
+        write_part(_served_rows(spec, scorer, live, at + timedelta(seconds=2), drift={}, n=80, seed=6), str(log),
+                   "part-2.parquet")
+        _, cursor = _tick(post_deploy_watch, instance, cursor, **resources)
+        second = json.loads(cursor)
+        assert second["last_part"].endswith("part-2.parquet") and len(second["parts"]) == 2
+        assert second["seen"]["answered_requests"] == 50 and second["seen"]["compared_rows"] == 200
+        assert second["verdict"] == "watching"
+        # A new process (no rows kept in memory) reads the deployment's parts again.
+        sensors._WATCH_ROWS.clear()
+        _, cursor = _tick(post_deploy_watch, instance, cursor, **resources)
+        assert json.loads(cursor)["seen"]["compared_rows"] == 80
 
 
 def test_a_version_restored_by_the_rollback_job_is_not_judged_against_the_one_it_replaced(

@@ -74,6 +74,17 @@ class Registry:
                                              labels_url=str(data / "labels")),
         }
 
+    def cli_args(self) -> dict:
+        return {"root": str(self.root), "tracking_uri": self.tracking_uri}
+
+    @staticmethod
+    def resources_for(args: dict) -> dict:
+        """The same resources, in another process (a definitions file for the CLI)."""
+        from types import SimpleNamespace
+
+        where = SimpleNamespace(root=Path(args["registry"]["root"]), tracking_uri=args["registry"]["tracking_uri"])
+        return Registry.resources(where, Path(args["data"]))  # type: ignore[arg-type]
+
     def predict(self, frame: pd.DataFrame) -> tuple[list[int], list[float]]:
         p = self.model.predict_proba(frame[self.spec.feature_names])[:, 1]
         labels = np.where(p >= 0.5, self.spec.positive_class, self.spec.negative_class)
@@ -133,9 +144,15 @@ def _log_traffic(reg: Registry, data: Path, n: int, seed: int, at: datetime, dri
 
 
 def _materialize(reg: Registry, data: Path, instance: dg.DagsterInstance, assets: list, selection=None,
-                 run_config: dict | None = None) -> dg.ExecuteInProcessResult:
+                 run_config: dict | None = None, hour: datetime | None = None) -> dg.ExecuteInProcessResult:
+    """One run; the monitoring assets for the partition of `hour` (their window)."""
+    key = _key(hour) if hour is not None else None
     return dg.materialize(assets, resources=reg.resources(data), instance=instance, selection=selection,
-                          run_config=run_config, raise_on_error=False)
+                          run_config=run_config, raise_on_error=False, partition_key=key)
+
+
+def _key(hour: datetime) -> str:
+    return hour.strftime("%Y-%m-%d-%H:00")
 
 
 def _registered_stand_in(reg: Registry) -> list[dg.AssetsDefinition]:
@@ -185,10 +202,12 @@ def test_normal_traffic_passes_drifted_traffic_fails_the_drift_check(registry: R
     with dg.instance_for_test() as instance:
         assert _materialize(registry, data, instance, assets, selection=["registered_model", "train_test_split", "reference_profile"]).success
         _log_traffic(registry, data, 600, seed=21, at=hour)
-        normal = _materialize(registry, data, instance, assets, selection=["production_profiles", "drift_report"])
+        normal = _materialize(registry, data, instance, assets, selection=["production_profiles", "drift_report"],
+                              hour=hour)
         assert normal.success
         _log_traffic(registry, data, 600, seed=22, at=hour + timedelta(hours=1), drift_=DRIFTED)
-        drifted = _materialize(registry, data, instance, assets, selection=["production_profiles", "drift_report"])
+        drifted = _materialize(registry, data, instance, assets, selection=["production_profiles", "drift_report"],
+                               hour=hour + timedelta(hours=1))
         assert drifted.success
 
     ok, bad = _meta(normal, "drift_report"), _meta(drifted, "drift_report")
@@ -210,13 +229,19 @@ def test_normal_traffic_passes_drifted_traffic_fails_the_drift_check(registry: R
     assert 'mlops_drift_detected{model_version="1"} 1.0' in prom
     assert 'mlops_drift_feature_statistic{feature="SSLfinal_State",model_version="1"}' in prom
 
-    # Per-window profiles merge into the profile of the whole log.
+    # Per-window profiles merge into the profile of the whole log, and into the day's profile.
     windows = sorted((data / "profiles" / "production" / "3600s").glob("*/1.bin"))
     assert len(windows) == 2
     merged = drift.profile_summary(drift.merge_profiles(p.read_bytes() for p in windows))
     assert merged["n_rows"] == 1200
     whole = mon.read_prediction_log(str(data / "predictions"))
     assert merged["columns"]["URL_Length"]["values"] == dict(sorted(whole["URL_Length"].value_counts().items()))
+    day = drift.profile_summary((data / "profiles" / "production" / "daily" / "2026-01-05" / "1.bin").read_bytes())
+    assert day["n_rows"] == 1200 and day["columns"]["URL_Length"]["values"] == merged["columns"]["URL_Length"]["values"]
+    # Each window is a partition of its own, with its own scores.
+    assert [e.partition for e in (normal.asset_materializations_for_node("drift_report")
+                                  + drifted.asset_materializations_for_node("drift_report"))] == [
+        "2026-01-05-10:00", "2026-01-05-11:00"]
 
 
 def test_drift_thresholds_are_config(registry: Registry, data: Path):
@@ -227,7 +252,7 @@ def test_drift_thresholds_are_config(registry: Registry, data: Path):
     with dg.instance_for_test() as instance:
         result = _materialize(registry, data, instance, assets, run_config=lenient,
                               selection=["registered_model", "train_test_split", "reference_profile", "production_profiles",
-                                         "drift_report"])
+                                         "drift_report"], hour=hour)
     assert result.success and _check(result, NO_DRIFT_CHECK).passed
     assert _meta(result, "drift_report")["n_drifted_features"] == 0
 
@@ -240,7 +265,7 @@ def test_without_a_local_reference_the_mlflow_artifact_is_used_and_every_version
     at = datetime(2026, 1, 5, 10, tzinfo=UTC)
     _log_traffic(registry, data, 300, seed=23, at=at)
     with dg.instance_for_test() as instance:
-        result = _materialize(registry, data, instance, [production_profiles, drift_report])
+        result = _materialize(registry, data, instance, [production_profiles, drift_report], hour=at)
         assert not (data / "profiles" / "reference").exists()
         meta = _meta(result, "drift_report")
         assert meta["judged"] is True and meta["reference"] == f"runs:/{registry.run_id}/monitoring/reference_profile.bin"
@@ -249,7 +274,7 @@ def test_without_a_local_reference_the_mlflow_artifact_is_used_and_every_version
         for part in (data / "predictions").rglob("*.parquet"):
             frame = pd.read_parquet(part).assign(model_version="7")
             frame.to_parquet(part, index=False)
-        again = _materialize(registry, data, instance, [production_profiles, drift_report])
+        again = _materialize(registry, data, instance, [production_profiles, drift_report], hour=at)
     meta = _meta(again, "drift_report")
     assert meta["judged"] is True and meta["serving_version"] == "1" and meta["rows"] == 300
     assert meta["rows_by_version"] == "v7: 300" and _check(again, NO_DRIFT_CHECK).passed
@@ -263,7 +288,7 @@ def test_a_window_split_between_versions_is_judged_on_all_its_rows(registry: Reg
     _log_traffic(registry, data, 64, seed=31, at=at, drift_=DRIFTED, version="1")
     _log_traffic(registry, data, 66, seed=32, at=at + timedelta(minutes=1), drift_=DRIFTED, version="2")
     with dg.instance_for_test() as instance:
-        result = _materialize(registry, data, instance, assets)
+        result = _materialize(registry, data, instance, assets, hour=at)
     assert result.success
     meta = _meta(result, "drift_report")
     assert meta["judged"] is True and meta["serving_version"] == "1" and meta["rows"] == 130
@@ -282,9 +307,10 @@ def test_data_freshness_check_and_the_freshness_policy(registry: Registry, data:
     now = datetime.now(UTC)
     _log_traffic(registry, data, 200, seed=24, at=now - timedelta(hours=5))
     with dg.instance_for_test() as instance:
-        stale = _materialize(registry, data, instance, [production_profiles])
+        stale = _materialize(registry, data, instance, [production_profiles], hour=now - timedelta(hours=5))
         _log_traffic(registry, data, 200, seed=25, at=now - timedelta(minutes=2))
-        fresh = _materialize(registry, data, instance, [production_profiles])
+        # The hour being written is no partition yet; the check looks at the newest record of the log.
+        fresh = _materialize(registry, data, instance, [production_profiles], hour=now - timedelta(hours=1))
 
         # Dagster's own evaluator of the asset's FreshnessPolicy (what the UI shows), at three times.
         node = dg.Definitions(assets=[production_profiles], resources=registry.resources(data)).resolve_asset_graph().get(dg.AssetKey("production_profiles"))
@@ -319,16 +345,18 @@ def _write_labels(data: Path, traffic: pd.DataFrame, spec: DatasetSpec, flip_sha
 
 def test_online_performance_joins_labels_and_judges_degradation(registry: Registry, data: Path):
     spec = registry.spec
-    traffic = _log_traffic(registry, data, 400, seed=26, at=datetime.now(UTC) - timedelta(minutes=5))
+    hour = datetime(2026, 1, 5, 10, tzinfo=UTC)
+    traffic = _log_traffic(registry, data, 400, seed=26, at=hour)
+    _log_traffic(registry, data, 100, seed=28, at=hour + timedelta(hours=1))  # another window: not counted
     # 300 true labels, plus one label for a prediction that was never logged.
     labels = _write_labels(data, traffic.head(300), spec, 0.0, "good.csv")
     pd.DataFrame({"request_id": ["never-logged"], "record_index": [0], "label": [1],
                   "labelled_at": [datetime.now(UTC).isoformat()]}).to_csv(data / "labels" / "stray.csv", index=False)
     with dg.instance_for_test() as instance:
-        good = _materialize(registry, data, instance, [online_performance])
+        good = _materialize(registry, data, instance, [online_performance], hour=hour)
         # Corrections arrive later for the same keys: 40% of them flipped; the latest label wins.
         _write_labels(data, traffic.head(300), spec, 0.4, "zz-corrections.csv")
-        bad = _materialize(registry, data, instance, [online_performance])
+        bad = _materialize(registry, data, instance, [online_performance], hour=hour)
     assert good.success and bad.success
     meta = _meta(good, "online_performance")
     assert (meta["n_predictions"], meta["n_labels"], meta["n_matched"], meta["n_unknown"]) == (400, 301, 300, 1)
@@ -360,3 +388,53 @@ def test_labelled_production_records_become_one_raw_batch_once(registry: Registr
     truth = traffic.head(250)
     assert stored[spec.label].tolist() == truth[spec.label].tolist()
     assert stored[spec.feature_names].to_numpy().tolist() == truth[spec.feature_names].to_numpy().tolist()
+
+
+_CLI_DEFS = '''
+import dagster as dg
+from mlops_assets.defs.monitoring.assets import drift_report, production_profiles
+from mlops_assets_tests.test_monitoring_assets import Registry
+
+defs = dg.Definitions(assets=[production_profiles, drift_report], resources=Registry.resources_for({args!r}))
+'''
+
+
+def test_a_backfill_of_past_hours_from_the_cli_gives_each_window_its_partition_and_scores(
+        registry: Registry, data: Path, tmp_path: Path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    hour = datetime(2026, 1, 5, 10, tzinfo=UTC)
+    with dg.instance_for_test() as instance:
+        assert _materialize(registry, data, instance, [*_registered_stand_in(registry), reference_profile]).success
+    _log_traffic(registry, data, 600, seed=41, at=hour)
+    _log_traffic(registry, data, 600, seed=42, at=hour + timedelta(hours=2), drift_=DRIFTED)  # 11:00 has none
+    defs_file = tmp_path / "backfill_defs.py"
+    defs_file.write_text(_CLI_DEFS.format(args={"registry": registry.cli_args(), "data": str(data)}))
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": str(repo)}
+    command = [str(Path(sys.executable).with_name("dagster")), "asset", "materialize", "-f", str(defs_file),
+               "--select", "production_profiles,drift_report", "--partition-range", "2026-01-05-10:00...2026-01-05-12:00"]
+    done = subprocess.run(command, env=env, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    from dagster._core.instance.ref import InstanceRef
+
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+        key = dg.AssetKey("drift_report")
+        assert instance.get_materialized_partitions(key) == {"2026-01-05-10:00", "2026-01-05-11:00", "2026-01-05-12:00"}
+        meta = {}
+        for partition in sorted(instance.get_materialized_partitions(key)):
+            [record] = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1).records
+            meta[partition] = {k: getattr(v, "value", v) for k, v in record.asset_materialization.metadata.items()}
+    normal, empty, drifted = (meta[k] for k in sorted(meta))
+    assert normal["judged"] is True and normal["drift_detected"] is False and normal["rows"] == 600
+    assert empty["judged"] is False and "no production data" in empty["reason"]
+    assert drifted["drift_detected"] is True and drifted["event_key"] == "drift-1-20260105T120000Z"
+    assert min(drifted[f"drift/{f}"] for f in DRIFTED) > c.DRIFT_HELLINGER > max(normal[f"drift/{f}"] for f in DRIFTED)
+    print("backfill:", " ".join(command[1:]), json.dumps({k: v.get("drift_share") for k, v in meta.items()}))

@@ -281,6 +281,8 @@ class MonitoringResource(dg.ConfigurableResource):
     watch_min_compared_rows: int = c.WATCH_MIN_COMPARED_ROWS
     watch_max_compared_rows: int = c.WATCH_MAX_COMPARED_ROWS
     retrain_cooldown_s: float = c.RETRAIN_COOLDOWN_S
+    prediction_log_retention_days: float | None = c.PREDICTION_LOG_RETENTION_DAYS
+    prediction_log_retention_action: str = c.PREDICTION_LOG_RETENTION_ACTION
 
     def log_url(self, settings: Settings) -> str:
         return self.prediction_log_url or os.environ.get(PREDICTION_LOG_ENV) or join_url(

@@ -164,6 +164,11 @@ def _view(blob: bytes) -> DatasetProfileView:
     return DatasetProfileView.deserialize(blob)
 
 
+def profile_rows(blob: bytes) -> int:
+    """Rows a profile holds (its largest column count), without summarizing every column."""
+    return max((_counts(column)[0] for column in _view(blob).get_columns().values()), default=0)
+
+
 def profile_summary(blob: bytes) -> dict[str, Any]:
     """Plain-Python summary: rows, and per column counts, nulls and its distribution.
 

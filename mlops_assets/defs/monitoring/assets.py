@@ -35,7 +35,6 @@ REFERENCE_FILE = "profile.bin"
 REFERENCE_META = "reference.json"
 REFERENCE_ARTIFACT_DIR = "monitoring"  # on the version's MLflow run
 REFERENCE_ARTIFACT = f"{REFERENCE_ARTIFACT_DIR}/reference_profile{drift.PROFILE_SUFFIX}"
-WINDOWS_KEPT = 168  # windows listed in production_profiles' value (a week of hours); files stay
 NO_DRIFT_CHECK = "no_drift"
 FRESH_DATA_CHECK = "prediction_log_is_fresh"
 DEGRADATION_CHECK = "live_performance_not_degraded"
@@ -94,19 +93,30 @@ def _md_table(frame: pd.DataFrame) -> str:
 
 
 METRICS_SUBDIR = "metrics"  # Prometheus textfile-collector files (node_exporter --collector.textfile.directory)
+WINDOW_COMMENT = "# window "  # first line of a partitioned asset's file: the window its values are of
 
 
-def write_prometheus_textfile(settings: Settings, name: str, series: list[tuple[str, dict[str, str], float]]) -> str:
+def write_prometheus_textfile(settings: Settings, name: str, series: list[tuple[str, dict[str, str], float]],
+                              window: str | None = None) -> str:
     """Monitoring results as gauges for Prometheus (deploy/monitoring/ reads them): one file per asset,
-    written then renamed so a scrape never sees half of it. NaN values are left out."""
-    lines = []
+    written then renamed so a scrape never sees half of it. NaN values are left out.
+
+    With a `window` (a partition's start), the file keeps the newest window's values: a backfill of
+    an older hour leaves them alone.
+    """
+    url = join_url(settings.data_url, METRICS_SUBDIR, f"{name}.prom")
+    fs, path = fsspec.core.url_to_fs(url)
+    if window is not None and fs.exists(path):
+        with fs.open(path, "r") as handle:
+            first = handle.readline()
+        if first.startswith(WINDOW_COMMENT) and first.removeprefix(WINDOW_COMMENT).strip() > window:
+            return url
+    lines = [f"{WINDOW_COMMENT}{window}"] if window is not None else []
     for metric, labels, value in series:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             continue
         tags = ",".join(f'{k}="{str(v).replace(chr(34), "")}"' for k, v in sorted(labels.items()))
         lines.append(f"{metric}{{{tags}}} {float(value)}")
-    url = join_url(settings.data_url, METRICS_SUBDIR, f"{name}.prom")
-    fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(f"{path}.tmp", "w") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -243,10 +253,73 @@ def reference_profile(
 # production_profiles
 
 
-class ProductionProfilesConfig(dg.Config):
-    """Width of the time windows the prediction log is cut into, and how old its newest record may be."""
+# One partition per complete hour of the prediction log: a run reads that hour's folder only, the
+# hour being written does not exist yet as a partition (end_offset=0), and a past day is a backfill.
+monitoring_partitions = dg.HourlyPartitionsDefinition(start_date=c.MONITORING_PARTITIONS_START, end_offset=0,
+                                                      timezone="UTC")
+WINDOW_WIDTH = _window_width_name(c.MONITORING_WINDOW)  # the profiles' folder name ("3600s")
+DAILY_SUBDIR = "daily"
 
-    window: str = c.MONITORING_WINDOW
+
+def partition_window(context: dg.AssetExecutionContext) -> tuple[pd.Timestamp, pd.Timestamp]:
+    window = context.partition_time_window
+    return pd.Timestamp(window.start).tz_convert("UTC"), pd.Timestamp(window.end).tz_convert("UTC")
+
+
+def partition_hours(context: dg.AssetExecutionContext) -> list[tuple[pd.Timestamp, pd.Timestamp]]:
+    """The hours of this run, oldest first: one for a partition, each of a backfill's range (a
+    range runs as one run, BackfillPolicy.single_run, so the CLI's --partition-range works too)."""
+    start, end = partition_window(context)
+    return [(h, h + pd.Timedelta(hours=1)) for h in pd.date_range(start, end - pd.Timedelta(hours=1), freq="h")]
+
+
+def combined_check(name: str, checks: list[dg.AssetCheckResult]) -> dg.AssetCheckResult:
+    """A run's check result over its hours: one hour's own result, or for a range, failed when
+    any hour failed, with the newest failing hour's metadata (each hour's numbers are on its partition)."""
+    if len(checks) == 1:
+        return checks[0]
+    failed = [c for c in checks if not c.passed]
+    windows = [str((c.metadata or {}).get("window", "?")) for c in failed]
+    shown = failed[-1] if failed else checks[-1]
+    meta = {k: getattr(v, "value", v) for k, v in (shown.metadata or {}).items()}
+    return dg.AssetCheckResult(
+        check_name=name, passed=not failed, severity=shown.severity,
+        description=(f"{len(failed)} of {len(checks)} windows failed ({', '.join(windows)}); newest: "
+                     f"{shown.description}") if failed else f"all {len(checks)} windows passed",
+        metadata={**meta, "windows": len(checks), "failed_windows": ", ".join(windows) or "none"})
+
+
+def production_folder(settings: Settings, start: pd.Timestamp) -> str:
+    return join_url(profiles_url(settings), "production", WINDOW_WIDTH, _path_key(start))
+
+
+def window_profiles(folder: str) -> dict[str, str]:
+    """model version -> profile URL of one window's folder."""
+    fs, path = fsspec.core.url_to_fs(folder)
+    try:
+        names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return {}
+    return {n.removesuffix(drift.PROFILE_SUFFIX): join_url(folder, n) for n in names if n.endswith(drift.PROFILE_SUFFIX)}
+
+
+def merge_day(settings: Settings, day: pd.Timestamp) -> dict[str, str]:
+    """The day's hourly profiles merged per version (whylogs profiles merge exactly): version -> URL."""
+    hours: dict[str, list[str]] = {}
+    for h in range(24):
+        for version, url in window_profiles(production_folder(settings, day + pd.Timedelta(hours=h))).items():
+            hours.setdefault(version, []).append(url)
+    out = {}
+    for version, urls in hours.items():
+        url = join_url(profiles_url(settings), "production", DAILY_SUBDIR, f"{day:%Y-%m-%d}", f"{version}{drift.PROFILE_SUFFIX}")
+        drift.save_profile(drift.merge_profiles(drift.load_profile(u) for u in urls), url)
+        out[version] = url
+    return out
+
+
+class ProductionProfilesConfig(dg.Config):
+    """How old the log's newest record may be (the window is the partition: one hour)."""
+
     max_age: str = c.MAX_PROFILE_AGE
 
 
@@ -256,6 +329,8 @@ class ProductionProfilesConfig(dg.Config):
 @dg.asset(
     group_name=c.GROUP_MONITORING,
     kinds={"whylogs"},
+    partitions_def=monitoring_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
     freshness_policy=dg.FreshnessPolicy.time_window(
         fail_window=pd.Timedelta(minutes=c.PROFILES_MAX_LAG_MINUTES).to_pytimedelta(),
         warn_window=pd.Timedelta(minutes=c.PROFILES_MAX_LAG_MINUTES // 2).to_pytimedelta()),
@@ -268,38 +343,19 @@ def production_profiles(
     platform: PlatformResource,
     monitoring: MonitoringResource,
 ):  # no return annotation: with checks, Dagster reads it as the outputs
-    """Mergeable whylogs profiles of the prediction log's inputs and outputs, per time window and model version."""
+    """Mergeable whylogs profiles of one hour of the prediction log's inputs and outputs (each hour
+    of a backfill's range), per model version, merged into the day's profile; then the log's retention."""
     spec = platform.spec()
     settings = platform.settings()
     log_url = monitoring.log_url(settings)
-    read = mon.read_prediction_log_files(log_url)
-    for path, why in read.skipped:
-        context.log.warning(redact_text(f"skipped unreadable prediction log file {path}: {why}"))
     columns = mon.monitored_columns(spec.feature_names)
-    width = _window_width_name(config.window)
-    base = join_url(profiles_url(settings), "production", width)
-    windows = mon.split_windows(read.frame, config.window)
-    listed, written = [], 0
-    for window, rows in windows:
-        folder = join_url(base, _path_key(window.start))
-        manifest = _read_json(join_url(folder, "manifest.json")) or {}
-        versions: dict[str, Any] = {}
-        for version, part in rows.groupby(mon.MODEL_VERSION, sort=True):
-            url = join_url(folder, f"{version}{drift.PROFILE_SUFFIX}")
-            known = (manifest.get("versions") or {}).get(str(version)) or {}
-            if known.get("rows") != len(part):  # new or grown since the last run: profile again
-                present = [col for col in columns if col in part]
-                drift.save_profile(drift.profile_frame(part[present], window.start.to_pydatetime()), url)
-                written += 1
-            versions[str(version)] = {"rows": len(part), "url": url}
-        entry = {"key": window.key, "start": window.start.isoformat(), "end": window.end.isoformat(),
-                 "rows": window.rows, "newest": window.newest.isoformat() if window.newest is not None else None,
-                 "versions": versions}
-        _write_json(join_url(folder, "manifest.json"), entry)
-        listed.append(entry)
-    now = datetime.now(UTC)
-    fresh = mon.window_freshness([w for w, _ in windows], now, config.max_age)
-    latest = listed[-1] if listed else None
+    hours = partition_hours(context)
+    for key, (start, end) in zip(context.partition_keys, hours, strict=True):
+        context.add_asset_metadata(_profile_hour(context, settings, log_url, columns, start, end), partition_key=key)
+    daily = {day: merge_day(settings, day) for day in sorted({start.floor("D") for start, _ in hours})}
+    retention = mon.apply_retention(log_url, monitoring.prediction_log_retention_days, datetime.now(UTC),
+                                    monitoring.prediction_log_retention_action)
+    fresh = mon.freshness(mon.newest_record(log_url), datetime.now(UTC), config.max_age)
     check = dg.AssetCheckResult(
         check_name=FRESH_DATA_CHECK, passed=fresh.fresh, severity=dg.AssetCheckSeverity.WARN,
         description=fresh.reason,
@@ -308,22 +364,48 @@ def production_profiles(
                   **_floats({"age_seconds": fresh.age_seconds})},
     )
     return dg.MaterializeResult(
-        value={"window": config.window, "width": width, "log_url": log_url, "base_url": base,
-               "windows": listed[-WINDOWS_KEPT:], "newest": fresh.newest.isoformat() if fresh.newest is not None else None},
         metadata={
-            "window": config.window,
-            "windows": len(listed),
-            "profiles_written": written,
-            "log_rows": len(read.frame),
-            "log_files": len(read.files),
-            "skipped_files": len(read.skipped),
-            "latest_window": latest["key"] if latest else "none",
-            "latest_window_rows": latest["rows"] if latest else 0,
-            "profiles": path_value(base),
+            "daily_profiles": sum(len(v) for v in daily.values()),
+            **retention.metadata(),
             **_floats({"newest_record_age_seconds": fresh.age_seconds}),
         },
         check_results=[check],
     )
+
+
+def _profile_hour(context: dg.AssetExecutionContext, settings: Settings, log_url: str, columns: list[str],
+                  start: pd.Timestamp, end: pd.Timestamp) -> dict[str, Any]:
+    """Profile one hour's rows per answering version (replacing an earlier run's); its partition's metadata."""
+    read = mon.read_window(log_url, start, end)
+    for path, why in read.skipped:
+        context.log.warning(redact_text(f"skipped unreadable prediction log file {path}: {why}"))
+    folder = production_folder(settings, start)
+    stale = window_profiles(folder)  # an earlier run of this hour: its versions are replaced
+    versions: dict[str, int] = {}
+    for version, part in read.frame.groupby(mon.MODEL_VERSION, sort=True):
+        present = [col for col in columns if col in part]
+        drift.save_profile(drift.profile_frame(part[present], start.to_pydatetime()),
+                           join_url(folder, f"{version}{drift.PROFILE_SUFFIX}"))
+        versions[str(version)] = len(part)
+    for version, url in stale.items():
+        if version not in versions:
+            fs, path = fsspec.core.url_to_fs(url)
+            fs.rm(path)
+    key = start.strftime("%Y-%m-%dT%H:%M:%SZ")
+    context.log.info(f"window {key}: {len(read.frame)} rows from {len(read.files)} parts, versions {versions or 'none'}")
+    return {
+        "window": key,
+        "windows": 1 if versions else 0,
+        "profiles_written": len(versions),
+        "log_rows": len(read.frame),
+        "log_files": len(read.files),
+        "skipped_files": len(read.skipped),
+        "latest_window": key,
+        "latest_window_rows": len(read.frame),
+        "rows_by_version": ", ".join(f"v{v}: {n}" for v, n in versions.items()) or "none",
+        "profiles": path_value(folder),
+        "dagster/row_count": len(read.frame),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,6 +440,9 @@ def _nan_low(value: float) -> float:
 @dg.asset(
     group_name=c.GROUP_MONITORING,
     kinds={"whylogs"},
+    partitions_def=monitoring_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    deps=[production_profiles],  # the same hour (identical partitions map one to one)
     check_specs=[dg.AssetCheckSpec(NO_DRIFT_CHECK, asset="drift_report",
                                    description="Inputs and predictions of the serving version have not drifted "
                                                "from its reference beyond the configured thresholds.")],
@@ -368,9 +453,8 @@ def drift_report(
     platform: PlatformResource,
     mlflow: MlflowResource,
     ray_serve: RayServeResource,
-    production_profiles: dict,
 ):  # no return annotation: with checks, Dagster reads it as the outputs
-    """Per-feature and prediction drift of the newest window against the serving version's reference.
+    """Per-feature and prediction drift of one hour (the partition) against the serving version's reference.
 
     Every row served in the window counts, whichever version answered it: a rollback or a version
     switch inside the window must not hide drift in the traffic (the inputs are the traffic's,
@@ -378,34 +462,45 @@ def drift_report(
     """
     spec = platform.spec()
     settings = platform.settings()
-    thresholds = config.thresholds()
     model = serving_model(mlflow, ray_serve)
-    windows = [w for w in production_profiles.get("windows", []) if w.get("versions")]
-    window = windows[-1] if windows else None
     reference = load_reference(settings, mlflow, model)
+    judged = [_drift_of_hour(context, config, settings, spec, model, reference, start, end)
+              for start, end in partition_hours(context)]
+    for key, (metadata, _) in zip(context.partition_keys, judged, strict=True):
+        context.add_asset_metadata(metadata, partition_key=key)
+    return dg.MaterializeResult(metadata={"windows": len(judged)},
+                                check_results=[combined_check(NO_DRIFT_CHECK, [c for _, c in judged])])
+
+
+def _drift_of_hour(
+    context: dg.AssetExecutionContext, config: DriftConfig, settings: Settings, spec: DatasetSpec,
+    model: ServingModel, reference: tuple[bytes, str] | None, start: pd.Timestamp, end: pd.Timestamp,
+) -> tuple[dict[str, Any], dg.AssetCheckResult]:
+    """One hour's drift: its partition's metadata and its check result."""
+    thresholds = config.thresholds()
+    profiles = window_profiles(production_folder(settings, start))
+    blobs = {version: drift.load_profile(url) for version, url in profiles.items()}
+    window = {"key": start.strftime("%Y-%m-%dT%H:%M:%SZ"), "start": start.isoformat(), "end": end.isoformat(),
+              "versions": {v: {"rows": drift.profile_rows(b), "url": profiles[v]} for v, b in blobs.items()}}
 
     judged_why = None
     if model.version is None:
         judged_why = "no serving version (no endpoint answering and no champion)"
     elif reference is None:
         judged_why = f"no reference profile for version {model.version}: materialize reference_profile"
-    elif window is None:
-        judged_why = "no production data yet"
+    elif not blobs:
+        judged_why = f"no production data in window {window['key']}"
     if judged_why is not None:
         context.log.info(f"drift not judged: {judged_why}")
-        return dg.MaterializeResult(
-            value={"judged": False, "reason": judged_why, "serving_version": model.version, "drift_detected": False},
-            metadata={"judged": False, "reason": judged_why, "serving_version": model.version or "none",
-                      "drift_detected": False},
-            check_results=[dg.AssetCheckResult(check_name=NO_DRIFT_CHECK, passed=True,
-                                               description=f"not judged: {judged_why}",
-                                               metadata={"judged": False})],
-        )
+        return ({"judged": False, "reason": judged_why, "serving_version": model.version or "none",
+                 "window": window["key"], "drift_detected": False},
+                dg.AssetCheckResult(check_name=NO_DRIFT_CHECK, passed=True, description=f"not judged: {judged_why}",
+                                    metadata={"judged": False, "window": window["key"]}))
 
-    assert reference is not None and window is not None and model.version is not None
+    assert reference is not None and model.version is not None
     ref_blob, ref_where = reference
     served = window["versions"]  # version -> {"rows", "url"}: the window's rows, per answering version
-    current = drift.merge_profiles(drift.load_profile(part["url"]) for part in served.values())
+    current = drift.merge_profiles(blobs.values())
     features = drift.drift_scores(ref_blob, current, spec.feature_names, thresholds=thresholds)
     outputs = drift.prediction_drift(ref_blob, current, probability_column=mon.PROBABILITY,
                                      label_column=mon.PREDICTED_LABEL, thresholds=thresholds)
@@ -455,7 +550,7 @@ def drift_report(
                   **_floats({"drift_share": feature_summary["drift_share"], "prediction_ks": probability.statistic})},
     )
     version_label = {"model_version": model.version}
-    write_prometheus_textfile(settings, "drift_report", [
+    write_prometheus_textfile(settings, "drift_report", window=window["key"], series=[
         ("mlops_drift_detected", version_label, float(detected)),
         ("mlops_drift_feature_share", version_label, feature_summary["drift_share"]),
         ("mlops_drift_prediction_ks", version_label, probability.statistic),
@@ -463,9 +558,8 @@ def drift_report(
         *[("mlops_drift_feature_statistic", {**version_label, "feature": k}, s.statistic) for k, s in features.items()],
     ])
     context.log.info(f"drift of v{model.version} in window {window['key']}: {description}")
-    return dg.MaterializeResult(
-        value=report,
-        metadata={
+    return (
+        {
             "judged": True,
             "serving_version": model.version,
             "serving_source": model.source,
@@ -483,7 +577,7 @@ def drift_report(
             "reference": ref_where,
             "report": path_value(report_url),
         },
-        check_results=[check],
+        check,
     )
 
 
@@ -502,6 +596,8 @@ class OnlinePerformanceConfig(dg.Config):
 @dg.asset(
     group_name=c.GROUP_MONITORING,
     kinds={"pandas", "scikitlearn"},
+    partitions_def=monitoring_partitions,
+    backfill_policy=dg.BackfillPolicy.single_run(),
     check_specs=[dg.AssetCheckSpec(DEGRADATION_CHECK, asset="online_performance",
                                    description="Live metrics of the serving version are within tolerance of its "
                                                "hold-out metrics.")],
@@ -514,16 +610,32 @@ def online_performance(
     ray_serve: RayServeResource,
     monitoring: MonitoringResource,
 ):  # no return annotation: with checks, Dagster reads it as the outputs
-    """Live metrics of the serving version from delayed labels joined onto its predictions."""
+    """Live metrics of the serving version from delayed labels joined onto its predictions of one
+    hour (the partition); a backfill judges an hour again once more of its labels arrived."""
     spec = platform.spec()
     settings = platform.settings()
     model = serving_model(mlflow, ray_serve)
-    log = mon.read_prediction_log(monitoring.log_url(settings))
     labels = mon.read_labels(monitoring.resolved_labels_url(settings))
     for path, why in labels.skipped:
         context.log.warning(redact_text(f"skipped unreadable label file {path}: {why}"))
+    judged = []
+    for key, (start, end) in zip(context.partition_keys, partition_hours(context), strict=True):
+        log = mon.read_window(monitoring.log_url(settings), start, end).frame
+        metadata, check = _performance_of_hour(config, settings, spec, model, log, labels.frame, start)
+        context.add_asset_metadata(metadata, partition_key=key)
+        judged.append(check)
+    return dg.MaterializeResult(metadata={"windows": len(judged)},
+                                check_results=[combined_check(DEGRADATION_CHECK, judged)])
+
+
+def _performance_of_hour(
+    config: OnlinePerformanceConfig, settings: Settings, spec: DatasetSpec, model: ServingModel,
+    log: pd.DataFrame, labels: pd.DataFrame, start: pd.Timestamp,
+) -> tuple[dict[str, Any], dg.AssetCheckResult]:
+    """One hour's predictions joined with the labels: its partition's metadata and check result."""
+    window = start.strftime("%Y-%m-%dT%H:%M:%SZ")
     served = log[log[mon.MODEL_VERSION] == model.version] if model.version and not log.empty else log.iloc[:0]
-    join = mon.join_labels(served, labels.frame, label_values=list(spec.label_values))
+    join = mon.join_labels(served, labels, label_values=list(spec.label_values))
     live = mon.online_metrics(join.joined, spec.positive_class)
     offline = model.offline_metrics()
     rule = mon.DegradationRule(config.tolerance, tuple(config.metrics), config.min_labelled)
@@ -531,19 +643,19 @@ def online_performance(
     check = dg.AssetCheckResult(
         check_name=DEGRADATION_CHECK, passed=not verdict.degraded, severity=dg.AssetCheckSeverity.ERROR,
         description="; ".join(verdict.reasons),
-        metadata={"judged": verdict.judged, "serving_version": model.version or "none",
+        metadata={"judged": verdict.judged, "serving_version": model.version or "none", "window": window,
                   "n_labelled": int(live["n_labelled"]),
                   **_floats({f"delta_{k}": v for k, v in verdict.deltas.items()})},
     )
     version_label = {"model_version": model.version or "none"}
-    write_prometheus_textfile(settings, "online_performance", [
+    write_prometheus_textfile(settings, "online_performance", window=window, series=[
         ("mlops_live_degraded", version_label, float(verdict.degraded)),
         *[(f"mlops_live_{k}", version_label, v) for k, v in live.items()],
         *[(f"mlops_offline_{k}", version_label, offline.get(k, math.nan)) for k in config.metrics],
     ])
     by_version = []
     if not log.empty:
-        everything = mon.join_labels(log, labels.frame, label_values=list(spec.label_values)).joined
+        everything = mon.join_labels(log, labels, label_values=list(spec.label_values)).joined
         for version, part in everything.groupby(mon.MODEL_VERSION):
             metrics = mon.online_metrics(part, spec.positive_class)
             by_version.append({"version": version, **{k: metrics[k] for k in ("n_labelled", "accuracy", "f1", "roc_auc")}})
@@ -551,9 +663,9 @@ def online_performance(
               "offline": offline, "degraded": verdict.degraded, "judged": verdict.judged,
               "reasons": list(verdict.reasons), "join": join.metadata(),
               "event_key": f"degraded-{model.version}" if verdict.degraded else None}
-    return dg.MaterializeResult(
-        value=output,
-        metadata={
+    return (
+        {
+            "window": window,
             "serving_version": model.version or "none",
             "degraded": verdict.degraded,
             "judged": verdict.judged,
@@ -564,7 +676,7 @@ def online_performance(
             "by_version": dg.MetadataValue.md(_md_table(pd.DataFrame(by_version))),
             "unknown_label_ids": ", ".join(join.unknown_ids) or "none",
         },
-        check_results=[check],
+        check,
     )
 
 

@@ -2,7 +2,7 @@
 run-failure alert, the watch after each deployment, and the periodic schedules.
 
 Sensors decide; runs act. Each sensor reads the latest materialization of the asset it watches
-(its metadata carries the verdict), asks a pure rule in `monitoring/live.py` what to do, and
+(for the hourly monitoring assets: of their newest partition; its metadata carries the verdict), asks a pure rule in `monitoring/live.py` what to do, and
 returns run requests with run keys, so a drift event becomes exactly one retraining run even if
 the same report is read on many ticks.
 """
@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
+import fsspec
 import httpx
 import pandas as pd
 
@@ -39,8 +40,8 @@ EVENT_TAG = "mlops_assets/event"
 monitoring_job = dg.define_asset_job(
     MONITORING_JOB,
     selection=dg.AssetSelection.assets("production_profiles", "drift_report", "online_performance"),
-    description="Profile the prediction log, measure drift and live performance of the serving version.",
-)
+    description="Profile one hour of the prediction log, measure drift and live performance of the serving version.",
+)  # hourly partitioned, as its assets are: a run is one hour, a backfill a range of them
 
 # Retraining is the normal path from raw data to a deployed champion (gate and deployment
 # included), preceded by the labelled production records becoming a raw batch.
@@ -66,9 +67,25 @@ def latest_metadata(instance: dg.DagsterInstance, asset: str) -> tuple[dict[str,
     return meta, event.timestamp
 
 
+def latest_partition_metadata(instance: dg.DagsterInstance, asset: str) -> tuple[dict[str, Any], float | None]:
+    """(metadata, timestamp) of the latest materialization of the asset's newest materialized
+    partition: a backfill of an older hour, materialized later, does not hide the newest window.
+    Hourly keys sort by time. An asset never materialized by partition: its latest materialization."""
+    key = dg.AssetKey(asset)
+    partitions = instance.get_materialized_partitions(key)
+    if not partitions:
+        return latest_metadata(instance, asset)
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[max(partitions)]), limit=1).records
+    if not records or records[0].asset_materialization is None:
+        return {}, None
+    meta = {k: getattr(v, "value", v) for k, v in records[0].asset_materialization.metadata.items()}
+    return meta, records[0].timestamp
+
+
 def _retrain_tick(context: dg.SensorEvaluationContext, monitoring: MonitoringResource, asset: str,
                   flag: str, trigger: str) -> dg.SensorResult | dg.SkipReason:
-    meta, _ = latest_metadata(context.instance, asset)
+    meta, _ = latest_partition_metadata(context.instance, asset)
     cursor = mon.RetrainCursor.from_json(context.cursor)
     event = str(meta.get("event_key")) if meta.get(flag) and meta.get("event_key") not in (None, "none") else None
     decision = mon.retrain_decision(event, cursor, datetime.now(UTC),
@@ -157,13 +174,14 @@ def _watch_observation(
     counters: mon.ServingCounters | None, baseline: mon.ServingCounters | None, *,
     feature_names: Sequence[str], positive_class: int,
     score_old: Callable[[pd.DataFrame], tuple[Sequence[int], Sequence[float]]] | None,
-    max_rows: int = c.WATCH_MAX_COMPARED_ROWS,
+    max_rows: int = c.WATCH_MAX_COMPARED_ROWS, answered: int | None = None,
 ) -> tuple[mon.WatchObservation, dict[str, Any]]:
     """Requests from the log; 5xx and latency from the metrics (the log holds answered requests
     only); the prediction comparison from the replaced version scored on the new one's logged
     inputs, so both sides saw exactly the same rows (input drift is the drift path's business)."""
     after = log[(log[mon.MODEL_VERSION] == live) & (log[mon.TIMESTAMP] >= deployed_at)] if not log.empty else log
-    answered = int(after[mon.REQUEST_ID].nunique()) if not after.empty else 0
+    if answered is None:  # else counted over every part read since the deployment (`log` may be its tail)
+        answered = int(after[mon.REQUEST_ID].nunique()) if not after.empty else 0
     errors, p95 = 0, None
     if counters is not None and baseline is not None:
         _, errors, p95 = mon.counters_since(counters, baseline)
@@ -176,6 +194,41 @@ def _watch_observation(
     seen = {"answered_requests": answered, "server_errors": errors, "latency_p95_s": p95, **same.to_dict(),
             "rows_after": len(after), "metrics": counters is not None}
     return obs, seen
+
+
+# The newest rows of each watched deployment's version, kept across ticks in the process that
+# evaluates the sensor: each tick reads only the parts that arrived since the last one.
+_WATCH_ROWS: OrderedDict[str, pd.DataFrame] = OrderedDict()
+_WATCH_KEPT = 2
+
+
+def watch_rows(log_url: str, deployment: str, live: str, deployed_at: pd.Timestamp, state: dict[str, Any],
+               max_rows: int, now: datetime | None = None) -> tuple[pd.DataFrame, int, int]:
+    """(the newest `max_rows` rows of `live` since `deployed_at`, requests answered by it, parts read
+    this tick). Lists only the hour folders since the deployment and reads the parts not in
+    `state["parts"]` (the cursor); `state` is updated. A process that did not see the earlier
+    ticks reads the deployment's parts again."""
+    seen = list(state.get("parts") or [])
+    cached = _WATCH_ROWS.get(deployment)
+    if cached is None:
+        seen, state["answered"] = [], 0
+    fs, root = fsspec.core.url_to_fs(log_url)
+    until = pd.Timestamp(now or datetime.now(UTC)) + pd.Timedelta(hours=1)
+    hourly, legacy = mon.list_log_parts(log_url, deployed_at, until)
+    known = set(seen)
+    new = [p for p in [*hourly, *legacy] if p.removeprefix(f"{root}/") not in known]
+    read = mon.read_log_parts(log_url, new, start=deployed_at)
+    frame = read.frame
+    after = frame[frame[mon.MODEL_VERSION] == live] if not frame.empty else frame
+    answered = int(state.get("answered") or 0) + (int(after[mon.REQUEST_ID].nunique()) if not after.empty else 0)
+    rows = after if cached is None else pd.concat([cached, after], ignore_index=True)
+    _WATCH_ROWS[deployment] = rows = rows.tail(max_rows).reset_index(drop=True)
+    _WATCH_ROWS.move_to_end(deployment)
+    while len(_WATCH_ROWS) > _WATCH_KEPT:
+        _WATCH_ROWS.popitem(last=False)
+    names = [p.removeprefix(f"{root}/") for p in read.files]
+    state.update(parts=[*seen, *names], answered=answered, last_part=names[-1] if names else state.get("last_part"))
+    return rows, answered, len(new)
 
 
 def _deployed_by_rollback(instance: dg.DagsterInstance) -> bool:
@@ -265,7 +318,8 @@ def post_deploy_watch(
         return dg.SensorResult(skip_reason=dg.SkipReason(f"deployment {deployment}: {state['verdict']}"),
                                cursor=json.dumps(state))
     deployed_at = pd.Timestamp(at, unit="s", tz="UTC")
-    log = mon.read_prediction_log(monitoring.log_url(platform.settings()))
+    log, answered, _ = watch_rows(monitoring.log_url(platform.settings()), deployment, live, deployed_at, state,
+                                  monitoring.watch_max_compared_rows)
     counters = scrape_counters(metrics_url) if state.get("baseline") else None
     baseline = mon.ServingCounters.from_dict(state["baseline"]) if state.get("baseline") else None
     spec = platform.spec()
@@ -279,7 +333,7 @@ def post_deploy_watch(
             context.log.warning(load_error)
     obs, seen = _watch_observation(log, live, deployed_at, counters, baseline, feature_names=spec.feature_names,
                                    positive_class=spec.positive_class, score_old=score_old,
-                                   max_rows=monitoring.watch_max_compared_rows)
+                                   max_rows=monitoring.watch_max_compared_rows, answered=answered)
     decision = mon.watch_decision(obs, deployed_at, datetime.now(UTC), limits)
     state["verdict"] = decision.verdict
     state["seen"] = {**seen, "compared_with": replaced if score_old is not None else None,
@@ -307,10 +361,11 @@ def post_deploy_watch(
     )
 
 
-# Periodic monitoring keeps drift and live metrics current: on by default, it only reads.
-monitoring_schedule = dg.ScheduleDefinition(
-    name="periodic_monitoring", job=monitoring_job, cron_schedule=c.MONITORING_SCHEDULE_CRON,
-    default_status=dg.DefaultScheduleStatus.RUNNING, execution_timezone="UTC",
+# Periodic monitoring keeps drift and live metrics current: on by default, it only reads. Each
+# run is the last complete hour's partition, a few minutes after it ends.
+monitoring_schedule = dg.build_schedule_from_partitioned_job(
+    monitoring_job, name="periodic_monitoring", minute_of_hour=c.MONITORING_SCHEDULE_MINUTE,
+    default_status=dg.DefaultScheduleStatus.RUNNING,
 )
 # Periodic retraining is off by default: the drift and degradation sensors retrain when there is
 # a reason, and a blind weekly retrain churns the champion and costs compute. Turn it on when
