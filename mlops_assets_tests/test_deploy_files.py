@@ -743,3 +743,42 @@ def test_the_freshness_policy_and_verdict_of_the_monitoring_assets_reach_the_ui(
             "failWindowSeconds": int(policy.fail_window.to_timedelta().total_seconds()),
             "warnWindowSeconds": int(policy.warn_window.to_timedelta().total_seconds()) if policy.warn_window else None}
         assert shown[key]["freshnessStatusInfo"]["freshnessStatus"] == "HEALTHY", key  # just materialized
+    # The UI itself: the webserver `make up` starts, on that instance, answers the same over HTTP.
+    assert _graphql_over_http(home, query) == result.data
+
+
+def _graphql_over_http(home: Path, query: str) -> dict[str, Any]:
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    log = home / "webserver.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("dagster-webserver")), "-h", "127.0.0.1",
+                                 "-p", str(port), "-m", "mlops_assets.definitions"],
+                                cwd=REPO, env={**os.environ, "DAGSTER_HOME": str(home)},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                answer = httpx.post(f"http://127.0.0.1:{port}/graphql", json={"query": query}, timeout=30).json()
+                if answer.get("data", {}).get("assetNodes"):  # the code location has loaded
+                    assert not answer.get("errors"), answer["errors"]
+                    return answer["data"]
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the webserver did not answer: " + log.read_text()[-3000:]
+            time.sleep(1)
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
