@@ -303,9 +303,10 @@ def test_the_training_path_materializes_on_postgres_and_concurrent_runs_succeed(
     assert model_store.alias_version(client, MODEL, c.ALIAS_CHAMPION) == "1"
 
     # 2. Two more runs at the same time, from two processes through the CLI, on the same instance
-    #    and the same MLflow database and registered model (each with its own data folder).
+    #    and the same MLflow database and registered model (each with its own data folder and data:
+    #    the same data as the first run would train nothing, see test_stale_training.py).
     for i in range(CONCURRENT_RUNS):
-        _land(platform.root / f"data{i}")
+        _land(platform.root / f"data{i}", seed=43 + i)
     started = time.monotonic()
     procs = [_materialize_cli(platform.env, platform.root / f"data{i}") for i in range(CONCURRENT_RUNS)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
@@ -335,7 +336,8 @@ def test_the_training_path_materializes_on_postgres_and_concurrent_runs_succeed(
         assert run.info.status == "FINISHED" and "test_roc_auc" in run.data.metrics
         assert v.tags[model_store.TAG_SHA256]
     batches = ingestion.accepted_batches(str(platform.root / "data" / "batches"))
-    assert versions[0].tags["raw_dataset_version"] == ingestion.dataset_version([b.batch_id for b in batches])
+    [first_version] = [v for v in versions if str(v.version) == "1"]  # the in-process run's, on `data`
+    assert first_version.tags["raw_dataset_version"] == ingestion.dataset_version([b.batch_id for b in batches])
     print(f"\npostgres: first run {first_s:.1f}s; {CONCURRENT_RUNS} concurrent CLI runs {concurrent_s:.1f}s")
 
 
@@ -443,7 +445,11 @@ def test_two_concurrent_training_runs_on_different_data_each_record_their_own_ve
         batches = ingestion.accepted_batches(str(root / "batches"))
         data_version = ingestion.dataset_version([b.batch_id for b in batches])
         [feature_dir] = [p.name for p in (root / "features").iterdir() if p.is_dir()]  # one feature version per data
-        [mv] = [v for v in versions if v.tags["raw_dataset_version"] == data_version]
+        own = [v for v in versions if v.tags["raw_dataset_version"] == data_version]
+        # The old design failed here: both versions named the data version of whichever run
+        # materialized train_test_split last.
+        assert len(own) == 1, (side, data_version, [v.tags["raw_dataset_version"] for v in versions])
+        [mv] = own
         assert mv.tags["data_version"] == data_version and mv.tags["feature_version"] == feature_dir, side
         # The Dagster materialization of that run says the same.
         meta = by_run[mv.tags["dagster_run_id"]].asset_materialization.metadata

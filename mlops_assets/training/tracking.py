@@ -119,6 +119,21 @@ def _input(dataset: Any, context: str, tags: Mapping[str, str] | None) -> Datase
     return DatasetInput(dataset=dataset._to_mlflow_entity(), tags=input_tags)
 
 
+def _log_inputs_once(client: MlflowClient, run_id: str, item: DatasetInput) -> None:
+    """Log one dataset input. Two runs logging the same dataset (same digest) at the same moment
+    race on the store's unique key; the loser retries and then links the row the winner made."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=[item])
+            return
+        except MlflowException as exc:
+            if attempt == 2 or "unique" not in str(exc).lower():
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 def log_frame_input(
     client: MlflowClient, run_id: str, frame: pd.DataFrame, *, name: str, context: str,
     source: str | None = None, digest: str | None = None, targets: str | None = None,
@@ -131,7 +146,7 @@ def log_frame_input(
         frame, source=_source(source), name=name, targets=targets,
         digest=short_digest(digest) if digest else None,
     )
-    client.log_inputs(run_id, datasets=[_input(dataset, context, tags)])
+    _log_inputs_once(client, run_id, _input(dataset, context, tags))
     return dataset.digest
 
 
@@ -144,7 +159,7 @@ def log_version_input(
 
     # MetaDataset has no profile by design; the stubs mark it abstract.
     dataset = MetaDataset(source=_source(source), name=name, digest=short_digest(version))  # type: ignore[abstract]
-    client.log_inputs(run_id, datasets=[_input(dataset, context, {"version": version, **(tags or {})})])
+    _log_inputs_once(client, run_id, _input(dataset, context, {"version": version, **(tags or {})}))
     return dataset.digest
 
 

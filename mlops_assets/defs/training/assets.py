@@ -124,7 +124,9 @@ def trained_model(
         _log_inputs(client, run_id, frame, train, test, split)
         example = train[spec.feature_names].head(INPUT_EXAMPLE_ROWS)
         info = model_store.log_catboost_model(result.model, input_example=example)
-        sha256 = model_store.artifact_sha256(client, info.model_uri)
+        # Hashed here, from the bytes just uploaded (CatBoost's native save, as mlflow.catboost writes
+        # it): no download. model_evaluation's load checks the stored file against this hash.
+        sha256 = _native_sha256(result.model)
         record = TrainedModel(
             run_id=run_id, experiment_id=str(experiment_id), model_uri=info.model_uri, model_id=str(info.model_id),
             model_sha256=sha256, trained_at=datetime.now(UTC).isoformat(), git_sha=git_sha,
@@ -165,6 +167,13 @@ def trained_model(
             "feature_version": split.feature_version,
         },
     )
+
+
+def _native_sha256(model: Any) -> str:
+    with tempfile.TemporaryDirectory(prefix="catboost-hash-") as tmp:
+        path = f"{tmp}/{model_store.MODEL_ARTIFACT_FILE}"
+        model.save_model(path)
+        return model_store.file_sha256(path)
 
 
 def _param(key: str, value: Any) -> Any:

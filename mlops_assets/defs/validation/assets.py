@@ -3,6 +3,7 @@
 import json
 
 import dagster as dg
+import fsspec
 
 from mlops_assets import constants as c
 from mlops_assets.core import records
@@ -33,10 +34,18 @@ def validation_report(context: dg.AssetExecutionContext, config: ValidationConfi
     data_version = raw_dataset.version  # the version of the very data this run validates
     thresholds = ValidationThresholds(**config.model_dump())
     spec = platform.spec()
-    report = build_report(load_raw_frame(raw_dataset, spec), spec, thresholds, data_version)
-    # Addressed by data and thresholds: written once (temporary name, then rename), never in place.
-    base = join_url(settings.reports_url, f"validation-{data_version}-{content_hash(config.model_dump())[:8]}")
-    records.write_atomic(f"{base}.json", json.dumps(report, indent=1).encode())
+    # Addressed by data, thresholds, spec and code: written once (temporary name, then rename),
+    # never in place; the same data is checked against the contract once, later runs read the report.
+    key = content_hash(config.model_dump(), repr(spec), VALIDATION_CODE_VERSION)[:8]
+    base = join_url(settings.reports_url, f"validation-{data_version}-{key}")
+    fs, stored = fsspec.core.url_to_fs(f"{base}.json")
+    if fs.exists(stored):
+        with fs.open(stored, "r") as handle:
+            report = json.load(handle)
+        context.log.info(f"data version {data_version} was validated before: report {base}.json reused")
+    else:
+        report = build_report(load_raw_frame(raw_dataset, spec), spec, thresholds, data_version)
+        records.write_atomic(f"{base}.json", json.dumps(report, indent=1).encode())
     markdown = render_markdown(report)
     records.write_atomic(f"{base}.md", markdown.encode())
     return dg.Output(
