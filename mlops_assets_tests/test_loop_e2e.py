@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -86,6 +87,37 @@ class Loop:
         return self.job(name).execute_in_process(instance=self.instance, run_config=run_config, tags=tags,
                                                  raise_on_error=False)
 
+    def monitor(self, hour: datetime) -> dg.ExecuteInProcessResult:
+        """The monitoring job for one hourly window (its partition), as the schedule runs the last complete hour."""
+        return self.job("monitoring").execute_in_process(instance=self.instance, partition_key=hour_key(hour),
+                                                         raise_on_error=False)
+
+    def file_traffic_in(self, hour: datetime, results: list[traffic.TrafficResult]) -> None:
+        """Move these requests' logged rows into a past, complete hour (its folder, its times, in order).
+
+        Monitoring windows are hours and only complete ones exist as partitions: a test cannot wait
+        for an hour to pass, so each traffic phase is filed as one past hour's traffic.
+        """
+        from mlops_assets.serving.prediction_log import write_part
+
+        ids = {a["request_id"] for r in results for a in r.answered}
+        root = self.data / "predictions"
+        moved = []
+        for part in sorted(root.rglob("*.parquet")):
+            frame = pd.read_parquet(part)
+            mine = frame["request_id"].isin(ids)
+            if not mine.any():
+                continue
+            moved.append(frame[mine])
+            if mine.all():
+                part.unlink()
+            else:
+                frame[~mine].to_parquet(part, index=False)
+        rows = pd.concat(moved, ignore_index=True).sort_values("logged_at", kind="stable")
+        offset = (rows["logged_at"] - rows["logged_at"].min()).clip(upper=pd.Timedelta(minutes=59))
+        rows["logged_at"] = pd.Timestamp(hour) + offset
+        write_part(rows.to_dict("records"), str(root), f"part-filed-{hour_key(hour).replace(':', '')}.parquet")
+
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.tracking_uri)
 
@@ -131,10 +163,13 @@ class Loop:
         return requests, (result.cursor if isinstance(result, dg.SensorResult) else cursor), skip
 
 
-def wait_for_new_window() -> None:
-    """Sleep to just after the next window boundary, so a phase's traffic fills one window."""
-    now = time.time()
-    time.sleep(WINDOW_S - (now % WINDOW_S) + 0.3)
+def past_hour(hours_ago: int) -> datetime:
+    """The start of a complete hour (UTC), `hours_ago` hours before the current one."""
+    return datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours_ago)
+
+
+def hour_key(hour: datetime) -> str:
+    return hour.strftime("%Y-%m-%d-%H:00")
 
 
 def _check(result: dg.ExecuteInProcessResult, name: str) -> dg.AssetCheckEvaluation:
@@ -195,11 +230,12 @@ def test_the_loop_from_raw_data_to_drift_to_one_retraining_through_the_gate(loop
     assert loop.champion() == "1" and dep.live_version(loop.target) == "1"
     assert (loop.data / "profiles" / "reference" / "1" / "profile.bin").exists()
 
-    # 2. Normal traffic: no drift, no retraining.
-    wait_for_new_window()
+    # 2. Normal traffic (filed as one past hour's): no drift, no retraining.
+    normal_hour, drift_hour = past_hour(3), past_hour(2)
     normal = loop.send(600, seed=101)
     loop.wait_logged([normal])
-    monitored = loop.run("monitoring", MONITOR)
+    loop.file_traffic_in(normal_hour, [normal])
+    monitored = loop.monitor(normal_hour)
     assert monitored.success
     ok = _meta(monitored, "drift_report")
     assert ok["judged"] is True and ok["serving_version"] == "1" and ok["serving_source"] == "endpoint"
@@ -207,20 +243,20 @@ def test_the_loop_from_raw_data_to_drift_to_one_retraining_through_the_gate(loop
     requests, cursor, why = loop.tick("drift_retraining_sensor", None)
     assert requests == [] and why == "no drift"
 
-    # 3. Drifted traffic, and later the true labels of everything sent.
-    wait_for_new_window()
+    # 3. Drifted traffic in the next hour, and later the true labels of everything sent.
     drifted = loop.send(600, seed=102, drift=DRIFT)
     loop.wait_logged([normal, drifted])
+    loop.file_traffic_in(drift_hour, [drifted])
     labels = traffic.labels_frame(normal)
     labels = pd.concat([labels, traffic.labels_frame(drifted)], ignore_index=True)
     traffic.write_labels(labels, str(loop.data / "labels"))
-    monitored = loop.run("monitoring", MONITOR)
+    monitored = loop.monitor(drift_hour)
     assert monitored.success
     bad = _meta(monitored, "drift_report")
     assert not _check(monitored, "no_drift").passed and bad["drift_detected"] is True
     assert set(DRIFT) <= set(bad["drifted_features"].split(", ")) and bad["rows"] == 600
-    live = _meta(monitored, "online_performance")
-    assert live["n_matched"] == 1200 and live["serving_version"] == "1"
+    live = _meta(monitored, "online_performance")  # the window's predictions, with their labels
+    assert live["n_matched"] == 600 and live["serving_version"] == "1" and live["window"] == f"{drift_hour:%Y-%m-%dT%H}:00:00Z"
 
     # Exactly one retraining request for the event, none on the next ticks or a re-run report.
     requests, cursor, _ = loop.tick("drift_retraining_sensor", cursor)
@@ -229,7 +265,7 @@ def test_the_loop_from_raw_data_to_drift_to_one_retraining_through_the_gate(loop
     for _ in range(2):
         again, cursor, why = loop.tick("drift_retraining_sensor", cursor)
         assert again == [] and "already handled" in why
-    assert loop.run("monitoring", MONITOR).success
+    assert loop.monitor(drift_hour).success
     again, cursor, why = loop.tick("drift_retraining_sensor", cursor)
     assert again == []
 

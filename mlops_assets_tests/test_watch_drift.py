@@ -25,7 +25,7 @@ from mlops_assets.monitoring import live as mon
 from mlops_assets.registry import model_store
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records
 from mlops_assets.training import tracking
-from mlops_assets_tests.test_loop_e2e import DRIFT, MONITOR, Loop, _check, _meta, wait_for_new_window
+from mlops_assets_tests.test_loop_e2e import DRIFT, Loop, _check, _meta, past_hour
 from mlops_assets_tests.test_loop_e2e import loop as loop  # noqa: F401 - the fixture, one cluster for this module
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -94,7 +94,6 @@ def test_drift_after_deploying_an_equal_model_is_no_rollback_one_failed_check_on
     assert _meta(deployed, "model_deployment")["replaced_version"] == old
     watch = {"watch_window": f"{WATCH_WINDOW_S}s"}
     _, cursor, _ = loop.tick("post_deploy_watch", None, **watch)  # first tick: the counters' baseline
-    wait_for_new_window()
     drifted = loop.send(300, seed=302, drift=DRIFT, batch_size=5)  # 60 requests
     log = loop.wait_logged([drifted])
     assert {a["model_version"] for a in drifted.answered} == {new}
@@ -124,8 +123,10 @@ def test_drift_after_deploying_an_equal_model_is_no_rollback_one_failed_check_on
     assert not [a for a in loop.webhook.received if a["kind"] == "rollback"]
     assert loop.champion() == new and dep.live_version(loop.target) == new
 
-    # The drift path judges the window: the no_drift check fails.
-    monitored = loop.run("monitoring", MONITOR)
+    # The drift path judges the window (the drifted traffic filed as one past hour's): no_drift fails.
+    drift_hour = past_hour(2)
+    loop.file_traffic_in(drift_hour, [drifted])
+    monitored = loop.monitor(drift_hour)
     assert monitored.success
     report = _meta(monitored, "drift_report")
     assert not _check(monitored, "no_drift").passed and report["drift_detected"] is True
@@ -138,7 +139,7 @@ def test_drift_after_deploying_an_equal_model_is_no_rollback_one_failed_check_on
     for _ in range(2):
         again, sensor_cursor, why = loop.tick("drift_retraining_sensor", sensor_cursor)
         assert again == [] and "already handled" in why
-    assert loop.run("monitoring", MONITOR).success
+    assert loop.monitor(drift_hour).success
     again, sensor_cursor, _ = loop.tick("drift_retraining_sensor", sensor_cursor)
     assert again == []
     print(f"watch-drift: v{old} vs v{new} KS on earlier inputs {earlier_ks:.2f}, on the same rows 0.00; "
