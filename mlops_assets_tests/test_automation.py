@@ -133,6 +133,29 @@ def test_the_drift_sensor_judges_the_newest_window_not_the_latest_backfilled_one
         assert [r.run_key for r in _requests(result)] == ["drift-3-20260105T130000Z"]
 
 
+def test_the_monitoring_schedule_runs_the_last_complete_hour_and_the_hour_being_written_is_no_partition() -> None:
+    from mlops_assets.defs.monitoring.assets import (
+        drift_report,
+        monitoring_partitions,
+        online_performance,
+        production_profiles,
+    )
+    from mlops_assets.defs.monitoring.sensors import monitoring_job, monitoring_schedule
+
+    unused = {k: dg.ResourceDefinition.none_resource() for k in ("platform", "monitoring", "mlflow", "ray_serve")}
+    defs = dg.Definitions(assets=[production_profiles, drift_report, online_performance], jobs=[monitoring_job],
+                          schedules=[monitoring_schedule], resources=unused)
+    schedule = defs.resolve_schedule_def("periodic_monitoring")
+    tick = datetime(2026, 1, 5, 11, 5, tzinfo=UTC)
+    with dg.instance_for_test() as instance:
+        result = schedule.evaluate_tick(dg.build_schedule_context(instance=instance, scheduled_execution_time=tick))
+    [request] = result.run_requests or []
+    assert schedule.cron_schedule == "5 * * * *" and request.partition_key == "2026-01-05-10:00"
+    keys = monitoring_partitions.get_partition_keys(current_time=datetime(2026, 1, 5, 11, 59, tzinfo=UTC))
+    assert keys[-1] == "2026-01-05-10:00"  # 11:00 is still being written
+    assert defs.resolve_job_def("monitoring").partitions_def == monitoring_partitions
+
+
 def test_no_retraining_request_while_a_training_run_is_in_progress() -> None:
     from dagster._core.test_utils import create_run_for_test
 

@@ -18,6 +18,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
@@ -245,11 +246,34 @@ def newest_record(url: str) -> pd.Timestamp | None:
     for day in days:
         hours = sorted((e for e in fs.ls(day, detail=False) if e.rsplit("/", 1)[-1].startswith("hour=")), reverse=True)
         paths = next((found for hour in hours if (found := _ls_files(fs, hour))), [])
-        frame = read_log_parts(url, [*paths, *_ls_files(fs, day)]).frame
-        if not frame.empty:
-            return pd.Timestamp(frame[TIMESTAMP].max())
-    frame = read_log_parts(url, _ls_files(fs, root)).frame
-    return pd.Timestamp(frame[TIMESTAMP].max()) if not frame.empty else None
+        newest = _newest_in(fs, [*paths, *_ls_files(fs, day)])
+        if newest is not None:
+            return newest
+    return _newest_in(fs, _ls_files(fs, root))
+
+
+def _newest_in(fs: Any, paths: Sequence[str]) -> pd.Timestamp | None:
+    """The newest timestamp in these parts, reading only the time column of Parquet parts."""
+    stamps = []
+    for path in paths:
+        try:
+            if path.endswith(".parquet"):
+                with fs.open(path, "rb") as handle:
+                    names = pq.read_schema(handle).names
+                    column = next((n for n in ("logged_at", TIMESTAMP) if n in names), None)
+                    if column is None:
+                        continue
+                    handle.seek(0)
+                    frame = pd.read_parquet(handle, columns=[column]).rename(columns={column: TIMESTAMP})
+            else:
+                frame = _canonical_names(_read_file(fs, path))
+        except Exception as exc:  # unreadable parts are reported by the readers; here they only do not count
+            logger.warning("skipping unreadable file %s: %s", path, exc)
+            continue
+        if TIMESTAMP in frame and len(frame):
+            stamps.append(pd.to_datetime(frame[TIMESTAMP], utc=True, errors="coerce", format="mixed").max())
+    stamps = [t for t in stamps if not pd.isna(t)]
+    return pd.Timestamp(max(stamps)) if stamps else None
 
 
 # Retention: hours older than the retention are compacted (their parts merged into one) or deleted.
