@@ -298,6 +298,23 @@ def test_a_window_split_between_versions_is_judged_on_all_its_rows(registry: Reg
     assert set(DRIFTED) <= set(meta["drifted_features"].split(", "))
 
 
+def test_a_profiles_run_applies_the_log_s_retention_and_never_touches_the_current_hour(registry: Registry, data: Path):
+    old = datetime(2026, 1, 5, 10, tzinfo=UTC)
+    _log_traffic(registry, data, 100, seed=51, at=old)
+    _log_traffic(registry, data, 100, seed=52, at=datetime.now(UTC))
+    resources = {**registry.resources(data), "monitoring": MonitoringResource(
+        prediction_log_url=str(data / "predictions"), labels_url=str(data / "labels"),
+        prediction_log_retention_days=1, prediction_log_retention_action="delete")}
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([production_profiles], resources=resources, instance=instance, partition_key=_key(old))
+    meta = _meta(result, "production_profiles")
+    assert meta["log_rows"] == 100  # the window is profiled first, then the retention runs
+    assert meta["retention_action"] == "delete" and meta["retention_hours"] == 1
+    assert not (data / "predictions" / "date=2026-01-05").exists()
+    assert len(mon.read_prediction_log(str(data / "predictions"))) == 100  # the current hour's rows stay
+    assert (data / "profiles" / "production" / "3600s" / "20260105T100000Z" / "1.bin").exists()
+
+
 def test_data_freshness_check_and_the_freshness_policy(registry: Registry, data: Path):
     from dagster._core.definitions.freshness import FreshnessState
     from dagster._core.definitions.freshness_evaluator import TimeWindowFreshnessPolicyEvaluator
