@@ -52,6 +52,9 @@ ALIAS_CHAMPION = "champion"
 ALIAS_CHALLENGER = "challenger"
 ALIAS_PREVIOUS_CHAMPION = "previous-champion"
 
+# Deployment: how long a rollout may take until the new version answers.
+DEPLOY_TIMEOUT_S = 180.0
+
 # Sensor.
 RAW_FILES_SENSOR_INTERVAL_SECONDS = 30
 

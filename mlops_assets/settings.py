@@ -1,18 +1,59 @@
-"""Per-environment settings, read from the environment when asked (never at import time).
+"""The platform's settings: read from the environment once, here, and nowhere else.
 
-Every path the platform writes is under the data root (`MLOPS_DATA_URL`, default `data`),
-which may be any fsspec URL; MLflow's SQLite store needs a local folder and gets one.
+`load_settings(env)` is the one reader of the process environment for platform settings;
+`defs/resources.py` calls it once at definition load and builds every resource from the
+result, the CLI and the local Ray head call it per command, and the pure library only ever
+receives values. Every path the platform writes is under the data root (`MLOPS_DATA_URL`,
+default `data`), which may be any fsspec URL; MLflow's SQLite store needs a local folder and
+gets one. Defaults live in `constants` (and the ports in `serving.config`), never here.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlops_assets import constants as c
+from mlops_assets.serving.config import (
+    DEFAULT_DASHBOARD_PORT,
+    DEFAULT_HTTP_HOST,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_METRICS_EXPORT_PORT,
+    DEFAULT_RAY_PORT,
+    PREDICTION_LOG_ENV,
+    PREDICTIONS_SUBDIR,
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+    TRACKING_URI_FILE_ENV,
+    api_token,
+)
 
+# The variables this module reads (README "Configuration" lists them with their defaults).
+DATA_URL_ENV = "MLOPS_DATA_URL"
+LANDING_URL_ENV = "MLOPS_LANDING_URL"
+DATASET_SPEC_ENV = "MLOPS_DATASET_SPEC"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+ARTIFACT_ROOT_ENV = "MLOPS_MLFLOW_ARTIFACT_ROOT"
+EXPERIMENT_ENV = "MLOPS_MLFLOW_EXPERIMENT"
+MODEL_NAME_ENV = "MLOPS_MODEL_NAME"
+UI_URL_ENV = "MLFLOW_UI_URL"
+LABELS_ENV = "MLOPS_LABELS_URL"
+METRICS_ENV = "MLOPS_METRICS_URL"
+WEBHOOK_ENV = "MLOPS_ALERT_WEBHOOK_URL"
+DASHBOARD_URL_ENV = "MLOPS_RAY_DASHBOARD_URL"
+SERVE_URL_ENV = "MLOPS_SERVE_URL"
+SERVE_HTTP_HOST_ENV = "MLOPS_SERVE_HTTP_HOST"
+SERVE_CONFIG_ENV = "MLOPS_SERVE_CONFIG"
+RAY_PORT_ENV = "MLOPS_RAY_PORT"
+RAY_DASHBOARD_PORT_ENV = "MLOPS_RAY_DASHBOARD_PORT"
+RAY_METRICS_PORT_ENV = "MLOPS_RAY_METRICS_PORT"
+SERVE_PORT_ENV = "MLOPS_SERVE_PORT"
+ACTOR_ENV = "MLOPS_ACTOR"
+GIT_SHA_ENV = "MLOPS_GIT_SHA"
+# Settings whose values are secrets: resources name the variable (dg.EnvVar), never the value.
+SECRET_ENV = (TOKEN_ENV, WEBHOOK_ENV)
 
 def join_url(base: str, *parts: str) -> str:
     """Join path parts onto a local path or an fsspec URL without losing the scheme."""
@@ -28,13 +69,37 @@ def _absolute_local(url: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
+    """Every per-environment value, resolved: no field means "look somewhere else later"."""
+
     data_url: str
     landing_url: str
-    dataset_spec_path: str | None
-    mlflow_tracking_uri: str
+    dataset_spec_path: str | None  # None: the packaged phishing spec
+    mlflow_tracking_uri: str = field(repr=False)  # may carry a password: `shown` values are redacted
     mlflow_artifact_root: str
     mlflow_experiment: str
     model_name: str
+    mlflow_ui_url: str | None
+    mlflow_tracking_uri_file: str | None  # an operator's mounted file holding the URI, for replicas
+    prediction_log_url: str
+    labels_url: str
+    metrics_url: str
+    alert_webhook_url: str | None = field(repr=False)  # None: alerts go to the log only
+    ray_port: int
+    ray_dashboard_port: int
+    ray_metrics_port: int
+    serve_port: int
+    ray_dashboard_url: str
+    serve_url: str
+    serve_http_host: str | None  # the Serve proxy's bind address; None: Ray's (loopback)
+    serve_config_path: str | None  # None: the repository's deploy/serve_config.yaml
+    api_token: str = field(repr=False)  # MLOPS_API_TOKEN; "" when the token is given as a file
+    api_token_file: str | None  # MLOPS_API_TOKEN_FILE: a mounted secret, read when the token is needed
+    actor: str | None  # who acts in the registry's history; None: the OS user
+    git_sha: str | None  # the code's commit when there is no .git (images); None: `git rev-parse`
+    secrets_in_env: frozenset[str] = frozenset()  # which of SECRET_ENV are set as variables
+
+    def serving_token(self) -> str:
+        return read_api_token(self.api_token, self.api_token_file)
 
     @property
     def batches_url(self) -> str:
@@ -57,20 +122,58 @@ class Settings:
         return join_url(self.data_url, c.ASSETS_SUBDIR)
 
 
+def read_api_token(value: str, path: str | None) -> str:
+    """The serving token: `value`, else the contents of the file at `path` (read now, so a rotated
+    mounted secret is picked up), else "". A named but unreadable file is an error that says which."""
+    if value or not path:
+        return value
+    return api_token({TOKEN_FILE_ENV: path})
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Settings from environment variables, with the defaults of `constants`."""
+    """Settings from `env` (default: this process's environment), with the defaults of `constants`."""
     env = os.environ if env is None else env
-    data_url = _absolute_local(env.get("MLOPS_DATA_URL") or c.DEFAULT_DATA_DIR)
-    landing_url = _absolute_local(env.get("MLOPS_LANDING_URL") or join_url(data_url, c.LANDING_SUBDIR))
+
+    def get(name: str) -> str | None:
+        return env.get(name) or None
+
+    def port(name: str, default: int) -> int:
+        raw = get(name)
+        try:
+            return int(raw) if raw else default
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a port number") from None
+
+    data_url = _absolute_local(get(DATA_URL_ENV) or c.DEFAULT_DATA_DIR)
     local_mlflow = Path(data_url if "://" not in data_url else c.DEFAULT_DATA_DIR).resolve() / c.MLFLOW_SUBDIR
-    tracking = env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{local_mlflow / 'mlflow.db'}"
-    artifact_root = env.get("MLOPS_MLFLOW_ARTIFACT_ROOT") or (local_mlflow / "artifacts").as_uri()
+    dashboard_port = port(RAY_DASHBOARD_PORT_ENV, DEFAULT_DASHBOARD_PORT)
+    metrics_port = port(RAY_METRICS_PORT_ENV, DEFAULT_METRICS_EXPORT_PORT)
+    serve_port = port(SERVE_PORT_ENV, DEFAULT_HTTP_PORT)
     return Settings(
         data_url=data_url,
-        landing_url=landing_url,
-        dataset_spec_path=env.get("MLOPS_DATASET_SPEC") or None,
-        mlflow_tracking_uri=tracking,
-        mlflow_artifact_root=artifact_root,
-        mlflow_experiment=env.get("MLOPS_MLFLOW_EXPERIMENT") or c.MLFLOW_EXPERIMENT,
-        model_name=env.get("MLOPS_MODEL_NAME") or c.REGISTERED_MODEL_NAME,
+        landing_url=_absolute_local(get(LANDING_URL_ENV) or join_url(data_url, c.LANDING_SUBDIR)),
+        dataset_spec_path=get(DATASET_SPEC_ENV),
+        mlflow_tracking_uri=get(TRACKING_URI_ENV) or f"sqlite:///{local_mlflow / 'mlflow.db'}",
+        mlflow_artifact_root=get(ARTIFACT_ROOT_ENV) or (local_mlflow / "artifacts").as_uri(),
+        mlflow_experiment=get(EXPERIMENT_ENV) or c.MLFLOW_EXPERIMENT,
+        model_name=get(MODEL_NAME_ENV) or c.REGISTERED_MODEL_NAME,
+        mlflow_ui_url=get(UI_URL_ENV),
+        mlflow_tracking_uri_file=get(TRACKING_URI_FILE_ENV),
+        prediction_log_url=get(PREDICTION_LOG_ENV) or join_url(data_url, PREDICTIONS_SUBDIR),
+        labels_url=get(LABELS_ENV) or join_url(data_url, c.LABELS_SUBDIR),
+        metrics_url=get(METRICS_ENV) or f"http://{DEFAULT_HTTP_HOST}:{metrics_port}/metrics",
+        alert_webhook_url=get(WEBHOOK_ENV),
+        ray_port=port(RAY_PORT_ENV, DEFAULT_RAY_PORT),
+        ray_dashboard_port=dashboard_port,
+        ray_metrics_port=metrics_port,
+        serve_port=serve_port,
+        ray_dashboard_url=get(DASHBOARD_URL_ENV) or f"http://{DEFAULT_HTTP_HOST}:{dashboard_port}",
+        serve_url=get(SERVE_URL_ENV) or f"http://{DEFAULT_HTTP_HOST}:{serve_port}",
+        serve_http_host=get(SERVE_HTTP_HOST_ENV),
+        serve_config_path=get(SERVE_CONFIG_ENV),
+        api_token=get(TOKEN_ENV) or "",
+        api_token_file=get(TOKEN_FILE_ENV),
+        actor=get(ACTOR_ENV),
+        git_sha=get(GIT_SHA_ENV),
+        secrets_in_env=frozenset(name for name in SECRET_ENV if get(name)),
     )

@@ -75,9 +75,12 @@ def _report(instance: dg.DagsterInstance, asset: str, partition: str | None = No
     instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=asset, partition=partition, metadata=metadata))
 
 
+UNUSED_DATA = "memory://automation-test"  # a data root these sensors never read
+
+
 def _tick(sensor, instance: dg.DagsterInstance, cursor: str | None, **resources: object):
     context = dg.build_sensor_context(instance=instance, cursor=cursor,
-                                      resources={"monitoring": MonitoringResource(), **resources})
+                                      resources={"monitoring": MonitoringResource.at(UNUSED_DATA), **resources})
     result = sensor(context)
     return result, result.cursor if isinstance(result, dg.SensorResult) else cursor
 
@@ -199,7 +202,7 @@ def _failure_context(instance: dg.DagsterInstance, webhook_url: str, timeout_s: 
     [event] = [e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE"]
     return dg.build_run_status_sensor_context(
         sensor_name="run_failure_alert", dagster_event=event, dagster_instance=instance, dagster_run=run,
-        resources={"monitoring": MonitoringResource(alert_webhook_url=webhook_url, alert_timeout_s=timeout_s)},
+        resources={"monitoring": MonitoringResource.at(UNUSED_DATA, alert_webhook_url=webhook_url, alert_timeout_s=timeout_s)},
     ).for_run_failure(), run
 
 
@@ -301,9 +304,9 @@ def test_the_watch_compares_versions_on_the_same_inputs(
     uri, versions = registry
     old, live = versions["equal"], versions[new]
     resources = {
-        "platform": PlatformResource(data_url=str(tmp_path)),
+        "platform": PlatformResource.at(str(tmp_path)),
         "mlflow": MlflowResource(tracking_uri=uri, model_name="watched"),
-        "monitoring": MonitoringResource(prediction_log_url=str(tmp_path / "predictions"), metrics_url=_closed_url(),
+        "monitoring": MonitoringResource.at(str(tmp_path), prediction_log_url=str(tmp_path / "predictions"), metrics_url=_closed_url(),
                                          alert_webhook_url=webhook.url, watch_min_requests=10,
                                          watch_min_compared_rows=100),
         **serving,
@@ -357,9 +360,9 @@ def test_each_watch_tick_reads_only_the_parts_that_arrived_since_the_last(
     old, live = versions["equal"], versions["equal-again"]
     log = tmp_path / "predictions"
     resources = {
-        "platform": PlatformResource(data_url=str(tmp_path)),
+        "platform": PlatformResource.at(str(tmp_path)),
         "mlflow": MlflowResource(tracking_uri=uri, model_name="watched"),
-        "monitoring": MonitoringResource(prediction_log_url=str(log), metrics_url=_closed_url(),
+        "monitoring": MonitoringResource.at(str(tmp_path), prediction_log_url=str(log), metrics_url=_closed_url(),
                                          alert_webhook_url=webhook.url, watch_min_requests=10,
                                          watch_min_compared_rows=1000),
         **serving,
@@ -412,9 +415,9 @@ def test_a_version_restored_by_the_rollback_job_is_not_judged_against_the_one_it
         record_restore()
 
     resources = {
-        "platform": PlatformResource(data_url=str(tmp_path)),
+        "platform": PlatformResource.at(str(tmp_path)),
         "mlflow": MlflowResource(tracking_uri=uri, model_name="watched"),
-        "monitoring": MonitoringResource(prediction_log_url=str(tmp_path / "predictions"), metrics_url=_closed_url(),
+        "monitoring": MonitoringResource.at(str(tmp_path), prediction_log_url=str(tmp_path / "predictions"), metrics_url=_closed_url(),
                                          alert_webhook_url=webhook.url, watch_min_requests=10),
         **serving,
     }
@@ -440,9 +443,9 @@ def test_the_watch_keeps_watching_when_the_replaced_version_cannot_be_loaded(
 
     uri, versions = registry
     resources = {
-        "platform": PlatformResource(data_url=str(tmp_path)),
+        "platform": PlatformResource.at(str(tmp_path)),
         "mlflow": MlflowResource(tracking_uri=uri, model_name="watched"),
-        "monitoring": MonitoringResource(prediction_log_url=str(tmp_path / "predictions"), metrics_url=_closed_url(),
+        "monitoring": MonitoringResource.at(str(tmp_path), prediction_log_url=str(tmp_path / "predictions"), metrics_url=_closed_url(),
                                          alert_webhook_url=webhook.url),
         **serving,
     }

@@ -251,12 +251,12 @@ def dagster(platform: Platform, tmp_path_factory: pytest.TempPathFactory) -> Ite
     serve_config.write_text(yaml.safe_dump(config))
     hook = Webhook()
     resources = {
-        "platform": PlatformResource(data_url=platform.env_vars["MLOPS_DATA_URL"]),
+        "platform": PlatformResource.at(platform.env_vars["MLOPS_DATA_URL"]),
         "mlflow": MlflowResource(tracking_uri=platform.tracking_uri, model_name=MODEL_NAME),
         "ray_serve": RayServeResource(dashboard_url=platform.target.dashboard_url,
                                       serve_url=platform.target.serve_url, api_token=TOKEN,
                                       serve_config_path=str(serve_config), timeout_s=FAIL_TIMEOUT_S),
-        "monitoring": MonitoringResource(prediction_log_url=platform.log_url, metrics_url=platform.cluster.metrics_url,
+        "monitoring": MonitoringResource.at(platform.env_vars["MLOPS_DATA_URL"], prediction_log_url=platform.log_url, metrics_url=platform.cluster.metrics_url,
                                          alert_webhook_url=hook.url),
     }
     # The watch reads the registry through the platform's settings, as under `make up`.

@@ -133,13 +133,16 @@ def test_head_command_is_loopback_and_configurable() -> None:
     assert cfg.dashboard_url == "http://127.0.0.1:7001" and cfg.metrics_url == "http://127.0.0.1:7002/metrics"
 
 
-def test_cluster_and_target_from_env(tmp_path) -> None:
+def test_cluster_and_target_from_the_same_settings(tmp_path) -> None:
+    from mlops_assets.settings import load_settings
+
     env = {"MLOPS_DATA_URL": str(tmp_path), "MLOPS_SERVE_PORT": "8100", "MLOPS_RAY_DASHBOARD_PORT": "8300"}
     cfg = config_from_env(env)
     assert cfg.serve_url == "http://127.0.0.1:8100" and cfg.state_dir == str(tmp_path / "ray")
-    target = dep.target_from_env({**env, "MLOPS_API_TOKEN": "tok"})
-    assert (target.dashboard_url, target.serve_url, target.token) == ("http://127.0.0.1:8300", cfg.serve_url, "tok")
-    explicit = dep.target_from_env({**env, "MLOPS_SERVE_URL": "http://10.0.0.1:80"})
+    target = dep.target_from_settings(load_settings({**env, "MLOPS_API_TOKEN": "tok"}))
+    assert (target.dashboard_url, target.serve_url, target.token) == (cfg.dashboard_url, cfg.serve_url, "tok")
+    assert cfg.dashboard_url == "http://127.0.0.1:8300"
+    explicit = dep.target_from_settings(load_settings({**env, "MLOPS_SERVE_URL": "http://10.0.0.1:80"}))
     assert explicit.endpoint == "http://10.0.0.1:80/predict"
 
 

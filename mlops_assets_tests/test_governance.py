@@ -33,11 +33,13 @@ from mlops_assets.deployment import rollout as dep
 from mlops_assets.ingestion import batches as ingestion
 from mlops_assets.registry import governance, model_store
 from mlops_assets.serving.prediction_log import read_prediction_log
+from mlops_assets.settings import load_settings
 from mlops_assets.tools import cli
 from mlops_assets.tools.ray_cluster import start_head, stop_head
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
 from mlops_assets.training import tracking
 from mlops_assets_tests.ray_support import isolated_cluster
+from mlops_assets_tests.settings_support import platform_definitions
 
 TOKEN = "governance-test-token-5f1c2a9e"
 FAST = {"ops": {"trained_model": {"config": {"iterations": 80, "thread_count": 1}}}}
@@ -124,13 +126,12 @@ def test_status_history_lists_who_promoted_and_rolled_back_what_and_when(tmp_pat
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     experiment = tracking.ensure_experiment(client, "history", (tmp_path / "artifacts").as_uri())
-    monkeypatch.setenv("MLOPS_ACTOR", "alice")
     for _ in range(2):
         run_id, model_uri = _tiny_logged_model(uri, experiment)
-        version = model_store.register_version(client, "hist", run_id=run_id, model_uri=model_uri, tags={}).version
-        model_store.promote_to_champion(client, "hist", str(version))
-    monkeypatch.setenv("MLOPS_ACTOR", "bob")
-    model_store.rollback_champion(client, "hist")
+        version = model_store.register_version(client, "hist", run_id=run_id, model_uri=model_uri, tags={},
+                                               by="alice").version
+        model_store.promote_to_champion(client, "hist", str(version), by="alice")
+    model_store.rollback_champion(client, "hist", by="bob")
 
     assert cli.main(["status", "--history", "--json", "--tracking-uri", uri, "--model-name", "hist"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -195,7 +196,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         start_head(cluster, env={"MLOPS_API_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": tracking_uri,
                                  "MLOPS_DATA_URL": str(data)})
         stack.callback(stop_head, cluster)
-        target = dep.target_from_env()
+        target = dep.target_from_settings(load_settings())
         stack.callback(lambda: dep.delete_app(target))
         # Two raw files, as a user drops them into the landing folder.
         landed = {}
@@ -204,7 +205,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                                     str(data / "raw"), name=f"landed-{seed}.csv"))
             landed[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
         instance = stack.enter_context(dg.DagsterInstance.get())
-        from mlops_assets.definitions import defs
+        defs = platform_definitions()  # built from the environment just set
 
         job = defs.resolve_implicit_global_asset_job_def()
         result = job.execute_in_process(

@@ -35,10 +35,12 @@ from mlops_assets.deployment import rollout as dep
 from mlops_assets.ingestion import batches as ingestion
 from mlops_assets.monitoring import live as mon
 from mlops_assets.registry import model_store
+from mlops_assets.settings import load_settings
 from mlops_assets.tools import traffic
 from mlops_assets.tools.ray_cluster import start_head, stop_head
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
 from mlops_assets_tests.ray_support import isolated_cluster
+from mlops_assets_tests.settings_support import platform_definitions, platform_resources
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -146,17 +148,11 @@ class Loop:
     def tick(self, sensor_name: str, cursor: str | None, **monitoring: object,
              ) -> tuple[list[dg.RunRequest], str | None, str]:
         """One evaluation of a sensor on the real instance; `monitoring` overrides MonitoringResource fields."""
-        from mlops_assets.defs.resources import (
-            MlflowResource,
-            MonitoringResource,
-            PlatformResource,
-            RayServeResource,
-        )
+        from mlops_assets.defs.resources import MonitoringResource
 
         sensor = self.defs.get_sensor_def(sensor_name)
         context = dg.build_sensor_context(instance=self.instance, cursor=cursor, resources={
-            "platform": PlatformResource(), "monitoring": MonitoringResource(**monitoring),
-            "ray_serve": RayServeResource(), "mlflow": MlflowResource()})
+            **platform_resources(), "monitoring": MonitoringResource.from_settings(load_settings(), **monitoring)})
         result = sensor(context)
         requests = list(result.run_requests or []) if isinstance(result, dg.SensorResult) else []
         skip = result.skip_reason.skip_message if isinstance(result, dg.SensorResult) and result.skip_reason else ""
@@ -211,11 +207,11 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
         start_head(cluster, env={"MLOPS_API_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": tracking_uri,
                                  "MLOPS_DATA_URL": str(data)})
         stack.callback(stop_head, cluster)
-        target = dep.target_from_env()
+        target = dep.target_from_settings(load_settings())
         stack.callback(lambda: dep.delete_app(target))
         stack.callback(webhook.server.shutdown)
         instance = stack.enter_context(dg.instance_for_test())
-        from mlops_assets.definitions import defs
+        defs = platform_definitions()  # built from the environment just set, as `make up` loads them
 
         yield Loop(data, default_spec(), instance, defs, target, tracking_uri, webhook)
 

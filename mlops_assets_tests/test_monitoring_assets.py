@@ -64,7 +64,7 @@ class Registry:
     def resources(self, data: Path) -> dict:
         port = _closed_port()  # nothing listens: the endpoint is "unknown", the champion serves
         return {
-            "platform": PlatformResource(data_url=str(data)),
+            "platform": PlatformResource.at(str(data)),
             "io_manager": ParquetIOManager(base_url=str(data / "assets")),
             "mlflow": MlflowResource(tracking_uri=self.tracking_uri, artifact_root=(self.root / "artifacts").as_uri(),
                                      experiment="monitoring-test", model_name=MODEL),

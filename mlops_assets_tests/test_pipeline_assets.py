@@ -33,7 +33,7 @@ def test_definitions_load_and_every_asset_has_a_group_kinds_and_description():
 
 
 def _resources(root: Path) -> dict:
-    return {"platform": PlatformResource(data_url=str(root)),
+    return {"platform": PlatformResource.at(str(root)),
             "io_manager": ParquetIOManager(base_url=str(root / "assets"))}
 
 
@@ -112,7 +112,7 @@ def test_empty_landing_folder_stops_at_the_not_empty_check(data_root: Path):
 
 def _tick(root: Path, cursor: str | None, instance: dg.DagsterInstance):
     context = dg.build_sensor_context(cursor=cursor, instance=instance,
-                                      resources={"platform": PlatformResource(data_url=str(root))})
+                                      resources={"platform": PlatformResource.at(str(root))})
     return raw_files_sensor(context)
 
 
@@ -157,6 +157,6 @@ def test_sensor_reads_any_fsspec_landing_url(url, simulated):
     write_batch(simulated.head(10), url, name="m.csv")
     with dg.instance_for_test() as instance:
         context = dg.build_sensor_context(instance=instance,
-                                          resources={"platform": PlatformResource(landing_url=url)})
+                                          resources={"platform": PlatformResource(data_url=url.rsplit("/", 1)[0], landing_url=url)})
         result = raw_files_sensor(context)
     assert isinstance(result, dg.SensorResult) and len(result.run_requests) == 1

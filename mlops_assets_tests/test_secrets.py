@@ -31,7 +31,9 @@ import yaml
 from mlflow import MlflowClient
 
 from mlops_assets.core.dataset_spec import default_spec
+from mlops_assets.settings import load_settings
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
+from mlops_assets_tests.settings_support import platform_definitions
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCTION = REPO / "deploy" / "production"
@@ -188,7 +190,7 @@ def test_mlflow_requires_auth_and_no_secret_reaches_mlflow_dagster_or_responses(
         monkeypatch.delenv(key, raising=False)
     write_batch(simulate_records(default_spec(), SimulationConfig(n_rows=1500, seed=5)), str(data / "raw"),
                 name="landed.csv")
-    from mlops_assets.definitions import defs
+    defs = platform_definitions()  # built from the environment just set
 
     with dg.instance_for_test() as instance:
         result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
@@ -267,28 +269,27 @@ def test_a_password_in_the_tracking_uri_reaches_replicas_as_a_0600_file_never_as
     assert "pw-123" not in str(refused.value)
 
 
-def test_the_replica_env_of_the_deployment_asset_names_a_file_under_the_data_root(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_replica_env_of_the_deployment_asset_names_a_file_under_the_data_root(tmp_path: Path) -> None:
     from mlops_assets.defs.deployment.assets import replica_env
-    from mlops_assets.settings import load_settings
+    from mlops_assets.defs.resources import MlflowResource, PlatformResource, RayServeResource
 
     uri = "postgresql+psycopg2://mlflow:pw-456@db:5432/mlflow"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLOPS_MLFLOW_TRACKING_URI_FILE", raising=False)
-    settings = load_settings({"MLOPS_DATA_URL": str(tmp_path / "data")})
-    env = replica_env(settings, uri)
+    with_password, ray_serve = MlflowResource(tracking_uri=uri), RayServeResource()
+    env = replica_env(PlatformResource.at(str(tmp_path / "data")), with_password, ray_serve)
     assert "pw-456" not in repr(env) and "MLFLOW_TRACKING_URI" not in env
     assert Path(env["MLOPS_MLFLOW_TRACKING_URI_FILE"]) == tmp_path / "data" / "secrets" / "mlflow_tracking_uri"
-    remote = load_settings({"MLOPS_DATA_URL": "s3://bucket/data"})
+    remote = PlatformResource.at("s3://bucket/data")
     with pytest.raises(dg.Failure, match="MLOPS_MLFLOW_TRACKING_URI_FILE"):
-        replica_env(remote, uri)
-    assert replica_env(remote, "http://mlflow:5000")["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        replica_env(remote, with_password, ray_serve)
+    mounted = MlflowResource(tracking_uri=uri, tracking_uri_file="/run/secrets/uri")  # the operator's file
+    assert replica_env(remote, mounted, ray_serve)["MLOPS_MLFLOW_TRACKING_URI_FILE"] == "/run/secrets/uri"
+    plain = replica_env(remote, MlflowResource(tracking_uri="http://mlflow:5000"), ray_serve)
+    assert plain["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
 
 
-def test_run_links_show_the_store_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_links_show_the_store_without_its_password() -> None:
     from mlops_assets.defs.resources import MlflowResource
 
-    monkeypatch.delenv("MLFLOW_UI_URL", raising=False)
     resource = MlflowResource(tracking_uri="postgresql+psycopg2://u:pw-789@db/mlflow")
     for value in (resource.run_link("1", "abc"), resource.model_version_link("m", "2")):
         assert "pw-789" not in str(value.value) and "u:***@db" in str(value.value)
@@ -447,9 +448,9 @@ def test_a_postgres_password_in_the_tracking_uri_reaches_no_event_mlflow_field_s
         # The head knows no tracking URI: replicas can only get it from the file Dagster hands over.
         start_head(cluster, env={"MLOPS_API_TOKEN": token, "MLFLOW_TRACKING_URI": "", "MLOPS_DATA_URL": str(data)})
         stack.callback(stop_head, cluster)
-        target = dep.target_from_env()
+        target = dep.target_from_settings(load_settings())
         stack.callback(lambda: dep.delete_app(target))
-        from mlops_assets.definitions import defs
+        defs = platform_definitions()  # built from the environment just set
 
         instance = stack.enter_context(dg.instance_for_test())
         result = defs.resolve_implicit_global_asset_job_def().execute_in_process(

@@ -345,7 +345,7 @@ def _resources(platform: Platform, serve_config_file: str) -> dict[str, Any]:
     from mlops_assets.defs.resources import MlflowResource, PlatformResource, RayServeResource
 
     return {
-        "platform": PlatformResource(data_url=platform.env_vars["MLOPS_DATA_URL"]),
+        "platform": PlatformResource.at(platform.env_vars["MLOPS_DATA_URL"]),
         "mlflow": MlflowResource(tracking_uri=platform.tracking_uri, model_name=MODEL_NAME),
         "ray_serve": RayServeResource(dashboard_url=platform.target.dashboard_url, serve_url=platform.target.serve_url,
                                       api_token=TOKEN, serve_config_path=serve_config_file),

@@ -523,10 +523,10 @@ def test_prediction_log_url_default_and_override(tmp_path) -> None:
     from mlops_assets.settings import load_settings
 
     settings = load_settings({"MLOPS_DATA_URL": str(tmp_path)})
-    assert app_module.prediction_log_url(settings, ServiceOptions(), env={}) == f"{tmp_path}/predictions"
-    assert app_module.prediction_log_url(settings, ServiceOptions(), env={"MLOPS_PREDICTION_LOG_URL": "s3://b/p"}) \
-        == "s3://b/p"
-    assert app_module.prediction_log_url(settings, ServiceOptions(prediction_log_url="memory://x"), env={}) \
+    assert app_module.prediction_log_url(settings, ServiceOptions()) == f"{tmp_path}/predictions"
+    configured = load_settings({"MLOPS_DATA_URL": str(tmp_path), "MLOPS_PREDICTION_LOG_URL": "s3://b/p"})
+    assert app_module.prediction_log_url(configured, ServiceOptions()) == "s3://b/p"
+    assert app_module.prediction_log_url(configured, ServiceOptions(prediction_log_url="memory://x")) \
         == "memory://x"
 
 

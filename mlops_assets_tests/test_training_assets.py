@@ -23,10 +23,12 @@ from mlops_assets.defs.registry.assets import passed_gate, registered_model
 from mlops_assets.defs.resources import MlflowResource, ParquetIOManager, PlatformResource
 from mlops_assets.defs.training.assets import trained_model
 from mlops_assets.registry import governance, model_store
+from mlops_assets.settings import load_settings
 from mlops_assets.tools import cli
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
 from mlops_assets.training import tracking
 from mlops_assets.training import train as tr
+from mlops_assets_tests.settings_support import platform_definitions
 
 pytestmark = pytest.mark.integration
 
@@ -83,10 +85,12 @@ def root(tmp_path: Path, monkeypatch) -> Iterator[Path]:
 
 def _resources(root: Path) -> dict:
     return {
-        "platform": PlatformResource(data_url=str(root / "data")),
+        "platform": PlatformResource.at(str(root / "data")),
         "io_manager": ParquetIOManager(base_url=str(root / "assets")),
-        "mlflow": MlflowResource(tracking_uri=f"sqlite:///{root}/mlflow.db",
-                                 artifact_root=(root / "artifacts").as_uri(), experiment="test", model_name=MODEL),
+        # Built as the definitions build it from the environment (MLFLOW_UI_URL), on this test's store.
+        "mlflow": MlflowResource.from_settings(load_settings(), tracking_uri=f"sqlite:///{root}/mlflow.db",
+                                               artifact_root=(root / "artifacts").as_uri(), experiment="test",
+                                               model_name=MODEL),
     }
 
 
@@ -271,7 +275,7 @@ def test_a_worse_model_is_registered_as_a_rejected_challenger_and_never_deployed
 def test_the_whole_training_path_from_raw_files_ends_with_a_champion_that_status_shows(
         data_root: Path, simulated, capsys):
     """The foundation's real assets upstream, the definitions' own resources (from the environment)."""
-    from mlops_assets.definitions import defs
+    defs = platform_definitions()
 
     write_batch(simulated, str(data_root / "raw"), name="batch1.csv")
     graph = defs.resolve_asset_graph()

@@ -1,11 +1,12 @@
-"""Typed resources shared by every asset: platform settings and the Parquet/JSON IO manager."""
+"""Every resource class of the platform, and the one binding: each built once, at definition load,
+from `load_settings()`, with concrete values (secrets as `dg.EnvVar`), so the UI shows them."""
 
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -22,46 +23,63 @@ from mlops_assets.core.redaction import redact_uri
 from mlops_assets.defs.metadata import path_value
 from mlops_assets.deployment import rollout as dep
 from mlops_assets.monitoring import live as mon
-from mlops_assets.serving.config import APP_NAME, PREDICTION_LOG_ENV, PREDICTIONS_SUBDIR
-from mlops_assets.settings import Settings, join_url, load_settings
+from mlops_assets.serving.config import (
+    APP_NAME,
+    DEFAULT_DASHBOARD_PORT,
+    DEFAULT_HTTP_HOST,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_METRICS_EXPORT_PORT,
+    PREDICTIONS_SUBDIR,
+    TOKEN_ENV,
+)
+from mlops_assets.settings import UI_URL_ENV, WEBHOOK_ENV, Settings, join_url, load_settings, read_api_token
 from mlops_assets.training import tracking
 
 
 class PlatformResource(dg.ConfigurableResource):
-    """Where the platform reads and writes, and which data set it serves.
+    """Where the platform reads and writes, and which data set it serves (built from the settings)."""
 
-    Fields left empty fall back to the environment (`MLOPS_DATA_URL`, `MLOPS_LANDING_URL`,
-    `MLOPS_DATASET_SPEC`, `MLFLOW_TRACKING_URI`, ...) at run time, then to `constants`.
-    """
+    data_url: str
+    landing_url: str
+    dataset_spec_path: str | None = None  # None: the packaged phishing spec
 
-    data_url: str | None = None
-    landing_url: str | None = None
-    dataset_spec_path: str | None = None
+    @classmethod
+    def from_settings(cls, settings: Settings, **fields: Any) -> "PlatformResource":
+        return cls(**{"data_url": settings.data_url, "landing_url": settings.landing_url,
+                      "dataset_spec_path": settings.dataset_spec_path, **fields})
 
-    def settings(self) -> Settings:
-        base = load_settings()
-        overrides: dict[str, str] = {}
-        if self.data_url:
-            overrides["MLOPS_DATA_URL"] = self.data_url
-        if self.landing_url:
-            overrides["MLOPS_LANDING_URL"] = self.landing_url
-        if not overrides:
-            return _with_spec(base, self.dataset_spec_path)
-        import os
+    @classmethod
+    def at(cls, data_url: str, **fields: Any) -> "PlatformResource":
+        """The platform on a data root, its landing folder under it unless given (tests, tools)."""
+        fields.setdefault("landing_url", join_url(data_url, c.LANDING_SUBDIR))
+        return cls(data_url=data_url, **fields)
 
-        env = {**os.environ, **overrides}
-        return _with_spec(load_settings(env), self.dataset_spec_path)
+    @property
+    def batches_url(self) -> str:
+        return join_url(self.data_url, c.BATCHES_SUBDIR)
+
+    @property
+    def quarantine_url(self) -> str:
+        return join_url(self.data_url, c.QUARANTINE_SUBDIR)
+
+    @property
+    def reports_url(self) -> str:
+        return join_url(self.data_url, c.REPORTS_SUBDIR)
+
+    @property
+    def features_url(self) -> str:
+        return join_url(self.data_url, c.FEATURES_SUBDIR)
 
     def spec(self) -> DatasetSpec:
-        return load_spec(self.settings().dataset_spec_path)
+        return load_spec(self.dataset_spec_path)
 
+    def settings(self) -> Settings:
+        """Transitional, for call sites not yet reading the fields: this resource's folders as
+        Settings (derived from the fields alone, never from the environment)."""
+        from mlops_assets.settings import DATA_URL_ENV, DATASET_SPEC_ENV, LANDING_URL_ENV
 
-def _with_spec(settings: Settings, spec_path: str | None) -> Settings:
-    if not spec_path:
-        return settings
-    from dataclasses import replace
-
-    return replace(settings, dataset_spec_path=spec_path)
+        return load_settings({DATA_URL_ENV: self.data_url, LANDING_URL_ENV: self.landing_url,
+                              DATASET_SPEC_ENV: self.dataset_spec_path or ""})
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):
@@ -164,64 +182,70 @@ def _makedirs_for(path: str) -> None:
 
 
 
-UI_URL_ENV = "MLFLOW_UI_URL"
-
-
 class MlflowResource(dg.ConfigurableResource):
-    """MLflow tracking and registry. Empty fields fall back to the settings at run time
-    (`MLFLOW_TRACKING_URI`, `MLOPS_MLFLOW_ARTIFACT_ROOT`, `MLOPS_MLFLOW_EXPERIMENT`,
-    `MLOPS_MODEL_NAME`, `MLFLOW_UI_URL`), then to `constants`."""
+    """MLflow tracking and registry, built from the settings (`MLFLOW_TRACKING_URI`,
+    `MLOPS_MLFLOW_ARTIFACT_ROOT`, `MLOPS_MLFLOW_EXPERIMENT`, `MLOPS_MODEL_NAME`, `MLFLOW_UI_URL`)."""
 
-    tracking_uri: str | None = None
-    artifact_root: str | None = None
-    experiment: str | None = None
-    model_name: str | None = None
-    ui_url: str | None = None
+    tracking_uri: str
+    artifact_root: str | None = None  # None (tests): an `artifacts` folder beside a local SQLite store
+    experiment: str = c.MLFLOW_EXPERIMENT
+    model_name: str = c.REGISTERED_MODEL_NAME
+    ui_url: str | None = None  # None: no MLflow UI to link to, metadata shows run ids as text
+    tracking_uri_file: str | None = None  # an operator's mounted file holding the URI, handed to replicas
+    actor: str | None = None  # who acts in the registry's history; None: the OS user
+    git_sha: str | None = None  # the code's commit; None: `git rev-parse` of the package
 
+    @classmethod
+    def from_settings(cls, settings: Settings, **fields: Any) -> "MlflowResource":
+        return cls(**{"tracking_uri": settings.mlflow_tracking_uri, "artifact_root": settings.mlflow_artifact_root,
+                      "experiment": settings.mlflow_experiment, "model_name": settings.model_name,
+                      "ui_url": settings.mlflow_ui_url, "tracking_uri_file": settings.mlflow_tracking_uri_file,
+                      "actor": settings.actor, "git_sha": settings.git_sha, **fields})
+
+    def artifact_location(self) -> str:
+        """The artifact root, or the `artifacts` folder beside a local SQLite store when none is given."""
+        if self.artifact_root:
+            return self.artifact_root
+        if self.tracking_uri.startswith("sqlite:///"):
+            return (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+        raise dg.Failure(f"no artifact root for the store {self.shown_tracking_uri()}: set MLOPS_MLFLOW_ARTIFACT_ROOT")
+
+    # Transitional plain reads, for call sites not yet reading the fields.
     def resolved_tracking_uri(self) -> str:
-        return self.tracking_uri or load_settings().mlflow_tracking_uri
-
-    def resolved_artifact_root(self) -> str:
-        return self.artifact_root or load_settings().mlflow_artifact_root
-
-    def resolved_experiment(self) -> str:
-        return self.experiment or load_settings().mlflow_experiment
+        return self.tracking_uri
 
     def resolved_model_name(self) -> str:
-        return self.model_name or load_settings().model_name
-
-    def resolved_ui_url(self) -> str | None:
-        return self.ui_url or os.environ.get(UI_URL_ENV) or None
+        return self.model_name
 
     def shown_tracking_uri(self) -> str:
         """The store as metadata, logs and messages may show it: credentials redacted."""
-        return redact_uri(self.resolved_tracking_uri())
+        return redact_uri(self.tracking_uri)
 
     def client(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self.resolved_tracking_uri())
+        return MlflowClient(tracking_uri=self.tracking_uri)
 
     def experiment_id(self) -> str:
         # Artifacts of the experiment go under the artifact root, one folder per experiment name.
-        location = tracking_location(self.resolved_artifact_root(), self.resolved_experiment())
-        return tracking.ensure_experiment(self.client(), self.resolved_experiment(), location)
+        location = tracking_location(self.artifact_location(), self.experiment)
+        return tracking.ensure_experiment(self.client(), self.experiment, location)
 
     @contextmanager
     def start_run(self, *, run_name: str, tags: Mapping[str, str]) -> Iterator[Run]:
         """A new MLflow run in the experiment, active for `mlflow.*` calls inside the block."""
         experiment_id = self.experiment_id()
-        with tracking.use_tracking_uri(self.resolved_tracking_uri()):
+        with tracking.use_tracking_uri(self.tracking_uri):
             with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)) as run:
                 yield run
 
     def run_link(self, experiment_id: str, run_id: str) -> dg.MetadataValue:
-        """A clickable link when `MLFLOW_UI_URL` is known, else the run id and store (redacted) as text."""
-        url = tracking.run_url(self.resolved_ui_url(), experiment_id, run_id)
+        """A clickable link when the MLflow UI's URL is known, else the run id and store (redacted) as text."""
+        url = tracking.run_url(self.ui_url, experiment_id, run_id)
         if url:
             return dg.MetadataValue.url(redact_uri(url))
         return dg.MetadataValue.text(f"run {run_id} in {self.shown_tracking_uri()} (set {UI_URL_ENV} for a link)")
 
     def model_version_link(self, model_name: str, version: str) -> dg.MetadataValue:
-        url = tracking.model_version_url(self.resolved_ui_url(), model_name, version)
+        url = tracking.model_version_url(self.ui_url, model_name, version)
         if url:
             return dg.MetadataValue.url(redact_uri(url))
         return dg.MetadataValue.text(f"models:/{model_name}/{version} in {self.shown_tracking_uri()}")
@@ -232,43 +256,48 @@ def tracking_location(artifact_root: str, experiment: str) -> str:
 
 
 class RayServeResource(dg.ConfigurableResource):
-    """The Ray cluster the model is deployed to. Empty fields fall back, at run time, to
-    `MLOPS_RAY_DASHBOARD_URL` / `MLOPS_SERVE_URL` (else the local head's ports), `MLOPS_API_TOKEN`
-    and `MLOPS_SERVE_CONFIG` (default `deploy/serve_config.yaml`)."""
+    """The Ray cluster the model is deployed to, built from the settings (`MLOPS_RAY_DASHBOARD_URL`,
+    `MLOPS_SERVE_URL`, `MLOPS_API_TOKEN` / `MLOPS_API_TOKEN_FILE`, `MLOPS_SERVE_CONFIG`,
+    `MLOPS_SERVE_HTTP_HOST`); the defaults are the local head's ports."""
 
-    dashboard_url: str | None = None
-    serve_url: str | None = None
-    api_token: str | None = None
-    serve_config_path: str | None = None
+    dashboard_url: str = f"http://{DEFAULT_HTTP_HOST}:{DEFAULT_DASHBOARD_PORT}"
+    serve_url: str = f"http://{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}"
+    api_token: str = ""  # a secret: bound as dg.EnvVar("MLOPS_API_TOKEN"), never as its value
+    api_token_file: str | None = None  # or a mounted file holding it, read when a request needs it
+    serve_config_path: str | None = None  # None: the repository's deploy/serve_config.yaml
     app_name: str = APP_NAME
-    http_host: str | None = None  # Serve proxy bind address; env MLOPS_SERVE_HTTP_HOST (0.0.0.0 in containers)
-    timeout_s: float = 180.0
+    http_host: str | None = None  # Serve proxy bind address (0.0.0.0 in containers); None: Ray's loopback
+    prediction_log_url: str | None = None  # where replicas log predictions; None: <their data root>/predictions
+    timeout_s: float = c.DEPLOY_TIMEOUT_S
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **fields: Any) -> "RayServeResource":
+        token = dg.EnvVar(TOKEN_ENV) if TOKEN_ENV in settings.secrets_in_env else ""
+        return cls(**{"dashboard_url": settings.ray_dashboard_url, "serve_url": settings.serve_url,
+                      "api_token": token, "api_token_file": settings.api_token_file,
+                      "serve_config_path": settings.serve_config_path, "http_host": settings.serve_http_host,
+                      "prediction_log_url": settings.prediction_log_url, **fields})
 
     def target(self) -> dep.ServeTarget:
-        found = dep.target_from_env(dashboard_url=self.dashboard_url, serve_url=self.serve_url)
-        return dep.ServeTarget(found.dashboard_url, found.serve_url, self.app_name, self.api_token or found.token)
-
-    def resolved_http_host(self) -> str | None:
-        return self.http_host or os.environ.get("MLOPS_SERVE_HTTP_HOST") or None
+        return dep.ServeTarget(self.dashboard_url, self.serve_url, self.app_name,
+                               read_api_token(self.api_token, self.api_token_file))
 
     def base_config(self) -> dict[str, Any]:
         return dep.load_serve_config(self.serve_config_path)
 
+    def resolved_http_host(self) -> str | None:  # transitional plain read
+        return self.http_host
 
-LABELS_ENV = "MLOPS_LABELS_URL"
-METRICS_ENV = "MLOPS_METRICS_URL"
+
 class MonitoringResource(dg.ConfigurableResource):
-    """Where monitoring reads and alerts, and the limits of the post-deployment watch.
+    """Where monitoring reads and alerts, and the limits of the post-deployment watch, built from
+    the settings (`MLOPS_PREDICTION_LOG_URL`, `MLOPS_LABELS_URL`, `MLOPS_METRICS_URL`,
+    `MLOPS_ALERT_WEBHOOK_URL`)."""
 
-    Empty URLs fall back at run time to `MLOPS_PREDICTION_LOG_URL` (else `<data>/predictions`),
-    `MLOPS_LABELS_URL` (else `<data>/labels`), `MLOPS_METRICS_URL` (else the local Ray head's
-    metrics export) and `MLOPS_ALERT_WEBHOOK_URL` (else no webhook, alerts go to the log).
-    """
-
-    prediction_log_url: str | None = None
-    labels_url: str | None = None
-    metrics_url: str | None = None
-    alert_webhook_url: str | None = None
+    prediction_log_url: str
+    labels_url: str
+    metrics_url: str = f"http://{DEFAULT_HTTP_HOST}:{DEFAULT_METRICS_EXPORT_PORT}/metrics"
+    alert_webhook_url: str | None = None  # a secret (bound as dg.EnvVar); None: alerts go to the log only
     alert_timeout_s: float = c.ALERT_WEBHOOK_TIMEOUT_S
     watch_window: str = c.WATCH_WINDOW
     watch_max_error_rate: float = c.WATCH_MAX_ERROR_RATE
@@ -284,24 +313,31 @@ class MonitoringResource(dg.ConfigurableResource):
     prediction_log_retention_days: float | None = c.PREDICTION_LOG_RETENTION_DAYS
     prediction_log_retention_action: str = c.PREDICTION_LOG_RETENTION_ACTION
 
-    def log_url(self, settings: Settings) -> str:
-        return self.prediction_log_url or os.environ.get(PREDICTION_LOG_ENV) or join_url(
-            settings.data_url, PREDICTIONS_SUBDIR)
+    @classmethod
+    def from_settings(cls, settings: Settings, **fields: Any) -> "MonitoringResource":
+        webhook = dg.EnvVar(WEBHOOK_ENV) if WEBHOOK_ENV in settings.secrets_in_env else None
+        return cls(**{"prediction_log_url": settings.prediction_log_url, "labels_url": settings.labels_url,
+                      "metrics_url": settings.metrics_url, "alert_webhook_url": webhook, **fields})
 
-    def resolved_labels_url(self, settings: Settings) -> str:
-        return self.labels_url or os.environ.get(LABELS_ENV) or join_url(settings.data_url, c.LABELS_SUBDIR)
+    @classmethod
+    def at(cls, data_url: str, **fields: Any) -> "MonitoringResource":
+        """Monitoring of the platform on a data root: its prediction log and labels under it (tests, tools)."""
+        fields.setdefault("prediction_log_url", join_url(data_url, PREDICTIONS_SUBDIR))
+        fields.setdefault("labels_url", join_url(data_url, c.LABELS_SUBDIR))
+        return cls(**fields)
+
+    # Transitional plain reads, for call sites not yet reading the fields.
+    def log_url(self, settings: Settings | None = None) -> str:
+        return self.prediction_log_url
+
+    def resolved_labels_url(self, settings: Settings | None = None) -> str:
+        return self.labels_url
 
     def resolved_metrics_url(self) -> str:
-        if self.metrics_url or os.environ.get(METRICS_ENV):
-            return str(self.metrics_url or os.environ.get(METRICS_ENV))
-        from mlops_assets.tools.ray_cluster import config_from_env
-
-        return config_from_env().metrics_url
+        return self.metrics_url
 
     def resolved_webhook_url(self) -> str | None:
-        from mlops_assets.monitoring.alerts import WEBHOOK_ENV
-
-        return self.alert_webhook_url or os.environ.get(WEBHOOK_ENV) or None
+        return self.alert_webhook_url
 
     def watch_limits(self) -> mon.WatchLimits:
         return mon.WatchLimits(
@@ -313,12 +349,16 @@ class MonitoringResource(dg.ConfigurableResource):
             min_compared_rows=self.watch_min_compared_rows)
 
 
-defs = dg.Definitions(
-    resources={
-        "platform": PlatformResource(),
-        "io_manager": ParquetIOManager(),
-        "mlflow": MlflowResource(),
-        "ray_serve": RayServeResource(),
-        "monitoring": MonitoringResource(),
-    },
-)
+def build_resources(settings: Settings) -> dict[str, Any]:
+    """Every resource of the platform, with the settings' concrete values (secrets as dg.EnvVar)."""
+    return {
+        "platform": PlatformResource.from_settings(settings),
+        "io_manager": ParquetIOManager(base_url=settings.assets_url),
+        "mlflow": MlflowResource.from_settings(settings),
+        "ray_serve": RayServeResource.from_settings(settings),
+        "monitoring": MonitoringResource.from_settings(settings),
+    }
+
+
+# Read once, at definition load: the UI shows these values, and every run uses them.
+defs = dg.Definitions(resources=build_resources(load_settings()))

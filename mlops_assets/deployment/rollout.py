@@ -25,10 +25,12 @@ import httpx
 import pandas as pd
 import yaml
 
+from mlops_assets import constants as c
 from mlops_assets.core.dataset_spec import DatasetSpec
-from mlops_assets.serving.config import APP_NAME, DEPLOYMENT_NAME, ModelRef, ServiceOptions, api_token
+from mlops_assets.serving.config import APP_NAME, DEPLOYMENT_NAME, ModelRef, ServiceOptions
 from mlops_assets.serving.request import build_request_model, parse_predict_matrix
 from mlops_assets.serving.scoring import Scorer, positive_column, scorer_from_loaded
+from mlops_assets.settings import Settings
 
 DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
 PROBABILITY_TOLERANCE = 1e-9  # same model file, same inputs: answers must match to float precision
@@ -67,20 +69,14 @@ class DeployResult:
     steps: list[str] = field(default_factory=list)
 
 
-def target_from_env(
-    env: Mapping[str, str] | None = None, *, dashboard_url: str | None = None, serve_url: str | None = None
+def target_from_settings(
+    settings: Settings, *, dashboard_url: str | None = None, serve_url: str | None = None
 ) -> ServeTarget:
-    """Explicit URLs, else MLOPS_RAY_DASHBOARD_URL / MLOPS_SERVE_URL, else the local head's ports."""
-    import os
-
-    from mlops_assets.tools.ray_cluster import config_from_env
-
-    env = os.environ if env is None else env
-    cluster = config_from_env(env)
+    """The settings' dashboard and Serve URLs (explicit URLs win) and serving token."""
     return ServeTarget(
-        dashboard_url=dashboard_url or env.get("MLOPS_RAY_DASHBOARD_URL") or cluster.dashboard_url,
-        serve_url=serve_url or env.get("MLOPS_SERVE_URL") or cluster.serve_url,
-        token=api_token(env),
+        dashboard_url=dashboard_url or settings.ray_dashboard_url,
+        serve_url=serve_url or settings.serve_url,
+        token=settings.serving_token(),
     )
 
 
@@ -88,10 +84,8 @@ def target_from_env(
 
 
 def load_serve_config(path: str | Path | None = None) -> dict[str, Any]:
-    """The Serve config: `path`, else env MLOPS_SERVE_CONFIG, else the repository's deploy/serve_config.yaml."""
-    import os
-
-    with open(path or os.environ.get("MLOPS_SERVE_CONFIG") or DEFAULT_SERVE_CONFIG) as handle:
+    """The Serve config at `path` (the settings' MLOPS_SERVE_CONFIG), else the repository's deploy/serve_config.yaml."""
+    with open(path or DEFAULT_SERVE_CONFIG) as handle:
         return yaml.safe_load(handle)
 
 
@@ -153,20 +147,24 @@ def forwarded_env(env: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def replica_env_vars(env: Mapping[str, str], *, tracking_uri: str, data_url: str) -> dict[str, str]:
-    """The replicas' runtime_env variables: the forwarded settings, this deploy's registry and data root.
+def replica_env_vars(
+    *, tracking_uri: str, data_url: str, prediction_log_url: str | None = None,
+    dataset_spec_path: str | None = None, tracking_uri_file: str | None = None,
+) -> dict[str, str]:
+    """The replicas' runtime_env variables: this deploy's registry, data root, prediction log and spec.
 
     A tracking URI with a credential goes as the path of a 0600 file holding it (the operator's
-    mounted file, else one under a local data root's secrets folder); ValueError when neither exists.
+    mounted `tracking_uri_file`, else one under a local data root's secrets folder); ValueError
+    when neither exists.
     """
     from mlops_assets.serving.config import SECRETS_SUBDIR, TRACKING_URI_FILE_ENV, replica_tracking_env
 
-    out = forwarded_env(env)
-    for key in ("MLFLOW_TRACKING_URI", TRACKING_URI_FILE_ENV):  # this deploy's registry, not the process's
-        out.pop(key, None)
+    out = forwarded_env({"MLOPS_PREDICTION_LOG_URL": prediction_log_url or "",
+                         "MLOPS_DATASET_SPEC": dataset_spec_path or ""})
     local = data_url.removeprefix("file://")
     secrets_dir = f"{local.rstrip('/')}/{SECRETS_SUBDIR}" if "://" not in local else None
-    out.update(replica_tracking_env(tracking_uri, secrets_dir=secrets_dir, env=env))
+    mounted = {TRACKING_URI_FILE_ENV: tracking_uri_file} if tracking_uri_file else {}
+    out.update(replica_tracking_env(tracking_uri, secrets_dir=secrets_dir, env=mounted))
     out["MLOPS_DATA_URL"] = data_url
     return out
 
@@ -335,7 +333,7 @@ def predict_over_http(
     return versions.pop(), probabilities
 
 
-def wait_until_serving(target: ServeTarget, version: str, timeout_s: float = 180.0) -> None:
+def wait_until_serving(target: ServeTarget, version: str, timeout_s: float = c.DEPLOY_TIMEOUT_S) -> None:
     """Wait until the app is RUNNING and `/model` names `version` (3 answers in a row)."""
     deadline = time.monotonic() + timeout_s
     streak, last = 0, "no answer yet"
@@ -378,7 +376,7 @@ def deploy_version(
     env_vars: Mapping[str, str] | None = None,
     args: Mapping[str, Any] | None = None,
     http_host: str | None = None,
-    timeout_s: float = 180.0,
+    timeout_s: float = c.DEPLOY_TIMEOUT_S,
 ) -> DeployResult:
     """Check, deploy and verify `version`; on a failure after submitting, restore what was live."""
     start = time.monotonic()
@@ -459,7 +457,8 @@ def rollback(
     env_vars: Mapping[str, str] | None = None,
     args: Mapping[str, Any] | None = None,
     http_host: str | None = None,
-    timeout_s: float = 180.0,
+    timeout_s: float = c.DEPLOY_TIMEOUT_S,
+    actor: str | None = None,
 ) -> DeployResult:
     """Swap `champion` and `previous-champion`, then deploy the new champion, in one step.
 
@@ -471,7 +470,7 @@ def rollback(
     from mlops_assets.registry.model_store import rollback_champion
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    new, replaced = rollback_champion(client, model_name)
+    new, replaced = rollback_champion(client, model_name, by=actor)
     try:
         expected = offline_probabilities(offline_model(tracking_uri, model_name, new), records, spec)
         return deploy_version(target=target, tracking_uri=tracking_uri, spec=spec, version=new,
@@ -480,7 +479,7 @@ def rollback(
                               timeout_s=timeout_s)
     except Exception as exc:
         try:
-            rollback_champion(client, model_name, expected_champion=new)
+            rollback_champion(client, model_name, expected_champion=new, by=actor)
         except Exception as undo:  # the aliases moved under us, or the registry is down: say so
             raise DeploymentError(f"rollback to version {new} (from {replaced}) failed: {exc}; undoing the alias "
                                   f"swap failed too ({type(undo).__name__}: {undo})") from exc
@@ -546,7 +545,7 @@ def restore_champion(
     env_vars: Mapping[str, str] | None = None,
     args: Mapping[str, Any] | None = None,
     http_host: str | None = None,
-    timeout_s: float = 180.0,
+    timeout_s: float = c.DEPLOY_TIMEOUT_S,
 ) -> RestoreResult:
     """Serve the registry's `champion` again when the app is missing, down or serving another version.
 
@@ -556,7 +555,6 @@ def restore_champion(
     """
     from mlflow import MlflowClient
 
-    from mlops_assets import constants as c
     from mlops_assets.registry.model_store import NoChampionError, alias_version
 
     champion = alias_version(MlflowClient(tracking_uri=tracking_uri), model_name, c.ALIAS_CHAMPION)

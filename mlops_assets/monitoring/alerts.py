@@ -9,7 +9,6 @@ environment, and the webhook URL (which often embeds a secret) is never logged.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +20,6 @@ from mlops_assets import constants as c
 
 logger = logging.getLogger("mlops_assets.alerts")
 
-WEBHOOK_ENV = "MLOPS_ALERT_WEBHOOK_URL"
 
 
 @dataclass(frozen=True)
@@ -52,10 +50,10 @@ def send_alert(
     timeout_s: float = c.ALERT_WEBHOOK_TIMEOUT_S,
     log: logging.Logger | Any | None = None,
 ) -> AlertResult:
-    """Log the alert, then POST it to `webhook_url` (else env MLOPS_ALERT_WEBHOOK_URL) if set."""
+    """Log the alert, then POST it to `webhook_url` (the settings' MLOPS_ALERT_WEBHOOK_URL) if given."""
     out = log or logger
     out.error(f"ALERT {kind}: {summary}")
-    url = webhook_url or os.environ.get(WEBHOOK_ENV) or None
+    url = webhook_url or None
     if not url:
         return AlertResult(posted=False, attempted=False)
     try:

@@ -102,9 +102,8 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def actor() -> str:
-    """Who acts: `MLOPS_ACTOR` (set it in CI or a sensor), else the OS user."""
-    explicit = os.environ.get("MLOPS_ACTOR")
+def actor(explicit: str | None = None) -> str:
+    """Who acts: `explicit` (the settings' MLOPS_ACTOR, set in CI or a sensor), else the OS user."""
     if explicit:
         return explicit
     try:
@@ -190,7 +189,8 @@ def find_version_for_run(client: MlflowClient, model_name: str, run_id: str) -> 
 
 
 def register_version(
-    client: MlflowClient, model_name: str, *, run_id: str, model_uri: str, tags: Mapping[str, str]
+    client: MlflowClient, model_name: str, *, run_id: str, model_uri: str, tags: Mapping[str, str],
+    by: str | None = None,
 ) -> ModelVersion:
     """Register the run's model as a new version tagged with its hash; alias it `challenger`.
 
@@ -209,7 +209,7 @@ def register_version(
             model_name, source=model_uri, run_id=run_id, tags=all_tags, model_id=_model_id(model_uri)
         )
     client.set_registered_model_alias(model_name, c.ALIAS_CHALLENGER, version.version)
-    _record_event(client, model_name, version.version, "register", run_id=run_id)
+    _record_event(client, model_name, version.version, "register", by=by, run_id=run_id)
     return client.get_model_version(model_name, version.version)
 
 
@@ -221,9 +221,10 @@ def alias_version(client: MlflowClient, model_name: str, alias: str) -> str | No
         return None
 
 
-def _record_event(client: MlflowClient, model_name: str, version: str, action: str, **details: Any) -> None:
+def _record_event(client: MlflowClient, model_name: str, version: str, action: str, *, by: str | None,
+                  **details: Any) -> None:
     now = datetime.now(UTC)
-    body = {"action": action, "at": now.isoformat(), "by": actor(), **{k: v for k, v in details.items() if v is not None}}
+    body = {"action": action, "at": now.isoformat(), "by": actor(by), **{k: v for k, v in details.items() if v is not None}}
     key = f"{HISTORY_TAG_PREFIX}{now.strftime('%Y%m%dT%H%M%S%fZ')}.{action}"
     client.set_model_version_tag(model_name, version, key, json.dumps(body, sort_keys=True))
 
@@ -343,7 +344,7 @@ def promotion_lock(client: MlflowClient, model_name: str, timeout_s: float = LOC
 
 
 def promote_to_champion(client: MlflowClient, model_name: str, version: str, *,
-                        allow_rejected: bool = False) -> str | None:
+                        allow_rejected: bool = False, by: str | None = None) -> str | None:
     """Alias `version` as champion; the former champion becomes `previous-champion`.
 
     Returns the former champion's version when it was a different one, else None. A version the
@@ -363,15 +364,15 @@ def promote_to_champion(client: MlflowClient, model_name: str, version: str, *,
             return None
         if former is not None:
             client.set_registered_model_alias(model_name, c.ALIAS_PREVIOUS_CHAMPION, former)
-            _record_event(client, model_name, former, "demote", replaced_by=version)
+            _record_event(client, model_name, former, "demote", by=by, replaced_by=version)
         client.set_registered_model_alias(model_name, c.ALIAS_CHAMPION, version)
-        _record_event(client, model_name, version, "promote", replaced=former,
+        _record_event(client, model_name, version, "promote", by=by, replaced=former,
                       override="gate rejected" if rejected else None)
     return former
 
 
-def rollback_champion(client: MlflowClient, model_name: str, *, expected_champion: str | None = None
-                      ) -> tuple[str, str]:
+def rollback_champion(client: MlflowClient, model_name: str, *, expected_champion: str | None = None,
+                      by: str | None = None) -> tuple[str, str]:
     """Swap champion and previous-champion (rolling back twice returns to where it was).
 
     Returns (new champion, replaced champion). With `expected_champion`, the swap happens only
@@ -393,8 +394,8 @@ def rollback_champion(client: MlflowClient, model_name: str, *, expected_champio
             )
         client.set_registered_model_alias(model_name, c.ALIAS_CHAMPION, previous)
         client.set_registered_model_alias(model_name, c.ALIAS_PREVIOUS_CHAMPION, current)
-        _record_event(client, model_name, previous, "rollback-to", replaced=current)
-        _record_event(client, model_name, current, "rollback-from", replaced_by=previous)
+        _record_event(client, model_name, previous, "rollback-to", by=by, replaced=current)
+        _record_event(client, model_name, current, "rollback-from", by=by, replaced_by=previous)
     return previous, current
 
 
@@ -411,7 +412,7 @@ def gate_tags(passed: bool, failures: list[str], compared_to: str | None) -> dic
 
 
 def record_rejection(client: MlflowClient, model_name: str, version: str, failures: list[str],
-                     compared_to: str | None) -> bool:
+                     compared_to: str | None, by: str | None = None) -> bool:
     """Tag the version with the gate's reject verdict and add a `reject` history event, once.
 
     Returns False when the rejection was already recorded (re-materializing the same run).
@@ -421,7 +422,7 @@ def record_rejection(client: MlflowClient, model_name: str, version: str, failur
         return False
     for key, value in gate_tags(False, failures, compared_to).items():
         client.set_model_version_tag(model_name, version, key, value)
-    _record_event(client, model_name, version, "reject", failures=failures, compared_to=compared_to)
+    _record_event(client, model_name, version, "reject", by=by, failures=failures, compared_to=compared_to)
     return True
 
 

@@ -35,11 +35,8 @@ from mlops_assets.serving.config import (
     DEFAULT_BATCH_MAX_SIZE,
     DEFAULT_BATCH_WAIT_TIMEOUT_S,
     DEPLOYMENT_NAME,
-    PREDICTION_LOG_ENV,
-    PREDICTIONS_SUBDIR,
     ModelRef,
     ServiceOptions,
-    api_token,
     mlflow_tracking_uri,
 )
 from mlops_assets.serving.ingress import (
@@ -51,11 +48,11 @@ from mlops_assets.serving.ingress import (
     read_capped,
 )
 from mlops_assets.serving.metrics import RayServeMetrics, ServingMetrics
-from mlops_assets.serving.prediction_log import PredictionLogWriter
+from mlops_assets.serving.prediction_log import SPOOL_DIR_ENV, PredictionLogWriter, default_spool_dir
 from mlops_assets.serving.request import RequestError
 from mlops_assets.serving.scoring import ScoredRecords, Scorer, scorer_from_loaded
 from mlops_assets.serving.service import NO_MODEL_CONFIGURED, ServiceCore, score_off_loop_if_large
-from mlops_assets.settings import Settings, join_url, load_settings
+from mlops_assets.settings import Settings, load_settings
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +79,9 @@ def _require_core() -> ServiceCore:
     return _core
 
 
-def prediction_log_url(settings: Settings, options: ServiceOptions, env: dict[str, str] | None = None) -> str:
-    """Configured URL (option, then env MLOPS_PREDICTION_LOG_URL), else `<data root>/predictions`."""
-    env = dict(os.environ) if env is None else env
-    return options.prediction_log_url or env.get(PREDICTION_LOG_ENV) or join_url(settings.data_url, PREDICTIONS_SUBDIR)
+def prediction_log_url(settings: Settings, options: ServiceOptions) -> str:
+    """The Serve option, else the settings' (MLOPS_PREDICTION_LOG_URL, else `<data root>/predictions`)."""
+    return options.prediction_log_url or settings.prediction_log_url
 
 
 def registry_loader(tracking_uri: str, spec: DatasetSpec):
@@ -207,8 +203,10 @@ def log_to_serve_files() -> None:
 
 
 def _prediction_log(opts: ServiceOptions, settings: Settings, metrics: ServingMetrics) -> PredictionLogWriter:
+    url = prediction_log_url(settings, opts)
     return PredictionLogWriter(
-        prediction_log_url(settings, opts),
+        url,
+        spool_dir=default_spool_dir(url, os.environ.get(SPOOL_DIR_ENV)),  # the replica reads its node's setting
         flush_interval_s=opts.log_flush_interval_s,
         flush_rows=opts.log_flush_rows,
         max_buffer_rows=opts.log_max_buffer_rows,
@@ -239,7 +237,7 @@ class PredictionService:
         core = ServiceCore(
             spec=spec,
             options=opts,
-            token=api_token(),
+            token=settings.serving_token(),
             metrics=metrics,
             log_writer=None,  # the ingress spools what this replica answers
             loader=registry_loader(mlflow_tracking_uri() or settings.mlflow_tracking_uri, spec),

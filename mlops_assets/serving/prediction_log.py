@@ -74,13 +74,13 @@ SPOOL_SUFFIX = ".spool"
 LOCK_SUFFIX = ".lock"
 
 
-def default_spool_dir(log_url: str, env: Mapping[str, str] | None = None) -> str:
-    """A node-local directory per log URL: `$MLOPS_PREDICTION_SPOOL_DIR` (else the temp dir)/<url hash>.
+def default_spool_dir(log_url: str, root: str | None = None) -> str:
+    """A node-local directory per log URL: `root` (the replica's MLOPS_PREDICTION_SPOOL_DIR, else the
+    temp dir)/<url hash>.
 
     Keyed by the URL, so a replica replays only spools bound for the log it writes to.
     """
-    env = os.environ if env is None else env
-    root = env.get(SPOOL_DIR_ENV) or os.path.join(tempfile.gettempdir(), "mlops_assets-prediction-spool")
+    root = root or os.path.join(tempfile.gettempdir(), "mlops_assets-prediction-spool")
     return os.path.join(root, hashlib.sha256(log_url.encode()).hexdigest()[:16])
 
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from mlops_assets import constants as c
 from mlops_assets.core.redaction import redact_text
+
+if TYPE_CHECKING:
+    from mlops_assets.settings import Settings
 
 
 def _positive_int(text: str) -> int:
@@ -55,9 +59,6 @@ def _cmd_simulate_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    import os
-
-    from mlops_assets.serving.config import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT
     from mlops_assets.settings import load_settings
     from mlops_assets.tools.status import champion_status, format_status, to_json
 
@@ -65,7 +66,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.history:
         return _print_history(args)
     endpoint = None if args.no_endpoint else (
-        args.endpoint or os.environ.get("MLOPS_SERVE_URL") or f"http://{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}"
+        args.endpoint or settings.serve_url
     )
     status = champion_status(args.tracking_uri or settings.mlflow_tracking_uri,
                              args.model_name or settings.model_name, endpoint)
@@ -93,13 +94,11 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     import os
 
     from mlops_assets.registry import governance
-    from mlops_assets.serving.config import PREDICTION_LOG_ENV, PREDICTIONS_SUBDIR
-    from mlops_assets.settings import join_url, load_settings
+    from mlops_assets.settings import load_settings
 
     settings = load_settings()
     sources = governance.TraceSources(
-        prediction_log_url=args.log_url or os.environ.get(PREDICTION_LOG_ENV)
-        or join_url(settings.data_url, PREDICTIONS_SUBDIR),
+        prediction_log_url=args.log_url or settings.prediction_log_url,
         tracking_uri=args.tracking_uri or settings.mlflow_tracking_uri,
         model_name=args.model_name or settings.model_name,
         batches_url=settings.batches_url,
@@ -124,22 +123,31 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0 if report["links_ok"] else 1
 
 
+def _replica_env_vars(settings: Settings, tracking_uri: str) -> dict[str, str]:
+    """The replicas' variables for a deploy from the CLI: the settings' data root, log, spec and registry."""
+    from mlops_assets.deployment import rollout as dep
+
+    return dep.replica_env_vars(tracking_uri=tracking_uri, data_url=settings.data_url,
+                                prediction_log_url=settings.prediction_log_url,
+                                dataset_spec_path=settings.dataset_spec_path,
+                                tracking_uri_file=settings.mlflow_tracking_uri_file)
+
+
 def _cmd_rollback(args: argparse.Namespace) -> int:
-    import os
 
     from mlops_assets.core.dataset_spec import load_spec
     from mlops_assets.deployment import rollout as dep
     from mlops_assets.settings import load_settings
 
     settings = load_settings()
-    target = dep.target_from_env(dashboard_url=args.dashboard_url, serve_url=args.endpoint)
+    target = dep.target_from_settings(settings, dashboard_url=args.dashboard_url, serve_url=args.endpoint)
     tracking_uri = args.tracking_uri or settings.mlflow_tracking_uri
-    env_vars = dep.replica_env_vars(os.environ, tracking_uri=tracking_uri, data_url=settings.data_url)
+    env_vars = _replica_env_vars(settings, tracking_uri)
     spec = load_spec(settings.dataset_spec_path)
     try:
         result = dep.rollback(target=target, tracking_uri=tracking_uri, spec=spec,
                               model_name=args.model_name or settings.model_name,
-                              records=dep.simulated_sample(spec), env_vars=env_vars)
+                              records=dep.simulated_sample(spec), env_vars=env_vars, actor=settings.actor)
     except (dep.DeploymentError, LookupError) as exc:
         # The registry and the endpoint are as they were: say why, exit 1.
         print(redact_text(f"mlops-assets rollback: failed: {exc}"), file=sys.stderr)
@@ -151,21 +159,19 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
 def _cmd_serve_restore(args: argparse.Namespace) -> int:
     """Serve the registry's champion again when the Serve app is missing or serves another version."""
-    import os
 
     from mlops_assets.core.dataset_spec import load_spec
-    from mlops_assets.defs.deployment.assets import replica_env
     from mlops_assets.deployment import rollout as dep
     from mlops_assets.settings import load_settings
 
     settings = load_settings()
-    target = dep.target_from_env(dashboard_url=args.dashboard_url, serve_url=args.endpoint)
+    target = dep.target_from_settings(settings, dashboard_url=args.dashboard_url, serve_url=args.endpoint)
     tracking_uri = args.tracking_uri or settings.mlflow_tracking_uri
     try:
         result = dep.restore_champion(target=target, tracking_uri=tracking_uri, spec=load_spec(settings.dataset_spec_path),
                                       model_name=args.model_name or settings.model_name,
-                                      env_vars=replica_env(settings, tracking_uri),
-                                      http_host=os.environ.get("MLOPS_SERVE_HTTP_HOST") or None)
+                                      env_vars=_replica_env_vars(settings, tracking_uri),
+                                      http_host=settings.serve_http_host)
     except LookupError as exc:  # no champion yet (a fresh platform): nothing to serve, not an error
         print(f"mlops-assets serve restore: {exc}")
         return 0
@@ -187,20 +193,18 @@ def _positive_float(text: str) -> float:
 
 
 def _cmd_simulate_traffic(args: argparse.Namespace) -> int:
-    import os
     import time
 
     from mlops_assets.core.dataset_spec import load_spec
-    from mlops_assets.serving.config import DEFAULT_HTTP_HOST, DEFAULT_HTTP_PORT, api_token
-    from mlops_assets.settings import join_url, load_settings
+    from mlops_assets.settings import load_settings
     from mlops_assets.tools import traffic
     from mlops_assets.tools.simulator import parse_drift
 
     settings = load_settings()
     spec = load_spec(args.spec or settings.dataset_spec_path)
-    base = args.endpoint or os.environ.get("MLOPS_SERVE_URL") or f"http://{DEFAULT_HTTP_HOST}:{DEFAULT_HTTP_PORT}"
+    base = args.endpoint or settings.serve_url
     config = traffic.TrafficConfig(
-        endpoint=f"{base.rstrip('/')}/predict", token=api_token(),
+        endpoint=f"{base.rstrip('/')}/predict", token=settings.serving_token(),
         records=args.records, batch_size=args.batch_size, rate=args.rate, concurrency=args.concurrency,
         max_duration_s=args.max_duration, seed=args.seed, drift=parse_drift(args.drift),
     )
@@ -214,7 +218,7 @@ def _cmd_simulate_traffic(args: argparse.Namespace) -> int:
         if args.label_delay:
             time.sleep(args.label_delay)  # labels arrive later than predictions, as in production
         labels = traffic.labels_frame(result, share=args.label_share, seed=args.seed)
-        out = args.labels_dir or os.environ.get("MLOPS_LABELS_URL") or join_url(settings.data_url, c.LABELS_SUBDIR)
+        out = args.labels_dir or settings.labels_url
         target = traffic.write_labels(labels, out)
         print(f"wrote {len(labels)} delayed labels to {target}")
     return 0 if result.requests_ok else 1

@@ -117,17 +117,18 @@ def config_from_env(env: Mapping[str, str] | None = None) -> ClusterConfig:
     MLOPS_RAY_CLIENT_PORT, MLOPS_RAY_AGENT_PORT, MLOPS_RAY_AGENT_GRPC_PORT, MLOPS_RAY_RUNTIME_ENV_AGENT_PORT,
     MLOPS_RAY_DASHBOARD_METRICS_PORT, MLOPS_RAY_AUTOSCALER_METRICS_PORT, MLOPS_RAY_TOKEN_FILE."""
     env = os.environ if env is None else env
-    data_url = load_settings(env).data_url
+    settings = load_settings(env)  # the ports the platform shares with this head: one reading of them
+    data_url = settings.data_url
     state = str(Path(data_url) / "ray") if "://" not in data_url else "data/ray"
 
     def port(name: str, default: int | None) -> int | None:
         return int(env[name]) if env.get(name) else default
 
     return ClusterConfig(
-        port=int(env.get("MLOPS_RAY_PORT") or DEFAULT_RAY_PORT),
-        dashboard_port=int(env.get("MLOPS_RAY_DASHBOARD_PORT") or DEFAULT_DASHBOARD_PORT),
-        metrics_export_port=int(env.get("MLOPS_RAY_METRICS_PORT") or DEFAULT_METRICS_EXPORT_PORT),
-        serve_http_port=int(env.get("MLOPS_SERVE_PORT") or DEFAULT_HTTP_PORT),
+        port=settings.ray_port,
+        dashboard_port=settings.ray_dashboard_port,
+        metrics_export_port=settings.ray_metrics_port,
+        serve_http_port=settings.serve_port,
         client_server_port=int(env.get("MLOPS_RAY_CLIENT_PORT") or DEFAULT_CLIENT_SERVER_PORT),
         dashboard_agent_port=int(env.get("MLOPS_RAY_AGENT_PORT") or DEFAULT_DASHBOARD_AGENT_PORT),
         dashboard_agent_grpc_port=port("MLOPS_RAY_AGENT_GRPC_PORT", None),

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import httpx
 
 from mlops_assets.core.dataset_spec import load_spec
-from mlops_assets.serving.config import TOKEN_ENV, api_token
+from mlops_assets.serving.config import TOKEN_ENV
 
 
 def curl_command(endpoint: str, body: dict) -> str:
@@ -24,19 +24,20 @@ def curl_command(endpoint: str, body: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mlops_assets.deployment.rollout import simulated_sample, target_from_env
+    from mlops_assets.deployment.rollout import simulated_sample, target_from_settings
     from mlops_assets.settings import load_settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--endpoint", default=None, help="serving URL (default: MLOPS_SERVE_URL or the local port)")
     parser.add_argument("--records", type=int, default=2)
     args = parser.parse_args(argv)
-    target = target_from_env(serve_url=args.endpoint)
-    spec = load_spec(load_settings().dataset_spec_path)
+    settings = load_settings()
+    target = target_from_settings(settings, serve_url=args.endpoint)
+    spec = load_spec(settings.dataset_spec_path)
     body = {"records": simulated_sample(spec, n=max(1, args.records), seed=7)}
     try:
         response = httpx.post(target.endpoint, json=body, timeout=30, trust_env=False,
-                              headers={"Authorization": f"Bearer {api_token()}"})
+                              headers={"Authorization": f"Bearer {target.token}"})
     except httpx.HTTPError as exc:
         print(f"no answer from {target.endpoint}: {type(exc).__name__}", file=sys.stderr)
         return 1

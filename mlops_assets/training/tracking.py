@@ -70,12 +70,12 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
         return str(found.experiment_id)
 
 
-def git_sha(start: str | Path | None = None) -> str:
-    """The code's commit: `MLOPS_GIT_SHA` when set (images without .git), else `git rev-parse`.
+def git_sha(start: str | Path | None = None, *, explicit: str | None = None) -> str:
+    """The code's commit: `explicit` when given (the settings' MLOPS_GIT_SHA, for images without
+    .git), else `git rev-parse`.
 
     Best effort: "unknown" outside a git checkout. A "-dirty" suffix marks uncommitted changes.
     """
-    explicit = os.environ.get("MLOPS_GIT_SHA")
     if explicit:
         return explicit
     cwd = Path(start) if start else _PACKAGE_DIR

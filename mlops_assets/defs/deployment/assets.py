@@ -1,7 +1,6 @@
 """Deployment: the champion served by Ray Serve, its health check, and the one-step rollback job."""
 
 
-import os
 from typing import Any
 
 import dagster as dg
@@ -12,25 +11,25 @@ from mlops_assets.core.records import Deployment, Registration
 from mlops_assets.defs.metadata import redact_text, url_value
 from mlops_assets.defs.resources import MlflowResource, PlatformResource, RayServeResource
 from mlops_assets.deployment import rollout as dep
-from mlops_assets.settings import Settings
 
 SAMPLE_RECORDS = 64  # test-set rows the candidate must answer exactly as the offline model does
 DEPLOYMENT_CODE_VERSION = "2"
 SPLIT_COLUMN = "split"  # the train_test_split frame's split column ("train" / "test")
 
 
-def replica_env(settings: Settings, tracking_uri: str) -> dict[str, str]:
-    """What replicas must agree on with Dagster: the same registry and data root (never the token).
+def replica_env(platform: PlatformResource, mlflow: MlflowResource, ray_serve: RayServeResource) -> dict[str, str]:
+    """What replicas must agree on with Dagster: the same registry, data root, prediction log and
+    spec (never the token).
 
     A tracking URI with a password reaches them as a 0600 file under <data root>/secrets (or the
     operator's mounted file), named by MLOPS_MLFLOW_TRACKING_URI_FILE: never in the Serve config."""
     try:
-        env = dep.replica_env_vars(os.environ, tracking_uri=tracking_uri, data_url=settings.data_url)
+        return dep.replica_env_vars(
+            tracking_uri=mlflow.tracking_uri, data_url=platform.data_url,
+            prediction_log_url=ray_serve.prediction_log_url, dataset_spec_path=platform.dataset_spec_path,
+            tracking_uri_file=mlflow.tracking_uri_file)
     except ValueError as exc:  # a credential and no file to hand it over in: the message says what to mount
         raise dg.Failure(description=str(exc)) from None
-    if settings.dataset_spec_path:
-        env["MLOPS_DATASET_SPEC"] = settings.dataset_spec_path
-    return env
 
 
 def _result_metadata(result: dep.DeployResult, target: dep.ServeTarget) -> dict[str, Any]:
@@ -79,7 +78,7 @@ def model_deployment(
         result = dep.deploy_version(
             target=target, tracking_uri=tracking_uri, spec=spec, version=str(version), records=records,
             expected=expected, model_name=name, base_config=ray_serve.base_config(),
-            env_vars=replica_env(platform.settings(), tracking_uri), http_host=ray_serve.resolved_http_host(),
+            env_vars=replica_env(platform, mlflow, ray_serve), http_host=ray_serve.resolved_http_host(),
             timeout_s=ray_serve.timeout_s,
         )
     except dep.DeploymentError as exc:
@@ -132,8 +131,8 @@ def rollback_champion_op(
         result = dep.rollback(target=target, tracking_uri=tracking_uri, spec=spec,
                               model_name=mlflow.resolved_model_name(), records=records,
                               base_config=ray_serve.base_config(),
-                              env_vars=replica_env(platform.settings(), tracking_uri),
-                              http_host=ray_serve.resolved_http_host())
+                              env_vars=replica_env(platform, mlflow, ray_serve),
+                              http_host=ray_serve.resolved_http_host(), actor=mlflow.actor)
     except Exception as exc:
         raise dg.Failure(description=redact_text(str(exc))) from exc
     metadata = {**_result_metadata(result, target),

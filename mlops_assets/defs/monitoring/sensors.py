@@ -265,7 +265,7 @@ def _serving_outage_tick(
     try:
         restored = dep.restore_champion(
             target=target, tracking_uri=tracking_uri, spec=platform.spec(), model_name=mlflow.resolved_model_name(),
-            base_config=ray_serve.base_config(), env_vars=replica_env(platform.settings(), tracking_uri),
+            base_config=ray_serve.base_config(), env_vars=replica_env(platform, mlflow, ray_serve),
             http_host=ray_serve.resolved_http_host(), timeout_s=min(ray_serve.timeout_s, OUTAGE_RESTORE_TIMEOUT_S))
     except Exception as exc:  # not restored this tick: alert once, try again on the next
         error = redact_text(f"{type(exc).__name__}: {exc}")[:500]

@@ -93,14 +93,15 @@ def registered_model(
                                    "skip_reason": f"version {version} already registered from the same inputs"})
     existed = found is not None
     mv = model_store.register_version(client, name, run_id=run_id, model_uri=trained_model.model_uri,
-                                      tags=version_tags(trained_model, model_evaluation))
+                                      tags=version_tags(trained_model, model_evaluation), by=mlflow.actor)
     version = str(mv.version)
     if not decision.passed:  # tags again for a version registered before they existed; event once
-        model_store.record_rejection(client, name, version, decision.failures, decision.champion_version)
+        model_store.record_rejection(client, name, version, decision.failures, decision.champion_version,
+                                     by=mlflow.actor)
     # Promote once per version: re-materializing must not undo a later rollback or promotion.
     promoted, former = False, None
     if decision.passed and not _ever_champion(client, name, version):
-        former = model_store.promote_to_champion(client, name, version)
+        former = model_store.promote_to_champion(client, name, version, by=mlflow.actor)
         promoted = True
     now = _aliases(client, name)
     champion = now[c.ALIAS_CHAMPION]

@@ -94,7 +94,7 @@ def trained_model(
         })
     frame = split.frame()
     train, test = tr.split_frame(frame)
-    git_sha = tracking.git_sha()
+    git_sha = tracking.git_sha(explicit=mlflow.git_sha)
     tags = {
         "dagster_run_id": context.run_id,
         "dagster_asset_key": context.asset_key.to_user_string(),
