@@ -311,3 +311,27 @@ def test_the_token_is_in_no_serve_config_and_no_response(served: Served) -> None
     assert [r.status_code for r in responses] == [200, 401, 422, 200, 200]
     for r in responses:
         assert TOKEN not in r.text and TOKEN not in str(r.headers)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_training_path_and_deployment_again_on_unchanged_data_change_nothing(served: Served) -> None:
+    """Stale-only: no new run or version, no alias moved, and the champion that already serves is
+    not redeployed; each step says it skipped."""
+    from mlops_assets.definitions import defs
+
+    client = served.client()
+    before = sorted(str(v.version) for v in client.search_model_versions(f"name = '{c.REGISTERED_MODEL_NAME}'"))
+    champion = model_store.alias_version(client, c.REGISTERED_MODEL_NAME, c.ALIAS_CHAMPION)
+    job = defs.resolve_implicit_global_asset_job_def()
+    again = job.execute_in_process(
+        instance=served.instance, run_config=FAST, raise_on_error=False,
+        asset_selection=[dg.AssetKey(k) for k in [*TRAINING_PATH, "model_deployment"]])
+    assert again.success, [e.message for e in again.all_events if e.is_failure]
+    for asset in ("trained_model", "model_evaluation", "registered_model", "model_deployment"):
+        meta = again.asset_materializations_for_node(asset)[0].metadata
+        assert meta["skipped"].value is True and meta["skip_reason"].value, asset
+    assert sorted(str(v.version) for v in client.search_model_versions(
+        f"name = '{c.REGISTERED_MODEL_NAME}'")) == before
+    assert model_store.alias_version(client, c.REGISTERED_MODEL_NAME, c.ALIAS_CHAMPION) == champion
+    assert dep.live_version(served.target) == champion
