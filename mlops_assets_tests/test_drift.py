@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from mlops_assets import constants as c
 from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.monitoring import drift
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records
@@ -106,7 +107,7 @@ def test_normal_traffic_shows_no_drift(spec: DatasetSpec, reference_profile: byt
     # Measured: largest Hellinger 0.02 (smallest p-value 0.013), well under the 0.1 threshold.
     # With other seeds a p-value dips under 0.01 now and then (30 tests, and duplicate rows make
     # chi-squared over-confident): why a p-value alone never flags drift.
-    assert max(s.statistic for s in scores.values()) < drift.DRIFT_HELLINGER / 2
+    assert max(s.statistic for s in scores.values()) < c.DRIFT_HELLINGER / 2
     assert all(s.n_current == 3000 and s.n_reference == 5000 for s in scores.values())
 
 
@@ -117,7 +118,7 @@ def test_drifted_traffic_flags_exactly_the_drifted_features(spec: DatasetSpec, r
 
     assert {name for name, s in scores.items() if s.drift} == set(DRIFTED)
     for name in DRIFTED:  # measured: URL_Length about 0.35, Favicon about 0.23
-        assert scores[name].statistic > 2 * drift.DRIFT_HELLINGER
+        assert scores[name].statistic > 2 * c.DRIFT_HELLINGER
         assert scores[name].p_value < 1e-12
         assert "p " in scores[name].reason
     summary = drift.drift_summary(scores)

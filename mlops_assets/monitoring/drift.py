@@ -48,11 +48,6 @@ from whylogs.core.view.column_profile_view import ColumnProfileView  # noqa: E40
 BACKEND = "whylogs"
 PROFILE_SUFFIX = ".bin"  # whylogs' own binary format (delimited protobuf)
 
-# Defaults of the drift rule live in constants.py (one place); kept here under their old names.
-DRIFT_P_VALUE = c.DRIFT_P_VALUE
-DRIFT_HELLINGER = c.DRIFT_HELLINGER
-DRIFT_KS_STATISTIC = c.DRIFT_KS_STATISTIC
-DRIFT_MIN_ROWS = c.DRIFT_MIN_ROWS
 
 METHOD_CATEGORICAL = "hellinger+chi2"
 METHOD_CONTINUOUS = "ks"
@@ -64,10 +59,10 @@ _KS_GRID = 200  # quantile levels per sketch at which the CDFs are compared
 class DriftThresholds:
     """When a column counts as drifted; all of p-value, distance and sample size must agree."""
 
-    p_value: float = DRIFT_P_VALUE
-    hellinger: float = DRIFT_HELLINGER
-    ks_statistic: float = DRIFT_KS_STATISTIC
-    min_rows: int = DRIFT_MIN_ROWS
+    p_value: float = c.DRIFT_P_VALUE
+    hellinger: float = c.DRIFT_HELLINGER
+    ks_statistic: float = c.DRIFT_KS_STATISTIC
+    min_rows: int = c.DRIFT_MIN_ROWS
 
     def __post_init__(self) -> None:
         if not 0.0 < self.p_value < 1.0:

@@ -43,25 +43,6 @@ TRUE_LABEL = "true_label"  # the joined column (the log's `label` is the predict
 LABELLED_AT = "labelled_at"
 LABEL_SUFFIXES = (".csv", ".parquet", ".pq")
 
-# Defaults of the rules live in constants.py (one place); kept here under their old names.
-MONITORING_WINDOW = c.MONITORING_WINDOW
-MAX_PROFILE_AGE = c.MAX_PROFILE_AGE
-DEGRADATION_TOLERANCE = c.DEGRADATION_TOLERANCE
-DEGRADATION_METRICS = c.DEGRADATION_METRICS
-MIN_LABELLED = c.MIN_LABELLED
-WATCH_WINDOW = c.WATCH_WINDOW
-WATCH_MAX_ERROR_RATE = c.WATCH_MAX_ERROR_RATE
-WATCH_MAX_LATENCY_P95_S = c.WATCH_MAX_LATENCY_P95_S
-WATCH_MAX_POSITIVE_SHARE_DELTA = c.WATCH_MAX_POSITIVE_SHARE_DELTA
-WATCH_MAX_PROBABILITY_KS = c.WATCH_MAX_PROBABILITY_KS
-WATCH_MIN_REQUESTS = c.WATCH_MIN_REQUESTS
-WATCH_MAX_FLIP_SHARE = c.WATCH_MAX_FLIP_SHARE
-WATCH_MAX_MEAN_ABS_DELTA = c.WATCH_MAX_MEAN_ABS_DELTA
-WATCH_MIN_COMPARED_ROWS = c.WATCH_MIN_COMPARED_ROWS
-WATCH_MAX_COMPARED_ROWS = c.WATCH_MAX_COMPARED_ROWS
-RETRAIN_COOLDOWN_S = c.RETRAIN_COOLDOWN_S
-RETRAIN_KEYS_KEPT = c.RETRAIN_KEYS_KEPT
-
 
 class MonitoringError(ValueError):
     """Bad input to a monitoring rule (an unparseable window, a log without timestamps)."""
@@ -387,7 +368,7 @@ class Window:
         return _utc(now) >= self.end
 
 
-def split_windows(log: pd.DataFrame, window: str | timedelta = MONITORING_WINDOW) -> list[tuple[Window, pd.DataFrame]]:
+def split_windows(log: pd.DataFrame, window: str | timedelta = c.MONITORING_WINDOW) -> list[tuple[Window, pd.DataFrame]]:
     """Cut the log into epoch-aligned windows (empty windows are skipped), oldest first."""
     width = pd.Timedelta(to_timedelta(window, "window"))
     if log.empty:
@@ -413,7 +394,7 @@ class Freshness:
 
 
 def freshness(
-    newest: datetime | pd.Timestamp | None, now: datetime | pd.Timestamp, max_age: str | timedelta = MAX_PROFILE_AGE
+    newest: datetime | pd.Timestamp | None, now: datetime | pd.Timestamp, max_age: str | timedelta = c.MAX_PROFILE_AGE
 ) -> Freshness:
     """Is the newest data younger than `max_age`? No data at all is stale."""
     limit = to_timedelta(max_age, "max_age").total_seconds()
@@ -427,7 +408,7 @@ def freshness(
 
 
 def window_freshness(
-    windows: Sequence[Window], now: datetime | pd.Timestamp, max_age: str | timedelta = MAX_PROFILE_AGE
+    windows: Sequence[Window], now: datetime | pd.Timestamp, max_age: str | timedelta = c.MAX_PROFILE_AGE
 ) -> Freshness:
     """Freshness of the newest window, judged by its newest record (not its end, which would
     call an hour-old record fresh just because its window is long)."""
@@ -565,9 +546,9 @@ def online_metrics(
 class DegradationRule:
     """Degraded when a live metric falls more than `tolerance` (absolute) below its offline value."""
 
-    tolerance: float = DEGRADATION_TOLERANCE
-    metrics: tuple[str, ...] = DEGRADATION_METRICS
-    min_labelled: int = MIN_LABELLED
+    tolerance: float = c.DEGRADATION_TOLERANCE
+    metrics: tuple[str, ...] = c.DEGRADATION_METRICS
+    min_labelled: int = c.MIN_LABELLED
 
 
 @dataclass(frozen=True)
@@ -606,15 +587,15 @@ def degradation(
 
 @dataclass(frozen=True)
 class WatchLimits:
-    window: str = WATCH_WINDOW
-    max_error_rate: float = WATCH_MAX_ERROR_RATE
-    max_latency_p95_s: float = WATCH_MAX_LATENCY_P95_S
-    max_positive_share_delta: float = WATCH_MAX_POSITIVE_SHARE_DELTA
-    max_probability_ks: float = WATCH_MAX_PROBABILITY_KS
-    min_requests: int = WATCH_MIN_REQUESTS
-    max_flip_share: float = WATCH_MAX_FLIP_SHARE
-    max_mean_abs_delta: float = WATCH_MAX_MEAN_ABS_DELTA
-    min_compared_rows: int = WATCH_MIN_COMPARED_ROWS
+    window: str = c.WATCH_WINDOW
+    max_error_rate: float = c.WATCH_MAX_ERROR_RATE
+    max_latency_p95_s: float = c.WATCH_MAX_LATENCY_P95_S
+    max_positive_share_delta: float = c.WATCH_MAX_POSITIVE_SHARE_DELTA
+    max_probability_ks: float = c.WATCH_MAX_PROBABILITY_KS
+    min_requests: int = c.WATCH_MIN_REQUESTS
+    max_flip_share: float = c.WATCH_MAX_FLIP_SHARE
+    max_mean_abs_delta: float = c.WATCH_MAX_MEAN_ABS_DELTA
+    min_compared_rows: int = c.WATCH_MIN_COMPARED_ROWS
 
 
 @dataclass(frozen=True)
@@ -694,7 +675,7 @@ def compare_on_same_rows(
     feature_names: Sequence[str],
     score_old: Callable[[pd.DataFrame], tuple[Sequence[int], Sequence[float]]],
     positive_class: int,
-    max_rows: int = WATCH_MAX_COMPARED_ROWS,
+    max_rows: int = c.WATCH_MAX_COMPARED_ROWS,
     probability_column: str = PROBABILITY,
 ) -> VersionComparison:
     """Score the replaced version (`score_old`: features -> labels, probabilities) on the logged
@@ -809,8 +790,8 @@ def retrain_decision(
     now: datetime | pd.Timestamp,
     *,
     run_in_progress: bool,
-    cooldown_s: float = RETRAIN_COOLDOWN_S,
-    keys_kept: int = RETRAIN_KEYS_KEPT,
+    cooldown_s: float = c.RETRAIN_COOLDOWN_S,
+    keys_kept: int = c.RETRAIN_KEYS_KEPT,
 ) -> RetrainDecision:
     """Request a retraining run for a drift event, at most once per event, never while one runs,
     and not again within `cooldown_s` of the last request (drift lasting many windows is one
