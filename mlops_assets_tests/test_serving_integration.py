@@ -443,11 +443,14 @@ def test_the_prediction_log_holds_every_answered_request(platform: Platform) -> 
     print(f"prediction log: {len(platform.answered)} answered requests, {len(logged)} rows, all present")
 
 
-def test_prediction_log_parts_are_partitioned_by_the_day_they_were_logged(platform: Platform) -> None:
+def test_prediction_log_parts_are_partitioned_by_the_hour_of_their_rows(platform: Platform) -> None:
     # A flush may be mid-write (`*.parquet.tmp`) right now; readers only ever see renamed parts.
-    for part in Path(platform.log_url).glob("date=*/part-*.parquet"):
-        first_day = pd.read_parquet(part)["logged_at"].iloc[0].strftime("%Y-%m-%d")  # a part is filed by its first row
-        assert part.parent.name == f"date={first_day}"
+    parts = list(Path(platform.log_url).glob("date=*/hour=*/part-*.parquet"))
+    assert parts, f"no part under date=*/hour=* in {platform.log_url}"
+    for part in parts:
+        stamps = pd.to_datetime(pd.read_parquet(part)["logged_at"], utc=True)
+        hours = {f"date={t:%Y-%m-%d}/hour={t:%H}" for t in stamps}
+        assert hours == {f"{part.parent.parent.name}/{part.parent.name}"}, part
 
 
 def test_a_full_queue_answers_503_quickly_and_never_hangs(platform: Platform) -> None:
