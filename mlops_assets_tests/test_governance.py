@@ -318,8 +318,7 @@ def test_the_token_is_in_no_serve_config_and_no_response(served: Served) -> None
 def test_the_training_path_and_deployment_again_on_unchanged_data_change_nothing(served: Served) -> None:
     """Stale-only: no new run or version, no alias moved, and the champion that already serves is
     not redeployed; each step says it skipped."""
-    from mlops_assets.definitions import defs
-
+    defs = platform_definitions()  # as the fixture built them, from its environment
     client = served.client()
     before = sorted(str(v.version) for v in client.search_model_versions(f"name = '{c.REGISTERED_MODEL_NAME}'"))
     champion = model_store.alias_version(client, c.REGISTERED_MODEL_NAME, c.ALIAS_CHAMPION)
