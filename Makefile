@@ -26,8 +26,9 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
 DEMO_ROWS ?= 6000
 DEMO_SEED ?= 42
-# The training path: raw files to a registered (and, when the gate passes, champion) model.
-TRAINING_PATH := raw_batches,raw_dataset,validation_report,feature_set,train_test_split,trained_model,model_evaluation,registered_model
+# The training path: accepted raw batches to a registered (and, when the gate passes, champion)
+# model. `mlops-assets ingest` runs first: each landed file becomes a raw_batches partition.
+TRAINING_PATH := raw_dataset,validation_report,feature_set,train_test_split,trained_model,model_evaluation,registered_model
 
 .PHONY: install test lint typecheck demo pipeline up down bench clean
 
@@ -60,7 +61,8 @@ demo: install .env $(DAGSTER_HOME)/dagster.yaml
 	mkdir -p data/mlflow
 	$(BIN)/mlops-assets simulate data --rows $(DEMO_ROWS) --seed $(DEMO_SEED) --name demo-seed$(DEMO_SEED).csv
 	$(BIN)/python -m mlops_assets.tools.ray_cluster up
-	$(BIN)/dagster asset materialize -m mlops_assets.definitions -c deploy/run_config/in_process.yaml --select 'raw_batches*'
+	$(BIN)/mlops-assets ingest
+	$(BIN)/dagster asset materialize -m mlops_assets.definitions -c deploy/run_config/in_process.yaml --select 'raw_dataset*'
 	$(BIN)/mlops-assets status
 	$(BIN)/python -m mlops_assets.tools.sample_request
 	@echo ""
@@ -69,6 +71,7 @@ demo: install .env $(DAGSTER_HOME)/dagster.yaml
 
 pipeline: install .env $(DAGSTER_HOME)/dagster.yaml
 	mkdir -p data/mlflow
+	$(BIN)/mlops-assets ingest
 	$(BIN)/dagster asset materialize -m mlops_assets.definitions -c deploy/run_config/in_process.yaml --select '$(TRAINING_PATH)'
 	$(BIN)/mlops-assets status
 

@@ -16,6 +16,8 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from mlops_assets.defs.ingestion import assets as ingestion
+from mlops_assets.defs.ingestion.assets import raw_files_sensor
 from mlops_assets.defs.monitoring.sensors import (
     degradation_retraining_sensor,
     drift_retraining_sensor,
@@ -501,3 +503,78 @@ def test_dashboard_and_alert_rules_only_use_metrics_that_exist() -> None:
     unknown = used - declared - histogram - written
     assert not unknown, f"dashboards use metrics nobody exports: {sorted(unknown)}"
     assert len(exprs) > 15 and any("mlops_drift" in e for e in exprs) and any("latency" in e for e in exprs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The raw files sensor: a partition and a run per new landed file, then one ingestion_onward run
+
+
+def _platform(root: Path) -> PlatformResource:
+    return PlatformResource(data_url=str(root), landing_url=str(root / "raw"))
+
+
+def _files_tick(root: Path, instance: dg.DagsterInstance, cursor: str | None):
+    result = raw_files_sensor(dg.build_sensor_context(instance=instance, cursor=cursor,
+                                                      resources={"platform": _platform(root)}))
+    return result, result.cursor if isinstance(result, dg.SensorResult) else cursor
+
+
+def _run_partition_requests(root: Path, instance: dg.DagsterInstance, result: dg.SensorResult) -> None:
+    """What the daemon does with the sensor's result: add the partitions, launch the runs."""
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys or []))
+    job = dg.Definitions(assets=[ingestion.raw_batches], jobs=[ingestion.ingest_raw_batch_job],
+                         resources={"platform": _platform(root)}).resolve_job_def(ingestion.INGEST_JOB)
+    for request in _requests(result):
+        job.execute_in_process(instance=instance, partition_key=request.partition_key, tags=request.tags,
+                               raise_on_error=False)
+
+
+def test_the_raw_files_sensor_adds_a_partition_per_new_file_then_requests_training_once(tmp_path: Path) -> None:
+    from mlops_assets.core.dataset_spec import default_spec
+    from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
+
+    root = tmp_path / "data"
+    landing = str(root / "raw")
+    records = simulate_records(default_spec(), SimulationConfig(n_rows=200, seed=5))
+    with dg.instance_for_test() as instance:
+        result, cursor = _files_tick(root, instance, None)
+        assert _requests(result) == [] and "no new files" in _skip(result)
+
+        write_batch(records.head(100), landing, name="a.csv")
+        (Path(landing) / "garbage.csv").write_text("\x00\x01 not a table")
+        result, cursor = _files_tick(root, instance, cursor)
+        requests = _requests(result)
+        [added] = result.dynamic_partitions_requests
+        assert added.partitions_def_name == "raw_batches" and set(added.partition_keys) == {
+            r.partition_key for r in requests}
+        assert len(requests) == 2 and {r.job_name for r in requests} == {ingestion.INGEST_JOB}
+        assert all(r.run_key == f"raw_batch-{r.partition_key}" and len(r.partition_key) == 64 for r in requests)
+
+        # Requested but not run yet: nothing downstream, no partition requested twice.
+        result, cursor = _files_tick(root, instance, cursor)
+        assert _requests(result) == [] and "waiting for 2" in _skip(result)
+
+        _run_partition_requests(root, instance, dg.SensorResult(
+            run_requests=requests, dynamic_partitions_requests=[added]))
+        assert instance.get_materialized_partitions(dg.AssetKey("raw_batches")) == set(added.partition_keys)
+        result, cursor = _files_tick(root, instance, cursor)  # garbage.csv is in quarantine now
+        [onward] = _requests(result)
+        assert onward.job_name == "ingestion_onward" and onward.partition_key is None
+        assert onward.run_key and onward.run_key.startswith("ingestion_onward-")
+
+        # Nothing new: no request; the same bytes landed under another name: not a new partition.
+        result, cursor = _files_tick(root, instance, cursor)
+        assert _requests(result) == []
+        write_batch(records.head(100), landing, name="a-again.csv")
+        result, cursor = _files_tick(root, instance, cursor)
+        assert _requests(result) == [] and "no new files" in _skip(result)
+
+        # Only a bad file: its partition runs, and no training is requested for it.
+        (Path(landing) / "broken.csv").write_text("a,b\n1,2\n")
+        result, cursor = _files_tick(root, instance, cursor)
+        [bad] = _requests(result)
+        _run_partition_requests(root, instance, result)
+        result, cursor = _files_tick(root, instance, cursor)
+        assert _requests(result) == [] and "none of the 1 new file(s) met the contract" in _skip(result)
+

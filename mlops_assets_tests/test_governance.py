@@ -44,8 +44,16 @@ from mlops_assets_tests.settings_support import platform_definitions
 TOKEN = "governance-test-token-5f1c2a9e"
 FAST = {"ops": {"trained_model": {"config": {"iterations": 80, "thread_count": 1}}}}
 ARGS = {"max_records": 100, "max_body_bytes": 200_000, "log_flush_interval_s": 0.5, "predict_timeout_s": 10}
-TRAINING_PATH = ["raw_batches", "raw_dataset", "validation_report", "feature_set", "train_test_split",
+TRAINING_PATH = ["raw_dataset", "validation_report", "feature_set", "train_test_split",
                  "trained_model", "model_evaluation", "registered_model"]
+
+
+def _ingest(instance: dg.DagsterInstance, defs: dg.Definitions, data: Path) -> None:
+    """Each landed file as its raw_batches partition, as `mlops-assets ingest` does."""
+    from mlops_assets.defs.ingestion.assets import INGEST_JOB, ingest_landed_on_instance
+
+    files = ingest_landed_on_instance(instance, defs.resolve_job_def(INGEST_JOB), str(data / "raw"))
+    assert files and all(f.status == "accepted" for f in files), files
 
 
 # --- fast: the card and the history ---------------------------------------------------------------
@@ -207,6 +215,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         instance = stack.enter_context(dg.DagsterInstance.get())
         defs = platform_definitions()  # built from the environment just set
 
+        _ingest(instance, defs, data)
         job = defs.resolve_implicit_global_asset_job_def()
         result = job.execute_in_process(
             instance=instance, run_config=FAST, raise_on_error=False,

@@ -8,8 +8,11 @@ import pandas as pd
 import pytest
 
 from mlops_assets.ingestion.batches import (
+    LandedFileNotFoundError,
     accepted_batches,
     dataset_version,
+    hash_landed_files,
+    ingest_batch,
     ingest_landed_files,
     list_landed_files,
     load_raw_dataset,
@@ -144,3 +147,39 @@ def test_any_fsspec_url_works(spec, simulated):
     assert [b.file_name for b in result.accepted] == ["m.csv"]
     assert [q.file_name for q in result.quarantined] == ["bad.csv"]
     assert len(load_raw_dataset(accepted_batches(urls["batches"]), spec)) == 30
+
+
+# One file at a time, by content hash: what each partition of raw_batches does.
+
+
+def test_a_file_is_ingested_by_its_content_hash_once_and_reported_again_after(store, spec, simulated):
+    write_batch(simulated.head(50), store["landing"], name="a.csv")
+    write_batch(simulated.iloc[50:80], store["landing"], name="b.csv")
+    by_hash = hash_landed_files(store["landing"])
+    assert sorted(f.name for f in by_hash.values()) == ["a.csv", "b.csv"]
+    sha = next(h for h, f in by_hash.items() if f.name == "b.csv")
+    first = ingest_batch(sha, store["landing"], store["batches"], store["quarantine"], spec,
+                         hint_url=by_hash[sha].url)
+    assert first.status == "accepted" and first.batch is not None and first.batch.rows == 30
+    assert [b.batch_id for b in accepted_batches(store["batches"])] == [sha]  # only that file
+    again = ingest_batch(sha, store["landing"], store["batches"], store["quarantine"], spec)
+    assert again.status == "already_accepted" and again.batch == first.batch
+
+
+def test_a_bad_file_ingested_by_hash_is_quarantined_and_its_reason_reported_again(store, spec, simulated):
+    bad = simulated.head(20).astype(object)
+    bad.loc[4, "URL_Length"] = "long"
+    write_batch(bad, store["landing"], name="bad.csv")
+    [sha] = hash_landed_files(store["landing"])
+    first = ingest_batch(sha, store["landing"], store["batches"], store["quarantine"], spec)
+    assert first.status == "quarantined" and first.quarantine is not None
+    assert first.quarantine.violations[0]["column"] == "URL_Length"
+    assert not list(Path(store["landing"]).iterdir())  # moved out of the landing folder
+    again = ingest_batch(sha, store["landing"], store["batches"], store["quarantine"], spec)
+    assert again.status == "quarantined" and again.quarantine == first.quarantine
+    assert accepted_batches(store["batches"]) == []
+
+
+def test_a_hash_no_file_has_is_an_error_that_names_it(store, spec):
+    with pytest.raises(LandedFileNotFoundError, match="0123456789abcdef"):
+        ingest_batch("0123456789abcdef" * 4, store["landing"], store["batches"], store["quarantine"], spec)

@@ -89,6 +89,13 @@ class Loop:
         return self.job(name).execute_in_process(instance=self.instance, run_config=run_config, tags=tags,
                                                  raise_on_error=False)
 
+    def ingest(self) -> None:
+        """Each landed file as its raw_batches partition (what raw_files_sensor's runs do)."""
+        from mlops_assets.defs.ingestion.assets import INGEST_JOB, ingest_landed_on_instance
+
+        files = ingest_landed_on_instance(self.instance, self.job(INGEST_JOB), str(self.data / "raw"))
+        assert files and all(f.status == "accepted" for f in files), files
+
     def monitor(self, hour: datetime) -> dg.ExecuteInProcessResult:
         """The monitoring job for one hourly window (its partition), as the schedule runs the last complete hour."""
         return self.job("monitoring").execute_in_process(instance=self.instance, partition_key=hour_key(hour),
@@ -221,6 +228,7 @@ def test_the_loop_from_raw_data_to_drift_to_one_retraining_through_the_gate(loop
     # 1. The first model: raw data through the same retraining job the sensor uses.
     write_batch(simulate_records(loop.spec, SimulationConfig(n_rows=2000, seed=42)), str(loop.data / "raw"),
                 name="seed.csv")
+    loop.ingest()
     first = loop.run("retraining", FAST)
     assert first.success
     assert loop.champion() == "1" and dep.live_version(loop.target) == "1"

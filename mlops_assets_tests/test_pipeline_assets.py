@@ -2,6 +2,9 @@
 storage and a test instance, sensors evaluated with a built context."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -14,8 +17,7 @@ from mlops_assets.defs.resources import ParquetIOManager, PlatformResource
 from mlops_assets.defs.validation import assets as validation
 from mlops_assets.tools.simulator import write_batch
 
-FOUNDATION = [ingestion.raw_batches, ingestion.raw_dataset, validation.validation_report,
-              features.feature_set, features.train_test_split]
+FOUNDATION = [ingestion.raw_dataset, validation.validation_report, features.feature_set, features.train_test_split]
 CHECKS = [validation.schema_is_valid, validation.enough_rows, validation.label_balance, validation.null_share,
           validation.duplicate_share, validation.conflicting_labels]
 
@@ -37,7 +39,27 @@ def _resources(root: Path) -> dict:
             "io_manager": ParquetIOManager(base_url=str(root / "assets"))}
 
 
+def _ingest(root: Path, instance: dg.DagsterInstance) -> list[ingestion.IngestedFile]:
+    """Each landed file as a raw_batches partition, materialized on `instance` (what `mlops-assets ingest` does)."""
+    job = dg.Definitions(assets=[ingestion.raw_batches], jobs=[ingestion.ingest_raw_batch_job],
+                         resources=_resources(root)).resolve_job_def(ingestion.INGEST_JOB)
+    return ingestion.ingest_landed_on_instance(instance, job, str(root / "raw"))
+
+
+def _partition_checks(instance: dg.DagsterInstance) -> dict[tuple[str, str], dg.AssetCheckEvaluation]:
+    """(partition, check name) -> the latest evaluation of that check on that raw_batches partition."""
+    out: dict[tuple[str, str], dg.AssetCheckEvaluation] = {}
+    for name in (ingestion.CONTRACT_CHECK, ingestion.NOT_EMPTY_CHECK):
+        key = dg.AssetCheckKey(dg.AssetKey("raw_batches"), name)
+        for record in reversed(instance.event_log_storage.get_asset_check_execution_history(key, limit=100)):
+            evaluation = record.event.asset_check_evaluation if record.event else None
+            if evaluation is not None and evaluation.partition:
+                out[(evaluation.partition, name)] = evaluation
+    return out
+
+
 def _materialize(root: Path, instance: dg.DagsterInstance) -> "dg.ExecuteInProcessResult":
+    _ingest(root, instance)
     return dg.materialize([*FOUNDATION, *CHECKS], resources=_resources(root), instance=instance,
                           raise_on_error=False)
 
@@ -78,9 +100,17 @@ def test_bad_file_fails_the_contract_check_but_good_data_flows_on(data_root: Pat
     write_batch(broken, landing, name="broken.csv")
     with dg.instance_for_test() as instance:
         result = _materialize(data_root, instance)
+        partition_checks = _partition_checks(instance)
+        partitions = set(instance.get_dynamic_partitions(ingestion.RAW_BATCHES_PARTITIONS))
     assert result.success
-    contract = _checks(result)[ingestion.CONTRACT_CHECK]
-    assert not contract.passed
+    assert len(partitions) == 2 and {p for p, _ in partition_checks} == partitions
+    good, bad = (sorted(p for (p, name), e in partition_checks.items()
+                        if name == ingestion.CONTRACT_CHECK and e.passed is ok) for ok in (True, False))
+    assert len(good) == len(bad) == 1
+    assert partition_checks[(good[0], ingestion.NOT_EMPTY_CHECK)].passed
+    assert not partition_checks[(bad[0], ingestion.NOT_EMPTY_CHECK)].passed
+    contract = partition_checks[(bad[0], ingestion.CONTRACT_CHECK)]
+    assert contract.metadata["quarantined_files"].value == 1
     assert contract.metadata["file"].value == "broken.csv"
     assert contract.metadata["column"].value == "SSLfinal_State"
     assert contract.metadata["example"].value == "7"
@@ -102,11 +132,13 @@ def test_blocking_check_failure_stops_everything_downstream(data_root: Path, spe
         assert not result.asset_materializations_for_node("train_test_split")
 
 
-def test_empty_landing_folder_stops_at_the_not_empty_check(data_root: Path):
+def test_empty_landing_folder_makes_no_partition_and_raw_dataset_names_the_landing_folder(data_root: Path):
     with dg.instance_for_test() as instance:
         result = _materialize(data_root, instance)
-    assert not result.success or not result.asset_materializations_for_node("raw_dataset")
-    assert not _checks(result)[ingestion.NOT_EMPTY_CHECK].passed
+        assert instance.get_dynamic_partitions(ingestion.RAW_BATCHES_PARTITIONS) == []
+    assert not result.success and not result.asset_materializations_for_node("raw_dataset")
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "land files" in (failure.message or "") + str(failure.event_specific_data)
     assert not result.asset_materializations_for_node("feature_set")
 
 
@@ -116,40 +148,50 @@ def _tick(root: Path, cursor: str | None, instance: dg.DagsterInstance):
     return raw_files_sensor(context)
 
 
-def test_sensor_on_new_repeated_and_bad_files(data_root: Path, simulated):
-    landing = str(data_root / "raw")
-    with dg.instance_for_test() as instance:
-        empty = _tick(data_root, None, instance)
-        assert isinstance(empty, dg.SkipReason)
-
-        write_batch(simulated.head(100), landing, name="a.csv")
-        first = _tick(data_root, None, instance)
-        assert isinstance(first, dg.SensorResult) and len(first.run_requests) == 1
-        key_a = first.run_requests[0].run_key
-
-        repeated = _tick(data_root, first.cursor, instance)
-        assert isinstance(repeated, dg.SkipReason)  # same files: no duplicate run
-
-        (Path(landing) / "garbage.csv").write_text("\x00\x01 not a table")
-        bad = _tick(data_root, first.cursor, instance)
-        assert isinstance(bad, dg.SensorResult) and len(bad.run_requests) == 1
-        assert bad.run_requests[0].run_key != key_a
-        assert "garbage.csv" in bad.run_requests[0].tags["mlops_assets/landed_files"]
-        assert "a.csv" not in bad.run_requests[0].tags["mlops_assets/landed_files"]
-
-        # The run quarantines the bad file; the folder changes but nothing new is landed.
-        (Path(landing) / "garbage.csv").unlink()
-        after = _tick(data_root, bad.cursor, instance)
-        assert isinstance(after, dg.SkipReason)
-
-
-def test_sensor_targets_ingestion_onward():
+def test_sensor_targets_the_partition_job_and_ingestion_onward():
     from mlops_assets.definitions import defs
 
     sensor = defs.resolve_sensor_def("raw_files_sensor")
-    job = defs.resolve_job_def(sensor.job_name)
-    selected = job.asset_layer.selected_asset_keys
-    assert {k.to_user_string() for k in selected} >= {a.key.to_user_string() for a in FOUNDATION}
+    assert {target.job_name for target in sensor.targets} == {ingestion.INGEST_JOB, "ingestion_onward"}
+    onward = {k.to_user_string() for k in defs.resolve_job_def("ingestion_onward").asset_layer.selected_asset_keys}
+    assert onward >= {a.key.to_user_string() for a in FOUNDATION} and "raw_batches" not in onward
+    ingest = defs.resolve_job_def(ingestion.INGEST_JOB)
+    assert ingest.asset_layer.selected_asset_keys == {dg.AssetKey("raw_batches")}
+    assert ingest.partitions_def == ingestion.raw_batch_partitions
+
+
+def test_the_ingest_command_makes_each_landed_file_a_partition_with_its_checks(
+        tmp_path: Path, simulated, monkeypatch: pytest.MonkeyPatch):
+    """`mlops-assets ingest` (the first step of make pipeline) on a real instance in DAGSTER_HOME."""
+    data, home = tmp_path / "data", tmp_path / "dagster_home"
+    home.mkdir()
+    write_batch(simulated.head(500), str(data / "raw"), name="good.csv")
+    broken = simulated.head(20).astype(object)
+    broken.loc[2, "port"] = 0
+    write_batch(broken, str(data / "raw"), name="bad.csv")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    env = {**os.environ, "MLOPS_DATA_URL": str(data)}
+    env.pop("MLOPS_LANDING_URL", None)
+    command = [str(Path(sys.executable).with_name("mlops-assets")), "ingest"]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "quarantined" in first.stdout and "bad.csv" in first.stdout and "accepted" in first.stdout
+
+    with dg.DagsterInstance.get() as instance:
+        partitions = set(instance.get_dynamic_partitions(ingestion.RAW_BATCHES_PARTITIONS))
+        assert len(partitions) == 2
+        assert instance.get_materialized_partitions(dg.AssetKey("raw_batches")) == partitions
+        checks = _partition_checks(instance)
+        runs = len(instance.get_runs())
+    contract = {e.metadata["file"].value: e for (_, name), e in checks.items() if name == ingestion.CONTRACT_CHECK}
+    assert contract["good.csv"].passed and not contract["bad.csv"].passed
+    assert contract["bad.csv"].metadata["column"].value == "port"
+    assert len(list((data / "quarantine").glob("*bad.csv.reason.json"))) == 1
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode == 0 and "already_ingested" in again.stdout and "bad.csv" not in again.stdout
+    with dg.DagsterInstance.get() as instance:
+        assert len(instance.get_runs()) == runs  # nothing new landed: no run
 
 
 @pytest.mark.parametrize("url", ["memory://sensor-test/raw"])

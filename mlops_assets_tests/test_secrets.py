@@ -38,8 +38,18 @@ from mlops_assets_tests.settings_support import platform_definitions
 REPO = Path(__file__).resolve().parents[1]
 PRODUCTION = REPO / "deploy" / "production"
 FAST = {"ops": {"trained_model": {"config": {"iterations": 60, "thread_count": 1}}}}
-TRAINING_PATH = ["raw_batches", "raw_dataset", "validation_report", "feature_set", "train_test_split",
+TRAINING_PATH = ["raw_dataset", "validation_report", "feature_set", "train_test_split",
                  "trained_model", "model_evaluation", "registered_model"]
+
+
+def _ingest(instance: dg.DagsterInstance, defs: dg.Definitions, data: Path) -> None:
+    """Each landed file as its raw_batches partition, as `mlops-assets ingest` does."""
+    from mlops_assets.defs.ingestion.assets import INGEST_JOB, ingest_landed_on_instance
+
+    files = ingest_landed_on_instance(instance, defs.resolve_job_def(INGEST_JOB), str(data / "raw"))
+    assert files and all(f.status == "accepted" for f in files), files
+
+
 SECRET_NAME = re.compile(r"(PASSWORD|TOKEN|SECRET)", re.IGNORECASE)
 
 
@@ -193,6 +203,7 @@ def test_mlflow_requires_auth_and_no_secret_reaches_mlflow_dagster_or_responses(
     defs = platform_definitions()  # built from the environment just set
 
     with dg.instance_for_test() as instance:
+        _ingest(instance, defs, data)
         result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
             instance=instance, run_config=FAST, raise_on_error=False,
             asset_selection=[dg.AssetKey(k) for k in TRAINING_PATH])
@@ -453,6 +464,7 @@ def test_a_postgres_password_in_the_tracking_uri_reaches_no_event_mlflow_field_s
         defs = platform_definitions()  # built from the environment just set
 
         instance = stack.enter_context(dg.instance_for_test())
+        _ingest(instance, defs, data)
         result = defs.resolve_implicit_global_asset_job_def().execute_in_process(
             instance=instance, run_config=FAST, raise_on_error=False,
             asset_selection=[dg.AssetKey(k) for k in [*TRAINING_PATH, "model_deployment"]])

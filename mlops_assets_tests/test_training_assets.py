@@ -278,10 +278,14 @@ def test_the_whole_training_path_from_raw_files_ends_with_a_champion_that_status
     defs = platform_definitions()
 
     write_batch(simulated, str(data_root / "raw"), name="batch1.csv")
+    from mlops_assets.defs.ingestion.assets import INGEST_JOB, ingest_landed_on_instance
+
     graph = defs.resolve_asset_graph()
-    keys = dg.AssetSelection.assets("registered_model").upstream().resolve(graph)
+    # Landed files are raw_batches partitions, ingested first (as `make pipeline` does).
+    keys = dg.AssetSelection.assets("registered_model").upstream().resolve(graph) - {dg.AssetKey("raw_batches")}
     job = defs.resolve_implicit_global_asset_job_def()
     with dg.instance_for_test() as instance:
+        ingest_landed_on_instance(instance, defs.resolve_job_def(INGEST_JOB), str(data_root / "raw"))
         result = job.execute_in_process(instance=instance, asset_selection=list(keys), run_config=FAST)
         assert result.success
         split_meta = result.asset_materializations_for_node("train_test_split")[0].metadata

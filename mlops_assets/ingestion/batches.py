@@ -181,28 +181,124 @@ def _quarantine(landed: LandedFile, sha: str, violations: list[ContractViolation
     return record
 
 
+def _read_landed(landed: LandedFile) -> bytes:
+    with fsspec.open(landed.url, "rb") as handle:
+        return bytes(handle.read())
+
+
+def _accept_or_quarantine(landed: LandedFile, data: bytes, sha: str, batches_url: str, quarantine_url: str,
+                          spec: DatasetSpec) -> BatchRecord | QuarantineRecord:
+    try:
+        frame = read_table(landed.name, data)
+        violations = check_contract(frame, spec)
+    except UnreadableFileError as exc:
+        violations = [ContractViolation("unreadable", str(exc))]
+    if violations:
+        return _quarantine(landed, sha, violations, quarantine_url)
+    return _store_batch(data, _typed(frame, spec), landed, sha, batches_url)
+
+
 def ingest_landed_files(landing_url: str, batches_url: str, quarantine_url: str, spec: DatasetSpec) -> IngestResult:
     """Accept each new conforming file once; quarantine the rest. Never touches accepted batches."""
     result = IngestResult()
     known = {record.batch_id for record in accepted_batches(batches_url)}
     for landed in list_landed_files(landing_url):
-        with fsspec.open(landed.url, "rb") as handle:
-            data = handle.read()
+        data = _read_landed(landed)
         sha = sha256_bytes(data)
         if sha in known:
             result.already_accepted.append(landed.name)
             continue
-        try:
-            frame = read_table(landed.name, data)
-            violations = check_contract(frame, spec)
-        except UnreadableFileError as exc:
-            violations = [ContractViolation("unreadable", str(exc))]
-        if violations:
-            result.quarantined.append(_quarantine(landed, sha, violations, quarantine_url))
+        outcome = _accept_or_quarantine(landed, data, sha, batches_url, quarantine_url, spec)
+        if isinstance(outcome, QuarantineRecord):
+            result.quarantined.append(outcome)
             continue
-        result.accepted.append(_store_batch(data, _typed(frame, spec), landed, sha, batches_url))
+        result.accepted.append(outcome)
         known.add(sha)
     return result
+
+
+# One landed file at a time, by content hash: what a partition of raw_batches ingests.
+
+
+def hash_landed_files(landing_url: str, files: list[LandedFile] | None = None) -> dict[str, LandedFile]:
+    """Content hash -> landed file (of several files with the same bytes, the first by name)."""
+    out: dict[str, LandedFile] = {}
+    for landed in list_landed_files(landing_url) if files is None else files:
+        out.setdefault(sha256_bytes(_read_landed(landed)), landed)
+    return out
+
+
+def batch_record(batches_url: str, sha: str) -> BatchRecord | None:
+    """The accepted batch with this content hash, if there is one."""
+    url = join_url(join_url(batches_url, sha), "batch.json")
+    fs, path = _fs(url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as handle:
+        return BatchRecord(**json.load(handle))
+
+
+def quarantine_record(quarantine_url: str, sha: str) -> QuarantineRecord | None:
+    """The latest quarantine of a file with this content hash, if there was one."""
+    fs, root = _fs(quarantine_url)
+    if not fs.exists(root):
+        return None
+    found: QuarantineRecord | None = None
+    for path in sorted(fs.glob(f"{root}/*.reason.json")):
+        with fs.open(path, "r") as handle:
+            raw = json.load(handle)
+        if raw.get("sha256") == sha:
+            found = QuarantineRecord(**{k: raw[k] for k in QuarantineRecord.__dataclass_fields__})
+    return found
+
+
+class LandedFileNotFoundError(LookupError):
+    """No landed, accepted or quarantined file has the requested content hash."""
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What became of one landed file: `accepted` now, `already_accepted` earlier, or `quarantined`."""
+
+    sha256: str
+    status: str
+    batch: BatchRecord | None = None
+    quarantine: QuarantineRecord | None = None
+
+    @property
+    def file_name(self) -> str:
+        record = self.batch or self.quarantine
+        return record.file_name if record else ""
+
+    @property
+    def source(self) -> str:
+        record = self.batch or self.quarantine
+        return record.source if record else ""
+
+
+def ingest_batch(sha: str, landing_url: str, batches_url: str, quarantine_url: str, spec: DatasetSpec,
+                 hint_url: str | None = None) -> BatchOutcome:
+    """Ingest the landed file whose content hash is `sha` (idempotent: a stored batch or an earlier
+    quarantine is reported again). `hint_url` names the file to try first, saving a scan of the folder."""
+    stored = batch_record(batches_url, sha)
+    if stored is not None:
+        return BatchOutcome(sha, "already_accepted", batch=stored)
+    files = list_landed_files(landing_url)
+    hinted = [f for f in files if f.url == hint_url]
+    for landed in [*hinted, *(f for f in files if f.url != hint_url)]:
+        data = _read_landed(landed)
+        if sha256_bytes(data) != sha:
+            continue
+        outcome = _accept_or_quarantine(landed, data, sha, batches_url, quarantine_url, spec)
+        if isinstance(outcome, QuarantineRecord):
+            return BatchOutcome(sha, "quarantined", quarantine=outcome)
+        return BatchOutcome(sha, "accepted", batch=outcome)
+    earlier = quarantine_record(quarantine_url, sha)
+    if earlier is not None:
+        return BatchOutcome(sha, "quarantined", quarantine=earlier)
+    raise LandedFileNotFoundError(
+        f"no file with content hash {sha[:16]} in {landing_url}, the batch store or quarantine; "
+        "land the file again or delete this partition")
 
 
 def dataset_version(batch_ids: list[str]) -> str:

@@ -1,4 +1,4 @@
-"""`mlops-assets`: the commands Dagster does not cover (simulate, status, rollback, trace).
+"""`mlops-assets`: the commands Dagster does not cover (simulate, ingest, status, rollback, trace).
 
 Bad arguments exit with status 2 and a message that names the argument; nothing is written.
 """
@@ -55,6 +55,38 @@ def _cmd_simulate_data(args: argparse.Namespace) -> int:
     frame = simulate_records(spec, config)
     target = write_batch(frame, args.out or settings.landing_url, fmt=args.format, name=args.name)
     print(f"wrote {len(frame)} records ({spec.name}, seed {args.seed}) to {target}")
+    return 0
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    import os
+
+    import dagster as dg
+
+    from mlops_assets.definitions import defs
+    from mlops_assets.defs.ingestion.assets import INGEST_JOB, ingest_landed_on_instance
+    from mlops_assets.ingestion.batches import accepted_batches
+    from mlops_assets.settings import load_settings
+
+    if not os.environ.get("DAGSTER_HOME"):
+        print("mlops-assets ingest: DAGSTER_HOME is not set; point it at the Dagster instance "
+              "(make sets data/dagster_home)", file=sys.stderr)
+        return 2
+    settings = load_settings()
+    with dg.DagsterInstance.get() as instance:
+        files = ingest_landed_on_instance(instance, defs.resolve_job_def(INGEST_JOB), settings.landing_url)
+    for f in files:
+        print(redact_text(f"{f.status:<16} {f.sha256[:16]}  {f.file_name}" + (f"  {f.detail}" if f.detail else "")))
+    batches = accepted_batches(settings.batches_url)
+    if any(f.status == "failed" for f in files):
+        print("mlops-assets ingest: some raw_batches runs failed (see above and the Dagster UI)", file=sys.stderr)
+        return 1
+    if not batches:
+        print(redact_text(f"mlops-assets ingest: no accepted batch; drop CSV or Parquet files into "
+                          f"{settings.landing_url}"), file=sys.stderr)
+        return 1
+    print(f"{len(files)} landed file(s) are raw_batches partitions; {len(batches)} accepted batch(es), "
+          f"{sum(b.rows for b in batches)} rows")
     return 0
 
 
@@ -263,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     traffic.add_argument("--labels-dir", default=None, help="labels landing folder (default: MLOPS_LABELS_URL or data/labels)")
     traffic.add_argument("--spec", default=None, help="dataset spec JSON (default: MLOPS_DATASET_SPEC or phishing)")
     traffic.set_defaults(func=_cmd_simulate_traffic)
+
+    ingest = sub.add_parser("ingest", help="make each landed file a partition of raw_batches and materialize "
+                                           "the new ones on the Dagster instance (DAGSTER_HOME)")
+    ingest.set_defaults(func=_cmd_ingest)
 
     status = sub.add_parser("status", help="the champion model: version, metrics, data and feature versions, run")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")

@@ -1,8 +1,9 @@
 """Ingestion: landed files -> content-addressed batches (bad files quarantined) -> raw_dataset."""
 
 
-import hashlib
 import json
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 
 import dagster as dg
 import pandas as pd
@@ -10,83 +11,113 @@ import pandas as pd
 from mlops_assets import constants as c
 from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.core.records import RawDataset
-from mlops_assets.defs.metadata import path_value, redact_text
+from mlops_assets.defs.metadata import path_value, redact_text, redact_uri
 from mlops_assets.defs.resources import PlatformResource
 from mlops_assets.ingestion import batches as ingestion
 
 CONTRACT_CHECK = "landed_files_meet_contract"
 NOT_EMPTY_CHECK = "has_accepted_batches"
+RAW_BATCHES_PARTITIONS = "raw_batches"
+INGEST_JOB = "ingest_raw_batch"
+LANDED_FILE_TAG = "mlops_assets/landed_file"  # the file a partition run reads first
+LANDED_FILES_TAG = "mlops_assets/landed_files"
 RAW_DATASET_CODE_VERSION = "2"  # bump when the union of batches is built differently
+
+
+# Each landed file is one partition of raw_batches, keyed by the sha256 of its bytes.
+raw_batch_partitions = dg.DynamicPartitionsDefinition(name=RAW_BATCHES_PARTITIONS)
+
+
+def _contract_result(outcome: ingestion.BatchOutcome) -> dg.AssetCheckResult:
+    bad = outcome.quarantine
+    first_problem = bad.violations[0] if bad and bad.violations else {}
+    return dg.AssetCheckResult(
+        check_name=CONTRACT_CHECK,
+        passed=bad is None,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=redact_text(f"{bad.file_name}: {bad.reason}") if bad else f"{outcome.file_name} met the contract",
+        metadata={
+            "quarantined_files": int(bad is not None),
+            "file": outcome.file_name,
+            "column": str(first_problem.get("column") or ""),
+            "example": str(first_problem.get("example") or ""),
+            "quarantine": dg.MetadataValue.json([
+                {"file": bad.file_name, "moved_to": redact_text(bad.moved_to), "reason": bad.reason,
+                 "violations": bad.violations}] if bad else []),
+        },
+    )
 
 
 @dg.asset(
     group_name=c.GROUP_INGESTION,
     kinds={"pandas", "parquet"},
-    # Labelled production records become a batch first, so retraining learns from them.
-    deps=["labelled_production_batch"],
+    partitions_def=raw_batch_partitions,
     check_specs=[
-        dg.AssetCheckSpec(CONTRACT_CHECK, asset="raw_batches",
-                          description="Every file landed in this run was readable and met the data contract."),
-        dg.AssetCheckSpec(NOT_EMPTY_CHECK, asset="raw_batches", blocking=True,
-                          description="At least one batch has been accepted, so there is data to train on."),
+        # Partitioned checks: the UI shows each file's check results on its own partition.
+        dg.AssetCheckSpec(CONTRACT_CHECK, asset="raw_batches", partitions_def=raw_batch_partitions,
+                          description="The landed file was readable and met the data contract."),
+        # Not blocking: nothing downstream runs in a partition's run, and a bad file's run should
+        # report it (failed checks, quarantine) rather than fail.
+        dg.AssetCheckSpec(NOT_EMPTY_CHECK, asset="raw_batches", partitions_def=raw_batch_partitions,
+                          description="The file became an accepted batch with rows, so there is data to train on."),
     ],
 )
 def raw_batches(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    """Immutable, content-addressed copies of every accepted landed file."""
+    """One landed file (partition key: its sha256), copied once into the batch store or quarantined."""
     settings = platform.settings()
-    result = ingestion.ingest_landed_files(
-        settings.landing_url, settings.batches_url, settings.quarantine_url, platform.spec())
-    batches = ingestion.accepted_batches(settings.batches_url)
-    for bad in result.quarantined:
+    sha = context.partition_key
+    try:
+        outcome = ingestion.ingest_batch(sha, settings.landing_url, settings.batches_url, settings.quarantine_url,
+                                         platform.spec(), hint_url=context.run.tags.get(LANDED_FILE_TAG))
+    except ingestion.LandedFileNotFoundError as exc:
+        raise dg.Failure(redact_text(str(exc))) from exc
+    if outcome.quarantine is not None:
+        bad = outcome.quarantine
         context.log.warning(redact_text(f"quarantined {bad.file_name}: {bad.reason} (moved to {bad.moved_to})"))
-
-    first_problem = result.quarantined[0].violations[0] if result.quarantined else {}
-    contract = dg.AssetCheckResult(
-        check_name=CONTRACT_CHECK,
-        passed=not result.quarantined,
-        severity=dg.AssetCheckSeverity.ERROR,
-        description=("; ".join(f"{q.file_name}: {q.reason}" for q in result.quarantined)
-                     or "every landed file met the contract"),
-        metadata={
-            "quarantined_files": len(result.quarantined),
-            "file": result.quarantined[0].file_name if result.quarantined else "",
-            "column": str(first_problem.get("column") or ""),
-            "example": str(first_problem.get("example") or ""),
-            "quarantine": dg.MetadataValue.json([
-                {"file": q.file_name, "moved_to": q.moved_to, "reason": q.reason, "violations": q.violations}
-                for q in result.quarantined
-            ]),
-        },
-    )
+    accepted = len(ingestion.accepted_batches(settings.batches_url))
+    batch = outcome.batch
     not_empty = dg.AssetCheckResult(
         check_name=NOT_EMPTY_CHECK,
-        passed=bool(batches),
-        metadata={"accepted_batches": len(batches)},
-        description=None if batches else redact_text(f"no accepted batch yet; drop CSV or Parquet files into {settings.landing_url}"),
+        passed=batch is not None and batch.rows > 0,
+        metadata={"accepted_batches": accepted},
+        description=f"{outcome.file_name}: {batch.rows} rows accepted" if batch is not None else redact_text(
+            f"{outcome.file_name} gave no accepted rows (quarantined); drop CSV or Parquet files that meet "
+            f"the contract into {settings.landing_url}"),
     )
-    accepted_table = pd.DataFrame(
-        [{"file": b.file_name, "rows": b.rows, "columns": len(b.columns), "sha256": b.batch_id[:16],
-          "source": b.source} for b in result.accepted],
-        columns=["file", "rows", "columns", "sha256", "source"],
-    )
+    metadata: dict[str, dg.RawMetadataValue] = {
+        "status": outcome.status,
+        "file": outcome.file_name,
+        "sha256": sha,
+        "source": redact_text(outcome.source),
+        "accepted_batches": accepted,
+        "landing_folder": path_value(settings.landing_url),
+    }
+    if batch is not None:
+        metadata.update({
+            "rows": batch.rows,
+            "columns": len(batch.columns),
+            "column_names": dg.MetadataValue.json(batch.columns),
+            "file_format": batch.file_format,
+            "accepted_at": batch.accepted_at,
+            "stored_at": path_value(batch.stored_at),
+            "dagster/row_count": batch.rows,
+        })
+    else:
+        assert outcome.quarantine is not None
+        metadata.update({"rows": 0, "reason": redact_text(outcome.quarantine.reason),
+                         "moved_to": path_value(outcome.quarantine.moved_to)})
     return dg.MaterializeResult(
-        metadata={
-            "accepted_this_run": len(result.accepted),
-            "quarantined_this_run": len(result.quarantined),
-            "already_accepted_files": len(result.already_accepted),
-            "total_batches": len(batches),
-            "total_rows": sum(b.rows for b in batches),
-            "accepted": dg.MetadataValue.md(accepted_table.to_markdown(index=False) if len(accepted_table) else "none"),
-            "batches": dg.MetadataValue.json([b.as_dict() for b in result.accepted]),
-            "landing_folder": path_value(settings.landing_url),
-            "batch_store": path_value(settings.batches_url),
-        },
-        check_results=[contract, not_empty],
-        data_version=dg.DataVersion(ingestion.dataset_version([b.batch_id for b in batches])),
+        metadata=metadata,
+        check_results=[_contract_result(outcome), not_empty],
+        # The content is the version: re-ingesting the same bytes is never new data.
+        data_version=dg.DataVersion(sha if batch is not None else f"quarantined-{sha}"),
     )
 
 
-@dg.asset(group_name=c.GROUP_INGESTION, kinds={"pandas", "parquet"}, deps=[raw_batches],
+# All partitions: the union of every accepted batch (labelled production batches are stored
+# straight into the batch store).
+@dg.asset(group_name=c.GROUP_INGESTION, kinds={"pandas", "parquet"},
+          deps=[dg.AssetDep("raw_batches", partition_mapping=dg.AllPartitionMapping()), "labelled_production_batch"],
           code_version=RAW_DATASET_CODE_VERSION)
 def raw_dataset(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.Output[RawDataset]:
     """The union of all accepted batches, versioned by their content hashes (a record naming them)."""
@@ -121,41 +152,122 @@ def load_raw_frame(raw: RawDataset, spec: DatasetSpec) -> pd.DataFrame:
     return ingestion.load_raw_dataset([by_id[i] for i in raw.batch_ids], spec)
 
 
-def _fingerprints(landing_url: str) -> dict[str, str]:
-    return {f.name: f.fingerprint for f in ingestion.list_landed_files(landing_url)}
+# A run per landed file (one partition), then one run of everything downstream of raw_dataset.
+ingest_raw_batch_job = dg.define_asset_job(
+    INGEST_JOB, selection=dg.AssetSelection.assets("raw_batches"), partitions_def=raw_batch_partitions,
+    description="Ingest one landed file: one partition of raw_batches, keyed by its content hash.",
+)
 
-
-# New data runs everything downstream of ingestion: validation, features and, once they exist,
-# training, evaluation, registry and deployment.
+# New data runs everything downstream of ingestion: validation, features, training, evaluation,
+# registry and deployment, on the union of the accepted batches.
 ingestion_onward_job = dg.define_asset_job(
-    "ingestion_onward", selection=dg.AssetSelection.assets("raw_batches").downstream(),
-    description="Ingest landed files and rebuild everything downstream of them.",
+    "ingestion_onward", selection=dg.AssetSelection.assets("raw_dataset").downstream(),
+    description="Rebuild everything downstream of the accepted raw batches.",
 )
 
 
+@dataclass(frozen=True)
+class IngestedFile:
+    file_name: str
+    sha256: str
+    status: str  # accepted | already_accepted | quarantined | already_ingested | failed
+    detail: str = ""
+
+
+def ingest_landed_on_instance(instance: dg.DagsterInstance, job: dg.JobDefinition, landing_url: str) -> list[IngestedFile]:
+    """Register every landed file as a partition of raw_batches and materialize, one run each, those
+    not materialized yet: what the file sensor does through the daemon, for the command line."""
+    by_hash = ingestion.hash_landed_files(landing_url)
+    instance.add_dynamic_partitions(RAW_BATCHES_PARTITIONS, list(by_hash))  # idempotent
+    done = instance.get_materialized_partitions(dg.AssetKey("raw_batches"))
+    out = []
+    for sha, landed in by_hash.items():
+        if sha in done:
+            out.append(IngestedFile(landed.name, sha, "already_ingested"))
+            continue
+        result = job.execute_in_process(instance=instance, partition_key=sha, raise_on_error=False,
+                                        tags={LANDED_FILE_TAG: redact_uri(landed.url)})
+        materialized = result.asset_materializations_for_node("raw_batches")
+        if not materialized:  # the run broke before reporting: not a verdict on the file
+            failure = next((e.message for e in result.all_events if e.is_failure), None) or "run failed"
+            out.append(IngestedFile(landed.name, sha, "failed", redact_text(failure)))
+            continue
+        contract = next(e for e in result.get_asset_check_evaluations() if e.check_name == CONTRACT_CHECK)
+        status = str(getattr(materialized[0].metadata["status"], "value", ""))
+        out.append(IngestedFile(landed.name, sha, status, "" if contract.passed else contract.description or ""))
+    return out
+
+
+@dataclass(frozen=True)
+class _FilesCursor:
+    seen: dict[str, str]  # file name -> fingerprint, so only changed files are read and hashed
+    pending: list[str]  # partitions requested, whose downstream run is not requested yet
+
+    @classmethod
+    def parse(cls, text: str | None) -> "_FilesCursor":
+        raw = json.loads(text) if text else {}
+        if "seen" not in raw:  # the cursor of the unpartitioned sensor: names -> fingerprints
+            return cls(seen=dict(raw), pending=[])
+        return cls(seen=dict(raw["seen"]), pending=list(raw["pending"]))
+
+    def dump(self) -> str:
+        return json.dumps({"seen": self.seen, "pending": self.pending})
+
+
+def _ingest_finished(instance: dg.DagsterInstance, sha: str, materialized: AbstractSet[str]) -> bool:
+    runs = instance.get_runs(dg.RunsFilter(job_name=INGEST_JOB, tags={"dagster/partition": sha}), limit=5)
+    if any(not run.is_finished for run in runs):
+        return False
+    return bool(runs) or sha in materialized
+
+
 @dg.sensor(
-    job=ingestion_onward_job,
+    jobs=[ingest_raw_batch_job, ingestion_onward_job],
     minimum_interval_seconds=c.RAW_FILES_SENSOR_INTERVAL_SECONDS,
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def raw_files_sensor(context: dg.SensorEvaluationContext, platform: PlatformResource) -> dg.SensorResult | dg.SkipReason:
-    """Requests one ingestion-onward run per set of new or changed landed files."""
-    landing = platform.settings().landing_url
+    """Adds a raw_batches partition (and its run) per new landed file; once those runs finished,
+    requests one ingestion_onward run if any of the files was accepted."""
+    settings = platform.settings()
+    landing = settings.landing_url
+    cursor = _FilesCursor.parse(context.cursor)
     try:
-        current = _fingerprints(landing)
+        files = ingestion.list_landed_files(landing)
+        hashes = ingestion.hash_landed_files(landing, [f for f in files if cursor.seen.get(f.name) != f.fingerprint])
     except OSError as exc:
         # An unreachable landing folder is reported, not raised: the sensor keeps ticking.
-        return dg.SkipReason(f"cannot list landing folder {landing}: {exc}")
-    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    new = {name: fp for name, fp in current.items() if seen.get(name) != fp}
-    if not new:
-        return dg.SkipReason(f"no new files in {landing}")
-    run_key = hashlib.sha256(json.dumps(sorted(new.items())).encode()).hexdigest()[:16]
-    # Forget files that left the folder (quarantined ones move away), so the cursor stays small.
+        return dg.SkipReason(redact_text(f"cannot list landing folder {landing}: {exc}"))
+    # Files that left the folder (quarantined ones move away) are forgotten, so the cursor stays small.
+    seen = {f.name: f.fingerprint for f in files}
+    known = set(context.instance.get_dynamic_partitions(RAW_BATCHES_PARTITIONS))
+    new = {sha: f for sha, f in hashes.items() if sha not in known and sha not in cursor.pending}
+    if new:
+        return dg.SensorResult(
+            dynamic_partitions_requests=[raw_batch_partitions.build_add_request(list(new))],
+            run_requests=[dg.RunRequest(job_name=INGEST_JOB, partition_key=sha, run_key=f"raw_batch-{sha}",
+                                        tags={LANDED_FILE_TAG: redact_uri(f.url)}) for sha, f in new.items()],
+            cursor=_FilesCursor(seen, [*cursor.pending, *new]).dump(),
+        )
+    if not cursor.pending:
+        return dg.SensorResult(skip_reason=redact_text(f"no new files in {landing}"), cursor=_FilesCursor(seen, []).dump())
+    materialized = context.instance.get_materialized_partitions(dg.AssetKey("raw_batches"))
+    waiting = [sha for sha in cursor.pending if not _ingest_finished(context.instance, sha, materialized)]
+    if waiting:
+        return dg.SensorResult(skip_reason=f"waiting for {len(waiting)} raw_batches run(s) to finish",
+                               cursor=_FilesCursor(seen, cursor.pending).dump())
+    accepted = [sha for sha in cursor.pending if ingestion.batch_record(settings.batches_url, sha) is not None]
+    if not accepted:
+        return dg.SensorResult(skip_reason=f"none of the {len(cursor.pending)} new file(s) met the contract; "
+                                           "see the landed_files_meet_contract check of their partitions",
+                               cursor=_FilesCursor(seen, []).dump())
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=run_key, tags={"mlops_assets/landed_files": ",".join(sorted(new))[:200]})],
-        cursor=json.dumps(current),
+        run_requests=[dg.RunRequest(job_name=ingestion_onward_job.name,
+                                    run_key=f"ingestion_onward-{ingestion.dataset_version(accepted)}",
+                                    tags={LANDED_FILES_TAG: ",".join(sha[:16] for sha in accepted)[:200]})],
+        cursor=_FilesCursor(seen, []).dump(),
     )
 
 
-defs = dg.Definitions(assets=[raw_batches, raw_dataset], jobs=[ingestion_onward_job], sensors=[raw_files_sensor])
+defs = dg.Definitions(assets=[raw_batches, raw_dataset], jobs=[ingest_raw_batch_job, ingestion_onward_job],
+                      sensors=[raw_files_sensor])

@@ -43,11 +43,12 @@ monitoring_job = dg.define_asset_job(
     description="Profile one hour of the prediction log, measure drift and live performance of the serving version.",
 )  # hourly partitioned, as its assets are: a run is one hour, a backfill a range of them
 
-# Retraining is the normal path from raw data to a deployed champion (gate and deployment
-# included), preceded by the labelled production records becoming a raw batch.
+# Retraining is the normal path from the accepted raw batches to a deployed champion (gate and
+# deployment included), preceded by the labelled production records becoming a raw batch. Landed
+# files are ingested by their own partition runs of raw_batches (raw_files_sensor), not here.
 retraining_job = dg.define_asset_job(
     RETRAINING_JOB,
-    selection=dg.AssetSelection.assets("labelled_production_batch") | dg.AssetSelection.assets("raw_batches").downstream(),
+    selection=dg.AssetSelection.assets("labelled_production_batch") | dg.AssetSelection.assets("raw_dataset").downstream(),
     description="Retrain on the accepted raw data plus labelled production data; gate, register, deploy.",
     tags={"mlops_assets/purpose": "retraining"},
 )
