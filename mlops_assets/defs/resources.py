@@ -74,8 +74,8 @@ class PlatformResource(dg.ConfigurableResource):
         return load_spec(self.dataset_spec_path)
 
     def settings(self) -> Settings:
-        """Transitional, for call sites not yet reading the fields: this resource's folders as
-        Settings (derived from the fields alone, never from the environment)."""
+        """This resource's folders as Settings, for helpers typed on Settings (derived from the
+        fields alone, never from the environment)."""
         from mlops_assets.settings import DATA_URL_ENV, DATASET_SPEC_ENV, LANDING_URL_ENV
 
         return load_settings({DATA_URL_ENV: self.data_url, LANDING_URL_ENV: self.landing_url,
@@ -210,13 +210,6 @@ class MlflowResource(dg.ConfigurableResource):
             return (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
         raise dg.Failure(f"no artifact root for the store {self.shown_tracking_uri()}: set MLOPS_MLFLOW_ARTIFACT_ROOT")
 
-    # Transitional plain reads, for call sites not yet reading the fields.
-    def resolved_tracking_uri(self) -> str:
-        return self.tracking_uri
-
-    def resolved_model_name(self) -> str:
-        return self.model_name
-
     def shown_tracking_uri(self) -> str:
         """The store as metadata, logs and messages may show it: credentials redacted."""
         return redact_uri(self.tracking_uri)
@@ -285,9 +278,6 @@ class RayServeResource(dg.ConfigurableResource):
     def base_config(self) -> dict[str, Any]:
         return dep.load_serve_config(self.serve_config_path)
 
-    def resolved_http_host(self) -> str | None:  # transitional plain read
-        return self.http_host
-
 
 class MonitoringResource(dg.ConfigurableResource):
     """Where monitoring reads and alerts, and the limits of the post-deployment watch, built from
@@ -325,19 +315,6 @@ class MonitoringResource(dg.ConfigurableResource):
         fields.setdefault("prediction_log_url", join_url(data_url, PREDICTIONS_SUBDIR))
         fields.setdefault("labels_url", join_url(data_url, c.LABELS_SUBDIR))
         return cls(**fields)
-
-    # Transitional plain reads, for call sites not yet reading the fields.
-    def log_url(self, settings: Settings | None = None) -> str:
-        return self.prediction_log_url
-
-    def resolved_labels_url(self, settings: Settings | None = None) -> str:
-        return self.labels_url
-
-    def resolved_metrics_url(self) -> str:
-        return self.metrics_url
-
-    def resolved_webhook_url(self) -> str | None:
-        return self.alert_webhook_url
 
     def watch_limits(self) -> mon.WatchLimits:
         return mon.WatchLimits(

@@ -72,13 +72,13 @@ def model_deployment(
                       "model_version": mlflow.model_version_link(name, str(version))})
     test = train_test_split[train_test_split[SPLIT_COLUMN] == "test"] if SPLIT_COLUMN in train_test_split else train_test_split
     records = dep.sample_records(test, spec, SAMPLE_RECORDS)
-    tracking_uri = mlflow.resolved_tracking_uri()
+    tracking_uri = mlflow.tracking_uri
     expected = dep.offline_probabilities(dep.offline_model(tracking_uri, name, str(version)), records, spec)
     try:
         result = dep.deploy_version(
             target=target, tracking_uri=tracking_uri, spec=spec, version=str(version), records=records,
             expected=expected, model_name=name, base_config=ray_serve.base_config(),
-            env_vars=replica_env(platform, mlflow, ray_serve), http_host=ray_serve.resolved_http_host(),
+            env_vars=replica_env(platform, mlflow, ray_serve), http_host=ray_serve.http_host,
             timeout_s=ray_serve.timeout_s,
         )
     except dep.DeploymentError as exc:
@@ -124,19 +124,19 @@ def rollback_champion_op(
     context: dg.OpExecutionContext, platform: PlatformResource, mlflow: MlflowResource, ray_serve: RayServeResource
 ) -> dict:
     spec = platform.spec()
-    tracking_uri = mlflow.resolved_tracking_uri()
+    tracking_uri = mlflow.tracking_uri
     target = ray_serve.target()
     records = dep.simulated_sample(spec)
     try:
         result = dep.rollback(target=target, tracking_uri=tracking_uri, spec=spec,
-                              model_name=mlflow.resolved_model_name(), records=records,
+                              model_name=mlflow.model_name, records=records,
                               base_config=ray_serve.base_config(),
                               env_vars=replica_env(platform, mlflow, ray_serve),
-                              http_host=ray_serve.resolved_http_host(), actor=mlflow.actor)
+                              http_host=ray_serve.http_host, actor=mlflow.actor)
     except Exception as exc:
         raise dg.Failure(description=redact_text(str(exc))) from exc
     metadata = {**_result_metadata(result, target),
-                "model_version": mlflow.model_version_link(mlflow.resolved_model_name(), result.live_version)}
+                "model_version": mlflow.model_version_link(mlflow.model_name, result.live_version)}
     context.add_output_metadata(metadata)
     # The catalog's model_deployment names what serves: a rollback is a deployment too.
     context.log_event(dg.AssetMaterialization(

@@ -48,10 +48,10 @@ class EvaluationConfig(dg.Config):
 def _champion(mlflow: MlflowResource, candidate_run_id: str, feature_names: list[str]
               ) -> tuple[model_store.LoadedModel | None, str]:
     """The current champion to compare against, or None with the reason why not."""
-    name = mlflow.resolved_model_name()
+    name = mlflow.model_name
     if model_store.alias_version(mlflow.client(), name, c.ALIAS_CHAMPION) is None:
         return None, f"no {c.ALIAS_CHAMPION} registered for {name!r} yet"
-    champion = model_store.load_verified_model(mlflow.resolved_tracking_uri(), name, alias=c.ALIAS_CHAMPION)
+    champion = model_store.load_verified_model(mlflow.tracking_uri, name, alias=c.ALIAS_CHAMPION)
     if list(champion.model.feature_names_) != feature_names:
         return None, f"champion v{champion.version} uses other features; not comparable"
     if champion.run_id == candidate_run_id:

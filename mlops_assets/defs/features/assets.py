@@ -27,7 +27,7 @@ class FeatureConfig(dg.Config):
 def feature_set(context: dg.AssetExecutionContext, config: FeatureConfig, platform: PlatformResource,
                 raw_dataset: RawDataset) -> dg.Output[FeatureSet]:
     """Cleaned, deduplicated features with the target, as Parquet addressed by the feature version."""
-    settings = platform.settings()
+    settings = platform
     spec = platform.spec()
     features, stats = feat.clean_features(load_raw_frame(raw_dataset, spec), spec, config.missing_feature_policy)
     version = feat.feature_version(features, f"{c.TRANSFORMATION_VERSION}:{config.missing_feature_policy}")
@@ -70,7 +70,7 @@ def train_test_split(context: dg.AssetExecutionContext, config: SplitConfig, pla
     counts = split.groupby(feat.SPLIT)[feat.TARGET].agg(["size", "mean"])
     version = content_hash(feature_set.version, SPLIT_CODE_VERSION, config.seed, config.test_fraction)
     # Only the assignment column is stored: the features stay in the one feature file.
-    path = join_url(platform.settings().features_url, feature_set.version, f"split-{version}.parquet")
+    path = join_url(platform.features_url, feature_set.version, f"split-{version}.parquet")
     records.write_frame(path, split[[feat.SPLIT]])
     rows = {side: int(counts.loc[side, "size"]) if side in counts.index else 0 for side in ("train", "test")}
     record = Split(version=version, feature_version=feature_set.version, data_version=feature_set.data_version,

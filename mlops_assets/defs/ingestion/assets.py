@@ -64,7 +64,7 @@ def _contract_result(outcome: ingestion.BatchOutcome) -> dg.AssetCheckResult:
 )
 def raw_batches(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     """One landed file (partition key: its sha256), copied once into the batch store or quarantined."""
-    settings = platform.settings()
+    settings = platform
     sha = context.partition_key
     try:
         outcome = ingestion.ingest_batch(sha, settings.landing_url, settings.batches_url, settings.quarantine_url,
@@ -121,7 +121,7 @@ def raw_batches(context: dg.AssetExecutionContext, platform: PlatformResource) -
           code_version=RAW_DATASET_CODE_VERSION)
 def raw_dataset(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.Output[RawDataset]:
     """The union of all accepted batches, versioned by their content hashes (a record naming them)."""
-    settings = platform.settings()
+    settings = platform
     batches = ingestion.accepted_batches(settings.batches_url)
     if not batches:
         raise dg.Failure(redact_text(f"no accepted batch in {settings.batches_url}; land files in {settings.landing_url}"))
@@ -229,7 +229,7 @@ def _ingest_finished(instance: dg.DagsterInstance, sha: str, materialized: Abstr
 def raw_files_sensor(context: dg.SensorEvaluationContext, platform: PlatformResource) -> dg.SensorResult | dg.SkipReason:
     """Adds a raw_batches partition (and its run) per new landed file; once those runs finished,
     requests one ingestion_onward run if any of the files was accepted."""
-    settings = platform.settings()
+    settings = platform
     landing = settings.landing_url
     cursor = _FilesCursor.parse(context.cursor)
     try:

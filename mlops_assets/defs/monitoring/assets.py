@@ -150,7 +150,7 @@ class ServingModel:
 
 def serving_model(mlflow: MlflowResource, ray_serve: RayServeResource) -> ServingModel:
     """The version the endpoint serves (its `/model`), else the registry champion, else none."""
-    name = mlflow.resolved_model_name()
+    name = mlflow.model_name
     client = mlflow.client()
     try:
         live = dep.live_version(ray_serve.target())
@@ -214,7 +214,7 @@ def reference_profile(
     spec = platform.spec()
     settings = platform.settings()
     name, version, run_id = registered_model["model_name"], str(registered_model["version"]), registered_model["run_id"]
-    loaded = model_store.load_verified_model(mlflow.resolved_tracking_uri(), name, version=version)
+    loaded = model_store.load_verified_model(mlflow.tracking_uri, name, version=version)
     train = train_test_split[train_test_split["split"] == "train"] if "split" in train_test_split else train_test_split
     frame = reference_frame(scorer_from_loaded(loaded, spec), spec, train)
     columns = mon.monitored_columns(spec.feature_names)
@@ -347,7 +347,7 @@ def production_profiles(
     of a backfill's range), per model version, merged into the day's profile; then the log's retention."""
     spec = platform.spec()
     settings = platform.settings()
-    log_url = monitoring.log_url(settings)
+    log_url = monitoring.prediction_log_url
     columns = mon.monitored_columns(spec.feature_names)
     hours = partition_hours(context)
     for key, (start, end) in zip(context.partition_keys, hours, strict=True):
@@ -615,12 +615,12 @@ def online_performance(
     spec = platform.spec()
     settings = platform.settings()
     model = serving_model(mlflow, ray_serve)
-    labels = mon.read_labels(monitoring.resolved_labels_url(settings))
+    labels = mon.read_labels(monitoring.labels_url)
     for path, why in labels.skipped:
         context.log.warning(redact_text(f"skipped unreadable label file {path}: {why}"))
     judged = []
     for key, (start, end) in zip(context.partition_keys, partition_hours(context), strict=True):
-        log = mon.read_window(monitoring.log_url(settings), start, end).frame
+        log = mon.read_window(monitoring.prediction_log_url, start, end).frame
         metadata, check = _performance_of_hour(config, settings, spec, model, log, labels.frame, start)
         context.add_asset_metadata(metadata, partition_key=key)
         judged.append(check)
@@ -690,8 +690,8 @@ def labelled_production_batch(
     """Labelled production records not yet learned from, accepted as a raw batch through ingestion."""
     spec = platform.spec()
     settings = platform.settings()
-    log = mon.read_prediction_log(monitoring.log_url(settings))
-    labels = mon.read_labels(monitoring.resolved_labels_url(settings)).frame
+    log = mon.read_prediction_log(monitoring.prediction_log_url)
+    labels = mon.read_labels(monitoring.labels_url).frame
     join = mon.join_labels(log, labels, label_values=list(spec.label_values)) if not log.empty else None
     staging = join_url(settings.data_url, c.PRODUCTION_BATCH_STAGING_SUBDIR)
     keys_url = join_url(staging, EXPORTED_KEYS_FILE)

@@ -125,7 +125,7 @@ def run_failure_alert(context: dg.RunFailureSensorContext, monitoring: Monitorin
         "run_failed", f"run {run.run_id[:8]} of job {run.job_name} failed: {error[:300]}",
         {"run_id": run.run_id, "job_name": run.job_name, "error": error[:2000],
          "tags": {k: v for k, v in run.tags.items() if not k.startswith(".dagster")}},
-        webhook_url=monitoring.resolved_webhook_url(), timeout_s=monitoring.alert_timeout_s, log=context.log,
+        webhook_url=monitoring.alert_webhook_url, timeout_s=monitoring.alert_timeout_s, log=context.log,
     )
     if result.attempted and not result.posted:
         context.log.warning(f"alert for run {run.run_id} not delivered: {result.error}")
@@ -261,13 +261,13 @@ def _serving_outage_tick(
         return None
     if pending is None:
         pending = {"since": datetime.now(UTC).isoformat(), "reason": outage, "alerted": []}
-    tracking_uri = mlflow.resolved_tracking_uri()
-    webhook, alerted = monitoring.resolved_webhook_url(), list(pending.get("alerted") or [])
+    tracking_uri = mlflow.tracking_uri
+    webhook, alerted = monitoring.alert_webhook_url, list(pending.get("alerted") or [])
     try:
         restored = dep.restore_champion(
-            target=target, tracking_uri=tracking_uri, spec=platform.spec(), model_name=mlflow.resolved_model_name(),
+            target=target, tracking_uri=tracking_uri, spec=platform.spec(), model_name=mlflow.model_name,
             base_config=ray_serve.base_config(), env_vars=replica_env(platform, mlflow, ray_serve),
-            http_host=ray_serve.resolved_http_host(), timeout_s=min(ray_serve.timeout_s, OUTAGE_RESTORE_TIMEOUT_S))
+            http_host=ray_serve.http_host, timeout_s=min(ray_serve.timeout_s, OUTAGE_RESTORE_TIMEOUT_S))
     except Exception as exc:  # not restored this tick: alert once, try again on the next
         error = redact_text(f"{type(exc).__name__}: {exc}")[:500]
         if "serving_outage" not in alerted:
@@ -306,7 +306,7 @@ def post_deploy_watch(
     deployment = f"{live}@{at:.3f}"
     state = json.loads(context.cursor) if context.cursor else {}
     limits = monitoring.watch_limits()
-    metrics_url = monitoring.resolved_metrics_url()
+    metrics_url = monitoring.metrics_url
     outage = _serving_outage_tick(context, platform, monitoring, mlflow, ray_serve, state)
     if outage is not None:  # infrastructure, not the model: restored, never rolled back
         return outage
@@ -319,7 +319,7 @@ def post_deploy_watch(
         return dg.SensorResult(skip_reason=dg.SkipReason(f"deployment {deployment}: {state['verdict']}"),
                                cursor=json.dumps(state))
     deployed_at = pd.Timestamp(at, unit="s", tz="UTC")
-    log, answered, _ = watch_rows(monitoring.log_url(platform.settings()), deployment, live, deployed_at, state,
+    log, answered, _ = watch_rows(monitoring.prediction_log_url, deployment, live, deployed_at, state,
                                   monitoring.watch_max_compared_rows)
     counters = scrape_counters(metrics_url) if state.get("baseline") else None
     baseline = mon.ServingCounters.from_dict(state["baseline"]) if state.get("baseline") else None
@@ -327,7 +327,7 @@ def post_deploy_watch(
     score_old, load_error = None, None
     if replaced is not None and not state.get("restored"):
         try:
-            score_old = _scores(replaced_scorer(mlflow.resolved_tracking_uri(), mlflow.resolved_model_name(),
+            score_old = _scores(replaced_scorer(mlflow.tracking_uri, mlflow.model_name,
                                                 replaced, spec))
         except Exception as exc:  # not comparable this tick (registry down, bad hash): keep watching
             load_error = f"version {replaced} not loaded for comparison: {type(exc).__name__}"
@@ -347,13 +347,13 @@ def post_deploy_watch(
         # A restored version is the known good one: rolling it back would go further back blindly.
         why = "it was restored by a rollback" if state.get("restored") else "no previous version to roll back to"
         send_alert("watch_failed", f"{summary}; not rolling back: {why}",
-                   {"version": live, **seen}, webhook_url=monitoring.resolved_webhook_url(),
+                   {"version": live, **seen}, webhook_url=monitoring.alert_webhook_url,
                    timeout_s=monitoring.alert_timeout_s, log=context.log)
         return dg.SensorResult(skip_reason=dg.SkipReason(f"limits broken, not rolling back: {why}"),
                                cursor=json.dumps(state, default=str))
     send_alert("rollback", summary + f"; rolling back to version {replaced}",
                {"version": live, "rollback_to": replaced, "reasons": list(decision.reasons), **seen},
-               webhook_url=monitoring.resolved_webhook_url(), timeout_s=monitoring.alert_timeout_s, log=context.log)
+               webhook_url=monitoring.alert_webhook_url, timeout_s=monitoring.alert_timeout_s, log=context.log)
     return dg.SensorResult(
         run_requests=[dg.RunRequest(run_key=f"watch-rollback-{deployment}",
                                     tags={TRIGGER_TAG: "post_deploy_watch", EVENT_TAG: deployment,

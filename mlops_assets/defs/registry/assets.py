@@ -65,7 +65,7 @@ def registered_model(
 ) -> dg.Output[Registration]:
     """The model version in the MLflow registry: challenger always, champion when the gate passed."""
     client = mlflow.client()
-    name = mlflow.resolved_model_name()
+    name = mlflow.model_name
     run_id = trained_model.run_id
     if model_evaluation.run_id != run_id:
         raise dg.Failure(f"model_evaluation is of run {model_evaluation.run_id}, trained_model of {run_id}: "

@@ -83,7 +83,7 @@ def trained_model(
     split = train_test_split
     client = mlflow.client()
     fingerprint = training_fingerprint(split, params, spec.name)
-    reused = _reuse(client, mlflow.resolved_model_name(), fingerprint, context)
+    reused = _reuse(client, mlflow.model_name, fingerprint, context)
     if reused is not None:
         return dg.Output(reused, data_version=dg.DataVersion(fingerprint), metadata={
             "skipped": True,

@@ -30,7 +30,7 @@ class ValidationConfig(dg.Config):
 def validation_report(context: dg.AssetExecutionContext, config: ValidationConfig, platform: PlatformResource,
                       raw_dataset: RawDataset) -> dg.Output[dict]:
     """Contract result, nulls, duplicates, conflicting labels and label balance of raw_dataset."""
-    settings = platform.settings()
+    settings = platform
     data_version = raw_dataset.version  # the version of the very data this run validates
     thresholds = ValidationThresholds(**config.model_dump())
     spec = platform.spec()
