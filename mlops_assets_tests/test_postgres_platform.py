@@ -380,9 +380,9 @@ def test_concurrent_registry_writes_succeed_and_leave_one_promotion_chain(platfo
             own = MlflowClient(tracking_uri=platform.tracking_uri)
             barrier.wait(timeout=60)
             mv = model_store.register_version(own, MODEL, run_id=run_id, model_uri=model_uri,
-                                              tags={"writer": run_id})
+                                              tags={"writer": run_id}, by="test-postgres")
             barrier.wait(timeout=120)  # every promotion at the same moment: the race the lock must win
-            model_store.promote_to_champion(own, MODEL, str(mv.version))
+            model_store.promote_to_champion(own, MODEL, str(mv.version), by="test-postgres")
             own.set_model_version_tag(MODEL, str(mv.version), "reviewed", "yes")
             results[run_id] = str(mv.version)
         except BaseException as exc:  # collected and asserted in the main thread

@@ -353,28 +353,31 @@ def _resources(platform: Platform, serve_config_file: str) -> dict[str, Any]:
 
 
 def test_model_deployment_asset_deploys_the_champion(platform: Platform, serve_config_file: str) -> None:
+    from dataclasses import replace
+
     import dagster as dg
 
+    from mlops_assets.core.records import Registration
     from mlops_assets.defs.deployment.assets import model_deployment, serving_health
 
     client = MlflowClient(tracking_uri=platform.tracking_uri)
     model_store.promote_to_champion(client, MODEL_NAME, "2")
     live_before = dep.live_version(platform.target)
     split = platform.sample.assign(split="test")
-    registered = {"model_name": MODEL_NAME, "version": "2", "champion_version": "2"}
+    registered = Registration(model_name=MODEL_NAME, version="2", champion_version="2")
     resources = _resources(platform, serve_config_file)
     with dg.build_asset_context() as context:
         result = model_deployment(context=context, registered_model=registered, train_test_split=split, **resources)
-    assert result.value["live_version"] == "2"
-    assert result.metadata["live_version"] == "2"
-    assert result.metadata["replaced_version"] == (live_before if live_before != "2" else "none")
+    assert result.value.live_version == "2"
+    assert result.metadata["live_version"].value == "2"
+    assert result.metadata["replaced_version"].value == (live_before if live_before != "2" else "none")
     assert result.metadata["endpoint"].url == platform.target.endpoint
     check = serving_health(ray_serve=resources["ray_serve"], model_deployment=result.value)
     assert check.passed
 
     with pytest.raises(dg.Failure, match="no champion"), dg.build_asset_context() as context:
         model_deployment(context=context, train_test_split=split, **resources,
-                         registered_model={**registered, "champion_version": None})
+                         registered_model=replace(registered, champion_version=None))
 
 
 def test_cli_rollback_then_rollback_job(platform: Platform, serve_config_file: str,
