@@ -288,7 +288,10 @@ def test_the_production_instance_config_puts_every_storage_on_postgres(platform:
 
 
 def test_the_training_path_materializes_on_postgres_and_concurrent_runs_succeed(platform: Platform) -> None:
-    from mlops_assets.definitions import defs
+    from mlops_assets_tests.settings_support import platform_definitions
+
+    # Built from this test's environment: definitions imported earlier in the session hold another data root.
+    defs = platform_definitions()
     from mlops_assets.defs.ingestion.assets import INGEST_JOB
 
     # 1. One run in this process, on the instance that DAGSTER_HOME names.
