@@ -35,7 +35,7 @@ TRAINING_PATH := raw_dataset,validation_report,feature_set,train_test_split,trai
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev,s3]'
 	touch $(STAMP)
 
 install: $(STAMP)
