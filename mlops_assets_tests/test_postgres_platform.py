@@ -15,16 +15,14 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import dagster as dg
 import numpy as np
@@ -39,12 +37,19 @@ from mlops_assets.ingestion import batches as ingestion
 from mlops_assets.registry import model_store
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
 from mlops_assets.training import tracking
+from mlops_assets_tests.postgres_support import (
+    URL_ENV,
+    admin,
+    mlflow_uri,
+    postgres_server_url,
+    unavailable,
+    with_db,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCTION_INSTANCE = REPO / "deploy" / "production" / "dagster.yaml"
-URL_ENV = "MLOPS_TEST_POSTGRES_URL"
 MODEL = "pg-classifier"
 FAST = {"ops": {"trained_model": {"config": {"iterations": 60, "thread_count": 1}}}}
 # One process per run: the default multiprocess executor re-imports the code location per step.
@@ -60,124 +65,13 @@ def training_path() -> list[str]:
     return found.group(1).strip().split(",")
 
 
-def _on_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
-
-
-def _unavailable(reason: str) -> None:
-    if _on_ci():
-        pytest.fail(f"{reason} (CI=true: the Postgres tests must run, .ci/run provides the server)")
-    pytest.skip(reason)
-
-
 def test_without_a_server_ci_fails_and_elsewhere_skips(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true"):
-        _unavailable("no PostgreSQL")
+        unavailable("no PostgreSQL")
     monkeypatch.setenv("CI", "")
     with pytest.raises(pytest.skip.Exception, match="no PostgreSQL"):
-        _unavailable("no PostgreSQL")
-
-
-# --- the server ---------------------------------------------------------------------------------
-
-
-def postgres_bindir() -> Path | None:
-    """The folder with initdb and pg_ctl (Debian's versioned folders first, then PATH)."""
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name)
-                        if p.parent.name.isdigit() else 0, reverse=True)
-    found = shutil.which("initdb")
-    if found:
-        candidates.append(Path(found).resolve().parent)
-    for folder in candidates:
-        if os.access(folder / "initdb", os.X_OK) and os.access(folder / "pg_ctl", os.X_OK):
-            return folder
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class PrivatePostgres:
-    """A throwaway cluster on 127.0.0.1:<free port>, in a private folder; run as `postgres` when root."""
-
-    def __init__(self, bindir: Path) -> None:
-        self.bindir = bindir
-        self.folder = Path(tempfile.mkdtemp(prefix="mlops-test-pg-"))
-        self.password = secrets.token_hex(16)
-        self.port = _free_port()
-        self.as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://mlops:{self.password}@127.0.0.1:{self.port}/postgres"
-
-    def _run(self, *args: str) -> None:
-        done = subprocess.run([*self.as_pg, *args], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(args[:2])} failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
-
-    def start(self) -> None:
-        pwfile = self.folder / "pwfile"
-        pwfile.write_text(self.password + "\n")
-        (self.folder / "socket").mkdir()
-        if self.as_pg:
-            shutil.chown(self.folder, "postgres")
-            for path in self.folder.iterdir():
-                shutil.chown(path, "postgres")
-        self._run(str(self.bindir / "initdb"), "-D", str(self.folder / "data"), "-U", "mlops",
-                  f"--pwfile={pwfile}", "--auth-local=scram-sha-256", "--auth-host=scram-sha-256",
-                  "--encoding=UTF8", "--no-locale")
-        pwfile.unlink()
-        options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder / 'socket'} "
-                   "-c max_connections=200 -c fsync=off -c synchronous_commit=off -c full_page_writes=off")
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.folder / "data"), "-l",
-                  str(self.folder / "server.log"), "-w", "-t", "60", "-o", options, "start")
-
-    def stop(self) -> None:
-        try:
-            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast", "-w", "stop")
-        finally:
-            shutil.rmtree(self.folder, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """A superuser URL of a running server: the one CI names, else a private one started here."""
-    given = os.environ.get(URL_ENV)
-    if given:
-        yield given
-        return
-    bindir = postgres_bindir()
-    if bindir is None:
-        _unavailable(f"no PostgreSQL: {URL_ENV} is not set and no initdb/pg_ctl is installed "
-                     "(apt-get install postgresql, or run .ci/run which does it)")
-    server = PrivatePostgres(bindir)  # type: ignore[arg-type]
-    try:
-        server.start()
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        shutil.rmtree(server.folder, ignore_errors=True)
-        _unavailable(f"could not start a private PostgreSQL from {bindir}: {exc}")
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-def _with_db(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
-
-
-def _admin(url: str):  # type: ignore[no-untyped-def]
-    import psycopg2
-
-    conn = psycopg2.connect(url)
-    conn.autocommit = True
-    return conn
+        unavailable("no PostgreSQL")
 
 
 @pytest.fixture()
@@ -186,14 +80,14 @@ def databases(postgres_url: str) -> Iterator[dict[str, str]]:
     suffix = secrets.token_hex(4)
     names = {"dagster": f"dagster_{suffix}", "mlflow": f"mlflow_{suffix}"}
     try:
-        conn = _admin(postgres_url)
+        conn = admin(postgres_url)
     except Exception as exc:  # a named server that does not answer is an environment problem
-        _unavailable(f"cannot connect to the PostgreSQL server of {URL_ENV}: {type(exc).__name__}")
+        unavailable(f"cannot connect to the PostgreSQL server of {URL_ENV}: {type(exc).__name__}")
     with conn.cursor() as cur:
         for name in names.values():
             cur.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield {role: _with_db(postgres_url, name) for role, name in names.items()}
+        yield {role: with_db(postgres_url, name) for role, name in names.items()}
     finally:
         with conn.cursor() as cur:
             for name in names.values():
@@ -216,10 +110,10 @@ class Platform:
         return MlflowClient(tracking_uri=self.tracking_uri)
 
 
-def mlflow_uri(url: str) -> str:
-    """MLflow's store URI for a database: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3,
-    the platform ships psycopg2 (which dagster-postgres uses too), so the driver is named."""
-    return url.replace("postgresql://", "postgresql+psycopg2://", 1)
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A superuser URL of a running server: the one CI names, else a private one started here."""
+    yield from postgres_server_url()
 
 
 def _dagster_pg_env(url: str) -> dict[str, str]:
@@ -281,7 +175,7 @@ def test_the_production_instance_config_puts_every_storage_on_postgres(platform:
         assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
     assert platform.tracking_uri.startswith("postgresql+psycopg2://")
     # MLflow made its tables in the mlflow database: tracking and registry.
-    with _admin(platform.mlflow_db) as conn, conn.cursor() as cur:
+    with admin(platform.mlflow_db) as conn, conn.cursor() as cur:
         cur.execute("select tablename from pg_tables where schemaname = 'public'")
         tables = {row[0] for row in cur.fetchall()}
     assert {"experiments", "runs", "registered_models", "model_versions", "alembic_version"} <= tables

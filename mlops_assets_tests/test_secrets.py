@@ -33,6 +33,7 @@ from mlflow import MlflowClient
 from mlops_assets.core.dataset_spec import default_spec
 from mlops_assets.settings import load_settings
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
+from mlops_assets_tests.postgres_support import admin, mlflow_uri, postgres_server_url, unavailable
 from mlops_assets_tests.settings_support import platform_definitions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -312,35 +313,6 @@ PG_MODEL = "secrets-pg"
 PG_ARGS = {"log_flush_interval_s": 0.5, "max_records": 100}
 
 
-def _postgres_server() -> Iterator[str]:
-    from mlops_assets_tests.test_postgres_platform import (
-        URL_ENV,
-        PrivatePostgres,
-        _unavailable,
-        postgres_bindir,
-    )
-
-    given = os.environ.get(URL_ENV)
-    if given:
-        yield given
-        return
-    bindir = postgres_bindir()
-    if bindir is None:
-        _unavailable(f"no PostgreSQL: {URL_ENV} is not set and no initdb/pg_ctl is installed")
-    server = PrivatePostgres(bindir)  # type: ignore[arg-type]
-    try:
-        server.start()
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        import shutil
-
-        shutil.rmtree(server.folder, ignore_errors=True)
-        _unavailable(f"could not start a private PostgreSQL from {bindir}: {exc}")
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
 @dataclass
 class PgStore:
     tracking_uri: str  # postgresql+psycopg2://<role>:<password>@.../<db>, the role's own database
@@ -355,15 +327,13 @@ def pg_store() -> Iterator[PgStore]:
     Fails under CI=true when there is no PostgreSQL, skips elsewhere (as test_postgres_platform)."""
     from urllib.parse import urlsplit, urlunsplit
 
-    from mlops_assets_tests.test_postgres_platform import _admin, _unavailable, mlflow_uri
-
-    for admin_url in _postgres_server():
+    for admin_url in postgres_server_url():
         suffix = secrets.token_hex(4)
         role, database, password = f"mlflow_{suffix}", f"mlflow_{suffix}", "pg-" + secrets.token_hex(12)
         try:
-            conn = _admin(admin_url)
+            conn = admin(admin_url)
         except Exception as exc:
-            _unavailable(f"cannot connect to the PostgreSQL server: {type(exc).__name__}")
+            unavailable(f"cannot connect to the PostgreSQL server: {type(exc).__name__}")
         with conn.cursor() as cur:
             cur.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{password}'")
             cur.execute(f'CREATE DATABASE "{database}" OWNER "{role}"')
@@ -404,10 +374,8 @@ def _database_text(admin_url: str, database: str) -> str:
     """Every row of every table of the MLflow database, as text: whatever MLflow stored."""
     from urllib.parse import urlsplit, urlunsplit
 
-    from mlops_assets_tests.test_postgres_platform import _admin
-
     parts = urlsplit(admin_url)
-    conn = _admin(urlunsplit((parts.scheme, parts.netloc, f"/{database}", "", "")))
+    conn = admin(urlunsplit((parts.scheme, parts.netloc, f"/{database}", "", "")))
     try:
         with conn.cursor() as cur:
             cur.execute("select tablename from pg_tables where schemaname = 'public'")
