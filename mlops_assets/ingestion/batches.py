@@ -19,7 +19,7 @@ import pandas as pd
 
 from mlops_assets import constants as c
 from mlops_assets.core.dataset_spec import DatasetSpec
-from mlops_assets.core.schema import ContractViolation, check_contract
+from mlops_assets.core.schema import ContractViolation, check_contract, typed_frame
 from mlops_assets.settings import join_url
 
 
@@ -131,8 +131,8 @@ def read_table(name: str, data: bytes) -> pd.DataFrame:
 
 
 def _typed(frame: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
-    """A conforming frame as nullable integers in the spec's column order."""
-    return frame[spec.columns].apply(lambda s: pd.to_numeric(s, errors="raise")).astype("Int64")
+    """A conforming frame, each column as its feature kind's dtype, in the spec's column order."""
+    return typed_frame(frame, spec)
 
 
 def accepted_batches(batches_url: str) -> list[BatchRecord]:
@@ -314,5 +314,5 @@ def load_raw_dataset(batches: list[BatchRecord], spec: DatasetSpec) -> pd.DataFr
         with fsspec.open(join_url(record.stored_at, "data.parquet"), "rb") as handle:
             frames.append(pd.read_parquet(handle))
     if not frames:
-        return pd.DataFrame({col: pd.Series(dtype="Int64") for col in spec.columns})
-    return pd.concat(frames, ignore_index=True)[spec.columns].astype("Int64")
+        return typed_frame(pd.DataFrame({col: pd.Series(dtype="object") for col in spec.columns}), spec)
+    return typed_frame(pd.concat(frames, ignore_index=True), spec)
