@@ -14,8 +14,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlops_assets import constants as c
+from mlops_assets.core.storage import check_url, join_url  # join_url: callers import it from here
 from mlops_assets.serving.config import (
     DEFAULT_DASHBOARD_PORT,
     DEFAULT_HTTP_HOST,
@@ -55,20 +57,40 @@ GIT_SHA_ENV = "MLOPS_GIT_SHA"
 # Settings whose values are secrets: resources name the variable (dg.EnvVar), never the value.
 SECRET_ENV = (TOKEN_ENV, WEBHOOK_ENV)
 
-def join_url(base: str, *parts: str) -> str:
-    """Join path parts onto a local path or an fsspec URL without losing the scheme."""
-    out = base.rstrip("/")
-    for part in parts:
-        out = f"{out}/{part.strip('/')}"
-    return out
-
-
 def _absolute_local(url: str) -> str:
     return url if "://" in url else str(Path(url).resolve())
 
 
+class DataFolders:
+    """The folders the platform writes under its data root, defined once for the settings and the
+    platform resource (both have a `data_url`)."""
+
+    if TYPE_CHECKING:
+        data_url: str
+
+    @property
+    def batches_url(self) -> str:
+        return join_url(self.data_url, c.BATCHES_SUBDIR)
+
+    @property
+    def quarantine_url(self) -> str:
+        return join_url(self.data_url, c.QUARANTINE_SUBDIR)
+
+    @property
+    def reports_url(self) -> str:
+        return join_url(self.data_url, c.REPORTS_SUBDIR)
+
+    @property
+    def features_url(self) -> str:
+        return join_url(self.data_url, c.FEATURES_SUBDIR)
+
+    @property
+    def assets_url(self) -> str:
+        return join_url(self.data_url, c.ASSETS_SUBDIR)
+
+
 @dataclass(frozen=True)
-class Settings:
+class Settings(DataFolders):
     """Every per-environment value, resolved: no field means "look somewhere else later"."""
 
     data_url: str
@@ -101,25 +123,6 @@ class Settings:
     def serving_token(self) -> str:
         return read_api_token(self.api_token, self.api_token_file)
 
-    @property
-    def batches_url(self) -> str:
-        return join_url(self.data_url, c.BATCHES_SUBDIR)
-
-    @property
-    def quarantine_url(self) -> str:
-        return join_url(self.data_url, c.QUARANTINE_SUBDIR)
-
-    @property
-    def reports_url(self) -> str:
-        return join_url(self.data_url, c.REPORTS_SUBDIR)
-
-    @property
-    def features_url(self) -> str:
-        return join_url(self.data_url, c.FEATURES_SUBDIR)
-
-    @property
-    def assets_url(self) -> str:
-        return join_url(self.data_url, c.ASSETS_SUBDIR)
 
 
 def read_api_token(value: str, path: str | None) -> str:
@@ -144,23 +147,23 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         except ValueError:
             raise ValueError(f"{name}={raw!r} is not a port number") from None
 
-    data_url = _absolute_local(get(DATA_URL_ENV) or c.DEFAULT_DATA_DIR)
+    data_url = _absolute_local(check_url(DATA_URL_ENV, get(DATA_URL_ENV) or c.DEFAULT_DATA_DIR))
     local_mlflow = Path(data_url if "://" not in data_url else c.DEFAULT_DATA_DIR).resolve() / c.MLFLOW_SUBDIR
     dashboard_port = port(RAY_DASHBOARD_PORT_ENV, DEFAULT_DASHBOARD_PORT)
     metrics_port = port(RAY_METRICS_PORT_ENV, DEFAULT_METRICS_EXPORT_PORT)
     serve_port = port(SERVE_PORT_ENV, DEFAULT_HTTP_PORT)
     return Settings(
         data_url=data_url,
-        landing_url=_absolute_local(get(LANDING_URL_ENV) or join_url(data_url, c.LANDING_SUBDIR)),
+        landing_url=_absolute_local(check_url(LANDING_URL_ENV, get(LANDING_URL_ENV) or join_url(data_url, c.LANDING_SUBDIR))),
         dataset_spec_path=get(DATASET_SPEC_ENV),
         mlflow_tracking_uri=get(TRACKING_URI_ENV) or f"sqlite:///{local_mlflow / 'mlflow.db'}",
-        mlflow_artifact_root=get(ARTIFACT_ROOT_ENV) or (local_mlflow / "artifacts").as_uri(),
+        mlflow_artifact_root=check_url(ARTIFACT_ROOT_ENV, get(ARTIFACT_ROOT_ENV) or (local_mlflow / "artifacts").as_uri()),
         mlflow_experiment=get(EXPERIMENT_ENV) or c.MLFLOW_EXPERIMENT,
         model_name=get(MODEL_NAME_ENV) or c.REGISTERED_MODEL_NAME,
         mlflow_ui_url=get(UI_URL_ENV),
         mlflow_tracking_uri_file=get(TRACKING_URI_FILE_ENV),
-        prediction_log_url=get(PREDICTION_LOG_ENV) or join_url(data_url, PREDICTIONS_SUBDIR),
-        labels_url=get(LABELS_ENV) or join_url(data_url, c.LABELS_SUBDIR),
+        prediction_log_url=check_url(PREDICTION_LOG_ENV, get(PREDICTION_LOG_ENV) or join_url(data_url, PREDICTIONS_SUBDIR)),
+        labels_url=check_url(LABELS_ENV, get(LABELS_ENV) or join_url(data_url, c.LABELS_SUBDIR)),
         metrics_url=get(METRICS_ENV) or f"http://{DEFAULT_HTTP_HOST}:{metrics_port}/metrics",
         alert_webhook_url=get(WEBHOOK_ENV),
         ray_port=port(RAY_PORT_ENV, DEFAULT_RAY_PORT),

@@ -32,11 +32,19 @@ from mlops_assets.serving.config import (
     PREDICTIONS_SUBDIR,
     TOKEN_ENV,
 )
-from mlops_assets.settings import UI_URL_ENV, WEBHOOK_ENV, Settings, join_url, load_settings, read_api_token
+from mlops_assets.settings import (
+    UI_URL_ENV,
+    WEBHOOK_ENV,
+    DataFolders,
+    Settings,
+    join_url,
+    load_settings,
+    read_api_token,
+)
 from mlops_assets.training import tracking
 
 
-class PlatformResource(dg.ConfigurableResource):
+class PlatformResource(dg.ConfigurableResource, DataFolders):
     """Where the platform reads and writes, and which data set it serves (built from the settings)."""
 
     data_url: str
@@ -53,22 +61,6 @@ class PlatformResource(dg.ConfigurableResource):
         """The platform on a data root, its landing folder under it unless given (tests, tools)."""
         fields.setdefault("landing_url", join_url(data_url, c.LANDING_SUBDIR))
         return cls(data_url=data_url, **fields)
-
-    @property
-    def batches_url(self) -> str:
-        return join_url(self.data_url, c.BATCHES_SUBDIR)
-
-    @property
-    def quarantine_url(self) -> str:
-        return join_url(self.data_url, c.QUARANTINE_SUBDIR)
-
-    @property
-    def reports_url(self) -> str:
-        return join_url(self.data_url, c.REPORTS_SUBDIR)
-
-    @property
-    def features_url(self) -> str:
-        return join_url(self.data_url, c.FEATURES_SUBDIR)
 
     def spec(self) -> DatasetSpec:
         return load_spec(self.dataset_spec_path)
