@@ -62,7 +62,7 @@ demo: install .env $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/mlops-assets simulate data --rows $(DEMO_ROWS) --seed $(DEMO_SEED) --name demo-seed$(DEMO_SEED).csv
 	$(BIN)/python -m mlops_assets.tools.ray_cluster up
 	$(BIN)/mlops-assets ingest
-	$(BIN)/dagster asset materialize -m mlops_assets.definitions -c deploy/run_config/in_process.yaml --select 'raw_dataset*'
+	$(BIN)/dagster asset materialize -m mlops_assets.definitions -c deploy/run_config/in_process.yaml --select '$(TRAINING_PATH),model_deployment,reference_profile'
 	$(BIN)/mlops-assets status
 	$(BIN)/python -m mlops_assets.tools.sample_request
 	@echo ""

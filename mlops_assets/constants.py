@@ -3,15 +3,16 @@ environment through `mlops_assets.settings`; everything else that is a default l
 
 from __future__ import annotations
 
-# Dagster asset groups.
-GROUP_INGESTION = "ingestion"
-GROUP_VALIDATION = "validation"
-GROUP_FEATURES = "features"
-GROUP_TRAINING = "training"
-GROUP_EVALUATION = "evaluation"
-GROUP_REGISTRY = "registry"
-GROUP_DEPLOYMENT = "deployment"
-GROUP_MONITORING = "monitoring"
+# Dagster asset groups: one per lifecycle stage, so the graph reads data -> training -> deployment
+# -> monitoring. The stage names below say where each stage's assets go.
+GROUP_DATA = "data"  # landed files to validated, versioned features and the split
+GROUP_TRAINING = "training"  # train, evaluate against the champion (the gate), register
+GROUP_DEPLOYMENT = "deployment"  # the champion served by Ray Serve
+GROUP_MONITORING = "monitoring"  # prediction log, delayed labels, profiles, drift, live performance
+GROUP_INGESTION = GROUP_VALIDATION = GROUP_FEATURES = GROUP_DATA
+GROUP_EVALUATION = GROUP_REGISTRY = GROUP_TRAINING
+# Who answers for the assets (Dagster owners: a team or an e-mail), set on every asset at load.
+ASSET_OWNERS = ("team:mlops",)
 
 # Folders, relative to the data root unless a setting says otherwise.
 DEFAULT_DATA_DIR = "data"
@@ -92,6 +93,9 @@ WATCH_MAX_PROBABILITY_KS = 0.2  # KS between the two versions' probabilities on 
 WATCH_MIN_REQUESTS = 50  # before error rate and latency are judged
 WATCH_MIN_COMPARED_ROWS = 100  # before the two versions' answers are judged; fewer: keep watching
 WATCH_MAX_COMPARED_ROWS = 5000  # newest rows the replaced version scores per tick (bounds the cost)
+# The new version's label-free estimate (monitoring/estimation.py) on its rows since the deploy: roll
+# back when its estimated accuracy is this far below its hold-out accuracy (over the compared rows' minimum).
+WATCH_MAX_ESTIMATED_ACCURACY_DROP = 0.05
 # Retraining requests.
 RETRAIN_COOLDOWN_S = 6 * 3600
 RETRAIN_KEYS_KEPT = 200  # event keys remembered in a sensor cursor (bounded)

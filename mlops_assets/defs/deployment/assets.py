@@ -44,7 +44,7 @@ def _result_metadata(result: dep.DeployResult, target: dep.ServeTarget) -> dict[
     }
 
 
-@dg.asset(group_name=c.GROUP_DEPLOYMENT, kinds={"ray", "mlflow"}, code_version=DEPLOYMENT_CODE_VERSION)
+@dg.asset(group_name=c.GROUP_DEPLOYMENT, owners=c.ASSET_OWNERS, kinds={"ray", "mlflow"}, code_version=DEPLOYMENT_CODE_VERSION)
 def model_deployment(
     context: dg.AssetExecutionContext,
     platform: PlatformResource,

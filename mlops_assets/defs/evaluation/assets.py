@@ -79,7 +79,7 @@ def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
     return {k: (None if math.isnan(v) else v) for k, v in metrics.items()}
 
 
-@dg.asset(group_name=c.GROUP_EVALUATION, kinds={"catboost", "mlflow", "scikitlearn"},
+@dg.asset(group_name=c.GROUP_EVALUATION, owners=c.ASSET_OWNERS, kinds={"catboost", "mlflow", "scikitlearn"},
           code_version=EVALUATION_CODE_VERSION)
 def model_evaluation(
     context: dg.AssetExecutionContext,

@@ -22,7 +22,7 @@ class FeatureConfig(dg.Config):
     missing_feature_policy: Literal["drop_row", "keep_nan"] = c.MISSING_FEATURE_POLICY  # type: ignore[assignment]
 
 
-@dg.asset(group_name=c.GROUP_FEATURES, kinds={"pandas", "parquet"}, deps=["validation_report"],
+@dg.asset(group_name=c.GROUP_FEATURES, owners=c.ASSET_OWNERS, kinds={"pandas", "parquet"}, deps=["validation_report"],
           code_version=c.TRANSFORMATION_VERSION)
 def feature_set(context: dg.AssetExecutionContext, config: FeatureConfig, platform: PlatformResource,
                 raw_dataset: RawDataset) -> dg.Output[FeatureSet]:
@@ -57,7 +57,7 @@ class SplitConfig(dg.Config):
     seed: int = c.SPLIT_SEED
 
 
-@dg.asset(group_name=c.GROUP_FEATURES, kinds={"pandas"}, code_version=SPLIT_CODE_VERSION,
+@dg.asset(group_name=c.GROUP_FEATURES, owners=c.ASSET_OWNERS, kinds={"pandas"}, code_version=SPLIT_CODE_VERSION,
           check_specs=[dg.AssetCheckSpec("no_shared_feature_vectors", asset="train_test_split", blocking=True,
                                          description="No feature vector is on both sides of the split.")])
 def train_test_split(context: dg.AssetExecutionContext, config: SplitConfig, platform: PlatformResource,

@@ -49,7 +49,7 @@ def _contract_result(outcome: ingestion.BatchOutcome) -> dg.AssetCheckResult:
 
 
 @dg.asset(
-    group_name=c.GROUP_INGESTION,
+    group_name=c.GROUP_INGESTION, owners=c.ASSET_OWNERS,
     kinds={"pandas", "parquet"},
     partitions_def=raw_batch_partitions,
     check_specs=[
@@ -116,7 +116,7 @@ def raw_batches(context: dg.AssetExecutionContext, platform: PlatformResource) -
 
 # All partitions: the union of every accepted batch (labelled production batches are stored
 # straight into the batch store).
-@dg.asset(group_name=c.GROUP_INGESTION, kinds={"pandas", "parquet"},
+@dg.asset(group_name=c.GROUP_INGESTION, owners=c.ASSET_OWNERS, kinds={"pandas", "parquet"},
           deps=[dg.AssetDep("raw_batches", partition_mapping=dg.AllPartitionMapping()), "labelled_production_batch"],
           code_version=RAW_DATASET_CODE_VERSION)
 def raw_dataset(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.Output[RawDataset]:
@@ -152,6 +152,11 @@ def load_raw_frame(raw: RawDataset, spec: DatasetSpec) -> pd.DataFrame:
     return ingestion.load_raw_dataset([by_id[i] for i in raw.batch_ids], spec)
 
 
+# Everything downstream of raw_dataset up to the deployed champion and its reference profile; not
+# what serving writes (the prediction log and labels are external) nor the hourly monitoring assets.
+TRAINING_ONWARD = (dg.AssetSelection.assets("raw_dataset").downstream()
+                   - dg.AssetSelection.assets("prediction_log").downstream())
+
 # A run per landed file (one partition), then one run of everything downstream of raw_dataset.
 ingest_raw_batch_job = dg.define_asset_job(
     INGEST_JOB, selection=dg.AssetSelection.assets("raw_batches"), partitions_def=raw_batch_partitions,
@@ -161,7 +166,7 @@ ingest_raw_batch_job = dg.define_asset_job(
 # New data runs everything downstream of ingestion: validation, features, training, evaluation,
 # registry and deployment, on the union of the accepted batches.
 ingestion_onward_job = dg.define_asset_job(
-    "ingestion_onward", selection=dg.AssetSelection.assets("raw_dataset").downstream(),
+    "ingestion_onward", selection=TRAINING_ONWARD,
     description="Rebuild everything downstream of the accepted raw batches.",
 )
 

@@ -25,6 +25,8 @@ from mlops_assets.defs.resources import MlflowResource, MonitoringResource, Plat
 from mlops_assets.deployment import rollout as dep
 from mlops_assets.ingestion import batches as ingestion
 from mlops_assets.monitoring import drift
+from mlops_assets.monitoring import estimation as est
+from mlops_assets.monitoring.comparison import served_rows
 from mlops_assets.monitoring import live as mon
 from mlops_assets.registry import model_store
 from mlops_assets.serving.scoring import scorer_from_loaded
@@ -202,7 +204,7 @@ def load_reference(settings: Settings, mlflow: MlflowResource, model: ServingMod
     return None
 
 
-@dg.asset(group_name=c.GROUP_MONITORING, kinds={"whylogs"})
+@dg.asset(group_name=c.GROUP_MONITORING, owners=c.ASSET_OWNERS, kinds={"whylogs"})
 def reference_profile(
     context: dg.AssetExecutionContext,
     platform: PlatformResource,
@@ -327,10 +329,11 @@ class ProductionProfilesConfig(dg.Config):
 # freshness checks since 1.12) says the asset must be rebuilt at least every
 # PROFILES_MAX_LAG_MINUTES; the check below says the prediction log itself must be recent.
 @dg.asset(
-    group_name=c.GROUP_MONITORING,
+    group_name=c.GROUP_MONITORING, owners=c.ASSET_OWNERS,
     kinds={"whylogs"},
     partitions_def=monitoring_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
+    deps=["prediction_log"],  # the same hour of what serving logged (identical partitions)
     freshness_policy=dg.FreshnessPolicy.time_window(
         fail_window=pd.Timedelta(minutes=c.PROFILES_MAX_LAG_MINUTES).to_pytimedelta(),
         warn_window=pd.Timedelta(minutes=c.PROFILES_MAX_LAG_MINUTES // 2).to_pytimedelta()),
@@ -351,7 +354,8 @@ def production_profiles(
     columns = mon.monitored_columns(spec.feature_names)
     hours = partition_hours(context)
     for key, (start, end) in zip(context.partition_keys, hours, strict=True):
-        context.add_asset_metadata(_profile_hour(context, settings, log_url, columns, start, end), partition_key=key)
+        context.add_asset_metadata(_profile_hour(context, settings, log_url, columns, start, end, key),
+                                   partition_key=key)
     daily = {day: merge_day(settings, day) for day in sorted({start.floor("D") for start, _ in hours})}
     retention = mon.apply_retention(log_url, monitoring.prediction_log_retention_days, datetime.now(UTC),
                                     monitoring.prediction_log_retention_action)
@@ -374,15 +378,19 @@ def production_profiles(
 
 
 def _profile_hour(context: dg.AssetExecutionContext, settings: Settings, log_url: str, columns: list[str],
-                  start: pd.Timestamp, end: pd.Timestamp) -> dict[str, Any]:
+                  start: pd.Timestamp, end: pd.Timestamp, partition_key: str | None = None) -> dict[str, Any]:
     """Profile one hour's rows per answering version (replacing an earlier run's); its partition's metadata."""
+    from mlops_assets.defs.monitoring.sources import prediction_log_observation
+
     read = mon.read_window(log_url, start, end)
+    if partition_key is not None:  # what this hour of the log held, on the prediction_log asset
+        context.log_event(prediction_log_observation(partition_key, read.frame, len(read.files), len(read.skipped)))
     for path, why in read.skipped:
         context.log.warning(redact_text(f"skipped unreadable prediction log file {path}: {why}"))
     folder = production_folder(settings, start)
     stale = window_profiles(folder)  # an earlier run of this hour: its versions are replaced
     versions: dict[str, int] = {}
-    for version, part in read.frame.groupby(mon.MODEL_VERSION, sort=True):
+    for version, part in served_rows(read.frame).groupby(mon.MODEL_VERSION, sort=True):  # traffic, not shadows
         present = [col for col in columns if col in part]
         drift.save_profile(drift.profile_frame(part[present], start.to_pydatetime()),
                            join_url(folder, f"{version}{drift.PROFILE_SUFFIX}"))
@@ -438,7 +446,7 @@ def _nan_low(value: float) -> float:
 
 
 @dg.asset(
-    group_name=c.GROUP_MONITORING,
+    group_name=c.GROUP_MONITORING, owners=c.ASSET_OWNERS,
     kinds={"whylogs"},
     partitions_def=monitoring_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
@@ -594,10 +602,11 @@ class OnlinePerformanceConfig(dg.Config):
 
 
 @dg.asset(
-    group_name=c.GROUP_MONITORING,
+    group_name=c.GROUP_MONITORING, owners=c.ASSET_OWNERS,
     kinds={"pandas", "scikitlearn"},
     partitions_def=monitoring_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
+    deps=["prediction_log", "delayed_labels"],  # the hour's predictions joined with the labels that arrived
     check_specs=[dg.AssetCheckSpec(DEGRADATION_CHECK, asset="online_performance",
                                    description="Live metrics of the serving version are within tolerance of its "
                                                "hold-out metrics.")],
@@ -618,10 +627,15 @@ def online_performance(
     labels = mon.read_labels(monitoring.labels_url)
     for path, why in labels.skipped:
         context.log.warning(redact_text(f"skipped unreadable label file {path}: {why}"))
+    from mlops_assets.defs.monitoring.sources import delayed_labels_observation
+
+    context.log_event(delayed_labels_observation(labels.frame, len(labels.files), len(labels.skipped)))
+    calibrator, calibration = load_calibrator(mlflow, model)
     judged = []
     for key, (start, end) in zip(context.partition_keys, partition_hours(context), strict=True):
-        log = mon.read_window(monitoring.prediction_log_url, start, end).frame
-        metadata, check = _performance_of_hour(config, settings, spec, model, log, labels.frame, start)
+        log = served_rows(mon.read_window(monitoring.prediction_log_url, start, end).frame)
+        metadata, check = _performance_of_hour(config, settings, spec, model, log, labels.frame, start,
+                                               calibrator, calibration)
         context.add_asset_metadata(metadata, partition_key=key)
         judged.append(check)
     return dg.MaterializeResult(metadata={"windows": len(judged)},
@@ -631,8 +645,10 @@ def online_performance(
 def _performance_of_hour(
     config: OnlinePerformanceConfig, settings: Settings, spec: DatasetSpec, model: ServingModel,
     log: pd.DataFrame, labels: pd.DataFrame, start: pd.Timestamp,
+    calibrator: est.Calibrator = est.IDENTITY, calibration: str = "none",
 ) -> tuple[dict[str, Any], dg.AssetCheckResult]:
-    """One hour's predictions joined with the labels: its partition's metadata and check result."""
+    """One hour's predictions joined with the labels: its partition's metadata and check result.
+    Beside the realized metrics, the label-free estimate of the same metrics from the served scores."""
     window = start.strftime("%Y-%m-%dT%H:%M:%SZ")
     served = log[log[mon.MODEL_VERSION] == model.version] if model.version and not log.empty else log.iloc[:0]
     join = mon.join_labels(served, labels, label_values=list(spec.label_values))
@@ -640,6 +656,11 @@ def _performance_of_hour(
     offline = model.offline_metrics()
     rule = mon.DegradationRule(config.tolerance, tuple(config.metrics), config.min_labelled)
     verdict = mon.degradation(live, offline, rule)
+    estimate = estimate_window(served, spec.positive_class, calibrator)
+    guess = est.estimated_degradation(estimate, offline, tolerance=config.tolerance, metrics=tuple(config.metrics),
+                                      min_rows=config.min_labelled)
+    # Acted on only while labels are too few to judge: once they are, the realized verdict decides.
+    estimated_degraded = guess.degraded and not verdict.judged
     check = dg.AssetCheckResult(
         check_name=DEGRADATION_CHECK, passed=not verdict.degraded, severity=dg.AssetCheckSeverity.ERROR,
         description="; ".join(verdict.reasons),
@@ -650,6 +671,7 @@ def _performance_of_hour(
     version_label = {"model_version": model.version or "none"}
     write_prometheus_textfile(settings, "online_performance", window=window, series=[
         ("mlops_live_degraded", version_label, float(verdict.degraded)),
+        *[(f"mlops_estimated_{k}", version_label, estimate.get(k, math.nan)) for k in est.ESTIMATED_METRICS],
         *[(f"mlops_live_{k}", version_label, v) for k, v in live.items()],
         *[(f"mlops_offline_{k}", version_label, offline.get(k, math.nan)) for k in config.metrics],
     ])
@@ -670,6 +692,13 @@ def _performance_of_hour(
             "degraded": verdict.degraded,
             "judged": verdict.judged,
             "event_key": output["event_key"] or "none",
+            "estimated_degraded": estimated_degraded,
+            "estimated_event_key": f"estimated-degraded-{model.version}" if estimated_degraded else "none",
+            "estimate_reasons": "; ".join(guess.reasons),
+            "calibration": calibration,
+            **_floats({f"estimated_{k}": v for k, v in estimate.items()}),
+            **_floats({f"estimate_error_{k}": estimate.get(k, math.nan) - live[k]
+                       for k in est.ESTIMATED_METRICS if int(live["n_labelled"]) > 0}),
             **{k: v for k, v in join.metadata().items()},
             **_floats({f"live_{k}": v for k, v in live.items() if k != "n_labelled"}),
             **_floats({f"offline_{k}": offline.get(k) for k in config.metrics}),
@@ -680,17 +709,44 @@ def _performance_of_hour(
     )
 
 
+def estimate_window(rows: pd.DataFrame, positive_class: int, calibrator: est.Calibrator) -> dict[str, float]:
+    """The label-free estimate of one version's rows of a window (their logged scores and labels)."""
+    if rows.empty or mon.PROBABILITY not in rows:
+        return est.estimate_performance([], [], calibrator)
+    return est.estimate_performance(rows[mon.PROBABILITY].to_numpy(dtype=float),
+                                    rows[mon.PREDICTED_LABEL].to_numpy() == positive_class, calibrator)
+
+
+def load_calibrator(mlflow: MlflowResource, model: ServingModel) -> tuple[est.Calibrator, str]:
+    """The version's calibrator (the training run's artifact), else the raw scores; and a line saying which."""
+    return calibrator_of_run(mlflow, model.run_id)
+
+
+def calibrator_of_run(mlflow: MlflowResource, run_id: str | None) -> tuple[est.Calibrator, str]:
+    if not run_id:
+        return est.IDENTITY, "none: raw scores (no training run known)"
+    try:
+        with tempfile.TemporaryDirectory(prefix="calibrator-") as tmp:
+            local = mlflow.client().download_artifacts(run_id, est.CALIBRATOR_ARTIFACT, tmp)
+            calibrator = est.Calibrator.from_json(Path(local).read_text())
+    except Exception:  # a version trained before calibration existed: its scores as they are
+        return est.IDENTITY, f"none: raw scores (run {run_id} has no {est.CALIBRATOR_ARTIFACT})"
+    return calibrator, f"{calibrator.method} on {calibrator.rows} held-out rows"
+
+
 EXPORTED_KEYS_FILE = "exported_keys.csv"
 
 
-@dg.asset(group_name=c.GROUP_MONITORING, kinds={"pandas", "parquet"})
+# It reads the prediction log and the delayed labels too, but declares no dependency on them: it
+# feeds raw_dataset, which leads to model_deployment and so to the log (Dagster's graph has no cycles).
+@dg.asset(group_name=c.GROUP_MONITORING, owners=c.ASSET_OWNERS, kinds={"pandas", "parquet"})
 def labelled_production_batch(
     context: dg.AssetExecutionContext, platform: PlatformResource, monitoring: MonitoringResource,
 ) -> dg.MaterializeResult:
     """Labelled production records not yet learned from, accepted as a raw batch through ingestion."""
     spec = platform.spec()
     settings = platform.settings()
-    log = mon.read_prediction_log(monitoring.prediction_log_url)
+    log = served_rows(mon.read_prediction_log(monitoring.prediction_log_url))  # a shadow answer is no new record
     labels = mon.read_labels(monitoring.labels_url).frame
     join = mon.join_labels(log, labels, label_values=list(spec.label_values)) if not log.empty else None
     staging = join_url(settings.data_url, c.PRODUCTION_BATCH_STAGING_SUBDIR)

@@ -9,7 +9,7 @@ the same report is read on many ticks.
 
 import json
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +21,7 @@ import pandas as pd
 from mlops_assets import constants as c
 from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.defs.deployment.assets import RayServeResource, replica_env, rollback_job
+from mlops_assets.defs.ingestion.assets import TRAINING_ONWARD
 from mlops_assets.defs.resources import MlflowResource, MonitoringResource, PlatformResource
 from mlops_assets.deployment import rollout as dep
 from mlops_assets.monitoring import live as mon
@@ -48,7 +49,7 @@ monitoring_job = dg.define_asset_job(
 # files are ingested by their own partition runs of raw_batches (raw_files_sensor), not here.
 retraining_job = dg.define_asset_job(
     RETRAINING_JOB,
-    selection=dg.AssetSelection.assets("labelled_production_batch") | dg.AssetSelection.assets("raw_dataset").downstream(),
+    selection=dg.AssetSelection.assets("labelled_production_batch") | TRAINING_ONWARD,
     description="Retrain on the accepted raw data plus labelled production data; gate, register, deploy.",
     tags={"mlops_assets/purpose": "retraining"},
 )
@@ -85,10 +86,13 @@ def latest_partition_metadata(instance: dg.DagsterInstance, asset: str) -> tuple
 
 
 def _retrain_tick(context: dg.SensorEvaluationContext, monitoring: MonitoringResource, asset: str,
-                  flag: str, trigger: str) -> dg.SensorResult | dg.SkipReason:
+                  flag: str, trigger: str, also: tuple[str, str] | None = None) -> dg.SensorResult | dg.SkipReason:
+    """`also`: a second (flag, event key field) that raises an event too (the label-free estimate)."""
     meta, _ = latest_partition_metadata(context.instance, asset)
     cursor = mon.RetrainCursor.from_json(context.cursor)
     event = str(meta.get("event_key")) if meta.get(flag) and meta.get("event_key") not in (None, "none") else None
+    if event is None and also is not None and meta.get(also[0]) and meta.get(also[1]) not in (None, "none"):
+        event = str(meta[also[1]])
     decision = mon.retrain_decision(event, cursor, datetime.now(UTC),
                                     run_in_progress=event is not None and training_run_in_progress(context.instance),
                                     cooldown_s=monitoring.retrain_cooldown_s)
@@ -111,8 +115,10 @@ def drift_retraining_sensor(context: dg.SensorEvaluationContext, monitoring: Mon
 @dg.sensor(job=retraining_job, minimum_interval_seconds=c.MONITORING_SENSOR_INTERVAL_SECONDS,
            default_status=dg.DefaultSensorStatus.RUNNING)
 def degradation_retraining_sensor(context: dg.SensorEvaluationContext, monitoring: MonitoringResource):
-    """One retraining run per serving version whose live metrics degraded, with a cooldown."""
-    return _retrain_tick(context, monitoring, "online_performance", "degraded", "degradation")
+    """One retraining run per serving version whose live metrics degraded (or, before labels come,
+    whose label-free estimate did), with a cooldown."""
+    return _retrain_tick(context, monitoring, "online_performance", "degraded", "degradation",
+                         also=("estimated_degraded", "estimated_event_key"))
 
 
 @dg.run_failure_sensor(name="run_failure_alert", default_status=dg.DefaultSensorStatus.RUNNING,
@@ -145,6 +151,38 @@ def scrape_counters(url: str, timeout_s: float = 5.0) -> mon.ServingCounters | N
         return None
 
 
+def metrics_endpoints(monitoring: MonitoringResource, target: dep.ServeTarget) -> list[str]:
+    """Where the serving counters are: the metrics endpoint of every node of the Ray cluster (each
+    exports only its own replicas), from the dashboard's node list; `metrics_url` when discovery is
+    off or the dashboard lists none."""
+    if monitoring.metrics_from_ray_nodes:
+        try:
+            found = dep.node_metrics_urls(target)
+        except Exception:  # dashboard down or an old one: the configured endpoint still counts
+            found = []
+        if found:
+            return found
+    return [monitoring.metrics_url]
+
+
+def scrape_nodes(urls: Sequence[str]) -> dict[str, mon.ServingCounters]:
+    """Counters of each endpoint that answered, by URL."""
+    scraped = {url: scrape_counters(url) for url in urls}
+    return {url: counters for url, counters in scraped.items() if counters is not None}
+
+
+def _baseline_now(urls: Sequence[str]) -> dict[str, Any] | None:
+    return {url: counters.to_dict() for url, counters in scrape_nodes(urls).items()} or None
+
+
+def _node_baseline(raw: Any) -> dict[str, mon.ServingCounters] | None:
+    """The baseline of the cursor, by endpoint; None when there is none or it is in the one-endpoint
+    format of an earlier release (then the next scrape becomes the baseline)."""
+    if not isinstance(raw, dict) or not raw or "requests" in raw:
+        return None
+    return {url: mon.ServingCounters.from_dict(counters) for url, counters in raw.items()}
+
+
 # The replaced version, loaded once per deployment (registry download and sha256 check) and kept
 # in the process that evaluates the sensor, which lives across ticks: (registry, model, version).
 _REPLACED_MODELS: OrderedDict[tuple[str, str, str], Scorer] = OrderedDict()
@@ -172,7 +210,7 @@ def _scores(scorer: Scorer) -> Callable[[pd.DataFrame], tuple[Sequence[int], Seq
 
 def _watch_observation(
     log: pd.DataFrame, live: str, deployed_at: pd.Timestamp,
-    counters: mon.ServingCounters | None, baseline: mon.ServingCounters | None, *,
+    counters: Mapping[str, mon.ServingCounters] | None, baseline: Mapping[str, mon.ServingCounters] | None, *,
     feature_names: Sequence[str], positive_class: int,
     score_old: Callable[[pd.DataFrame], tuple[Sequence[int], Sequence[float]]] | None,
     max_rows: int = c.WATCH_MAX_COMPARED_ROWS, answered: int | None = None,
@@ -184,8 +222,8 @@ def _watch_observation(
     if answered is None:  # else counted over every part read since the deployment (`log` may be its tail)
         answered = int(after[mon.REQUEST_ID].nunique()) if not after.empty else 0
     errors, p95 = 0, None
-    if counters is not None and baseline is not None:
-        _, errors, p95 = mon.counters_since(counters, baseline)
+    if counters and baseline is not None:
+        _, errors, p95 = mon.counters_since_by_node(counters, baseline)
     same = mon.compare_on_same_rows(after, feature_names, score_old, positive_class, max_rows) \
         if score_old is not None else mon.VersionComparison(0)
     obs = mon.WatchObservation(requests=answered + errors, errors=errors, latency_p95_s=p95,
@@ -193,7 +231,7 @@ def _watch_observation(
                                compared_rows=same.rows, flip_share=same.flip_share,
                                mean_abs_delta=same.mean_abs_delta)
     seen = {"answered_requests": answered, "server_errors": errors, "latency_p95_s": p95, **same.to_dict(),
-            "rows_after": len(after), "metrics": counters is not None}
+            "rows_after": len(after), "metrics": bool(counters), "metrics_endpoints": sorted(counters or {})}
     return obs, seen
 
 
@@ -306,23 +344,24 @@ def post_deploy_watch(
     deployment = f"{live}@{at:.3f}"
     state = json.loads(context.cursor) if context.cursor else {}
     limits = monitoring.watch_limits()
-    metrics_url = monitoring.metrics_url
     outage = _serving_outage_tick(context, platform, monitoring, mlflow, ray_serve, state)
     if outage is not None:  # infrastructure, not the model: restored, never rolled back
         return outage
+    endpoints = metrics_endpoints(monitoring, ray_serve.target())
     if state.get("deployment") != deployment:
-        # First tick of a new deployment: the counters' baseline (the replica outlives versions).
-        baseline = scrape_counters(metrics_url)
-        state = {"deployment": deployment, "baseline": baseline.to_dict() if baseline else None, "verdict": "watching",
+        # First tick of a new deployment: the counters' baseline, per node (the replica outlives versions).
+        state = {"deployment": deployment, "baseline": _baseline_now(endpoints), "verdict": "watching",
                  "restored": _deployed_by_rollback(context.instance)}
+    elif state.get("baseline") and _node_baseline(state["baseline"]) is None:
+        state["baseline"] = _baseline_now(endpoints)  # an earlier release's one-endpoint cursor: count from now
     if state.get("verdict") in ("rollback", "passed"):
         return dg.SensorResult(skip_reason=dg.SkipReason(f"deployment {deployment}: {state['verdict']}"),
                                cursor=json.dumps(state))
     deployed_at = pd.Timestamp(at, unit="s", tz="UTC")
     log, answered, _ = watch_rows(monitoring.prediction_log_url, deployment, live, deployed_at, state,
                                   monitoring.watch_max_compared_rows)
-    counters = scrape_counters(metrics_url) if state.get("baseline") else None
-    baseline = mon.ServingCounters.from_dict(state["baseline"]) if state.get("baseline") else None
+    baseline = _node_baseline(state.get("baseline"))
+    counters = scrape_nodes(endpoints) if baseline else None
     spec = platform.spec()
     score_old, load_error = None, None
     if replaced is not None and not state.get("restored"):
@@ -336,6 +375,10 @@ def post_deploy_watch(
                                    positive_class=spec.positive_class, score_old=score_old,
                                    max_rows=monitoring.watch_max_compared_rows, answered=answered)
     decision = mon.watch_decision(obs, deployed_at, datetime.now(UTC), limits)
+    estimated = _estimated_accuracy_signal(mlflow, live, log, spec.positive_class, limits.min_compared_rows)
+    if estimated["reason"]:  # one more signal: the label-free estimate of the new version fell
+        decision = mon.WatchDecision("rollback", (*(decision.reasons if decision.rollback else ()), estimated["reason"]))
+    seen = {**seen, **{k: v for k, v in estimated.items() if k != "reason"}}
     state["verdict"] = decision.verdict
     state["seen"] = {**seen, "compared_with": replaced if score_old is not None else None,
                      **({"load_error": load_error} if load_error else {})}
@@ -360,6 +403,40 @@ def post_deploy_watch(
                                           "mlops_assets/rollback_from": live})],
         cursor=json.dumps(state, default=str),
     )
+
+
+_CALIBRATORS: OrderedDict[tuple[str, str], tuple[Any, dict[str, float]]] = OrderedDict()
+
+
+def _estimated_accuracy_signal(mlflow: MlflowResource, version: str, rows: pd.DataFrame, positive_class: int,
+                               min_rows: int) -> dict[str, Any]:
+    """The new version's estimated accuracy on its rows since the deploy against its hold-out accuracy;
+    `reason` is set when it fell more than WATCH_MAX_ESTIMATED_ACCURACY_DROP (with `min_rows` behind it)."""
+    from mlops_assets.defs.monitoring.assets import ServingModel, calibrator_of_run, estimate_window
+    from mlops_assets.monitoring.comparison import served_rows
+
+    out: dict[str, Any] = {"estimated_accuracy": None, "offline_accuracy": None, "reason": None}
+    rows = served_rows(rows)
+    if rows.empty or len(rows) < min_rows:
+        return out
+    key = (mlflow.tracking_uri, str(version))
+    if key not in _CALIBRATORS:
+        try:
+            mv = mlflow.client().get_model_version(mlflow.model_name, str(version))
+        except Exception:  # registry unreachable this tick: this signal waits
+            return out
+        offline = ServingModel(mlflow.model_name, str(version), "endpoint", mv.run_id, dict(mv.tags or {}))
+        _CALIBRATORS[key] = (calibrator_of_run(mlflow, mv.run_id)[0], offline.offline_metrics())
+        while len(_CALIBRATORS) > _REPLACED_KEPT:
+            _CALIBRATORS.popitem(last=False)
+    calibrator, offline_metrics = _CALIBRATORS[key]
+    estimate = estimate_window(rows, positive_class, calibrator)
+    now, before = estimate.get("accuracy"), offline_metrics.get("accuracy")
+    out.update(estimated_accuracy=now, offline_accuracy=before)
+    if now is not None and before is not None and before - now > c.WATCH_MAX_ESTIMATED_ACCURACY_DROP:
+        out["reason"] = (f"estimated accuracy {now:.3f} on {len(rows)} rows is {before - now:.3f} below its hold-out "
+                         f"{before:.3f} (limit {c.WATCH_MAX_ESTIMATED_ACCURACY_DROP}, no labels needed)")
+    return out
 
 
 # Periodic monitoring keeps drift and live metrics current: on by default, it only reads. Each

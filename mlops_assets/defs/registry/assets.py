@@ -56,7 +56,7 @@ def _aliases(client: Any, name: str) -> dict[str, str | None]:
             for alias in (c.ALIAS_CHAMPION, c.ALIAS_PREVIOUS_CHAMPION, c.ALIAS_CHALLENGER)}
 
 
-@dg.asset(group_name=c.GROUP_REGISTRY, kinds={"mlflow"}, code_version=REGISTRY_CODE_VERSION)
+@dg.asset(group_name=c.GROUP_REGISTRY, owners=c.ASSET_OWNERS, kinds={"mlflow"}, code_version=REGISTRY_CODE_VERSION)
 def registered_model(
     context: dg.AssetExecutionContext,
     mlflow: MlflowResource,

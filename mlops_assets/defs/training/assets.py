@@ -12,6 +12,7 @@ import pandas as pd
 from mlops_assets import constants as c
 from mlops_assets.core.records import Split, TrainedModel, content_hash
 from mlops_assets.defs.resources import MlflowResource, PlatformResource
+from mlops_assets.monitoring.estimation import CALIBRATOR_ARTIFACT
 from mlops_assets.registry import model_store
 from mlops_assets.training import tracking
 from mlops_assets.training import train as tr
@@ -65,7 +66,7 @@ def _reuse(client: Any, model_name: str, fingerprint: str, context: dg.AssetExec
     return None
 
 
-@dg.asset(group_name=c.GROUP_TRAINING, kinds={"catboost", "mlflow"}, code_version=TRAINING_CODE_VERSION)
+@dg.asset(group_name=c.GROUP_TRAINING, owners=c.ASSET_OWNERS, kinds={"catboost", "mlflow"}, code_version=TRAINING_CODE_VERSION)
 def trained_model(
     context: dg.AssetExecutionContext,
     config: TrainingConfig,
@@ -121,6 +122,8 @@ def trained_model(
         })
         if result.tuning is not None:
             client.log_dict(run_id, {"best": result.tuning.best, "trials": result.tuning.trials}, "tuning.json")
+        if result.calibrator is not None:  # for label-free estimates of this version in monitoring
+            client.log_dict(run_id, result.calibrator.to_dict(), CALIBRATOR_ARTIFACT)
         _log_inputs(client, run_id, frame, train, test, split)
         example = train[spec.feature_names].head(INPUT_EXAMPLE_ROWS)
         info = model_store.log_catboost_model(result.model, input_example=example)
@@ -157,6 +160,8 @@ def trained_model(
             "git_sha": git_sha,
             "best_iteration": result.best_iteration,
             "tree_count": result.tree_count,
+            "calibration": (f"{result.calibrator.method} on {result.calibrator.rows} held-out rows"
+                            if result.calibrator is not None else "none"),
             "train_rows": result.n_fit,
             "early_stopping_rows": result.n_validation,
             **{k: dg.MetadataValue.float(round(v, 5)) for k, v in result.validation_metrics.items()},

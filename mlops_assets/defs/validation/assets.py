@@ -26,7 +26,7 @@ class ValidationConfig(dg.Config):
     warn_duplicate_share: float = c.WARN_DUPLICATE_SHARE
 
 
-@dg.asset(group_name=c.GROUP_VALIDATION, kinds={"pandera", "pandas"}, code_version=VALIDATION_CODE_VERSION)
+@dg.asset(group_name=c.GROUP_VALIDATION, owners=c.ASSET_OWNERS, kinds={"pandera", "pandas"}, code_version=VALIDATION_CODE_VERSION)
 def validation_report(context: dg.AssetExecutionContext, config: ValidationConfig, platform: PlatformResource,
                       raw_dataset: RawDataset) -> dg.Output[dict]:
     """Contract result, nulls, duplicates, conflicting labels and label balance of raw_dataset."""
