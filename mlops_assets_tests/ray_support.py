@@ -5,18 +5,26 @@ The head runs with token authentication (see mlops_assets.tools.ray_cluster). `i
 creates the cluster's token and points this test process's Ray clients at it (the variables of
 `auth_env` in `os.environ`), so the project's dashboard client, `ray://` and the job SDK in
 this process authenticate as a `make` client does with data/ray/auth_token.
+
+`isolated_two_nodes` is the same for a cluster of two nodes on one machine: the head on 127.0.0.2
+with no CPUs (the Serve controller and proxy only), a worker on 127.0.0.3 that runs every replica.
+Two loopback addresses because Ray lets no worker join a head on 127.0.0.1 (tools/ray_cluster.py).
 """
 
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
-from mlops_assets.tools.ray_cluster import ClusterConfig, auth_env, ensure_token
+from mlops_assets.tools.ray_cluster import ClusterConfig, WorkerConfig, auth_env, ensure_token
+
+MULTI_NODE_HEAD = "127.0.0.2"
+MULTI_NODE_WORKER = "127.0.0.3"
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -32,3 +40,21 @@ def isolated_cluster(root: Path) -> ClusterConfig:
     ensure_token(cfg)
     os.environ.update(auth_env(cfg))
     return cfg
+
+
+def isolated_two_nodes(root: Path, worker_cpus: int = 2) -> tuple[ClusterConfig, WorkerConfig]:
+    """A head (no CPUs, on MULTI_NODE_HEAD) and a worker (on MULTI_NODE_WORKER) on free ports; the
+    head's token created and this process's Ray clients pointed at it. Start the head, then the worker."""
+    head = isolated_cluster(root)
+    ports = {name: free_port(MULTI_NODE_HEAD) for name in (
+        "port", "dashboard_port", "metrics_export_port", "serve_http_port", "client_server_port", "dashboard_agent_port",
+        "dashboard_agent_grpc_port", "runtime_env_agent_port", "dashboard_metrics_port", "autoscaler_metrics_port")}
+    head = replace(head, host=MULTI_NODE_HEAD, num_cpus=0, **ports)
+    worker = WorkerConfig(
+        head=head, host=MULTI_NODE_WORKER, num_cpus=worker_cpus,
+        metrics_export_port=free_port(MULTI_NODE_WORKER), node_manager_port=free_port(MULTI_NODE_WORKER),
+        object_manager_port=free_port(MULTI_NODE_WORKER), dashboard_agent_port=free_port(MULTI_NODE_WORKER),
+        dashboard_agent_grpc_port=free_port(MULTI_NODE_WORKER), runtime_env_agent_port=free_port(MULTI_NODE_WORKER),
+        object_store_memory=200 * 1024 * 1024,  # replicas pass small requests: keep the node's memory for models
+    )
+    return head, worker

@@ -279,6 +279,9 @@ class MonitoringResource(dg.ConfigurableResource):
     prediction_log_url: str
     labels_url: str
     metrics_url: str = f"http://{DEFAULT_HTTP_HOST}:{DEFAULT_METRICS_EXPORT_PORT}/metrics"
+    # The watch sums the serving counters of every node the Ray dashboard lists (each node's metrics
+    # agent exports only its own replicas); metrics_url when this is off or the dashboard lists none.
+    metrics_from_ray_nodes: bool = True
     alert_webhook_url: str | None = None  # a secret (bound as dg.EnvVar); None: alerts go to the log only
     alert_timeout_s: float = c.ALERT_WEBHOOK_TIMEOUT_S
     watch_window: str = c.WATCH_WINDOW

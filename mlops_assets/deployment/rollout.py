@@ -261,6 +261,27 @@ def serve_applications(target: ServeTarget) -> dict[str, Any]:
     return response.json()
 
 
+def cluster_nodes(target: ServeTarget, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Every node the dashboard knows (its `nodes?view=summary`, the raylet's fields: `nodeId`,
+    `nodeManagerAddress`, `metricsExportPort`, `state`, `isHeadNode`, ...)."""
+    with _client(timeout, dashboard=True) as client:
+        response = client.get(f"{target.dashboard_url}/nodes", params={"view": "summary"})
+    response.raise_for_status()
+    return [node.get("raylet") or {} for node in (response.json().get("data") or {}).get("summary") or []]
+
+
+def node_metrics_urls(target: ServeTarget, timeout: float = 10.0) -> list[str]:
+    """The Prometheus endpoint of every ALIVE node of the cluster, head first: each node's metrics
+    agent exports only the replicas on that node, so the serving counters are the sum over these."""
+    urls = []
+    nodes = sorted(cluster_nodes(target, timeout), key=lambda n: not n.get("isHeadNode"))
+    for node in nodes:
+        host, port = node.get("nodeManagerAddress"), node.get("metricsExportPort")
+        if node.get("state") == "ALIVE" and host and port:
+            urls.append(f"http://{f'[{host}]' if ':' in str(host) else host}:{int(port)}/metrics")
+    return urls
+
+
 def app_details(target: ServeTarget) -> dict[str, Any] | None:
     try:
         return (serve_applications(target).get("applications") or {}).get(target.app_name)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -23,6 +22,7 @@ from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from mlops_assets import constants as c
+from mlops_assets.core import storage
 from mlops_assets.serving.prediction_log import hour_folder
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class FilesRead:
 
 
 def _list_files(url: str, suffixes: Sequence[str]) -> tuple[Any, list[str]]:
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = storage.filesystem(url)
     if not fs.exists(root):
         return fs, []
     # Hidden names are files being written (write-then-rename), never data.
@@ -182,7 +182,7 @@ def _hour_starts(start: pd.Timestamp, end: pd.Timestamp) -> list[pd.Timestamp]:
 
 def list_log_parts(url: str, start: datetime | pd.Timestamp, end: datetime | pd.Timestamp) -> tuple[list[str], list[str]]:
     """(parts in the hour folders of [start, end), parts of the older layouts that may hold rows of it)."""
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = storage.filesystem(url)
     start, end = _utc(start), _utc(end)
     hourly = [p for hour in _hour_starts(start, end) for p in _ls_files(fs, f"{root}/{hour_folder(hour)}")]
     days = pd.date_range((start - pd.Timedelta(days=1)).floor("D"), (end - pd.Timedelta(1, "ns")).floor("D"), freq="D")
@@ -193,7 +193,7 @@ def list_log_parts(url: str, start: datetime | pd.Timestamp, end: datetime | pd.
 def read_log_parts(url: str, paths: Sequence[str], start: datetime | pd.Timestamp | None = None,
                    end: datetime | pd.Timestamp | None = None) -> FilesRead:
     """These parts of the log (paths as `list_log_parts` gives them), normalized, rows in [start, end)."""
-    fs, _ = fsspec.core.url_to_fs(url)
+    fs, _ = storage.filesystem(url)
     frames, read, skipped = [], [], []
     for path in paths:
         try:
@@ -219,7 +219,7 @@ def read_window(url: str, start: datetime | pd.Timestamp, end: datetime | pd.Tim
 
 def newest_record(url: str) -> pd.Timestamp | None:
     """The newest timestamp in the log, from its newest non-empty hour folder (or older-layout parts)."""
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = storage.filesystem(url)
     try:
         days = sorted((e for e in fs.ls(root, detail=False) if e.rsplit("/", 1)[-1].startswith("date=")), reverse=True)
     except FileNotFoundError:
@@ -287,7 +287,7 @@ def apply_retention(url: str, keep_days: float | None, now: datetime | pd.Timest
         raise MonitoringError(f"retention must be a positive number of days (or None to keep all), got {keep_days}")
     current = _utc(now).floor("h")
     cutoff = min(current, current - pd.Timedelta(days=keep_days))
-    fs, root = fsspec.core.url_to_fs(url)
+    fs, root = storage.filesystem(url)
     try:
         days = sorted(e for e in fs.ls(root, detail=False) if e.rsplit("/", 1)[-1].startswith("date="))
     except FileNotFoundError:
@@ -315,7 +315,7 @@ def apply_retention(url: str, keep_days: float | None, now: datetime | pd.Timest
             for path in legacy:
                 fs.rm(path)
             removed += len(legacy)
-            if not fs.ls(day, detail=False):
+            if fs.exists(day) and not fs.ls(day, detail=False):  # (object stores drop empty folders)
                 fs.rm(day, recursive=True)
         elif action == "compact" and day_start + pd.Timedelta(days=1) <= cutoff:
             with fs.open(f"{day}/{COMPACTED_DAY_MARKER}", "w") as handle:
@@ -332,9 +332,8 @@ def _compact(fs: Any, url: str, folder: str, parts: Sequence[str]) -> None:
     sort_by = [c for c in ("logged_at", TIMESTAMP, REQUEST_ID, RECORD_INDEX) if c in merged]
     merged = merged.sort_values(sort_by, kind="stable").reset_index(drop=True)
     target = f"{folder}/{COMPACTED_PART}"
-    with fs.open(f"{target}.tmp", "wb") as handle:  # written then renamed: readers see old parts or the new one
+    with storage.atomic_writer(storage.url_of(url, target)) as handle:  # readers see old parts or the new one
         merged.to_parquet(handle, index=False)
-    fs.mv(f"{target}.tmp", target)
     for path in parts:
         if path != target:
             fs.rm(path)
@@ -862,15 +861,44 @@ def counters_since(now: ServingCounters, base: ServingCounters) -> tuple[int, in
     The p95 is the upper bound of the histogram bucket holding the 95th percentile: it can
     overstate latency by one bucket, never understate it.
     """
+    delta = _counters_delta(now, base)
+    return delta.requests, delta.server_errors, _latency_p95_s(delta.latency_buckets)
+
+
+def counters_since_by_node(
+    now: Mapping[str, ServingCounters], base: Mapping[str, ServingCounters]
+) -> tuple[int, int, float | None]:
+    """`counters_since` over a cluster: each node's metrics endpoint (key) against its own baseline,
+    summed. A node with no baseline (it joined after it) or whose counters went down (restarted)
+    counts from zero; a node gone since the baseline adds nothing."""
+    deltas = [_counters_delta(counters, base.get(node, ServingCounters())) for node, counters in now.items()]
+    total = merge_counters(deltas)
+    return total.requests, total.server_errors, _latency_p95_s(total.latency_buckets)
+
+
+def merge_counters(parts: Iterable[ServingCounters]) -> ServingCounters:
+    """The sum of several endpoints' counters (each node exports only its own replicas)."""
+    requests = errors = 0
+    buckets: dict[float, float] = {}
+    for part in parts:
+        requests += part.requests
+        errors += part.server_errors
+        for le, count in part.latency_buckets:
+            buckets[le] = buckets.get(le, 0.0) + count
+    return ServingCounters(requests, errors, tuple(sorted(buckets.items())))
+
+
+def _counters_delta(now: ServingCounters, base: ServingCounters) -> ServingCounters:
     if now.requests < base.requests:
         base = ServingCounters()
-    requests = now.requests - base.requests
-    errors = max(0, now.server_errors - base.server_errors)
     before = dict(base.latency_buckets)
-    delta = [(le, count - before.get(le, 0.0)) for le, count in now.latency_buckets]
+    return ServingCounters(now.requests - base.requests, max(0, now.server_errors - base.server_errors),
+                           tuple((le, count - before.get(le, 0.0)) for le, count in now.latency_buckets))
+
+
+def _latency_p95_s(delta: Sequence[tuple[float, float]]) -> float | None:
     total = max((count for _, count in delta), default=0.0)
-    p95 = None
-    if total > 0:
-        p95_ms = next(le for le, count in delta if count >= 0.95 * total)
-        p95 = p95_ms / 1000.0 if math.isfinite(p95_ms) else math.inf
-    return requests, errors, p95
+    if total <= 0:
+        return None
+    p95_ms = next(le for le, count in delta if count >= 0.95 * total)
+    return p95_ms / 1000.0 if math.isfinite(p95_ms) else math.inf

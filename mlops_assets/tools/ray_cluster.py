@@ -25,6 +25,16 @@ other node can join). With it every listener of the head binds 127.0.0.1: GCS, r
 and its agent, runtime env agent, Ray client server, the metrics exporters, the workers. The one
 exception, Ray Serve's per-replica gRPC server (hard-coded to every interface), answers a caller
 without the token UNAUTHENTICATED (mlops_assets_tests/test_ray_auth.py checks both).
+
+More nodes: `ray start --address` refuses to join in single-node mode, and outside it Ray replaces
+`127.0.0.1`/`localhost` (never another address) with the machine's own. So a cluster of several
+nodes puts its head on another address (`MLOPS_RAY_HOST`: another loopback address such as
+127.0.0.2 on one machine, the machine's network address across machines) and each worker on its own
+(`start_worker`, `... ray_cluster worker`; 127.0.0.3 by default). A worker runs
+`ray start --address=<head> --block` with the head's token file (copy it to a worker on another
+machine) and its own environment, which its replicas inherit (`MLOPS_API_TOKEN` included). Started
+with `MLOPS_RAY_NUM_CPUS=0`, the head keeps the Serve controller and proxy, and every replica (each
+asks for CPUs) runs on the workers.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -113,7 +124,7 @@ class ClusterConfig:
 
 
 def config_from_env(env: Mapping[str, str] | None = None) -> ClusterConfig:
-    """MLOPS_RAY_PORT, MLOPS_RAY_DASHBOARD_PORT, MLOPS_RAY_METRICS_PORT, MLOPS_SERVE_PORT, MLOPS_RAY_NUM_CPUS,
+    """MLOPS_RAY_HOST, MLOPS_RAY_PORT, MLOPS_RAY_DASHBOARD_PORT, MLOPS_RAY_METRICS_PORT, MLOPS_SERVE_PORT, MLOPS_RAY_NUM_CPUS,
     MLOPS_RAY_CLIENT_PORT, MLOPS_RAY_AGENT_PORT, MLOPS_RAY_AGENT_GRPC_PORT, MLOPS_RAY_RUNTIME_ENV_AGENT_PORT,
     MLOPS_RAY_DASHBOARD_METRICS_PORT, MLOPS_RAY_AUTOSCALER_METRICS_PORT, MLOPS_RAY_TOKEN_FILE."""
     env = os.environ if env is None else env
@@ -125,6 +136,7 @@ def config_from_env(env: Mapping[str, str] | None = None) -> ClusterConfig:
         return int(env[name]) if env.get(name) else default
 
     return ClusterConfig(
+        host=env.get("MLOPS_RAY_HOST") or HOST,
         port=settings.ray_port,
         dashboard_port=settings.ray_dashboard_port,
         metrics_export_port=settings.ray_metrics_port,
@@ -278,9 +290,13 @@ def _alive(pid: int) -> bool:
 
 def stop_head(cfg: ClusterConfig, timeout_s: float = 30.0) -> bool:
     """Stop the head this module started (by its pid file); False when there was none."""
-    if not cfg.pid_file.exists():
+    return _stop_started(cfg.pid_file, timeout_s)
+
+
+def _stop_started(pid_file: Path, timeout_s: float) -> bool:
+    if not pid_file.exists():
         return False
-    pid = int(cfg.pid_file.read_text().strip())
+    pid = int(pid_file.read_text().strip())
     if _alive(pid):
         # SIGTERM to `ray start --block` shuts down the node it started; SIGKILL the group after.
         os.kill(pid, signal.SIGTERM)
@@ -295,15 +311,170 @@ def stop_head(cfg: ClusterConfig, timeout_s: float = 30.0) -> bool:
             os.killpg(pid, signal.SIGKILL)  # whatever of that group is left
         except ProcessLookupError:
             pass
-    cfg.pid_file.unlink(missing_ok=True)
+    pid_file.unlink(missing_ok=True)
     return True
+
+
+# --- worker nodes ---------------------------------------------------------------------------------
+
+WORKER_HOST = "127.0.0.3"
+DEFAULT_WORKER_METRICS_PORT = 8081  # not the head's 8080: both listen on the same machine by default
+_SELF_ADDRESSES = {"127.0.0.1", "localhost", "::1"}  # the names Ray swaps for the machine's address
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """A worker node of `head`'s cluster: its own address and ports, the head's token and state folder.
+
+    Ports left None are Ray's choice (free ones); give them when a firewall must know them.
+    """
+
+    head: ClusterConfig
+    host: str = WORKER_HOST
+    num_cpus: int = 2
+    metrics_export_port: int = DEFAULT_WORKER_METRICS_PORT
+    node_manager_port: int | None = None
+    object_manager_port: int | None = None
+    dashboard_agent_port: int | None = None
+    dashboard_agent_grpc_port: int | None = None
+    runtime_env_agent_port: int | None = None
+    object_store_memory: int | None = None  # bytes; None: Ray's share of the machine's memory
+    resources: Mapping[str, float] = field(default_factory=dict)  # custom resources replicas can ask for
+
+    @property
+    def name(self) -> str:
+        return f"worker-{self.host}-{self.metrics_export_port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return Path(self.head.state_dir) / f"{self.name}.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.head.state_dir) / f"{self.name}.log"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_export_port}/metrics"
+
+
+def worker_from_env(env: Mapping[str, str] | None = None, head: ClusterConfig | None = None) -> WorkerConfig:
+    """MLOPS_RAY_WORKER_HOST, MLOPS_RAY_WORKER_NUM_CPUS, MLOPS_RAY_WORKER_METRICS_PORT,
+    MLOPS_RAY_WORKER_OBJECT_STORE_BYTES; the head from `config_from_env` (MLOPS_RAY_HOST, MLOPS_RAY_PORT,
+    MLOPS_RAY_TOKEN_FILE)."""
+    env = os.environ if env is None else env
+    store = env.get("MLOPS_RAY_WORKER_OBJECT_STORE_BYTES")
+    return WorkerConfig(
+        head=head or config_from_env(env), host=env.get("MLOPS_RAY_WORKER_HOST") or WORKER_HOST,
+        num_cpus=int(env.get("MLOPS_RAY_WORKER_NUM_CPUS") or 2),
+        metrics_export_port=int(env.get("MLOPS_RAY_WORKER_METRICS_PORT") or DEFAULT_WORKER_METRICS_PORT),
+        object_store_memory=int(store) if store else None,
+    )
+
+
+def worker_command(cfg: WorkerConfig, ray_bin: str) -> list[str]:
+    """`ray start --address=<head> --block` on the worker's own address; ValueError when either
+    address is one Ray would replace with the machine's (then the worker could not find the head)."""
+    for role, address in (("head", cfg.head.host), ("worker", cfg.host)):
+        if address in _SELF_ADDRESSES:
+            raise ValueError(
+                f"a worker cannot join a cluster whose {role} address is {address}: Ray replaces it with this "
+                f"machine's network address. Start the head with MLOPS_RAY_HOST set to another loopback address "
+                f"(127.0.0.2) or a network address, and give the worker its own (MLOPS_RAY_WORKER_HOST)")
+    if cfg.host == cfg.head.host:
+        raise ValueError(f"the worker needs an address of its own, not the head's {cfg.host}")
+    cmd = [
+        ray_bin, "start", "--block", "--disable-usage-stats", f"--address={cfg.head.address}",
+        f"--node-ip-address={cfg.host}", f"--num-cpus={cfg.num_cpus}",
+        f"--metrics-export-port={cfg.metrics_export_port}",
+    ]
+    optional = {"node-manager-port": cfg.node_manager_port, "object-manager-port": cfg.object_manager_port,
+                "dashboard-agent-listen-port": cfg.dashboard_agent_port,
+                "dashboard-agent-grpc-port": cfg.dashboard_agent_grpc_port,
+                "runtime-env-agent-port": cfg.runtime_env_agent_port,
+                "object-store-memory": cfg.object_store_memory}
+    cmd += [f"--{flag}={value}" for flag, value in optional.items() if value]
+    if cfg.resources:
+        import json
+
+        cmd.append(f"--resources={json.dumps(dict(cfg.resources), sort_keys=True)}")
+    return cmd
+
+
+def worker_env(cfg: WorkerConfig, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The worker's environment (its replicas inherit it): the head's, but allowed to join a cluster."""
+    full = head_env(cfg.head, env)
+    # `ray start --address` refuses in single-node mode; both addresses are explicit, so none is replaced.
+    full["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
+    return full
+
+
+def cluster_nodes(cfg: ClusterConfig, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+    """The nodes the head's dashboard lists (its `nodes?view=summary`): raylet fields per node."""
+    response = httpx.get(f"{cfg.dashboard_url}/nodes", params={"view": "summary"}, headers=auth_headers(cfg),
+                         timeout=timeout_s, trust_env=False)
+    response.raise_for_status()
+    return [node.get("raylet") or {} for node in (response.json().get("data") or {}).get("summary") or []]
+
+
+def worker_joined(cfg: WorkerConfig) -> bool:
+    try:
+        nodes = cluster_nodes(cfg.head)
+    except (httpx.HTTPError, ValueError):
+        return False
+    return any(n.get("nodeManagerAddress") == cfg.host and n.get("state") == "ALIVE" for n in nodes)
+
+
+def start_worker(cfg: WorkerConfig, env: Mapping[str, str] | None = None, wait_s: float = 120.0) -> int | None:
+    """Start a worker node and wait until the head lists it ALIVE; the new pid, or None when it already is."""
+    if not cfg.head.token_path.exists():
+        raise FileNotFoundError(f"no token at {cfg.head.token_path}: start the head first, or copy its token file there")
+    if dashboard_state(cfg.head) != "up":
+        raise RuntimeError(f"no Ray head accepting the token in {cfg.head.token_path} at {cfg.head.dashboard_url}")
+    if worker_joined(cfg):
+        return None
+    command = worker_command(cfg, _ray_bin())
+    Path(cfg.head.state_dir).mkdir(parents=True, exist_ok=True)
+    with open(cfg.log_file, "ab") as log:
+        proc = subprocess.Popen(command, env=worker_env(cfg, env), stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    cfg.pid_file.write_text(str(proc.pid))
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            cfg.pid_file.unlink(missing_ok=True)
+            raise RuntimeError(f"ray worker exited with status {proc.returncode}; see {cfg.log_file}")
+        if worker_joined(cfg):
+            return proc.pid
+        time.sleep(1.0)
+    stop_worker(cfg)
+    raise TimeoutError(f"ray worker {cfg.host} not listed by {cfg.head.dashboard_url} within {wait_s}s; see {cfg.log_file}")
+
+
+def stop_worker(cfg: WorkerConfig, timeout_s: float = 30.0) -> bool:
+    """Stop the worker this module started (its pid file): it drains, then its group is killed."""
+    return _stop_started(cfg.pid_file, timeout_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlops_assets.tools.ray_cluster", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["up", "down", "status", "token"])
+    parser.add_argument("action", choices=["up", "down", "status", "token", "worker", "worker-down"],
+                        help="worker / worker-down: start / stop a worker node joining the head (MLOPS_RAY_WORKER_*)")
     args = parser.parse_args(argv)
     cfg = config_from_env()
+    if args.action in ("worker", "worker-down"):
+        worker = worker_from_env(head=cfg)
+        if args.action == "worker-down":
+            print("ray worker stopped" if stop_worker(worker) else f"no ray worker started from {worker.pid_file}")
+            return 0
+        try:
+            pid = start_worker(worker)
+        except (ValueError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
+            print(f"ray worker not started: {exc}", file=sys.stderr)
+            return 1
+        print(f"ray worker {'started (pid ' + str(pid) + ')' if pid else 'already in the cluster'}: node {worker.host}, "
+              f"{worker.num_cpus} CPUs, head {cfg.address}, metrics {worker.metrics_url}")
+        return 0
     if args.action == "up":
         pid = start_head(cfg)
         print(f"ray head {'started (pid ' + str(pid) + ')' if pid else 'already running'}: "

@@ -347,13 +347,13 @@ def post_deploy_watch(
     outage = _serving_outage_tick(context, platform, monitoring, mlflow, ray_serve, state)
     if outage is not None:  # infrastructure, not the model: restored, never rolled back
         return outage
-    endpoints = metrics_endpoints(monitoring, ray_serve.target())
     if state.get("deployment") != deployment:
         # First tick of a new deployment: the counters' baseline, per node (the replica outlives versions).
-        state = {"deployment": deployment, "baseline": _baseline_now(endpoints), "verdict": "watching",
-                 "restored": _deployed_by_rollback(context.instance)}
+        state = {"deployment": deployment, "baseline": _baseline_now(metrics_endpoints(monitoring, ray_serve.target())),
+                 "verdict": "watching", "restored": _deployed_by_rollback(context.instance)}
     elif state.get("baseline") and _node_baseline(state["baseline"]) is None:
-        state["baseline"] = _baseline_now(endpoints)  # an earlier release's one-endpoint cursor: count from now
+        # A cursor of an earlier release (one endpoint's counters): count from now.
+        state["baseline"] = _baseline_now(metrics_endpoints(monitoring, ray_serve.target()))
     if state.get("verdict") in ("rollback", "passed"):
         return dg.SensorResult(skip_reason=dg.SkipReason(f"deployment {deployment}: {state['verdict']}"),
                                cursor=json.dumps(state))
@@ -361,7 +361,7 @@ def post_deploy_watch(
     log, answered, _ = watch_rows(monitoring.prediction_log_url, deployment, live, deployed_at, state,
                                   monitoring.watch_max_compared_rows)
     baseline = _node_baseline(state.get("baseline"))
-    counters = scrape_nodes(endpoints) if baseline else None
+    counters = scrape_nodes(metrics_endpoints(monitoring, ray_serve.target())) if baseline else None
     spec = platform.spec()
     score_old, load_error = None, None
     if replaced is not None and not state.get("restored"):
