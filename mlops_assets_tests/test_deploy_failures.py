@@ -24,7 +24,6 @@ from urllib.parse import unquote, urlparse
 
 import dagster as dg
 import httpx
-import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -35,10 +34,10 @@ from mlops_assets.deployment import rollout as dep
 from mlops_assets.registry import model_store
 from mlops_assets.tools.ray_cluster import start_head, stop_head
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records
-from mlops_assets.training.tracking import use_tracking_uri
 from mlops_assets_tests.ray_support import isolated_cluster
+from mlops_assets_tests.registry_support import register_simulated_versions
 from mlops_assets_tests.test_automation import Webhook
-from mlops_assets_tests.test_serving_integration import ARGS, MODEL_NAME, TOKEN, Platform, _train
+from mlops_assets_tests.test_serving_integration import ARGS, MODEL_NAME, TOKEN, Platform
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -116,24 +115,10 @@ def _tamper(client: MlflowClient, version: str) -> Path:
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     root = tmp_path_factory.mktemp("deploy-failures")
     data = root / "data"
-    (data / "mlflow").mkdir(parents=True)
-    tracking_uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
     spec = default_spec()
-    client = MlflowClient(tracking_uri=tracking_uri)
-    models = {}
-    with use_tracking_uri(tracking_uri):
-        experiment = mlflow.create_experiment("deploy-failures",
-                                              artifact_location=(data / "mlflow" / "artifacts").as_uri())
-        for seed, iterations in ((1, 30), (2, 60), (3, 20)):
-            frame = simulate_records(spec, SimulationConfig(n_rows=1200, seed=seed))
-            model = _train(frame, spec, seed, iterations)
-            with mlflow.start_run(experiment_id=experiment) as run:
-                info = model_store.log_catboost_model(model, input_example=frame[spec.feature_names].head(5))
-            mv = model_store.register_version(client, MODEL_NAME, run_id=run.info.run_id, model_uri=info.model_uri,
-                                              tags={"decision_threshold": "0.5", "feature_version": f"fv-{seed}",
-                                                    "data_version": f"dv-{seed}",
-                                                    "trained_at": f"2026-01-0{seed}T00:00:00+00:00"})
-            models[str(mv.version)] = model
+    tracking_uri, client, models = register_simulated_versions(
+        data, spec, model_name=MODEL_NAME, experiment="deploy-failures",
+        seeds_and_iterations=((1, 30), (2, 60), (3, 20)), n_rows=1200)
     _tamper(client, TAMPERED)
     model_store.promote_to_champion(client, MODEL_NAME, "1")
     model_store.promote_to_champion(client, MODEL_NAME, "2")  # champion 2, previous-champion 1

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -31,8 +30,8 @@ from mlops_assets.serving.config import ModelRef
 from mlops_assets.serving.prediction_log import read_prediction_log
 from mlops_assets.tools.ray_cluster import ClusterConfig, start_head, stop_head
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records
-from mlops_assets.training.tracking import use_tracking_uri
 from mlops_assets_tests.ray_support import isolated_cluster
+from mlops_assets_tests.registry_support import register_simulated_versions
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -42,14 +41,6 @@ MAX_RECORDS = 50
 MAX_BODY_BYTES = 60_000  # 50 records of 30 features are ~40 kB of JSON
 ARGS = {"max_records": MAX_RECORDS, "max_body_bytes": MAX_BODY_BYTES, "log_flush_interval_s": 0.5,
         "predict_timeout_s": 10}
-
-
-def _train(frame: pd.DataFrame, spec: DatasetSpec, seed: int, iterations: int) -> CatBoostClassifier:
-    y = (frame[spec.label] == spec.positive_class).astype(int)
-    model = CatBoostClassifier(iterations=iterations, depth=4, random_seed=seed, verbose=False,
-                               thread_count=1, allow_writing_files=False)
-    model.fit(frame[spec.feature_names], y)
-    return model
 
 
 @dataclass
@@ -97,26 +88,11 @@ class Platform:
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     root = tmp_path_factory.mktemp("serving")
     data = root / "data"
-    (data / "mlflow").mkdir(parents=True)
-    tracking_uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
     spec = default_spec()
-
     # Two versions from different data and seeds, so their answers differ.
-    client = MlflowClient(tracking_uri=tracking_uri)
-    models: dict[str, CatBoostClassifier] = {}
-    with use_tracking_uri(tracking_uri):  # scoped: other test modules see no global MLflow state
-        experiment = mlflow.create_experiment("serving-test",
-                                              artifact_location=(data / "mlflow" / "artifacts").as_uri())
-        for seed, iterations in ((1, 30), (2, 60)):
-            frame = simulate_records(spec, SimulationConfig(n_rows=1500, seed=seed))
-            model = _train(frame, spec, seed, iterations)
-            with mlflow.start_run(experiment_id=experiment) as run:
-                info = model_store.log_catboost_model(model, input_example=frame[spec.feature_names].head(5))
-            mv = model_store.register_version(client, MODEL_NAME, run_id=run.info.run_id, model_uri=info.model_uri,
-                                              tags={"decision_threshold": "0.5", "feature_version": f"fv-{seed}",
-                                                    "data_version": f"dv-{seed}",
-                                                    "trained_at": f"2026-01-0{seed}T00:00:00+00:00"})
-            models[str(mv.version)] = model
+    tracking_uri, client, models = register_simulated_versions(
+        data, spec, model_name=MODEL_NAME, experiment="serving-test", seeds_and_iterations=((1, 30), (2, 60)),
+        n_rows=1500)
     model_store.promote_to_champion(client, MODEL_NAME, "1")
 
     cluster = isolated_cluster(root)
