@@ -18,6 +18,10 @@ import numpy as np
 import pandas as pd
 from catboost import CatBoostClassifier
 from sklearn.metrics import log_loss, roc_auc_score
+from mlops_assets.monitoring.estimation import Calibrator, fit_calibrator
+
+if TYPE_CHECKING:  # CatBoost and scikit-learn load when a model is fit: loading the definitions stays cheap
+    from catboost import CatBoostClassifier
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from mlops_assets import constants as c
@@ -102,6 +106,9 @@ class TrainingResult:
     curves: dict[str, dict[str, list[float]]]  # {"learn"|"validation": {metric: values by iteration}}
     validation_metrics: dict[str, float]
     n_fit: int
+    # Fitted on the early-stopping part (held out from fitting, never the test split): maps the
+    # model's score to a calibrated probability for label-free estimates (monitoring/estimation.py).
+    calibrator: Calibrator | None = None
     n_validation: int
     tuning: TuningResult | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -251,3 +258,4 @@ def train_model(
 def predict_positive(model: CatBoostClassifier, X: pd.DataFrame) -> np.ndarray:
     """Probability of the positive class (column 1: the model is fit on 0/1 targets)."""
     return model.predict_proba(X)[:, 1]
+        calibrator=fit_calibrator(model.predict_proba(X.iloc[val_idx])[:, 1], y[val_idx]),
