@@ -7,7 +7,7 @@ pyplot global state and no display), so they are safe in Dagster workers and CI.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,18 +70,47 @@ def feature_importance(model: CatBoostClassifier, feature_names: Sequence[str]) 
     return sorted(pairs, key=lambda kv: (-kv[1], kv[0]))
 
 
+def _slice_values(column: pd.Series, binned: bool, bins: int) -> pd.Series:
+    """Each row's slice: its value (categorical), or its quantile bin as text "[low, high]" (numeric)."""
+    if not binned:
+        plain = column.astype("object").map(lambda v: v.item() if hasattr(v, "item") else v)
+        plain = plain.map(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)
+        return plain.where(column.notna(), MISSING_VALUE)
+    numbers = pd.to_numeric(column, errors="coerce").astype("float64")
+    present = numbers.dropna()
+    out = pd.Series(MISSING_VALUE, index=column.index, dtype="object")
+    if present.empty:
+        return out
+    edges = np.unique(np.quantile(present.to_numpy(), np.linspace(0.0, 1.0, bins + 1)))
+    if len(edges) < 2:
+        out[numbers.notna()] = f"[{_edge(edges[0])}, {_edge(edges[0])}]"
+        return out
+    codes = np.clip(np.searchsorted(edges, present.to_numpy(), side="right") - 1, 0, len(edges) - 2)
+    names = [f"[{_edge(edges[i])}, {_edge(edges[i + 1])}{']' if i == len(edges) - 2 else ')'}"
+             for i in range(len(edges) - 1)]
+    out[present.index] = [names[c] for c in codes]
+    return out
+
+
+def _edge(value: float) -> str:
+    return f"{value:.4g}"
+
+
 def slice_metrics(
     X: pd.DataFrame, y_true: np.ndarray, proba: np.ndarray, features: Sequence[str], threshold: float = 0.5,
-    min_rows: int = 1,
+    min_rows: int = 1, numeric: Collection[str] = (), bins: int = 4,
 ) -> pd.DataFrame:
-    """Metrics per value of each named feature (missing values form their own slice)."""
+    """Metrics per value of each named categorical feature, and per quantile bin (`bins` of them,
+    edges from the test rows) of each one in `numeric`; missing values form their own slice."""
     y = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(proba, dtype=float)
     rows = []
     for feature in features:
-        column = X[feature]
-        values = column.astype("object").where(column.notna(), MISSING_VALUE)
-        for value in sorted(values.unique(), key=str):
+        values = _slice_values(X[feature], feature in numeric, bins)
+        order = values.unique().tolist()
+        if feature not in numeric:
+            order = sorted(order, key=str)
+        for value in order:
             mask = (values == value).to_numpy()
             n = int(mask.sum())
             if n < min_rows:
@@ -90,7 +119,7 @@ def slice_metrics(
             both = len(np.unique(ys)) == 2
             rows.append({
                 "feature": feature,
-                "value": value if value == MISSING_VALUE else int(value),
+                "value": value,
                 "n": n,
                 "positive_share": float(ys.mean()),
                 "mean_probability": float(ps.mean()),
@@ -190,7 +219,7 @@ class Evaluation:
 def evaluate(
     model: CatBoostClassifier, X_test: pd.DataFrame, y_test: np.ndarray, out_dir: str | Path, *,
     threshold: float = 0.5, champion: CatBoostClassifier | None = None, slice_top_k: int = 3,
-    class_names: tuple[str, str] = ("negative", "positive"),
+    class_names: tuple[str, str] = ("negative", "positive"), numeric_features: Collection[str] = (),
 ) -> Evaluation:
     """Evaluate a model (and, when given, the champion on the same rows) and draw the plots."""
     out = Path(out_dir)
@@ -216,7 +245,7 @@ def evaluate(
         metrics=metrics,
         confusion=counts,
         importance=importance,
-        slices=slice_metrics(X_test, y_test, proba, top, threshold),
+        slices=slice_metrics(X_test, y_test, proba, top, threshold, numeric=numeric_features),
         plots=plots,
         n_test=len(y_test),
         positive_share=float(np.mean(y_test)),

@@ -7,7 +7,9 @@ Cleaning policy (in this order, each step counted):
 3. rows are grouped by feature vector: each vector is kept once (exact duplicates removed) with
    the majority label of its rows; a tie goes to the positive class (phishing), because missing
    a phishing site costs more than a false alarm.
-The target is 1 for the positive class and 0 otherwise.
+The target is 1 for the positive class and 0 otherwise (labels may be integers or strings; the
+spec maps them). Feature vectors are compared whole, floats and strings included: numbers as
+float64, text as text. Integer columns stay int64 and string columns str, as the model takes them.
 """
 
 from __future__ import annotations
@@ -52,22 +54,24 @@ def clean_features(raw: pd.DataFrame, spec: DatasetSpec, missing_policy: Missing
         complete = labelled
     missing_dropped = len(labelled) - len(complete)
 
-    features = complete[spec.feature_names].astype("float64")  # NaN-safe grouping and CatBoost input
-    target = (complete[spec.label] == spec.positive_class).astype("int64").to_numpy()
+    features = model_frame(complete, spec)
+    target = (complete[spec.label].astype("object") == spec.positive_class).astype("int64").to_numpy()
+    keys = vector_keys(features, spec.feature_names)
     grouped = (
-        features.assign(_pos=target, _n=1)
-        .groupby(spec.feature_names, dropna=False, sort=False)
+        pd.DataFrame({"_key": keys.to_numpy(), "_pos": target, "_n": 1})
+        .groupby("_key", sort=False)
         .agg(_pos=("_pos", "sum"), _n=("_n", "sum"))
-        .reset_index()
     )
+    first_rows = features.assign(_key=keys.to_numpy()).drop_duplicates("_key").set_index("_key")
+    grouped = first_rows.join(grouped[["_pos", "_n"]]).reset_index(drop=True)
     negatives = grouped["_n"] - grouped["_pos"]
     grouped[TARGET] = (grouped["_pos"] >= negatives).astype("int64")  # tie -> positive class
     conflicting = int(((grouped["_pos"] > 0) & (negatives > 0)).sum())
     relabelled = int(np.where(grouped[TARGET] == 1, negatives, grouped["_pos"]).sum())
-    distinct_rows = len(features.assign(_pos=target).drop_duplicates())
+    distinct_rows = len(pd.DataFrame({"_key": keys.to_numpy(), "_pos": target}).drop_duplicates())
     out = grouped[[*spec.feature_names, TARGET]]
     if missing_policy == "drop_row":
-        out = out.astype({name: "int64" for name in spec.feature_names})
+        out = out.astype({f.name: "int64" for f in spec.features if f.type == "int"})
     stats = CleaningStats(
         rows_in=rows_in,
         unlabelled_dropped=unlabelled,
@@ -89,9 +93,26 @@ def feature_version(frame: pd.DataFrame, transformation_version: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_frame(frame: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
+    """The features as the model takes them: numbers as float64 (NaN for missing), strings as
+    str (missing as the text "nan", which CatBoost takes as a category of its own)."""
+    out = {}
+    for f in spec.features:
+        column = frame[f.name]
+        out[f.name] = column.astype("object").where(column.notna(), "nan").astype(str) if f.is_string \
+            else pd.to_numeric(column, errors="coerce").astype("float64")
+    return pd.DataFrame(out, index=frame.index)
+
+
 def vector_keys(frame: pd.DataFrame, feature_names: list[str]) -> pd.Series:
-    """One hashable key per row's feature vector (NaN-safe)."""
-    return pd.util.hash_pandas_object(frame[feature_names].astype("float64"), index=False)
+    """One hashable key per row's feature vector (NaN-safe; numbers compared as float64 so 1 and
+    1.0 are one vector, strings as text)."""
+    part = frame[feature_names]
+    numeric = [n for n in feature_names if part[n].dtype.kind in "biuf" or str(part[n].dtype) in ("Int64", "Float64")]
+    if len(numeric) == len(feature_names):
+        return pd.util.hash_pandas_object(part.astype("float64"), index=False)
+    normal = part.astype({n: "float64" for n in numeric}).astype("object")
+    return pd.util.hash_pandas_object(normal.astype(str), index=False)
 
 
 def split_train_test(features: pd.DataFrame, feature_names: list[str], test_fraction: float, seed: int,

@@ -17,8 +17,15 @@ and its chi-squared treats the reference as exact and truncates expected counts 
   once windows hold many rows (and duplicate rows, which real traffic has, make it
   over-confident); the distance alone is noisy on small windows. Hellinger is bounded in
   [0, 1] and independent of sample size, so one threshold fits every window size.
-- Continuous columns (the predicted probability): two-sample Kolmogorov-Smirnov statistic
-  from the two KLL sketches' CDFs, asymptotic p-value; same "significant and large" rule.
+- Continuous columns (the dataset spec's `numeric` features, integer or float, and the
+  predicted probability): two-sample Kolmogorov-Smirnov statistic from the two KLL sketches'
+  CDFs, asymptotic p-value; same "significant and large" rule, with the KS statistic (the
+  largest gap between the two CDFs) at or above `DRIFT_KS_STATISTIC` (0.1: ten percentage
+  points of the distribution moved past some value). KS rather than Wasserstein because it is
+  scale-free: one threshold fits byte counts and rates alike.
+
+The spec's kind picks the statistic (`feature_drift`): categorical features (integer codes or
+strings) get Hellinger + chi-squared, numeric ones KS; each feature's score is recorded.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ import pandas as pd
 from scipy import stats
 
 from mlops_assets import constants as c
+from mlops_assets.core.dataset_spec import DatasetSpec
 
 # whylogs POSTs a usage event to its vendor at import unless this is set (checked in 1.6.4:
 # whylogs/api/usage_stats). Set before the import so the platform never phones home;
@@ -338,6 +346,15 @@ def drift_scores(
         name: _column_score(name, ref_view.get_column(name), cur_view.get_column(name), name in continuous, thresholds)
         for name in columns
     }
+
+
+def feature_drift(
+    reference: bytes, current: bytes, spec: DatasetSpec, *, thresholds: DriftThresholds | None = None,
+) -> dict[str, DriftScore]:
+    """Per-feature drift with the statistic the spec's kind picks: numeric features KS, the others
+    Hellinger + chi-squared."""
+    return drift_scores(reference, current, spec.feature_names, continuous=spec.numeric_features,
+                        thresholds=thresholds)
 
 
 def prediction_drift(

@@ -450,7 +450,8 @@ class LabelJoin:
 
 
 def join_labels(
-    log: pd.DataFrame, labels: pd.DataFrame, label_values: Collection[int] | None = None, max_unknown_ids: int = 20
+    log: pd.DataFrame, labels: pd.DataFrame, label_values: Collection[int | str] | None = None,
+    max_unknown_ids: int = 20,
 ) -> LabelJoin:
     """Join delayed labels onto predictions by (request_id, record_index).
 
@@ -474,13 +475,20 @@ def join_labels(
         if RECORD_INDEX in lab else 0
     lab[LABELLED_AT] = pd.to_datetime(lab[LABELLED_AT], utc=True, errors="coerce", format="mixed") \
         if LABELLED_AT in lab else pd.NaT
-    lab[TRUE_LABEL] = pd.to_numeric(lab[PREDICTED_LABEL], errors="coerce")
-    valid = lab[TRUE_LABEL].notna() & (lab[TRUE_LABEL] % 1 == 0)
+    string_labels = label_values is not None and any(isinstance(v, str) for v in label_values)
+    if string_labels:  # e.g. normal / attack: compared as text
+        lab[TRUE_LABEL] = lab[PREDICTED_LABEL].astype("object").where(lab[PREDICTED_LABEL].notna(), None)
+        valid = lab[TRUE_LABEL].notna()
+        lab.loc[valid, TRUE_LABEL] = lab.loc[valid, TRUE_LABEL].astype(str)
+    else:
+        lab[TRUE_LABEL] = pd.to_numeric(lab[PREDICTED_LABEL], errors="coerce")
+        valid = lab[TRUE_LABEL].notna() & (lab[TRUE_LABEL] % 1 == 0)
     if label_values is not None:
         valid &= lab[TRUE_LABEL].isin(list(label_values))
     n_invalid = int((~valid).sum())
     lab = lab[valid].copy()
-    lab[TRUE_LABEL] = lab[TRUE_LABEL].astype("int64")
+    if not string_labels:
+        lab[TRUE_LABEL] = lab[TRUE_LABEL].astype("int64")
 
     distinct_per_key = lab.groupby(key)[TRUE_LABEL].nunique()
     n_conflicting = int((distinct_per_key > 1).sum())
@@ -512,7 +520,7 @@ def join_labels(
 
 
 def online_metrics(
-    joined: pd.DataFrame, positive_class: int, probability_column: str = PROBABILITY
+    joined: pd.DataFrame, positive_class: int | str, probability_column: str = PROBABILITY
 ) -> dict[str, float]:
     """Live metrics of labelled predictions; the positive class is the spec's (phishing = -1).
 
@@ -645,7 +653,7 @@ def prediction_shift(
     new_probabilities: Sequence[float] | np.ndarray,
     old_labels: Sequence[int] | np.ndarray,
     old_probabilities: Sequence[float] | np.ndarray,
-    positive_class: int,
+    positive_class: int | str,
 ) -> VersionComparison:
     """How two versions' answers differ on the SAME rows (position i of each list is one row).
 
@@ -673,7 +681,7 @@ def compare_on_same_rows(
     rows: pd.DataFrame,
     feature_names: Sequence[str],
     score_old: Callable[[pd.DataFrame], tuple[Sequence[int], Sequence[float]]],
-    positive_class: int,
+    positive_class: int | str,
     max_rows: int = c.WATCH_MAX_COMPARED_ROWS,
     probability_column: str = PROBABILITY,
 ) -> VersionComparison:

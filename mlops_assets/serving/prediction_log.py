@@ -55,8 +55,8 @@ def prediction_rows(
     *,
     request_id: str,
     model_version: str,
-    records: Sequence[Mapping[str, int]],
-    labels: Sequence[int],
+    records: Sequence[Mapping[str, Any]],
+    labels: Sequence[Any],
     probabilities: Sequence[float],
     logged_at: datetime | None = None,
 ) -> list[dict[str, Any]]:
@@ -64,7 +64,7 @@ def prediction_rows(
     at = logged_at or datetime.now(UTC)
     return [
         {"logged_at": at, "request_id": request_id, "model_version": model_version, "record_index": i,
-         **record, "label": int(label), "probability": float(p)}
+         **record, "label": label, "probability": float(p)}
         for i, (record, label, p) in enumerate(zip(records, labels, probabilities, strict=True))
     ]
 

@@ -1,8 +1,11 @@
 """The `/predict` request model, built from the dataset spec, and client-facing error messages.
 
-Each record is a pydantic model with one strict-int field per feature (`extra="forbid"`), so a
-wrong column, a string or float or bool where an int belongs, or a value outside the feature's
-domain is rejected before scoring, and the message names the field and its allowed values.
+Each record is a pydantic model with one strict field per feature (`extra="forbid"`), typed by
+the feature's kind: an integer code or a string (categorical; a closed value set refuses any
+other value), an integer or a number (numeric; `min`/`max` refuse values outside the range).
+A wrong column, a string where a number belongs (or a number where a string does), a bool, a
+missing value, a value outside the range or an unknown category is rejected before scoring, and
+the message names the field and the rule it broke.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, create_model
 from pydantic_core import PydanticCustomError
 
-from mlops_assets.core.dataset_spec import DatasetSpec
+from mlops_assets.core.dataset_spec import DatasetSpec, FeatureSpec, Value
 
 MAX_REPORTED_ERRORS = 20  # a 1000-record batch of bad rows should not produce a megabyte of errors
 
@@ -40,20 +43,57 @@ class RequestError(Exception):
         return out
 
 
-def _domain_check(allowed: tuple[int, ...]) -> Callable[[int], int]:
+def _domain_check(allowed: tuple[Value, ...]) -> Callable[[Any], Any]:
     allowed_set = frozenset(allowed)
-    shown = sorted(allowed)
+    shown = sorted(allowed, key=str) if any(isinstance(v, str) for v in allowed) else sorted(allowed)
 
-    def check(value: int) -> int:
+    def check(value: Any) -> Any:
         if value not in allowed_set:
             raise PydanticCustomError(
                 "value_not_allowed",
                 "value {value} is not allowed; allowed values: {allowed}",
-                {"value": value, "allowed": str(shown)},
+                {"value": repr(value) if isinstance(value, str) else value, "allowed": str(shown)},
             )
         return value
 
     return check
+
+
+def _range_check(feature: FeatureSpec) -> Callable[[Any], Any]:
+    low, high, rule = feature.minimum, feature.maximum, feature.rule()
+
+    def check(value: Any) -> Any:
+        if low is not None and value < low:
+            raise PydanticCustomError("value_out_of_range", "value {value} is below min: must be {rule}",
+                                      {"value": value, "rule": rule})
+        if high is not None and value > high:
+            raise PydanticCustomError("value_out_of_range", "value {value} is above max: must be {rule}",
+                                      {"value": value, "rule": rule})
+        return value
+
+    return check
+
+
+def _field_type(feature: FeatureSpec) -> Any:
+    """The pydantic type of one feature: strict, by kind, with its value set or range."""
+    if feature.is_categorical:
+        base: Any = StrictStr if feature.is_string else StrictInt
+        return Annotated[base, AfterValidator(_domain_check(feature.values))] if feature.closed else base
+    base = StrictInt if feature.type == "int" else Annotated[float, Field(strict=True, allow_inf_nan=False)]
+    if feature.minimum is None and feature.maximum is None:
+        return base
+    return Annotated[base, AfterValidator(_range_check(feature))]
+
+
+def _field_schema(feature: FeatureSpec) -> dict[str, Any]:
+    if feature.is_categorical:
+        return {"enum": list(feature.values)} if feature.closed else {}
+    out: dict[str, Any] = {}
+    if feature.minimum is not None:
+        out["minimum"] = feature.minimum
+    if feature.maximum is not None:
+        out["maximum"] = feature.maximum
+    return out
 
 
 @dataclass(frozen=True)
@@ -76,11 +116,15 @@ class RequestModel:
 
     def __post_init__(self) -> None:
         names = tuple(self.spec.feature_names)
-        low = min(min(f.values) for f in self.spec.features)
-        high = max(max(f.values) for f in self.spec.features)
+        # The vectorised path is for specs of closed integer codes only (an int64 matrix); others
+        # take the pydantic model and become a typed frame (`records_to_features`).
+        codes = [[int(v) for v in f.values] for f in self.spec.features] if self.spec.integer_coded else [[0]]
+        low = min(min(v) for v in codes)
+        high = max(max(v) for v in codes)
         allowed = np.zeros((len(names), high - low + 1), dtype=bool)
-        for i, feature in enumerate(self.spec.features):
-            allowed[i, [v - low for v in feature.values]] = True
+        if self.spec.integer_coded:
+            for i, values in enumerate(codes):
+                allowed[i, [v - low for v in values]] = True
         object.__setattr__(self, "_names", names)
         getter = itemgetter(*names)
         object.__setattr__(self, "_row", getter if len(names) > 1 else (lambda r: (getter(r),)))
@@ -91,8 +135,9 @@ class RequestModel:
         return self.model.model_json_schema(by_alias=True)
 
     def fast_matrix(self, payload: Any) -> np.ndarray | None:
-        """The records as an int64 matrix in the spec's column order, or None when not plainly valid."""
-        if type(payload) is not dict or len(payload) != 1:
+        """The records as an int64 matrix in the spec's column order, or None when not plainly valid
+        (always None for a spec that is not all closed integer codes)."""
+        if type(payload) is not dict or len(payload) != 1 or not self.spec.integer_coded:
             return None
         records = payload.get("records")
         if type(records) is not list or not 1 <= len(records) <= self.max_records:
@@ -123,10 +168,12 @@ def build_request_model(spec: DatasetSpec, max_records: int) -> RequestModel:
     """Build the request model; field names are aliases, so any column name works."""
     record_fields: dict[str, Any] = {}
     for i, feature in enumerate(spec.features):
-        field_type = Annotated[StrictInt, AfterValidator(_domain_check(feature.values))]
+        schema = _field_schema(feature)
+        if "enum" in schema and not feature.is_string:
+            schema["enum"] = sorted(schema["enum"])
         record_fields[f"f{i}"] = (
-            field_type,
-            Field(alias=feature.name, json_schema_extra={"enum": list(sorted(feature.values))}),
+            _field_type(feature),
+            Field(alias=feature.name, json_schema_extra=schema or None),
         )
     record = create_model(
         "Record",
@@ -151,9 +198,11 @@ def _field_path(loc: Sequence[int | str]) -> str:
 def describe_validation_errors(exc: ValidationError, request_model: RequestModel) -> list[dict[str, Any]]:
     """Turn pydantic errors into `{field, problem, allowed?}` entries that echo no internals."""
     spec = request_model.spec
-    domains = {f.name: sorted(f.values) for f in spec.features}
+    domains = {f.name: (list(f.values) if f.is_string else sorted(f.values)) for f in spec.features if f.closed}
+    rules = {f.name: f.rule() for f in spec.features}
     out: list[dict[str, Any]] = []
-    for err in exc.errors(include_url=False, include_context=False, include_input=False):
+    # The input is read only to tell a null from a wrong type; it is never echoed.
+    for err in exc.errors(include_url=False, include_context=False, include_input=True):
         loc = list(err["loc"])
         field = _field_path(loc) or "body"
         name = loc[-1] if loc else None
@@ -172,12 +221,20 @@ def describe_validation_errors(exc: ValidationError, request_model: RequestModel
             entry["problem"] = (
                 f"too many records; at most {request_model.max_records} per request (split the batch)"
             )
-        elif kind in ("int_type", "int_parsing"):
+        elif kind.endswith("_type") and err.get("input", 0) is None and len(loc) > 2:
+            entry["problem"] = "a value is required (null is not allowed)"
+        elif kind in ("int_type", "int_parsing", "int_from_float"):
             entry["problem"] = "expected an integer (not a string, float or boolean)"
+        elif kind in ("float_type", "float_parsing", "finite_number"):
+            entry["problem"] = "expected a number (not a string, boolean or null)"
+        elif kind == "string_type":
+            entry["problem"] = "expected a string (not a number, boolean or null)"
         else:
             entry["problem"] = str(err["msg"])
         if isinstance(name, str) and name in domains and kind != "extra_forbidden":
             entry["allowed"] = domains[name]
+        elif isinstance(name, str) and name in rules and kind not in ("extra_forbidden", "value_out_of_range"):
+            entry["rule"] = rules[name]
         out.append(entry)
     return out
 
@@ -187,8 +244,10 @@ def parse_predict_body(raw: bytes, request_model: RequestModel) -> list[dict[str
     return parse_predict_matrix(raw, request_model)[0]
 
 
-def parse_predict_matrix(raw: bytes, request_model: RequestModel) -> tuple[list[dict[str, int]], np.ndarray]:
-    """Parse and validate a `/predict` body: (records, int64 matrix in the spec's column order).
+def parse_predict_matrix(raw: bytes, request_model: RequestModel,
+                         ) -> tuple[list[dict[str, Any]], np.ndarray | pd.DataFrame]:
+    """Parse and validate a `/predict` body: (records, features in the spec's column order): an
+    int64 matrix for a spec of integer codes, else a frame typed by kind (`records_to_frame`).
 
     Raises RequestError (400/422) naming the problem. Valid bodies take the vectorised path;
     the pydantic model sees only bodies that path does not accept.
@@ -210,10 +269,13 @@ def parse_predict_matrix(raw: bytes, request_model: RequestModel) -> tuple[list[
         shown = errors[:MAX_REPORTED_ERRORS]
         first = shown[0]
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        allowed = f"; allowed values: {first['allowed']}" if "allowed" in first else ""
+        allowed = f"; allowed values: {first['allowed']}" if "allowed" in first else (
+            f"; must be {first['rule']}" if "rule" in first else "")
         raise RequestError(422, f"invalid request: {first['field']}: {first['problem']}{allowed}{more}", shown) from None
-    # Validated: every record has exactly the spec's features with in-domain ints.
+    # Validated: every record has exactly the spec's features, each of its kind and in its domain.
     records = payload["records"]
+    if not request_model.spec.integer_coded:
+        return records, records_to_frame(records, request_model.spec)
     return records, records_to_matrix(records, request_model.spec)
 
 
@@ -223,6 +285,9 @@ def records_to_matrix(records: Sequence[dict[str, int]], spec: DatasetSpec) -> n
     return np.array([[r[n] for n in names] for r in records], dtype=np.int64).reshape(len(records), len(names))
 
 
-def records_to_frame(records: Sequence[dict[str, int]], spec: DatasetSpec) -> pd.DataFrame:
-    """Feature matrix in the spec's column order (the order the model was trained on)."""
-    return pd.DataFrame.from_records(list(records), columns=spec.feature_names).astype("int64")
+def records_to_frame(records: Sequence[dict[str, Any]], spec: DatasetSpec) -> pd.DataFrame:
+    """Features in the spec's column order (the order the model was trained on), each column as
+    the model takes it: integers int64, numbers float64, strings str."""
+    frame = pd.DataFrame.from_records(list(records), columns=spec.feature_names)
+    return frame.astype({f.name: ("int64" if f.type == "int" else "float64" if f.type == "float" else "object")
+                         for f in spec.features})

@@ -31,7 +31,7 @@ def decision_threshold(tags: Mapping[str, str]) -> float:
     return value
 
 
-def positive_column(classes: Sequence[Any] | None, positive_class: int) -> int:
+def positive_column(classes: Sequence[Any] | None, positive_class: int | str) -> int:
     """Which predict_proba column is the positive class.
 
     Models trained on the spec's own labels (e.g. [-1, 1]) have the positive class somewhere in
@@ -48,7 +48,7 @@ def positive_column(classes: Sequence[Any] | None, positive_class: int) -> int:
 class ScoredRecords:
     version: str
     probabilities: list[float]
-    labels: list[int]
+    labels: list[Any]  # the spec's label values (integers or strings)
 
 
 Features: TypeAlias = pd.DataFrame | np.ndarray  # a frame with the spec's columns, or a matrix in the spec's column order
@@ -64,7 +64,8 @@ def takes_arrays(model: Any, spec: DatasetSpec) -> bool:
         from catboost import CatBoost
     except ImportError:  # pragma: no cover - catboost is a dependency
         return False
-    return isinstance(model, CatBoost) and list(getattr(model, "feature_names_", None) or []) == spec.feature_names
+    return (isinstance(model, CatBoost) and list(getattr(model, "feature_names_", None) or []) == spec.feature_names
+            and not model.get_cat_feature_indices())  # categorical (string) features need a frame
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Scorer:
     def score(self, features: Features) -> ScoredRecords:
         p = self.positive_probabilities(features)
         labels = np.where(p >= self.threshold, self.spec.positive_class, self.spec.negative_class)
-        return ScoredRecords(self.version, p.tolist(), labels.astype(int).tolist())
+        return ScoredRecords(self.version, p.tolist(), labels.tolist())
 
     def positive_probabilities(self, features: Features) -> np.ndarray:
         if self.array_input:

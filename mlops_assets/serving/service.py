@@ -20,7 +20,7 @@ import numpy as np
 from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.serving.config import ModelRef, ServiceOptions
 from mlops_assets.serving.metrics import ServingMetrics
-from mlops_assets.serving.prediction_log import PredictionLogWriter, encode_request
+from mlops_assets.serving.prediction_log import PredictionLogWriter, encode_request, encode_rows, prediction_rows
 from mlops_assets.serving.request import RequestError, build_request_model, parse_predict_matrix
 from mlops_assets.serving.scoring import Features, ScoredRecords, Scorer, prediction_items, score_many
 
@@ -235,7 +235,7 @@ class ServiceCore:
         if not is_json_content_type(headers.get("content-type")):
             raise RequestError(415, f"Content-Type must be application/json, got {headers.get('content-type')!r}")
         raw = await read_limited(chunks, headers.get("content-length"), self.options.max_body_bytes)
-        _, matrix = parse_predict_matrix(raw, self.request_model)
+        records, matrix = parse_predict_matrix(raw, self.request_model)
         self.require_scorer()
         try:
             scored = await asyncio.wait_for(self.score_fn(matrix), timeout=self.options.predict_timeout_s)
@@ -246,14 +246,19 @@ class ServiceCore:
         request_id = request_id or uuid.uuid4().hex
         items = prediction_items(scored, self.spec)
         for label, n in Counter(scored.labels).items():
-            self.metrics.predictions(self.spec.label_values[int(label)], n)
+            self.metrics.predictions(self.spec.label_values[label], n)
         sink = log_sink or (self.log.append_encoded if self.log is not None else None)
         if sink is None:
             raise RuntimeError("this replica has no prediction log and the request brought no log sink")
         # Before the answer: once the line is spooled, a crash can no longer lose it.
-        sink(encode_request(request_id=request_id, model_version=scored.version, columns=self.spec.feature_names,
-                            matrix=matrix, labels=scored.labels, probabilities=scored.probabilities),
-             len(scored.labels))
+        if isinstance(matrix, np.ndarray):  # integer codes: the raw-array frame
+            line = encode_request(request_id=request_id, model_version=scored.version,
+                                  columns=self.spec.feature_names, matrix=matrix, labels=scored.labels,
+                                  probabilities=scored.probabilities)
+        else:  # strings and floats: the rows as JSON
+            line = encode_rows(prediction_rows(request_id=request_id, model_version=scored.version, records=records,
+                                               labels=scored.labels, probabilities=scored.probabilities))
+        sink(line, len(scored.labels))
         return PredictResult(request_id, scored.version, items)
 
     def close(self) -> None:

@@ -1,9 +1,11 @@
 """Seeded simulator of raw records, calibrated on the figures in the dataset spec.
 
-Each feature is drawn from its value shares given the label (features independent given
-the label, which is what the published figures pin down). Exact duplicate rows and feature
+Each categorical feature is drawn from its value shares given the label, each numeric one from
+its distribution given the label (`numeric_given_label` in the spec's calibration: lognormal,
+normal, uniform or poisson, with an optional share of exact zeros), rounded to its type and kept
+in its range; features are independent given the label, which is what the figures pin down. Exact duplicate rows and feature
 vectors with both labels are then added in the configured shares, and drift moves named
-features' value shares. It writes the demo's data and the tests' data.
+features: a categorical one's value shares, a numeric one's scale. It writes the demo's data and the tests' data.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import fsspec
 import numpy as np
 import pandas as pd
 
-from mlops_assets.core.dataset_spec import DatasetSpec
+from mlops_assets.core.dataset_spec import DatasetSpec, FeatureSpec, LabelValue, NumericCalibration, Value
 from mlops_assets.settings import join_url
 
 
@@ -39,12 +41,12 @@ class SimulationConfig:
                 raise ValueError(f"drift amount for {feature!r} must be in [0, 1], got {amount}")
 
 
-def drifted_shares(shares: Mapping[int, float], amount: float) -> dict[int, float]:
+def drifted_shares(shares: Mapping[Value, float], amount: float) -> dict[Value, float]:
     """Move `amount` of probability mass onto the rarest value, taken pro rata from the others.
 
     The rarest value is where drift shows most; amount 0 leaves the shares as they are.
     """
-    target = min(shares, key=lambda v: (shares[v], v))
+    target = min(shares, key=lambda v: (shares[v], str(v)))
     room = 1.0 - shares[target]
     moved = min(amount, room)
     out = {}
@@ -56,7 +58,10 @@ def drifted_shares(shares: Mapping[int, float], amount: float) -> dict[int, floa
     return out
 
 
-def _shares_for(spec: DatasetSpec, feature: str, label: int) -> dict[int, float]:
+NUMERIC_DRIFT_SCALE = 3.0  # a numeric feature's draws are multiplied by 1 + NUMERIC_DRIFT_SCALE * amount
+
+
+def _shares_for(spec: DatasetSpec, feature: str, label: LabelValue) -> dict[Value, float]:
     values = spec.feature(feature).values
     if spec.calibration and feature in spec.calibration.share_given_label:
         shares = spec.calibration.share_given_label[feature][label]
@@ -64,23 +69,67 @@ def _shares_for(spec: DatasetSpec, feature: str, label: int) -> dict[int, float]
     return {v: 1.0 / len(values) for v in values}
 
 
+def _numeric_draw(feature: FeatureSpec, how: NumericCalibration | None, rng: np.random.Generator, n: int,
+                  ) -> np.ndarray:
+    """n draws of a numeric feature from its calibrated distribution (uniform on its range without one)."""
+    if how is None:
+        low = feature.minimum if feature.minimum is not None else 0.0
+        high = feature.maximum if feature.maximum is not None else low + 100.0
+        values = rng.uniform(low, high, size=n)
+    else:
+        p = how.params
+        if how.distribution == "lognormal":
+            values = rng.lognormal(p.get("mean", 0.0), p.get("sigma", 1.0), size=n)
+        elif how.distribution == "normal":
+            values = rng.normal(p.get("mean", 0.0), p.get("sigma", 1.0), size=n)
+        elif how.distribution == "poisson":
+            values = rng.poisson(p.get("lam", 1.0), size=n).astype(float)
+        else:
+            values = rng.uniform(p.get("low", 0.0), p.get("high", 1.0), size=n)
+        if how.zero_share:
+            values = np.where(rng.random(n) < how.zero_share, 0.0, values)
+    return values
+
+
+def _finish_numeric(feature: FeatureSpec, values: np.ndarray) -> np.ndarray:
+    """Round to the feature's type and keep the draws inside its range."""
+    values = np.round(values) if feature.type == "int" else np.round(values, 6)
+    low = -np.inf if feature.minimum is None else feature.minimum
+    high = np.inf if feature.maximum is None else feature.maximum
+    values = np.clip(values, low, high)
+    return values.astype(np.int64) if feature.type == "int" else values
+
+
 def _draw(spec: DatasetSpec, config: SimulationConfig, rng: np.random.Generator, n: int) -> pd.DataFrame:
-    classes = sorted(spec.label_values)
+    classes = list(spec.label_values)
+    if not spec.label_is_string:
+        classes = sorted(classes, key=int)
     cal = spec.calibration
     label_p = np.array([cal.label_share.get(k, 0.0) if cal else 1.0 / len(classes) for k in classes])
-    labels = rng.choice(classes, size=n, p=label_p / label_p.sum())
+    labels = np.array(classes, dtype=object)[rng.choice(len(classes), size=n, p=label_p / label_p.sum())]
     data: dict[str, np.ndarray] = {}
     for feature in spec.features:
-        column = np.empty(n, dtype=np.int64)
+        if feature.is_numeric:
+            numeric = np.empty(n, dtype=float)
+            for label in classes:
+                mask = labels == label
+                how = cal.numeric_given_label.get(feature.name, {}).get(label) if cal else None
+                numeric[mask] = _numeric_draw(feature, how, rng, int(mask.sum()))
+            if feature.name in config.drift:
+                numeric = numeric * (1.0 + NUMERIC_DRIFT_SCALE * config.drift[feature.name])
+            data[feature.name] = _finish_numeric(feature, numeric)
+            continue
+        column = np.empty(n, dtype=object if feature.is_string else np.int64)
         for label in classes:
             shares = _shares_for(spec, feature.name, label)
             if feature.name in config.drift:
                 shares = drifted_shares(shares, config.drift[feature.name])
             mask = labels == label
             p = np.array([shares[v] for v in feature.values], dtype=float)
-            column[mask] = rng.choice(feature.values, size=int(mask.sum()), p=p / p.sum())
+            picks = rng.choice(len(feature.values), size=int(mask.sum()), p=p / p.sum())
+            column[mask] = np.array(feature.values, dtype=object if feature.is_string else np.int64)[picks]
         data[feature.name] = column
-    data[spec.label] = labels.astype(np.int64)
+    data[spec.label] = labels if spec.label_is_string else labels.astype(np.int64)
     return pd.DataFrame(data, columns=spec.columns)
 
 

@@ -165,10 +165,11 @@ def _grouped_folds(X: pd.DataFrame, y: np.ndarray, folds: int, seed: int) -> Ite
 
 def _fit(
     params: TrainingParams, X_fit: pd.DataFrame, y_fit: np.ndarray, X_val: pd.DataFrame, y_val: np.ndarray,
-    train_dir: str | Path | None,
+    train_dir: str | Path | None, cat_features: Sequence[str] = (),
 ) -> CatBoostClassifier:
     model = CatBoostClassifier(
         **params.catboost_params(),
+        **({"cat_features": list(cat_features)} if cat_features else {}),
         verbose=False,
         allow_writing_files=train_dir is not None,
         **({"train_dir": str(train_dir)} if train_dir is not None else {}),
@@ -185,6 +186,7 @@ def _fit(
 def tune(
     train: pd.DataFrame, feature_names: Sequence[str], params: TrainingParams,
     grid: Mapping[str, Sequence[Any]] | None = None, train_dir: str | Path | None = None,
+    cat_features: Sequence[str] = (),
 ) -> TuningResult:
     """Grouped, stratified K-fold CV over a small grid; best = lowest mean log loss.
 
@@ -205,7 +207,7 @@ def tune(
             # Early stopping inside each fold uses a part of that fold's training side.
             inner_fit, inner_val = grouped_stratified_split(X_fit, y_fit, params.validation_fraction, params.random_seed)
             model = _fit(trial_params, X_fit.iloc[inner_fit], y_fit[inner_fit],
-                         X_fit.iloc[inner_val], y_fit[inner_val], train_dir)
+                         X_fit.iloc[inner_val], y_fit[inner_val], train_dir, cat_features)
             proba = model.predict_proba(X.iloc[hold_idx])[:, 1]
             losses.append(log_loss(y[hold_idx], proba, labels=[0, 1]))
             aucs.append(roc_auc_score(y[hold_idx], proba) if len(set(y[hold_idx])) == 2 else math.nan)
@@ -217,23 +219,28 @@ def tune(
 
 def train_model(
     train: pd.DataFrame, feature_names: Sequence[str], params: TrainingParams | None = None,
-    train_dir: str | Path | None = None,
+    train_dir: str | Path | None = None, cat_features: Sequence[str] = (),
 ) -> TrainingResult:
     """Fit CatBoost on the train split: early stopping on a grouped, stratified, seeded part of it.
 
-    `train` holds the feature columns and `target` (1 = positive class). `train_dir` is where
-    CatBoost may write its logs; None writes nothing.
+    `train` holds the feature columns and `target` (1 = positive class). `cat_features` are
+    declared to CatBoost as categorical (the spec's `catboost_cat_features`: string and open
+    categories; CatBoost encodes them itself, no one-hot here). `train_dir` is where CatBoost
+    may write its logs; None writes nothing.
     """
+    unknown = [name for name in cat_features if name not in feature_names]
+    if unknown:
+        raise ValueError(f"cat_features {unknown} are not among the feature columns")
     params = params or TrainingParams()
     X, y = features_and_target(train, feature_names)
     if len(set(y.tolist())) < 2:
         raise ValueError("the training data holds only one class")
     tuning = None
     if params.tune:
-        tuning = tune(train, feature_names, params, train_dir=train_dir)
+        tuning = tune(train, feature_names, params, train_dir=train_dir, cat_features=cat_features)
         params = replace(params, **tuning.best)
     fit_idx, val_idx = grouped_stratified_split(X, y, params.validation_fraction, params.random_seed)
-    model = _fit(params, X.iloc[fit_idx], y[fit_idx], X.iloc[val_idx], y[val_idx], train_dir)
+    model = _fit(params, X.iloc[fit_idx], y[fit_idx], X.iloc[val_idx], y[val_idx], train_dir, cat_features)
     evals = model.get_evals_result()
     curves = {
         ("validation" if part.startswith("validation") else part): {m: [float(v) for v in vals] for m, vals in metrics.items()}
@@ -257,5 +264,5 @@ def train_model(
 
 def predict_positive(model: CatBoostClassifier, X: pd.DataFrame) -> np.ndarray:
     """Probability of the positive class (column 1: the model is fit on 0/1 targets)."""
-    return model.predict_proba(X)[:, 1]
         calibrator=fit_calibrator(model.predict_proba(X.iloc[val_idx])[:, 1], y[val_idx]),
+    return model.predict_proba(X)[:, 1]

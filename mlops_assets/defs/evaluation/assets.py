@@ -114,7 +114,8 @@ def model_evaluation(
     with tempfile.TemporaryDirectory(prefix="evaluation-") as tmp:
         result = ev.evaluate(candidate, X_test, y_test, tmp, threshold=threshold,
                              champion=champion.model if champion else None,
-                             slice_top_k=config.slice_top_k, class_names=class_names)
+                             slice_top_k=config.slice_top_k, class_names=class_names,
+                             numeric_features=spec.numeric_features)
         plots_md = {f"plot_{name}": dg.MetadataValue.md(_png_md(path, name)) for name, path in result.plots.items()}
         for path in result.plots.values():
             client.log_artifact(run_id, str(path), PLOTS_DIR)

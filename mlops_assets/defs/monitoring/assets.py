@@ -509,7 +509,7 @@ def _drift_of_hour(
     ref_blob, ref_where = reference
     served = window["versions"]  # version -> {"rows", "url"}: the window's rows, per answering version
     current = drift.merge_profiles(blobs.values())
-    features = drift.drift_scores(ref_blob, current, spec.feature_names, thresholds=thresholds)
+    features = drift.feature_drift(ref_blob, current, spec, thresholds=thresholds)
     outputs = drift.prediction_drift(ref_blob, current, probability_column=mon.PROBABILITY,
                                      label_column=mon.PREDICTED_LABEL, thresholds=thresholds)
     feature_summary = drift.drift_summary(features)
@@ -709,7 +709,7 @@ def _performance_of_hour(
     )
 
 
-def estimate_window(rows: pd.DataFrame, positive_class: int, calibrator: est.Calibrator) -> dict[str, float]:
+def estimate_window(rows: pd.DataFrame, positive_class: int | str, calibrator: est.Calibrator) -> dict[str, float]:
     """The label-free estimate of one version's rows of a window (their logged scores and labels)."""
     if rows.empty or mon.PROBABILITY not in rows:
         return est.estimate_performance([], [], calibrator)

@@ -211,7 +211,7 @@ def _scores(scorer: Scorer) -> Callable[[pd.DataFrame], tuple[Sequence[int], Seq
 def _watch_observation(
     log: pd.DataFrame, live: str, deployed_at: pd.Timestamp,
     counters: Mapping[str, mon.ServingCounters] | None, baseline: Mapping[str, mon.ServingCounters] | None, *,
-    feature_names: Sequence[str], positive_class: int,
+    feature_names: Sequence[str], positive_class: int | str,
     score_old: Callable[[pd.DataFrame], tuple[Sequence[int], Sequence[float]]] | None,
     max_rows: int = c.WATCH_MAX_COMPARED_ROWS, answered: int | None = None,
 ) -> tuple[mon.WatchObservation, dict[str, Any]]:
@@ -408,7 +408,7 @@ def post_deploy_watch(
 _CALIBRATORS: OrderedDict[tuple[str, str], tuple[Any, dict[str, float]]] = OrderedDict()
 
 
-def _estimated_accuracy_signal(mlflow: MlflowResource, version: str, rows: pd.DataFrame, positive_class: int,
+def _estimated_accuracy_signal(mlflow: MlflowResource, version: str, rows: pd.DataFrame, positive_class: int | str,
                                min_rows: int) -> dict[str, Any]:
     """The new version's estimated accuracy on its rows since the deploy against its hold-out accuracy;
     `reason` is set when it fell more than WATCH_MAX_ESTIMATED_ACCURACY_DROP (with `min_rows` behind it)."""

@@ -109,7 +109,8 @@ def trained_model(
     with mlflow.start_run(run_name=f"trained_model-{context.run_id[:8]}", tags=tags) as run:
         run_id, experiment_id = run.info.run_id, run.info.experiment_id
         with tempfile.TemporaryDirectory(prefix="catboost-") as train_dir:
-            result = tr.train_model(train, spec.feature_names, params, train_dir=train_dir)
+            result = tr.train_model(train, spec.feature_names, params, train_dir=train_dir,
+                                    cat_features=spec.catboost_cat_features)
         client.log_batch(run_id, params=[_param(k, v) for k, v in result.params.as_dict().items()])
         tracking.log_curves(client, run_id, result.curves)
         tracking.log_metrics(client, run_id, {
