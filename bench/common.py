@@ -239,6 +239,19 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def code_version(repo: Path | None = None, paths: Sequence[str] = ("mlops_assets", "bench", "deploy")) -> str:
+    """The checkout's commit, with "+dirty" when the files under `paths` differ from it."""
+    where = str(repo or Path(__file__).resolve().parents[1])
+    try:
+        sha = subprocess.run(["git", "-C", where, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no", "--", *paths],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}{'+dirty' if dirty else ''}" if sha else "unknown"
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

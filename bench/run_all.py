@@ -5,7 +5,8 @@ and results-<stamp>.json). `--quick` shortens every load and repeat (about 5 min
 about 13 on 2 cores). Every load is bounded in requests and time, servers listen on 127.0.0.1
 on free ports, and everything started is stopped.
 
-Run: `python -m bench.run_all [--quick] [--only serving,monitoring,pipeline] [--levers]`.
+Run: `python -m bench.run_all [--quick] [--only serving,monitoring,pipeline] [--no-levers] [--results]`;
+`--results` also writes bench/results/serving.json and regenerates bench/RESULTS.md (`python -m bench.report`).
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short loads and single repeats (about 5 minutes)")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
-    parser.add_argument("--levers", action="store_true", help="also probe the serving levers (adds minutes)")
-    parser.add_argument("--targets", default=",".join(serving.ALL_TARGETS), help="serving targets")
+    parser.add_argument("--no-levers", dest="levers", action="store_false",
+                        help="serving: only the shipped default and its peers (saves minutes)")
+    parser.add_argument("--results", action="store_true",
+                        help="also write bench/results/serving.json and regenerate bench/RESULTS.md")
     parser.add_argument("--out", default="data/bench", help="folder for the report and the JSON")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -61,14 +64,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="mlops-bench-"))
     try:
         if "serving" in parts:
-            out = serving.run([t.strip() for t in args.targets.split(",") if t.strip()], args.quick, args.levers,
-                              work / "serving")
+            out = serving.run(args.quick, work / "serving", levers=args.levers)
             results["serving"] = out
             sections.append(serving.report(out))
             print(sections[-1], flush=True)
         if "monitoring" in parts:
             served = results.get("serving", {})
-            rate = best_records_per_s(served, "ray-haproxy") or best_records_per_s(served, "ray")
+            rate = best_records_per_s(served, serving.SHIPPED)
             (work / "monitoring").mkdir()
             out = monitoring.run(args.quick, None, work / "monitoring", rate)
             results["monitoring"] = out
@@ -94,6 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out_dir / f"report-{stamp}.md").write_text(report)
     (out_dir / f"results-{stamp}.json").write_text(json.dumps(results, indent=1, default=str))
     print(f"written: {out_dir / f'report-{stamp}.md'} and results-{stamp}.json")
+    if args.results and "serving" in results:
+        from bench import report as results_report
+
+        target = results_report.RESULTS / "serving.json"
+        target.write_text(json.dumps(results["serving"], indent=1, default=str))
+        results_report.main([])
     return 0
 
 

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from bench import common, monitoring, pipeline, run_all, serving
+from bench import common, monitoring, pipeline, report, run_all, serving
 
 
 def test_percentile_and_table_formatting() -> None:
@@ -25,28 +25,56 @@ def test_percentile_and_table_formatting() -> None:
     assert common.format_table([]) == "(no rows)"
 
 
-def _results() -> list[common.LoadResult]:
-    out = []
-    for target, rps in (("ray-haproxy", 600.0), ("mlflow", 100.0), ("fastapi", 800.0), ("in-process", 5000.0)):
-        for n in serving.RECORDS:
-            for conc in serving.CONCURRENCY:
-                r = common.LoadResult(target, n, conc, latencies=[0.002, 0.003, 0.004], seconds=3 / rps)
-                r.statuses[200] = 3
-                out.append(r)
-    return out
+def _rows() -> list[dict]:
+    rates = {serving.SHIPPED: 600.0, "mlflow": 100.0, "fastapi": 700.0, "ours: no prediction log": 610.0}
+    runs = {}
+    for target, rps in rates.items():
+        for n, conc in serving.CELLS:
+            r = common.LoadResult(target, n, conc, latencies=[0.002, 0.003, 0.004], seconds=3 / rps)
+            r.statuses[200] = 3
+            runs[(target, n, conc)] = [r, r]
+    return serving.summarize(runs)
 
 
-def test_serving_comparison_and_goals_tables() -> None:
-    results = _results()
-    rows = serving.comparison_rows(results)
-    assert len(rows) == len(results)
-    ours = next(r for r in rows if r["target"] == "ray-haproxy")
-    assert ours["x mlflow"] == pytest.approx(6.0) and ours["x fastapi"] == pytest.approx(0.75)
-    goals = serving.goals(results)
-    assert {g["goal >=5x"] for g in goals} == {"met"} and {g["goal >=0.7x"] for g in goals} == {"met"}
-    out = {"table": rows, "goals": goals, "levers": [], "failures": {"mlflow": "did not start"}}
-    report = serving.report(out)
-    assert "## Serving goals" in report and "did not start" in report
+def test_serving_table_goals_and_report() -> None:
+    rows = _rows()
+    table = serving.table(rows)
+    ours = next(r for r in table if r["target"] == serving.SHIPPED and r["conc"] == 8)
+    assert ours["x mlflow"] == pytest.approx(6.0) and ours["x fastapi"] == pytest.approx(600 / 700)
+    goals = {g["goal"]: g for g in serving.goals(rows)}
+    assert goals["1 record(s), c=8: x mlflow (equal workers)"]["met"]
+    assert goals["1 record, c=8: x the bare FastAPI app (equal work)"]["met"]  # 0.857 >= 0.8
+    assert not next(g for k, g in goals.items() if k.startswith("1 record, c=1: p50"))["met"]  # equal p50s
+    log_cost = [g for k, g in goals.items() if k.startswith("prediction log's cost")]
+    assert log_cost and all(g["met"] for g in log_cost)  # 600 vs 610: 1.6%
+    assert "6.0x mlflow" in serving.summary_text(rows)
+
+
+def test_results_md_renders_every_results_file(tmp_path) -> None:
+    rows = _rows()
+    serving_json = {"title": "Serving", "command": "python -m bench.serving", "code_version": "abc123",
+                    "machine": {"cpus": 2, "loadavg": "1.0 1.0 1.0"}, "budget": {"rounds": 2}, "workers": 2,
+                    "results": rows, "table": serving.table(rows), "goals": serving.goals(rows),
+                    "parsing_us": [{"records": 1, "step": "orjson.loads", "us": 1.5}], "summary": "fast"}
+    (tmp_path / "serving.json").write_text(json.dumps(serving_json))
+    (tmp_path / "training_path.json").write_text(json.dumps(
+        {"title": "Training path", "command": "python -m bench.pipeline", "code_version": "def456",
+         "summary": "3.2x direct", "table": [{"how": "direct", "wall s": 4.8}], "nested": {"ratio": 1.02}}))
+    (tmp_path / "broken.json").write_text("{not json")
+    text = report.render(tmp_path)
+    assert text.index("## Serving") < text.index("## Training path")  # serving first, the rest by name
+    assert "`python -m bench.serving`" in text and "abc123" in text and " ours |" in text and "MISSED" in text
+    assert "def456" in text and "3.2x direct" in text and " direct |" in text and "nested.ratio: 1.02" in text
+    assert "broken.json" in text and "unreadable" in text
+    out = tmp_path / "RESULTS.md"
+    assert report.main(["--results", str(tmp_path), "--out", str(out)]) == 0
+    assert report.main(["--results", str(tmp_path), "--out", str(out), "--check"]) == 0
+    out.write_text("edited by hand")
+    assert report.main(["--results", str(tmp_path), "--out", str(out), "--check"]) == 1
+
+
+def test_the_committed_results_md_is_generated_from_the_committed_json() -> None:
+    assert report.main(["--check"]) == 0, "bench/RESULTS.md differs from python -m bench.report's output"
 
 
 def test_reports_of_monitoring_and_pipeline_format() -> None:
@@ -64,7 +92,9 @@ def test_options_parse() -> None:
     with pytest.raises(SystemExit) as info:
         run_all.main(["--only", "nothing"])
     assert info.value.code == 2
-    assert run_all.best_records_per_s({"results": [{"target": "ray", "records": 100, "rps": 5.0}]}, "ray") == 500.0
+    assert run_all.best_records_per_s({"results": [{"target": "ours", "records": 100, "rps": 5.0}]}, "ours") == 500.0
+    with pytest.raises(SystemExit):
+        serving.main(["--unknown-option"])
 
 
 class _Echo(BaseHTTPRequestHandler):

@@ -20,9 +20,11 @@ import json
 import logging
 import os
 import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -41,6 +43,7 @@ from mlops_assets.serving.config import (
 )
 from mlops_assets.serving.ingress import (
     ATTEMPTS_HEADER,
+    JSON_HEADERS,
     ForwardedRequest,
     ForwardedResponse,
     call_asgi,
@@ -55,6 +58,8 @@ from mlops_assets.serving.service import NO_MODEL_CONFIGURED, ServiceCore, score
 from mlops_assets.settings import Settings, load_settings
 
 logger = logging.getLogger(__name__)
+
+_INTERNAL_ERROR = b'{"error":"internal error; the server log has the details"}'
 
 INGRESS_DEPLOYMENT_NAME = "PredictionIngress"
 KNOWN_ROUTES = {"/predict", "/healthz", "/model"}
@@ -165,13 +170,13 @@ api.add_middleware(RequestMetricsMiddleware)
 @api.post("/predict", summary="Score 1..max_records records", openapi_extra={
     "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
 })
-async def predict(request: Request) -> JSONResponse:
+async def predict(request: Request) -> Response:
     core = _require_core()
     # Behind the ingress, the request id and the log sink come with the request (`call_asgi`).
     result = await core.predict(request.headers, request.stream(),
                                 request_id=getattr(request.state, "request_id", None),
                                 log_sink=getattr(request.state, "log_sink", None))
-    return JSONResponse(result.body())
+    return Response(orjson.dumps(result.body()), media_type="application/json")
 
 
 @api.get("/healthz", summary="200 when a model is loaded, else 503")
@@ -185,6 +190,32 @@ async def healthz() -> JSONResponse:
 @api.get("/model", summary="The served version: training run, feature version, trained at, features")
 async def model() -> JSONResponse:
     return JSONResponse(_require_core().model_info())
+
+
+async def predict_direct(core: ServiceCore, request: ForwardedRequest,
+                         sink: Callable[[bytes, int], None]) -> ForwardedResponse:
+    """`POST /predict` without the ASGI app: what the route and the error handlers answer, counted alike."""
+    start = time.perf_counter()
+    headers: dict[str, str] = {}
+    for key, value in request.headers:
+        headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield request.body
+
+    status = 500
+    try:
+        result = await core.predict(headers, chunks(), request_id=request.request_id, log_sink=sink)
+        status, body, extra = 200, orjson.dumps(result.body()), []
+    except RequestError as exc:
+        status, body = exc.status_code, orjson.dumps(exc.body())
+        extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
+    except Exception:
+        logger.exception("unhandled error in the prediction service")
+        body, extra = _INTERNAL_ERROR, []
+    finally:
+        core.metrics.request("/predict", status, time.perf_counter() - start)
+    return ForwardedResponse(status, [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *extra], body)
 
 
 # --- the Ray Serve deployments -------------------------------------------------------------
@@ -250,10 +281,20 @@ class PredictionService:
         set_core(core)
 
     async def handle(self, request: ForwardedRequest) -> ForwardedResponse:
-        """One HTTP request from the ingress, through the FastAPI app; the log line goes back with it."""
+        """One HTTP request from the ingress, through the FastAPI app; the log line goes back with it.
+
+        `POST /predict` takes the direct path (`predict_direct`): the same ServiceCore call, answers,
+        errors and metrics as the app's route without Starlette's per-request routing and objects.
+        """
         lines: list[tuple[bytes, int]] = []
-        state = {"request_id": request.request_id, "log_sink": lambda line, rows: lines.append((line, rows))}
-        response = await call_asgi(api, request, state)
+
+        def sink(line: bytes, rows: int) -> None:
+            lines.append((line, rows))
+
+        if request.method == "POST" and request.path == "/predict":
+            response = await predict_direct(self._core, request, sink)
+        else:
+            response = await call_asgi(api, request, {"request_id": request.request_id, "log_sink": sink})
         response.log_lines = lines
         return response
 
@@ -270,9 +311,8 @@ class PredictionService:
         return await score_off_loop_if_large(scorer, matrices)
 
 
-_INTERNAL_ERROR = b'{"error":"internal error; the server log has the details"}'
 _NO_REPLICA = b'{"error":"no replica could answer (they were restarting); retry"}'
-_JSON = [(b"content-type", b"application/json")]
+_JSON = JSON_HEADERS
 
 
 @serve.deployment(
@@ -290,7 +330,7 @@ class PredictionIngress:
         opts = ServiceOptions.from_args(options)
         self._scorer = scorer
         self._body_cap = opts.max_body_bytes + 1  # one byte over the limit is enough for the scorer's 413
-        self._log = _prediction_log(opts, load_settings(), RayServeMetrics())
+        self._log = _prediction_log(opts, load_settings(), RayServeMetrics()) if opts.prediction_log else None
 
     async def __call__(self, request: Request) -> Response:
         import uuid
@@ -316,7 +356,8 @@ class PredictionIngress:
             logger.exception("the scoring deployment failed on %s %s", request.method, forwarded.path)
             return _raw_response(500, _JSON, _INTERNAL_ERROR)
         for line, rows in answer.log_lines:
-            self._log.append_encoded(line, rows)  # before the answer leaves: a crash keeps the row
+            if self._log is not None:
+                self._log.append_encoded(line, rows)  # before the answer leaves: a crash keeps the row
         headers = answer.headers if tries == 1 else [*answer.headers, (ATTEMPTS_HEADER, str(tries).encode())]
         return _raw_response(answer.status, headers, answer.body)
 

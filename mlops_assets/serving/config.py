@@ -64,6 +64,9 @@ class ServiceOptions:
     dataset_spec_path: str | None = None  # None: env MLOPS_DATASET_SPEC, else the packaged spec
     batch_max_size: int = DEFAULT_BATCH_MAX_SIZE  # requests per model call; 1 turns batching off
     batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S  # how long a batch waits to fill up
+    # False: no prediction log at all (what bench/serving.py measures the log's cost against; monitoring
+    # then has nothing to read, so no shipped config turns it off)
+    prediction_log: bool = True
 
     def __post_init__(self) -> None:
         if float(self.batch_wait_timeout_s) < 0:

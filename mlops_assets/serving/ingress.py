@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+JSON_HEADERS = [(b"content-type", b"application/json")]
 ATTEMPTS_HEADER = b"x-mlops-attempts"  # on answers that took more than one try: visible to operators and tests
 # Tries per request when replicas die: the first, then two more on other replicas.
 DEFAULT_ATTEMPTS = 3

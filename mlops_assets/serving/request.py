@@ -18,6 +18,7 @@ from operator import itemgetter
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 import pandas as pd
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, create_model
 from pydantic_core import PydanticCustomError
@@ -253,8 +254,8 @@ def parse_predict_matrix(raw: bytes, request_model: RequestModel,
     the pydantic model sees only bodies that path does not accept.
     """
     try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        payload = orjson.loads(raw)  # 5-10x the stdlib's speed on 100-record bodies; stricter (no NaN)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:  # orjson's error is a json.JSONDecodeError
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise RequestError(400, f"request body is not valid JSON{where}") from None
     if not isinstance(payload, dict):

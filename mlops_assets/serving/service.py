@@ -247,6 +247,8 @@ class ServiceCore:
         items = prediction_items(scored, self.spec)
         for label, n in Counter(scored.labels).items():
             self.metrics.predictions(self.spec.label_values[label], n)
+        if not self.options.prediction_log:
+            return PredictResult(request_id, scored.version, items)
         sink = log_sink or (self.log.append_encoded if self.log is not None else None)
         if sink is None:
             raise RuntimeError("this replica has no prediction log and the request brought no log sink")

@@ -92,6 +92,16 @@ class ClusterConfig:
     temp_dir: str | None = None
     state_dir: str = "data/ray"  # pid file, head log and the auth token
     token_file: str | None = None  # default: <state_dir>/auth_token
+    # Serve's HTTP ingress (tools/serve_ingress.py): "haproxy" or "proxy" (Ray's Python proxy); None:
+    # HAProxy on a single loopback node, the proxy for a head that other nodes join (their replicas
+    # bind the serve config's loopback host, which the head's HAProxy could not reach).
+    serve_ingress: str | None = None
+
+    @property
+    def effective_serve_ingress(self) -> str:
+        from mlops_assets.tools.serve_ingress import DEFAULT_INGRESS
+
+        return self.serve_ingress or (DEFAULT_INGRESS if self.host == HOST else "proxy")
 
     @property
     def address(self) -> str:
@@ -126,7 +136,7 @@ class ClusterConfig:
 def config_from_env(env: Mapping[str, str] | None = None) -> ClusterConfig:
     """MLOPS_RAY_HOST, MLOPS_RAY_PORT, MLOPS_RAY_DASHBOARD_PORT, MLOPS_RAY_METRICS_PORT, MLOPS_SERVE_PORT, MLOPS_RAY_NUM_CPUS,
     MLOPS_RAY_CLIENT_PORT, MLOPS_RAY_AGENT_PORT, MLOPS_RAY_AGENT_GRPC_PORT, MLOPS_RAY_RUNTIME_ENV_AGENT_PORT,
-    MLOPS_RAY_DASHBOARD_METRICS_PORT, MLOPS_RAY_AUTOSCALER_METRICS_PORT, MLOPS_RAY_TOKEN_FILE."""
+    MLOPS_RAY_DASHBOARD_METRICS_PORT, MLOPS_RAY_AUTOSCALER_METRICS_PORT, MLOPS_RAY_TOKEN_FILE, MLOPS_SERVE_INGRESS."""
     env = os.environ if env is None else env
     settings = load_settings(env)  # the ports the platform shares with this head: one reading of them
     data_url = settings.data_url
@@ -150,6 +160,7 @@ def config_from_env(env: Mapping[str, str] | None = None) -> ClusterConfig:
         num_cpus=int(env.get("MLOPS_RAY_NUM_CPUS") or 2),
         state_dir=state,
         token_file=env.get("MLOPS_RAY_TOKEN_FILE") or None,
+        serve_ingress=env.get("MLOPS_SERVE_INGRESS") or None,
     )
 
 
@@ -252,6 +263,12 @@ def _ray_bin() -> str:
     return str(local) if local.exists() else (shutil.which("ray") or "ray")
 
 
+def _ingress_env(cfg: ClusterConfig) -> dict[str, str]:
+    from mlops_assets.tools.serve_ingress import head_env as serve_ingress_env
+
+    return serve_ingress_env(cfg.effective_serve_ingress, state_dir=Path(cfg.state_dir).absolute())
+
+
 def start_head(cfg: ClusterConfig, env: Mapping[str, str] | None = None, wait_s: float = 90.0) -> int | None:
     """Start the head unless a dashboard already answers there; return the new pid or None."""
     ensure_token(cfg)
@@ -263,7 +280,8 @@ def start_head(cfg: ClusterConfig, env: Mapping[str, str] | None = None, wait_s:
     Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
     with open(cfg.log_file, "ab") as log:
         proc = subprocess.Popen(
-            head_command(cfg, _ray_bin()), env=head_env(cfg, env), stdout=log, stderr=subprocess.STDOUT,
+            head_command(cfg, _ray_bin()), env=head_env(cfg, {**_ingress_env(cfg), **(env or {})}),
+            stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )
     cfg.pid_file.write_text(str(proc.pid))
