@@ -765,6 +765,12 @@ def test_every_shipped_instance_validates_and_enables_freshness(path: Path, monk
     result = process_config(Shape(dagster_instance_config_schema()), config)
     assert result.success, result.errors
     assert config["freshness"] == {"enabled": True}
+    coordinator = config.get("run_coordinator") or {}
+    if coordinator.get("class") == "QueuedRunCoordinator":  # its own config is checked only when it starts
+        from dagster._core.run_coordinator import QueuedRunCoordinator
+
+        queued = process_config(QueuedRunCoordinator.config_type(), coordinator.get("config") or {})
+        assert queued.success, queued.errors
     for value in (config.get("run_launcher") or {}).get("config", {}).get("env_vars", []):
         key = value.split("=", 1)[0]  # a run's secrets: mounted files only
         assert not SECRETISH.search(key) or key.endswith("_FILE"), f"{path.name}: {value}"
