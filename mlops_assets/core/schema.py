@@ -144,6 +144,7 @@ def check_contract(frame: pd.DataFrame, spec: DatasetSpec) -> list[ContractViola
     # Types first, with an example; pandera's coercion error does not always carry one.
     raw = frame[[col for col in present if col in expected]].reset_index(drop=True)
     typed = pd.DataFrame(index=raw.index)
+    wrong: dict[str, set[int]] = {}  # rows already reported as wrong_type, per column
     for col in raw.columns:
         feature = spec.feature(col) if col != spec.label else None
         whole = (feature.type == "int") if feature is not None else not spec.label_is_string
@@ -159,23 +160,29 @@ def check_contract(frame: pd.DataFrame, spec: DatasetSpec) -> list[ContractViola
                     column=col, example=example, row=row, count=count,
                 ))
                 series = series.where(~bad, None)
+                wrong[col] = set(bad.to_numpy().nonzero()[0].tolist())
         typed[col] = type_column(series, feature) if feature is not None else type_label(series, spec)
 
     schema = build_schema(spec)
     try:
         schema.validate(typed.reindex(columns=[c for c in spec.columns if c in typed.columns]), lazy=True)
     except pa.errors.SchemaErrors as exc:
-        violations.extend(_from_failure_cases(exc.failure_cases, spec))
+        violations.extend(_from_failure_cases(exc.failure_cases, spec, wrong))
     return violations
 
 
-def _from_failure_cases(cases: pd.DataFrame, spec: DatasetSpec) -> list[ContractViolation]:
+def _from_failure_cases(cases: pd.DataFrame, spec: DatasetSpec, wrong: dict[str, set[int]],
+                        ) -> list[ContractViolation]:
     out: list[ContractViolation] = []
     check = cases["check"].astype(str)
     for (col, kind_check), group in cases.assign(_check=check).groupby(["column", "_check"], sort=False):
         col = str(col)
         if col not in spec.columns:
             continue  # a table-level check (a missing column): reported above by name
+        if kind_check == "not_nullable" and col in wrong:
+            group = group[~group["index"].isin(wrong[col])]  # the wrong-typed values, reported above
+            if group.empty:
+                continue
         first = group.iloc[0]
         data_row = None if pd.isna(first["index"]) else int(first["index"]) + 1
         example = repr(_plain(first["failure_case"]))

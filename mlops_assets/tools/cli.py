@@ -1,4 +1,4 @@
-"""`mlops-assets`: the commands Dagster does not cover (simulate, ingest, status, rollback, trace).
+"""`mlops-assets`: the commands Dagster does not cover (spec infer, simulate, ingest, status, rollback, trace).
 
 Bad arguments exit with status 2 and a message that names the argument; nothing is written.
 """
@@ -35,6 +35,36 @@ def _share(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a share in [0, 1), got {value}")
     return value
+
+
+def _cmd_spec_infer(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from mlops_assets.core.spec_infer import infer_spec, read_table_file
+
+    frame = read_table_file(args.file)
+    name = args.name or Path(args.file).stem
+    inferred = infer_spec(frame, args.label, args.positive, name=name, max_int_categories=args.max_int_categories,
+                          max_string_categories=args.max_string_categories, observed_ranges=args.observed_ranges)
+    text = json.dumps(inferred.as_dict(), indent=1) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    report = sys.stderr if not args.out else sys.stdout
+    spec = inferred.spec
+    print(f"inferred {len(spec.features)} features of {Path(args.file).name} ({len(frame)} rows): "
+          f"{len(spec.categorical_features)} categorical, {len(spec.numeric_features)} numeric; label "
+          f"{spec.label!r} in {list(spec.label_values)}, positive {spec.positive_class!r}", file=report)
+    for column, why in inferred.notes.items():
+        print(f"  {column}: {why}", file=report)
+    for column, why in inferred.untyped.items():
+        print(f"  NOT TYPED {column}: {why}", file=report)
+    if args.out:
+        print(f"wrote {args.out}: review it, then export MLOPS_DATASET_SPEC={args.out}", file=report)
+    # Columns left out: the spec is written, but the file itself would not pass its contract.
+    return 3 if inferred.untyped else 0
 
 
 def _cmd_simulate_data(args: argparse.Namespace) -> int:
@@ -222,6 +252,43 @@ def _cmd_serve_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_release(args: argparse.Namespace) -> int:
+    """Promote or end the live shadow/canary release by hand (what the release sensor's runs do), or show it."""
+    import json
+
+    from mlops_assets.deployment import rollout as dep
+    from mlops_assets.monitoring.alerts import send_alert
+    from mlops_assets.settings import load_settings
+
+    settings = load_settings()
+    target = dep.target_from_settings(settings, dashboard_url=args.dashboard_url, serve_url=args.endpoint)
+    if args.action == "status":
+        live = dep.current_release(target)
+        state = dep.release_state(target) or {}
+        print(json.dumps({**live.to_user_config(), "ingress": state}, indent=2, default=str) if args.json else (
+            f"release {live.release_id}: {live.strategy} of version {live.candidate_version} beside champion "
+            f"{live.champion_version}" if live.active else "no release in progress"))
+        return 0
+    promote = args.action == "promote"
+    reason = f"by hand ({args.reason})" if args.reason else "by hand"
+    try:
+        result = dep.finish_release(target=target, tracking_uri=args.tracking_uri or settings.mlflow_tracking_uri,
+                                    model_name=args.model_name or settings.model_name, promote=promote,
+                                    actor=settings.actor, reasons=[reason])
+    except (dep.DeploymentError, LookupError) as exc:
+        print(redact_text(f"mlops-assets release {args.action}: failed: {exc}"), file=sys.stderr)
+        return 1
+    release = result.release
+    done = "promoted" if promote else "aborted"
+    send_alert(f"release_{done}", f"release {release.release_id} {done} {reason}; version {result.champion_version} "
+               f"answers every request", {"release_id": release.release_id, "candidate": release.candidate_version,
+                                          "champion": result.champion_version},
+               webhook_url=settings.alert_webhook_url)
+    print(f"release {release.release_id} {done}: version {result.champion_version} is champion and answers every "
+          f"request at {target.endpoint}")
+    return 0
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -267,6 +334,24 @@ def _cmd_simulate_traffic(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlops-assets", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    spec_cmd = sub.add_parser("spec", help="dataset specifications")
+    spec_sub = spec_cmd.add_subparsers(dest="what", required=True)
+    infer = spec_sub.add_parser("infer", help="suggest a dataset spec (kinds, value sets, ranges, label values) "
+                                              "from a CSV or Parquet file, for review; exit 3 if a column "
+                                              "could not be typed")
+    infer.add_argument("file", help="a CSV or Parquet file of the data")
+    infer.add_argument("--label", required=True, help="the label column")
+    infer.add_argument("--positive", required=True, help="the label value that is the positive class")
+    infer.add_argument("--out", default=None, help="write the spec here (default: print it)")
+    infer.add_argument("--name", default=None, help="data set name (default: the file's name)")
+    infer.add_argument("--max-int-categories", type=_positive_int, default=10,
+                       help="whole-number columns with at most this many values are categorical codes (default 10)")
+    infer.add_argument("--max-string-categories", type=_positive_int, default=50,
+                       help="text columns with more values are open categories (default 50)")
+    infer.add_argument("--observed-ranges", action="store_true",
+                       help="write each numeric column's observed min and max (default: only min 0 / max 1 bounds)")
+    infer.set_defaults(func=_cmd_spec_infer)
 
     simulate = sub.add_parser("simulate", help="simulate raw data, or traffic and its delayed labels")
     sim_sub = simulate.add_subparsers(dest="what", required=True)
@@ -337,6 +422,18 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--endpoint", default=None,
                           help="serving URL (default: MLOPS_SERVE_URL, else the local Serve port)")
     rollback.set_defaults(func=_cmd_rollback)
+
+    release = sub.add_parser("release", help="the live shadow or canary release: promote it, abort it, or show it")
+    release.add_argument("action", choices=["promote", "abort", "status"])
+    release.add_argument("--reason", default=None, help="why, for the registry history and the alert")
+    release.add_argument("--json", action="store_true", help="status as JSON")
+    release.add_argument("--model-name", default=None, help="registered model (default: MLOPS_MODEL_NAME)")
+    release.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI)")
+    release.add_argument("--dashboard-url", default=None,
+                         help="Ray dashboard (default: MLOPS_RAY_DASHBOARD_URL, else the local head)")
+    release.add_argument("--endpoint", default=None,
+                         help="serving URL (default: MLOPS_SERVE_URL, else the local Serve port)")
+    release.set_defaults(func=_cmd_release)
 
     serve = sub.add_parser("serve", help="the Ray Serve application")
     serve_sub = serve.add_subparsers(dest="what", required=True)

@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 
+from mlops_assets.core import storage
 from mlops_assets.core.dataset_spec import DatasetSpec, FeatureSpec, LabelValue, NumericCalibration, Value
 from mlops_assets.settings import join_url
 
@@ -181,25 +182,28 @@ def simulate_records(spec: DatasetSpec, config: SimulationConfig) -> pd.DataFram
     return out.head(config.n_rows)
 
 
+def json_records(frame: pd.DataFrame, spec: DatasetSpec) -> list[dict[str, Any]]:
+    """Feature rows as JSON-ready dicts for `/predict`: each value as its kind's Python type."""
+    casts: dict[str, Any] = {f.name: (str if f.is_string else int if f.type == "int" else float) for f in spec.features}
+    return [{k: casts[k](v) for k, v in row.items()} for row in frame[spec.feature_names].to_dict("records")]
+
+
 def write_batch(frame: pd.DataFrame, landing_url: str, fmt: str = "csv", name: str | None = None) -> str:
     """Write one batch file into the landing folder (any fsspec URL); return its URL.
 
-    The file is written under a temporary name first, so a watching sensor never sees half a file.
+    The file appears whole (a hidden temporary name and a rename, or one object-store put), so a
+    watching sensor never sees half a file.
     """
     if fmt not in ("csv", "parquet"):
         raise ValueError(f"format must be 'csv' or 'parquet', got {fmt!r}")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     name = name or f"batch-{stamp}.{fmt}"
     target = join_url(landing_url, name)
-    tmp = join_url(landing_url, f".{name}.tmp")
-    fs, _ = fsspec.core.url_to_fs(landing_url)
-    fs.makedirs(fs._strip_protocol(landing_url), exist_ok=True)
-    with fsspec.open(tmp, "wb") as handle:
+    with storage.atomic_writer(target) as handle:
         if fmt == "csv":
             handle.write(frame.to_csv(index=False).encode())
         else:
             frame.to_parquet(handle, index=False)
-    fs.mv(fs._strip_protocol(tmp), fs._strip_protocol(target))
     return target
 
 

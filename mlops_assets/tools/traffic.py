@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from mlops_assets.core.dataset_spec import DatasetSpec
-from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
+from mlops_assets.tools.simulator import SimulationConfig, json_records, simulate_records, write_batch
 
 MAX_RATE = 1000.0  # requests per second: a safety cap, this is a demo tool not a load tester
 MAX_CONCURRENCY = 32
@@ -104,8 +104,8 @@ def traffic_records(spec: DatasetSpec, config: TrafficConfig) -> pd.DataFrame:
 def send_traffic(spec: DatasetSpec, config: TrafficConfig, frame: pd.DataFrame | None = None) -> TrafficResult:
     """Send the records in requests of `batch_size`, paced at `rate`, on `concurrency` threads."""
     frame = traffic_records(spec, config) if frame is None else frame
-    features = frame[spec.feature_names].astype("int64")
-    truth = frame[spec.label].astype(int).tolist() if spec.label in frame else [None] * len(frame)
+    features = frame[spec.feature_names]
+    truth = [spec.label_code(v) for v in frame[spec.label]] if spec.label in frame else [None] * len(frame)
     batches = [(start, min(start + config.batch_size, len(frame))) for start in range(0, len(frame), config.batch_size)]
     result = TrafficResult()
     lock = threading.Lock()
@@ -127,7 +127,7 @@ def send_traffic(spec: DatasetSpec, config: TrafficConfig, frame: pd.DataFrame |
                         result.stopped_by_duration_cap = True
                     return
                 lo, hi = batch
-                records = [{k: int(v) for k, v in row.items()} for row in features.iloc[lo:hi].to_dict("records")]
+                records = json_records(features.iloc[lo:hi], spec)
                 sent_at = time.monotonic()
                 try:
                     response = client.post(config.endpoint, json={"records": records}, headers=headers)

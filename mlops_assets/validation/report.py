@@ -38,12 +38,14 @@ def build_report(frame: pd.DataFrame, spec: DatasetSpec, thresholds: ValidationT
     feature_nulls = frame[spec.feature_names].isna() if rows else pd.DataFrame()
     label_counts = frame[spec.label].value_counts(dropna=True)
     labelled = int(label_counts.sum())
-    label_share = {str(int(k)): round(float(v) / labelled, 4) for k, v in label_counts.items()} if labelled else {}
+    label_share = {_key(k): round(float(v) / labelled, 4) for k, v in label_counts.items()} if labelled else {}
     minority = min((label_share.get(str(k), 0.0) for k in spec.label_values), default=0.0)
+    # Categorical features: value counts; numeric ones: summary statistics.
     summary = {
-        col: {str(int(k)): int(v) for k, v in frame[col].value_counts(dropna=True).sort_index().items()}
-        for col in spec.feature_names
+        col: {_key(k): int(v) for k, v in frame[col].value_counts(dropna=True).sort_index().items()}
+        for col in spec.categorical_features
     } if rows else {}
+    numeric_summary = {col: _numeric_summary(frame[col]) for col in spec.numeric_features} if rows else {}
     return {
         "dataset": spec.name,
         "data_version": data_version,
@@ -62,7 +64,26 @@ def build_report(frame: pd.DataFrame, spec: DatasetSpec, thresholds: ValidationT
         "label_share": label_share,
         "minority_class_share": round(float(minority), 6),
         "value_counts": summary,
+        "numeric_summary": numeric_summary,
     }
+
+
+def _key(value: Any) -> str:
+    """A value as a report key: integer codes without a decimal point, strings as they are."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return str(int(number)) if number.is_integer() else str(value)
+
+
+def _numeric_summary(column: pd.Series) -> dict[str, float]:
+    values = pd.to_numeric(column, errors="coerce").dropna().astype("float64")
+    if values.empty:
+        return {}
+    q = values.quantile([0.05, 0.5, 0.95])
+    return {"min": float(values.min()), "q05": float(q.iloc[0]), "median": float(q.iloc[1]),
+            "q95": float(q.iloc[2]), "max": float(values.max()), "mean": float(values.mean())}
 
 
 def render_markdown(report: dict[str, Any]) -> str:

@@ -6,7 +6,6 @@ Drift and live performance are always judged for the version that is serving: th
 endpoint's `/model` names, else the registry's champion.
 """
 
-import json
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -15,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import fsspec
 import pandas as pd
 
 from mlops_assets import constants as c
+from mlops_assets.core import storage
 from mlops_assets.core.dataset_spec import DatasetSpec
-from mlops_assets.defs.metadata import path_value, redact_text
+from mlops_assets.core.schema import typed_frame
+from mlops_assets.defs.metadata import drift_table, path_value, redact_text
 from mlops_assets.defs.resources import MlflowResource, MonitoringResource, PlatformResource, RayServeResource
 from mlops_assets.deployment import rollout as dep
 from mlops_assets.ingestion import batches as ingestion
@@ -59,18 +59,11 @@ def _path_key(start: pd.Timestamp) -> str:
 
 
 def _write_json(url: str, body: Any) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "w") as handle:
-        json.dump(body, handle, indent=1, default=str)
+    storage.write_json(url, body)
 
 
 def _read_json(url: str) -> Any | None:
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as handle:
-        return json.load(handle)
+    return storage.read_json(url) if storage.exists(url) else None
 
 
 def _finite(value: float | None) -> float | None:
@@ -107,10 +100,8 @@ def write_prometheus_textfile(settings: Settings, name: str, series: list[tuple[
     an older hour leaves them alone.
     """
     url = join_url(settings.data_url, METRICS_SUBDIR, f"{name}.prom")
-    fs, path = fsspec.core.url_to_fs(url)
-    if window is not None and fs.exists(path):
-        with fs.open(path, "r") as handle:
-            first = handle.readline()
+    if window is not None and storage.exists(url):
+        first = storage.read_text(url).partition("\n")[0]
         if first.startswith(WINDOW_COMMENT) and first.removeprefix(WINDOW_COMMENT).strip() > window:
             return url
     lines = [f"{WINDOW_COMMENT}{window}"] if window is not None else []
@@ -119,10 +110,7 @@ def write_prometheus_textfile(settings: Settings, name: str, series: list[tuple[
             continue
         tags = ",".join(f'{k}="{str(v).replace(chr(34), "")}"' for k, v in sorted(labels.items()))
         lines.append(f"{metric}{{{tags}}} {float(value)}")
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(f"{path}.tmp", "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    fs.mv(f"{path}.tmp", path)
+    storage.write_text(url, "\n".join(lines) + "\n")
     return url
 
 
@@ -297,11 +285,7 @@ def production_folder(settings: Settings, start: pd.Timestamp) -> str:
 
 def window_profiles(folder: str) -> dict[str, str]:
     """model version -> profile URL of one window's folder."""
-    fs, path = fsspec.core.url_to_fs(folder)
-    try:
-        names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-    except FileNotFoundError:
-        return {}
+    names = [p.rsplit("/", 1)[-1] for p in storage.list_files(folder, (drift.PROFILE_SUFFIX,))]
     return {n.removesuffix(drift.PROFILE_SUFFIX): join_url(folder, n) for n in names if n.endswith(drift.PROFILE_SUFFIX)}
 
 
@@ -397,8 +381,7 @@ def _profile_hour(context: dg.AssetExecutionContext, settings: Settings, log_url
         versions[str(version)] = len(part)
     for version, url in stale.items():
         if version not in versions:
-            fs, path = fsspec.core.url_to_fs(url)
-            fs.rm(path)
+            storage.remove(url)
     key = start.strftime("%Y-%m-%dT%H:%M:%SZ")
     context.log.info(f"window {key}: {len(read.frame)} rows from {len(read.files)} parts, versions {versions or 'none'}")
     return {
@@ -752,9 +735,12 @@ def labelled_production_batch(
     staging = join_url(settings.data_url, c.PRODUCTION_BATCH_STAGING_SUBDIR)
     keys_url = join_url(staging, EXPORTED_KEYS_FILE)
     key = [mon.REQUEST_ID, mon.RECORD_INDEX]
-    fs, keys_path = fsspec.core.url_to_fs(keys_url)
-    exported = pd.read_csv(keys_url, dtype={mon.REQUEST_ID: str}) if fs.exists(keys_path) else pd.DataFrame(
-        {mon.REQUEST_ID: pd.Series([], dtype=str), mon.RECORD_INDEX: pd.Series([], dtype="int64")})
+    if storage.exists(keys_url):
+        with storage.open_url(keys_url, "rb") as handle:
+            exported = pd.read_csv(handle, dtype={mon.REQUEST_ID: str})
+    else:
+        exported = pd.DataFrame(
+            {mon.REQUEST_ID: pd.Series([], dtype=str), mon.RECORD_INDEX: pd.Series([], dtype="int64")})
     joined = join.joined if join is not None else pd.DataFrame(columns=[*key, mon.TRUE_LABEL, *spec.feature_names])
     fresh = joined.merge(exported[key].assign(_seen=True), on=key, how="left")
     fresh = fresh[fresh["_seen"].isna()].drop(columns="_seen")
@@ -764,20 +750,18 @@ def labelled_production_batch(
         context.log.info(why)
         return dg.MaterializeResult(value={"rows": 0, "batch_id": None, "reason": why},
                                     metadata={"rows": 0, "reason": why, "already_exported": len(exported)})
-    records = fresh[spec.feature_names].astype("int64").assign(**{spec.label: fresh[mon.TRUE_LABEL].astype("int64")})
+    records = typed_frame(fresh[spec.feature_names].assign(**{spec.label: fresh[mon.TRUE_LABEL]}), spec)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     landing = join_url(staging, "landing")
     write_batch(records[spec.columns], landing, fmt="csv", name=f"production-labelled-{stamp}.csv")
     # The same path as any landed file: contract check, quarantine, content-addressed batch.
     result = ingestion.ingest_landed_files(landing, settings.batches_url, settings.quarantine_url, spec)
     for landed in ingestion.list_landed_files(landing):
-        fs.rm(fsspec.core.url_to_fs(landed.url)[1])  # accepted (copied) or already known: done here
+        storage.remove(landed.url)  # accepted (copied) or already known: done here
     if result.quarantined:
         raise dg.Failure(f"labelled production batch broke the data contract: {result.quarantined[0].reason}")
     updated = pd.concat([exported[key], fresh[key]], ignore_index=True)
-    fs.makedirs(keys_path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(keys_path, "w") as handle:
-        updated.to_csv(handle, index=False)
+    storage.write_text(keys_url, updated.to_csv(index=False))
     batch = result.accepted[0].batch_id if result.accepted else None
     return dg.MaterializeResult(
         value={"rows": len(records), "batch_id": batch},
