@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-import fsspec
 import pandas as pd
+
+from mlops_assets.core import storage
 
 R = TypeVar("R", bound="Record")
 SPLIT_COLUMN = "split"  # the split file's one column, row-aligned with the feature file
@@ -199,18 +199,9 @@ RECORD_TYPES: dict[str, type[Record]] = {
 
 
 def write_atomic(url: str, data: bytes) -> bool:
-    """Write `data` to `url` through a temporary name and a rename; False if it already exists
-    (addresses are versions, so an existing file holds the same bytes)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.exists(path):
-        return False
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
-    with fs.open(tmp, "wb") as handle:
-        handle.write(data)
-    fs.mv(tmp, path)
-    return True
+    """Write `data` to `url` whole (a temporary name and a rename, or one object-store put); False if
+    it already exists (addresses are versions, so an existing file holds the same bytes)."""
+    return storage.write_once(url, data)
 
 
 def parquet_bytes(frame: pd.DataFrame) -> bytes:
@@ -226,5 +217,5 @@ def write_frame(url: str, frame: pd.DataFrame) -> bool:
 
 
 def read_frame(url: str) -> pd.DataFrame:
-    with fsspec.open(url, "rb") as handle:
+    with storage.open_url(url, "rb") as handle:
         return pd.read_parquet(handle)

@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import fsspec
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from mlops_assets import constants as c
-from mlops_assets.core import records
+from mlops_assets.core import records, storage
 from mlops_assets.core.dataset_spec import DatasetSpec, load_spec
 from mlops_assets.core.redaction import redact_uri
 from mlops_assets.defs.metadata import path_value
@@ -105,10 +104,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         records.write_atomic(path, data)
         # The run's pointer: which file this run produced (run ids are unique, so no race).
         pointer = join_url(folder, RUNS_DIR, f"{context.run_id}.json")
-        fs, stripped = fsspec.core.url_to_fs(pointer)
-        if fs.exists(stripped):
-            fs.rm(stripped)
-        records.write_atomic(pointer, json.dumps({"path": path, "sha256": digest}).encode())
+        storage.write_json(pointer, {"path": path, "sha256": digest})  # a retried step replaces it whole
         context.add_output_metadata({"stored_at": path_value(path), "content_sha256": digest})
 
     def _stored_path(self, context: dg.InputContext) -> str:
@@ -120,10 +116,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             run_id = None  # the upstream is not part of this run
         if run_id:
             pointer = join_url(self._folder(upstream), RUNS_DIR, f"{run_id}.json")
-            fs, stripped = fsspec.core.url_to_fs(pointer)
-            if fs.exists(stripped):
-                with fs.open(stripped, "r") as handle:
-                    return str(json.load(handle)["path"])
+            if storage.exists(pointer):
+                return str(storage.read_json(pointer)["path"])
         if context.has_asset_key:
             event = context.instance.get_latest_materialization_event(context.asset_key)
             stored = event.asset_materialization.metadata.get("stored_at") if event and event.asset_materialization else None
@@ -137,8 +131,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         wanted = getattr(context.dagster_type, "typing_type", Any)
         if path.endswith(".parquet"):
             return records.read_frame(path)
-        with fsspec.open(path, "r") as handle:
-            payload = json.load(handle)
+        payload = storage.read_json(path)
         value = payload.get("value")
         kind = payload.get("record")
         record_type = records.RECORD_TYPES.get(kind) if kind else None
@@ -156,12 +149,6 @@ class ParquetIOManager(dg.ConfigurableIOManager):
 
 
 RUNS_DIR = "by-run"
-
-
-def _makedirs_for(path: str) -> None:
-    fs, stripped = fsspec.core.url_to_fs(path)
-    parent = stripped.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
 
 
 # --- MLflow ---

@@ -3,7 +3,8 @@
 Accepted files are copied, once, to `<batches>/<sha256>/` (the original bytes and a typed
 Parquet copy, plus `batch.json`); nothing there is ever overwritten or removed. A bad file is
 moved from the landing folder to `<quarantine>/<UTC time>-<name>` beside a `.reason.json`.
-All paths are fsspec URLs, so the same code runs on a local folder, memory:// or s3://.
+All paths are fsspec URLs, read and written through `core.storage`, so the same code runs on a
+local folder, memory:// or s3://.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import fsspec
 import pandas as pd
 
 from mlops_assets import constants as c
+from mlops_assets.core import storage
 from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.core.schema import ContractViolation, check_contract, typed_frame
 from mlops_assets.settings import join_url
@@ -76,8 +78,7 @@ class IngestResult:
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
+    return storage.filesystem(url)
 
 
 def _now() -> str:
@@ -155,35 +156,29 @@ def _store_batch(data: bytes, typed: pd.DataFrame, landed: LandedFile, sha: str,
         batch_id=sha, source=landed.url, file_name=landed.name, file_format=fmt, rows=len(typed),
         columns=list(typed.columns), accepted_at=_now(), stored_at=folder,
     )
-    fs.makedirs(_fs(folder)[1], exist_ok=True)
-    with fsspec.open(join_url(folder, f"source.{fmt}"), "wb") as handle:
-        handle.write(data)
-    with fsspec.open(join_url(folder, "data.parquet"), "wb") as handle:
+    # Each file written whole; batch.json last: a batch exists only once all its files are written.
+    storage.write_bytes(join_url(folder, f"source.{fmt}"), data)
+    with storage.atomic_writer(join_url(folder, "data.parquet")) as handle:
         typed.to_parquet(handle, index=False)
-    # batch.json last: a batch exists only once all its files are written.
-    with fsspec.open(join_url(folder, "batch.json"), "w") as handle:
-        json.dump(record.as_dict(), handle, indent=1)
+    storage.write_json(join_url(folder, "batch.json"), record.as_dict())
     return record
 
 
 def _quarantine(landed: LandedFile, sha: str, violations: list[ContractViolation], quarantine_url: str) -> QuarantineRecord:
-    fs, _ = _fs(quarantine_url)
-    fs.makedirs(_fs(quarantine_url)[1], exist_ok=True)
+    storage.makedirs(quarantine_url)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     target = join_url(quarantine_url, f"{stamp}-{landed.name}")
     record = QuarantineRecord(
         source=landed.url, file_name=landed.name, sha256=sha, moved_to=target, quarantined_at=_now(),
         violations=[v.as_dict() for v in violations],
     )
-    with fsspec.open(f"{target}.reason.json", "w") as handle:
-        json.dump({**asdict(record), "reason": record.reason}, handle, indent=1)
-    fs.mv(_fs(landed.url)[1], _fs(target)[1])
+    storage.write_json(f"{target}.reason.json", {**asdict(record), "reason": record.reason})
+    storage.move(landed.url, target)
     return record
 
 
 def _read_landed(landed: LandedFile) -> bytes:
-    with fsspec.open(landed.url, "rb") as handle:
-        return bytes(handle.read())
+    return storage.read_bytes(landed.url)
 
 
 def _accept_or_quarantine(landed: LandedFile, data: bytes, sha: str, batches_url: str, quarantine_url: str,
@@ -311,7 +306,7 @@ def load_raw_dataset(batches: list[BatchRecord], spec: DatasetSpec) -> pd.DataFr
     """The union of accepted batches, in acceptance order, with the spec's columns."""
     frames = []
     for record in batches:
-        with fsspec.open(join_url(record.stored_at, "data.parquet"), "rb") as handle:
+        with storage.open_url(join_url(record.stored_at, "data.parquet"), "rb") as handle:
             frames.append(pd.read_parquet(handle))
     if not frames:
         return typed_frame(pd.DataFrame({col: pd.Series(dtype="object") for col in spec.columns}), spec)

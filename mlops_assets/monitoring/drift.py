@@ -43,6 +43,7 @@ import pandas as pd
 from scipy import stats
 
 from mlops_assets import constants as c
+from mlops_assets.core import storage
 from mlops_assets.core.dataset_spec import DatasetSpec
 
 # whylogs POSTs a usage event to its vendor at import unless this is set (checked in 1.6.4:
@@ -146,19 +147,12 @@ def merge_profiles(blobs: Iterable[bytes]) -> bytes:
 
 
 def save_profile(blob: bytes, url: str) -> str:
-    """Write a profile to any fsspec URL (parent folders created); return the URL."""
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0]
-    if parent and parent != path:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as handle:
-        handle.write(blob)
-    return url
+    """Write a profile, whole, to any fsspec URL (parent folders created); return the URL."""
+    return storage.write_bytes(url, blob)
 
 
 def load_profile(url: str) -> bytes:
-    with fsspec.open(url, "rb") as handle:
-        data: bytes = handle.read()
+    data = storage.read_bytes(url)
     _view(data)  # fail here, naming nothing downstream, if the file is not a profile
     return data
 

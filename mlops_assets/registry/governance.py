@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from mlops_assets import constants as c
+from mlops_assets.core import storage
 from mlops_assets.core.redaction import redact_text, redact_values
 from mlops_assets.ingestion import batches as ingestion
 from mlops_assets.registry import model_store
@@ -79,11 +80,9 @@ def verify_batch(record: ingestion.BatchRecord) -> dict[str, Any]:
     source = join_url(record.stored_at, f"source.{record.file_format}")
     out: dict[str, Any] = {"batch_id": record.batch_id, "file_name": record.file_name, "rows": record.rows,
                            "accepted_at": record.accepted_at, "stored_at": record.stored_at, "source_copy": source}
-    fs, path = fsspec.core.url_to_fs(source)
-    if not fs.exists(path):
+    if not storage.exists(source):
         return {**out, "exists": False, "sha256_matches": False, "problem": f"{source} is missing"}
-    with fs.open(path, "rb") as handle:
-        actual = ingestion.sha256_bytes(handle.read())
+    actual = ingestion.sha256_bytes(storage.read_bytes(source))
     return {**out, "exists": True, "sha256": actual, "sha256_matches": actual == record.batch_id}
 
 
@@ -305,8 +304,7 @@ def _exists(url: str | None) -> bool:
     if not url or url == "unknown":
         return False
     try:
-        fs, path = fsspec.core.url_to_fs(url)
-        return bool(fs.exists(path))
+        return storage.exists(url)
     except (OSError, ValueError):
         return False
 

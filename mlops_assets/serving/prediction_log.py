@@ -3,7 +3,8 @@
 `PredictionLogWriter.append` writes one line to a local spool file (one frame, one `write` to a file opened
 with O_APPEND: the bytes are in the page cache when it returns, so they outlive a SIGKILL of the
 process; no fsync, which only matters for a crash of the machine). A background thread ships the
-spool as Parquet parts (on a timer, when enough rows wait, and on close) to any fsspec URL:
+spool as Parquet parts (on a timer, when enough rows wait, and on close) to any fsspec URL
+(through `core.storage`: a local folder or s3://):
 object stores cannot append to a file, so each spool segment becomes one immutable part under
 `date=YYYY-MM-DD/hour=HH/` of its rows' time (two parts of one name when it spans an hour), and
 is deleted once shipped; monitoring reads one hour's folder per window. A failed ship keeps the segment for the next
@@ -42,6 +43,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mlops_assets.core import storage
 from mlops_assets.settings import join_url
 
 logger = logging.getLogger(__name__)
@@ -210,22 +212,17 @@ def write_part(rows: Sequence[Mapping[str, Any]], log_url: str, part_name: str) 
     for folder in distinct:
         part = table if len(distinct) == 1 else table.filter(pa.array(folders == folder))
         target = join_url(log_url, *folder.split("/"), part_name)
-        fs, path = fsspec.core.url_to_fs(target)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = f"{path}.tmp"
-        # Write then rename, so a reader never sees half a part (rename is a copy on object stores).
-        with fs.open(tmp, "wb") as handle:
+        # Written whole (a hidden temporary name and a rename, or one object-store put), so a
+        # reader never sees half a part.
+        with storage.atomic_writer(target) as handle:
             pq.write_table(part, handle)
-        fs.mv(tmp, path)
     return target
 
 
 def read_prediction_log(log_url: str, request_id: str | None = None) -> pd.DataFrame:
     """All parts of the log (or one request's rows), oldest first; empty frame when there is none."""
-    fs, root = fsspec.core.url_to_fs(log_url)
-    if not fs.exists(root):
-        return pd.DataFrame(columns=[*META_COLUMNS, *OUTPUT_COLUMNS])
-    paths = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+    fs, _ = storage.filesystem(log_url)
+    paths = storage.list_files(log_url, (".parquet",), recursive=True)
     frames = []
     for path in paths:
         with fs.open(path, "rb") as handle:

@@ -14,11 +14,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
-import fsspec
 import httpx
 import pandas as pd
 
 from mlops_assets import constants as c
+from mlops_assets.core import storage
 from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.defs.deployment.assets import RayServeResource, replica_env, rollback_job
 from mlops_assets.defs.ingestion.assets import TRAINING_ONWARD
@@ -251,7 +251,7 @@ def watch_rows(log_url: str, deployment: str, live: str, deployed_at: pd.Timesta
     cached = _WATCH_ROWS.get(deployment)
     if cached is None:
         seen, state["answered"] = [], 0
-    fs, root = fsspec.core.url_to_fs(log_url)
+    _, root = storage.filesystem(log_url)
     until = pd.Timestamp(now or datetime.now(UTC)) + pd.Timedelta(hours=1)
     hourly, legacy = mon.list_log_parts(log_url, deployed_at, until)
     known = set(seen)

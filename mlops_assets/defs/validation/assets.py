@@ -3,10 +3,9 @@
 import json
 
 import dagster as dg
-import fsspec
 
 from mlops_assets import constants as c
-from mlops_assets.core import records
+from mlops_assets.core import records, storage
 from mlops_assets.core.records import RawDataset, content_hash
 from mlops_assets.defs.ingestion.assets import load_raw_frame
 from mlops_assets.defs.metadata import path_value
@@ -38,10 +37,8 @@ def validation_report(context: dg.AssetExecutionContext, config: ValidationConfi
     # never in place; the same data is checked against the contract once, later runs read the report.
     key = content_hash(config.model_dump(), repr(spec), VALIDATION_CODE_VERSION)[:8]
     base = join_url(settings.reports_url, f"validation-{data_version}-{key}")
-    fs, stored = fsspec.core.url_to_fs(f"{base}.json")
-    if fs.exists(stored):
-        with fs.open(stored, "r") as handle:
-            report = json.load(handle)
+    if storage.exists(f"{base}.json"):
+        report = storage.read_json(f"{base}.json")
         context.log.info(f"data version {data_version} was validated before: report {base}.json reused")
     else:
         report = build_report(load_raw_frame(raw_dataset, spec), spec, thresholds, data_version)
