@@ -149,7 +149,6 @@ def accepted_batches(batches_url: str) -> list[BatchRecord]:
 
 
 def _store_batch(data: bytes, typed: pd.DataFrame, landed: LandedFile, sha: str, batches_url: str) -> BatchRecord:
-    fs, _ = _fs(batches_url)
     folder = join_url(batches_url, sha)
     fmt = file_format(landed.name)
     record = BatchRecord(

@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
 from scipy import stats

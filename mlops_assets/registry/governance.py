@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import fsspec
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
