@@ -41,6 +41,7 @@ ARTIFACT_ROOT_ENV = "MLOPS_MLFLOW_ARTIFACT_ROOT"
 EXPERIMENT_ENV = "MLOPS_MLFLOW_EXPERIMENT"
 MODEL_NAME_ENV = "MLOPS_MODEL_NAME"
 UI_URL_ENV = "MLFLOW_UI_URL"
+DAGSTER_UI_URL_ENV = "MLOPS_DAGSTER_UI_URL"  # the Dagster UI, for links from MLflow runs back to their Dagster run
 LABELS_ENV = "MLOPS_LABELS_URL"
 METRICS_ENV = "MLOPS_METRICS_URL"
 WEBHOOK_ENV = "MLOPS_ALERT_WEBHOOK_URL"
@@ -119,6 +120,7 @@ class Settings(DataFolders):
     actor: str | None  # who acts in the registry's history; None: the OS user
     git_sha: str | None  # the code's commit when there is no .git (images); None: `git rev-parse`
     secrets_in_env: frozenset[str] = frozenset()  # which of SECRET_ENV are set as variables
+    dagster_ui_url: str | None = None  # None: MLflow runs name their Dagster run by id only
 
     def serving_token(self) -> str:
         return read_api_token(self.api_token, self.api_token_file)
@@ -179,4 +181,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         actor=get(ACTOR_ENV),
         git_sha=get(GIT_SHA_ENV),
         secrets_in_env=frozenset(name for name in SECRET_ENV if get(name)),
+        dagster_ui_url=get(DAGSTER_UI_URL_ENV),
     )

@@ -170,6 +170,7 @@ class MlflowResource(dg.ConfigurableResource):
     experiment: str = c.MLFLOW_EXPERIMENT
     model_name: str = c.REGISTERED_MODEL_NAME
     ui_url: str | None = None  # None: no MLflow UI to link to, metadata shows run ids as text
+    dagster_ui_url: str | None = None  # the Dagster UI, linked from each MLflow run; None: run ids only
     tracking_uri_file: str | None = None  # an operator's mounted file holding the URI, handed to replicas
     actor: str | None = None  # who acts in the registry's history; None: the OS user
     git_sha: str | None = None  # the code's commit; None: `git rev-parse` of the package
@@ -179,6 +180,7 @@ class MlflowResource(dg.ConfigurableResource):
         return cls(**{"tracking_uri": settings.mlflow_tracking_uri, "artifact_root": settings.mlflow_artifact_root,
                       "experiment": settings.mlflow_experiment, "model_name": settings.model_name,
                       "ui_url": settings.mlflow_ui_url, "tracking_uri_file": settings.mlflow_tracking_uri_file,
+                      "dagster_ui_url": settings.dagster_ui_url,
                       "actor": settings.actor, "git_sha": settings.git_sha, **fields})
 
     def artifact_location(self) -> str:
@@ -203,11 +205,26 @@ class MlflowResource(dg.ConfigurableResource):
 
     @contextmanager
     def start_run(self, *, run_name: str, tags: Mapping[str, str]) -> Iterator[Run]:
-        """A new MLflow run in the experiment, active for `mlflow.*` calls inside the block."""
+        """A new MLflow run in the experiment, active for `mlflow.*` calls inside the block.
+
+        A `dagster_run_id` tag also links the run back to that Dagster run (URL tag and a markdown
+        link in its description), and the run's "Created by" is the registry actor."""
         experiment_id = self.experiment_id()
+        from mlops_assets.registry.model_store import actor
+
+        tags = {tracking.USER_TAG: actor(self.actor),
+                **tracking.dagster_link_tags(self.dagster_ui_url, str(tags.get("dagster_run_id") or ""),
+                                             tags.get("dagster_asset_key")), **tags}
         with tracking.use_tracking_uri(self.tracking_uri):
             with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)) as run:
                 yield run
+
+    def end_run(self, status: str | None = None) -> None:
+        """End MLflow's active run in this process if one was left open: what dagster-mlflow's
+        `end_mlflow_on_run_finished` hook calls when a step fails or the job's last step ends."""
+        with tracking.use_tracking_uri(self.tracking_uri):
+            if mlflow.active_run() is not None:
+                mlflow.end_run(status=status or "FINISHED")
 
     def run_link(self, experiment_id: str, run_id: str) -> dg.MetadataValue:
         """A clickable link when the MLflow UI's URL is known, else the run id and store (redacted) as text."""

@@ -33,6 +33,7 @@ from mlops_assets.core.redaction import redact_text, redact_values
 from mlops_assets.ingestion import batches as ingestion
 from mlops_assets.registry import model_store
 from mlops_assets.settings import join_url
+from mlops_assets.training import tracking
 
 MODEL_CARD_DIR = "model_card"
 TAG_MODEL_CARD = "model_card"
@@ -211,7 +212,7 @@ def card_facts(
 def record_model_card(
     client: MlflowClient, model_name: str, version: str, *, trained_model: Mapping[str, Any],
     model_evaluation: Mapping[str, Any], aliases: Sequence[str], registration_dagster_run_id: str,
-    batches_url: str | None = None,
+    batches_url: str | None = None, dagster_ui_url: str | None = None,
 ) -> str:
     """Write the version's model card into its MLflow run and link it from the version; return its URI.
 
@@ -238,12 +239,27 @@ def record_model_card(
     gate_word = ("passed" if facts["gate"].get("passed") else
                  f"failed ({'; '.join(gate_failures(facts['gate']))}); {c.ALIAS_CHALLENGER} only")
     summary = (f"Gate {gate_word}. Trained {facts.get('trained_at')} on raw dataset {raw_version} "
-               f"(features {facts.get('feature_version')}), code {facts.get('git_sha')}. Model card: {uri}")
+               f"(features {facts.get('feature_version')}), code {facts.get('git_sha')}."
+               f"{_dagster_links(dagster_ui_url, facts)} Model card: {uri}")
+    training_url = tracking.dagster_run_url(dagster_ui_url, str(facts.get("dagster_run_id") or ""))
+    if training_url:
+        client.set_model_version_tag(model_name, str(version), tracking.DAGSTER_RUN_URL_TAG, redact_text(training_url))
     if len(summary) > DESCRIPTION_LIMIT:  # keep the card link at the end
         tail = f" Model card: {uri}"
         summary = summary[: DESCRIPTION_LIMIT - len(tail) - 3] + "..." + tail
     client.update_model_version(model_name, str(version), description=summary)
     return uri
+
+
+def _dagster_links(ui_url: str | None, facts: Mapping[str, Any]) -> str:
+    """Markdown links to the Dagster runs that trained and registered the version (the version's
+    description is rendered as markdown by the MLflow UI)."""
+    links = []
+    for label, key in (("training", "dagster_run_id"), ("registration", "registration_dagster_run_id")):
+        url = tracking.dagster_run_url(ui_url, str(facts.get(key) or ""))
+        if url:
+            links.append(f"[{label} run {str(facts[key])[:8]}]({redact_text(url)})")
+    return f" Dagster: {', '.join(links)}." if links else ""
 
 
 def read_model_card(client: MlflowClient, uri: str) -> str:

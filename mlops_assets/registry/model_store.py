@@ -4,8 +4,8 @@ MLflow 3 aliases (`challenger`, `champion`, `previous-champion`), never stages. 
 CatBoost's native `model.cb`; its sha256 is recorded on the registry version when it is
 registered and checked before every load, and loading goes through
 `CatBoostClassifier.load_model` so nothing on the load path unpickles.
-Promotion and rollback leave a tag per event on the versions involved (`history.<when>.<action>`),
-so the history can be listed later without a separate store. A candidate the gate rejected is
+Registration, promotion and rollback each leave an event in the history (`registry/history.py`: an
+artifact per event on the version's run; tags hold only current facts such as `last_event`). A candidate the gate rejected is
 registered too, tagged `gate_passed=false` with the reasons, and never becomes champion.
 
 Moving `champion` / `previous-champion` is a read then several writes, so it runs under a lock
@@ -20,7 +20,6 @@ from __future__ import annotations
 import fcntl
 import getpass
 import hashlib
-import json
 import os
 import tempfile
 import threading
@@ -40,12 +39,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 
 from mlops_assets import constants as c
-from mlops_assets.training.tracking import use_tracking_uri
+from mlops_assets.registry import history as registry_history
+from mlops_assets.training.tracking import set_version_creator, use_tracking_uri
 
 MODEL_ARTIFACT_FILE = "model.cb"  # the file mlflow.catboost writes inside the logged model dir
 TAG_SHA256 = "model_sha256"
 TAG_DECISION_THRESHOLD = "decision_threshold"
-HISTORY_TAG_PREFIX = "history."
+HISTORY_TAG_PREFIX = registry_history.LEGACY_TAG_PREFIX  # read for versions recorded before the artifacts
 # The gate's verdict on a version, searchable: search_model_versions("tags.gate_passed = 'false'").
 TAG_GATE_PASSED = "gate_passed"
 TAG_GATE_VERDICT = "gate_verdict"  # "promote" or "reject"
@@ -208,6 +208,7 @@ def register_version(
         version = client.create_model_version(
             model_name, source=model_uri, run_id=run_id, tags=all_tags, model_id=_model_id(model_uri)
         )
+    set_version_creator(client.tracking_uri, model_name, str(version.version), actor(by))  # "Created by"
     client.set_registered_model_alias(model_name, c.ALIAS_CHALLENGER, version.version)
     _record_event(client, model_name, version.version, "register", by=by, run_id=run_id)
     return client.get_model_version(model_name, version.version)
@@ -225,8 +226,7 @@ def _record_event(client: MlflowClient, model_name: str, version: str, action: s
                   **details: Any) -> None:
     now = datetime.now(UTC)
     body = {"action": action, "at": now.isoformat(), "by": actor(by), **{k: v for k, v in details.items() if v is not None}}
-    key = f"{HISTORY_TAG_PREFIX}{now.strftime('%Y%m%dT%H%M%S%fZ')}.{action}"
-    client.set_model_version_tag(model_name, version, key, json.dumps(body, sort_keys=True))
+    registry_history.record_event(client, model_name, str(version), body, now)  # an artifact, not a tag per event
 
 
 # --- the promotion lock --------------------------------------------------------------------
@@ -451,13 +451,7 @@ def history(client: MlflowClient, model_name: str) -> list[HistoryEvent]:
     """Registration, promotion and rollback events of every version, oldest first."""
     events: list[HistoryEvent] = []
     for mv in client.search_model_versions(f"name = '{model_name}'"):
-        for key, value in (mv.tags or {}).items():
-            if not key.startswith(HISTORY_TAG_PREFIX):
-                continue
-            try:
-                body = json.loads(value)
-            except json.JSONDecodeError:
-                continue
+        for body in registry_history.version_events(client, model_name, mv):
             details = {k: v for k, v in body.items() if k not in ("action", "at", "by")}
             events.append(HistoryEvent(str(mv.version), body.get("action", ""), body.get("at", ""),
                                        body.get("by", ""), details))

@@ -22,6 +22,13 @@ from mlflow.entities import DatasetInput, InputTag, Metric
 from mlops_assets.core.redaction import redact_uri, redact_values
 
 METADATA_FILE = "metadata.json"
+# MLflow 3's UI opens an experiment by its kind: without this tag it guesses, and may open the
+# GenAI (traces) view; this platform trains models.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # the run's description, rendered as markdown by the MLflow UI
+USER_TAG = "mlflow.user"  # the run's "Created by"
+DAGSTER_RUN_URL_TAG = "dagster_run_url"
 MAX_DIGEST_CHARS = 36  # MLflow's dataset digest column width
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 _TRACKING_ENV = "MLFLOW_TRACKING_URI"
@@ -60,9 +67,12 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
     if found is not None:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
+        if (found.tags or {}).get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made before the tag existed
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return str(found.experiment_id)
     try:
-        return str(client.create_experiment(name, artifact_location=artifact_location or None))
+        return str(client.create_experiment(name, artifact_location=artifact_location or None,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))
     except Exception:
         found = client.get_experiment_by_name(name)  # created concurrently by another run
         if found is None:
@@ -226,3 +236,43 @@ def run_url(ui_url: str | None, experiment_id: str, run_id: str) -> str | None:
 
 def model_version_url(ui_url: str | None, model_name: str, version: str) -> str | None:
     return f"{ui_url.rstrip('/')}/#/models/{model_name}/versions/{version}" if ui_url else None
+
+
+def dagster_run_url(ui_url: str | None, run_id: str) -> str | None:
+    """The Dagster UI's page of one run, when the UI's URL is known."""
+    return f"{ui_url.rstrip('/')}/runs/{run_id}" if ui_url and run_id else None
+
+
+def dagster_link_tags(ui_url: str | None, run_id: str, asset_key: str | None = None) -> dict[str, str]:
+    """Tags that link an MLflow run back to the Dagster run that made it: the URL as a tag, and as a
+    markdown link in the run's description (the MLflow UI shows tag values as plain text)."""
+    url = dagster_run_url(ui_url, run_id)
+    if url is None:
+        return {}
+    what = f" (asset `{asset_key}`)" if asset_key else ""
+    return {DAGSTER_RUN_URL_TAG: redact_uri(url),
+            NOTE_TAG: f"Made by Dagster run [{run_id[:8]}]({redact_uri(url)}){what}."}
+
+
+SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def set_version_creator(tracking_uri: str, model_name: str, version: str, user: str) -> bool:
+    """Fill a model version's "Created by" (its `user_id`), which MLflow's client cannot set: with a
+    SQL registry, written into the registry's own row (only when still empty); with a tracking
+    server, its authentication fills it, or nothing can. True when written."""
+    scheme = tracking_uri.split(":", 1)[0].split("+", 1)[0]
+    if scheme not in SQL_SCHEMES or not user:
+        return False
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(tracking_uri, poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(text("UPDATE model_versions SET user_id = :user WHERE name = :name AND "
+                                       "version = :version AND (user_id IS NULL OR user_id = '')"),
+                                  {"user": user[:256], "name": model_name, "version": int(version)})
+        return bool(result.rowcount)
+    finally:
+        engine.dispose()

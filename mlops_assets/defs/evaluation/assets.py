@@ -13,6 +13,7 @@ import pandas as pd
 
 from mlops_assets import constants as c
 from mlops_assets.core.records import Evaluation, Split, TrainedModel, content_hash
+from mlops_assets.defs.metadata import confusion_table, frame_table, gate_table
 from mlops_assets.defs.resources import MlflowResource, PlatformResource
 from mlops_assets.evaluation import gate
 from mlops_assets.evaluation import metrics as ev
@@ -99,6 +100,7 @@ def model_evaluation(
             evaluation = replace(Evaluation.from_dict(stored), reused=True)
             context.log.info(f"skipped evaluation: run {run_id} was evaluated when it was trained")
             return dg.Output(evaluation, data_version=dg.DataVersion(trained_model.fingerprint), metadata={
+                "gate_decision": gate_table(evaluation.gate),
                 "skipped": True, "skip_reason": f"model of run {run_id} reused, evaluated before",
                 **{k: dg.MetadataValue.float(v) for k, v in evaluation.metrics.items() if v is not None},
                 "gate_passed": bool(evaluation.gate.get("passed")), "champion": evaluation.champion_note,
@@ -153,6 +155,10 @@ def model_evaluation(
         evaluation,
         data_version=dg.DataVersion(content_hash(trained_model.fingerprint, evaluation.gate)),
         metadata={
+            # First what a reader asks first: the decision and why, then the 2x2, then the numbers.
+            "gate_decision": gate_table(decision.as_dict()),
+            "confusion": confusion_table(result.confusion, negative=str(class_names[0]), positive=str(class_names[1])),
+            "metrics": frame_table(compare.reset_index(names="metric")),
             **{k: dg.MetadataValue.float(v) for k, v in result.metrics.items() if not math.isnan(v)},
             "skipped": False,
             "n_test": result.n_test,
@@ -161,6 +167,7 @@ def model_evaluation(
             "metrics_vs_champion": dg.MetadataValue.md(_md_table(compare.reset_index(names="metric"))),
             "confusion_matrix": dg.MetadataValue.json(result.confusion),
             "slices": dg.MetadataValue.md(_md_table(result.slices)),
+            "slices_table": frame_table(result.slices),
             "feature_importance": dg.MetadataValue.md(
                 _md_table(pd.DataFrame(result.importance[:10], columns=["feature", "importance"]), 2)),
             "mlflow_run": mlflow.run_link(trained_model.experiment_id, run_id),
@@ -180,6 +187,7 @@ def promotion_gate(model_evaluation: Evaluation) -> dg.AssetCheckResult:
         severity=dg.AssetCheckSeverity.ERROR,
         description="passed" if decision.passed else "; ".join(decision.failures),
         metadata={
+            "gate_decision": gate_table(model_evaluation.gate),
             "decision": "promote" if decision.passed else "reject",
             "reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in decision.reasons)),
             "failures": len(decision.failures),

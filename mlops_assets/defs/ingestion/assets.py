@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import dagster as dg
 import pandas as pd
+from dagster_mlflow import end_mlflow_on_run_finished
 
 from mlops_assets import constants as c
 from mlops_assets.core.dataset_spec import DatasetSpec
@@ -168,6 +169,7 @@ ingest_raw_batch_job = dg.define_asset_job(
 ingestion_onward_job = dg.define_asset_job(
     "ingestion_onward", selection=TRAINING_ONWARD,
     description="Rebuild everything downstream of the accepted raw batches.",
+    hooks={end_mlflow_on_run_finished},  # dagster-mlflow: no MLflow run left open by a failed step
 )
 
 

@@ -565,6 +565,8 @@ def _drift_of_hour(
             **_floats(numbers),
             **_floats(per_feature),
             "scores": dg.MetadataValue.md(_md_table(_scores_table({**features, **outputs}))),
+            "drift_scores": drift_table([*features.values(), *outputs.values()], ks_statistic=config.ks_statistic,
+                                        hellinger=config.hellinger, p_value=config.p_value),
             "reference": ref_where,
             "report": path_value(report_url),
         },

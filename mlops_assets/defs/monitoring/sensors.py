@@ -16,6 +16,7 @@ from typing import Any
 import dagster as dg
 import httpx
 import pandas as pd
+from dagster_mlflow import end_mlflow_on_run_finished
 
 from mlops_assets import constants as c
 from mlops_assets.core import storage
@@ -52,6 +53,9 @@ retraining_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("labelled_production_batch") | TRAINING_ONWARD,
     description="Retrain on the accepted raw data plus labelled production data; gate, register, deploy.",
     tags={"mlops_assets/purpose": "retraining"},
+    # dagster-mlflow's hook: a failed step ends an MLflow run it left open as FAILED, and the job's
+    # last step ends any still open, so no run of the retraining job stays RUNNING in MLflow.
+    hooks={end_mlflow_on_run_finished},
 )
 
 

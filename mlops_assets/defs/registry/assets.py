@@ -112,7 +112,7 @@ def registered_model(
     tracking.write_metadata_json(client, run_id, meta)
     card_uri = governance.record_model_card(
         client, name, version, trained_model=trained_model.as_dict(), model_evaluation=model_evaluation.as_dict(),
-        aliases=aliases, registration_dagster_run_id=context.run_id)
+        aliases=aliases, registration_dagster_run_id=context.run_id, dagster_ui_url=mlflow.dagster_ui_url)
     if not decision.passed:
         context.log.warning(f"gate failed: version {version} stays {c.ALIAS_CHALLENGER}; champion is "
                             f"{champion or 'none'}: {'; '.join(decision.failures)}")
