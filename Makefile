@@ -24,6 +24,15 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/data/mlflow/mlflow.db
 export PATH := $(BIN):$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
+# The UIs `make up` serves (scripts/platform.sh): the runs of demo and pipeline already link to them
+# (Dagster metadata -> MLflow run, MLflow run -> Dagster run), so the links work once they are up.
+DAGSTER_PORT ?= 3000
+MLFLOW_PORT ?= 5000
+demo pipeline up: export DAGSTER_PORT := $(DAGSTER_PORT)
+demo pipeline up: export MLFLOW_PORT := $(MLFLOW_PORT)
+demo pipeline up: export MLFLOW_UI_URL ?= http://127.0.0.1:$(MLFLOW_PORT)
+demo pipeline up: export MLOPS_DAGSTER_UI_URL ?= http://127.0.0.1:$(DAGSTER_PORT)
+
 DEMO_ROWS ?= 6000
 DEMO_SEED ?= 42
 # The training path: accepted raw batches to a registered (and, when the gate passes, champion)
@@ -66,8 +75,9 @@ demo: install .env $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/mlops-assets status
 	$(BIN)/python -m mlops_assets.tools.sample_request
 	@echo ""
-	@echo "Serving stays up: http://127.0.0.1:8000/predict (token: MLOPS_API_TOKEN in .env; source it with: set -a; . ./.env; set +a)"
-	@echo "Ray dashboard: http://127.0.0.1:8265   Dagster and MLflow UIs: make up   Stop everything: make down"
+	@$(BIN)/python -c 'from mlops_assets.settings import load_settings; s = load_settings(); \
+	  print(f"Serving stays up: {s.serve_url}/predict (token: MLOPS_API_TOKEN in .env; source it with: set -a; . ./.env; set +a)"); \
+	  print(f"Ray dashboard: {s.ray_dashboard_url}   Dagster UI: $(MLOPS_DAGSTER_UI_URL) and MLflow UI: $(MLFLOW_UI_URL) after make up   Stop everything: make down")'
 
 pipeline: install .env $(DAGSTER_HOME)/dagster.yaml
 	mkdir -p data/mlflow

@@ -170,3 +170,28 @@ def test_the_registry_history_grows_as_artifacts_and_tags_keep_only_the_current_
 
 
 # --- the file sensor after `make demo` -------------------------------------------------------------
+
+
+def test_make_up_after_make_demo_ingests_and_trains_nothing_again(tmp_path: Path) -> None:
+    """`make demo` ingests from the command line; the file sensor that `make up` starts then ticks with
+    an empty cursor: the landed files are already partitions, so it requests no run and remembers them."""
+    from mlops_assets.core.dataset_spec import default_spec
+    from mlops_assets.defs.ingestion import assets as ingestion
+    from mlops_assets.defs.resources import PlatformResource
+    from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
+
+    root = tmp_path / "data"
+    platform = PlatformResource(data_url=str(root), landing_url=str(root / "raw"))
+    write_batch(simulate_records(default_spec(), SimulationConfig(n_rows=150, seed=3)), str(root / "raw"),
+                name="demo-seed42.csv")
+    job = dg.Definitions(assets=[ingestion.raw_batches], jobs=[ingestion.ingest_raw_batch_job],
+                         resources={"platform": platform}).resolve_job_def(ingestion.INGEST_JOB)
+    with dg.instance_for_test() as instance:
+        [done] = ingestion.ingest_landed_on_instance(instance, job, platform.landing_url)  # make demo
+        assert done.status == "accepted"
+        result = ingestion.raw_files_sensor(dg.build_sensor_context(instance=instance, cursor=None,
+                                                                    resources={"platform": platform}))
+        assert isinstance(result, dg.SensorResult) and not result.run_requests
+        assert not result.dynamic_partitions_requests
+        cursor = json.loads(result.cursor or "{}")
+        assert list(cursor["seen"]) == ["demo-seed42.csv"] and cursor["pending"] == []

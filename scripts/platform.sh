@@ -10,6 +10,9 @@ RUN_DIR=data/run
 LOG_DIR=data/logs
 DAGSTER_PORT="${DAGSTER_PORT:-3000}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+# Links between the UIs: Dagster metadata -> MLflow runs and versions, MLflow runs -> Dagster runs.
+export MLFLOW_UI_URL="${MLFLOW_UI_URL:-http://127.0.0.1:$MLFLOW_PORT}"
+export MLOPS_DAGSTER_UI_URL="${MLOPS_DAGSTER_UI_URL:-http://127.0.0.1:$DAGSTER_PORT}"
 mkdir -p "$RUN_DIR" "$LOG_DIR" "${DAGSTER_HOME:?DAGSTER_HOME must be set (the Makefile sets it)}"
 [ -s "$DAGSTER_HOME/dagster.yaml" ] || cp deploy/local/dagster.yaml "$DAGSTER_HOME/dagster.yaml"  # freshness on
 
@@ -63,7 +66,7 @@ case "${1:-}" in
     start mlflow "$BIN/mlflow" server --backend-store-uri "$tracking" --default-artifact-root "$artifacts" \
       --host 127.0.0.1 --port "$MLFLOW_PORT"
     start dagster "$BIN/dagster" dev -w workspace.yaml --host 127.0.0.1 --port "$DAGSTER_PORT"
-    echo "Dagster UI: http://127.0.0.1:$DAGSTER_PORT   MLflow UI: http://127.0.0.1:$MLFLOW_PORT"
+    echo "Dagster UI: $MLOPS_DAGSTER_UI_URL   MLflow UI: $MLFLOW_UI_URL"
     ;;
   down)
     stop dagster
