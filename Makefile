@@ -17,10 +17,21 @@ export
 	@echo "MLOPS_API_TOKEN=$$($(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(24))')" >> $@
 	@echo "made .env with a new MLOPS_API_TOKEN"
 
+# DATASET picks the data set: a packaged one (phishing_websites, network_flows) or a spec file;
+# it becomes MLOPS_DATASET_SPEC, and its data (landing folder, Dagster home, MLflow store) lives in
+# data/<name>/ so data sets do not mix. Unset: MLOPS_DATASET_SPEC from .env, else phishing in data/.
+DATASET ?=
+ifneq ($(DATASET),)
+export MLOPS_DATASET_SPEC := $(DATASET)
+DATA_DIR := $(CURDIR)/data/$(basename $(notdir $(DATASET)))
+else
+DATA_DIR := $(CURDIR)/data
+endif
+
 # Absolute paths: the Ray head hands its environment to replicas, which run in other folders.
-export DAGSTER_HOME ?= $(CURDIR)/data/dagster_home
-export MLOPS_DATA_URL ?= $(CURDIR)/data
-export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/data/mlflow/mlflow.db
+export DAGSTER_HOME ?= $(DATA_DIR)/dagster_home
+export MLOPS_DATA_URL ?= $(DATA_DIR)
+export MLFLOW_TRACKING_URI ?= sqlite:///$(DATA_DIR)/mlflow/mlflow.db
 export PATH := $(BIN):$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 
@@ -67,7 +78,7 @@ $(DAGSTER_HOME)/dagster.yaml: deploy/local/dagster.yaml
 	@touch $@
 
 demo: install .env $(DAGSTER_HOME)/dagster.yaml
-	mkdir -p data/mlflow
+	mkdir -p $(DATA_DIR)/mlflow
 	$(BIN)/mlops-assets simulate data --rows $(DEMO_ROWS) --seed $(DEMO_SEED) --name demo-seed$(DEMO_SEED).csv
 	$(BIN)/python -m mlops_assets.tools.ray_cluster up
 	$(BIN)/mlops-assets ingest
@@ -80,7 +91,7 @@ demo: install .env $(DAGSTER_HOME)/dagster.yaml
 	  print(f"Ray dashboard: {s.ray_dashboard_url}   Dagster UI: $(MLOPS_DAGSTER_UI_URL) and MLflow UI: $(MLFLOW_UI_URL) after make up   Stop everything: make down")'
 
 pipeline: install .env $(DAGSTER_HOME)/dagster.yaml
-	mkdir -p data/mlflow
+	mkdir -p $(DATA_DIR)/mlflow
 	$(BIN)/mlops-assets ingest
 	$(BIN)/dagster asset materialize -m mlops_assets.definitions -c deploy/run_config/in_process.yaml --select '$(TRAINING_PATH)'
 	$(BIN)/mlops-assets status

@@ -12,6 +12,7 @@ the share and the cleaning policy handles them); the label may be missing (clean
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -106,6 +107,13 @@ def typed_frame(frame: pd.DataFrame, spec: DatasetSpec) -> pd.DataFrame:
     out = pd.DataFrame({f.name: type_column(frame[f.name], f) for f in spec.features}, index=frame.index)
     out[spec.label] = type_label(frame[spec.label], spec)
     return out[spec.columns]
+
+
+def json_records(frame: pd.DataFrame, spec: DatasetSpec) -> list[dict[str, Any]]:
+    """Feature rows as JSON-ready dicts (a `/predict` body's records): each value as its kind's
+    Python type (int, float or str), in the spec's column order."""
+    casts: dict[str, Any] = {f.name: (str if f.is_string else int if f.type == "int" else float) for f in spec.features}
+    return [{k: casts[k](v) for k, v in row.items()} for row in frame[spec.feature_names].to_dict("records")]
 
 
 def type_label(series: pd.Series, spec: DatasetSpec) -> pd.Series:

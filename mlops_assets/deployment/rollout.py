@@ -176,10 +176,11 @@ def mismatches(expected: Sequence[float], got: Sequence[float], tol: float = PRO
     return [i for i, (a, b) in enumerate(zip(expected, got, strict=True)) if not math.isclose(a, b, abs_tol=tol)]
 
 
-def sample_records(frame: pd.DataFrame, spec: DatasetSpec, n: int = 64) -> list[dict[str, int]]:
-    """Up to `n` feature records (plain ints, spec order) from a test set or simulated frame."""
-    part = frame[spec.feature_names].head(n).astype("int64")
-    return [{k: int(v) for k, v in row.items()} for row in part.to_dict(orient="records")]
+def sample_records(frame: pd.DataFrame, spec: DatasetSpec, n: int = 64) -> list[dict[str, Any]]:
+    """Up to `n` feature records (each value its kind's plain type, spec order) from a test set or simulated frame."""
+    from mlops_assets.core.schema import json_records
+
+    return json_records(frame.head(n), spec)
 
 
 def simulated_sample(spec: DatasetSpec, n: int = 64, seed: int = 20240611) -> list[dict[str, int]]:

@@ -13,13 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from mlops_assets.core import storage
 from mlops_assets.core.dataset_spec import DatasetSpec, FeatureSpec, LabelValue, NumericCalibration, Value
+from mlops_assets.core.schema import json_records  # noqa: F401  (request builders import it from here)
 from mlops_assets.settings import join_url
 
 
@@ -180,12 +180,6 @@ def simulate_records(spec: DatasetSpec, config: SimulationConfig) -> pd.DataFram
     out = pd.concat([distinct, dups], ignore_index=True)
     out = out.sample(frac=1.0, random_state=int(rng.integers(2**31))).reset_index(drop=True)
     return out.head(config.n_rows)
-
-
-def json_records(frame: pd.DataFrame, spec: DatasetSpec) -> list[dict[str, Any]]:
-    """Feature rows as JSON-ready dicts for `/predict`: each value as its kind's Python type."""
-    casts: dict[str, Any] = {f.name: (str if f.is_string else int if f.type == "int" else float) for f in spec.features}
-    return [{k: casts[k](v) for k, v in row.items()} for row in frame[spec.feature_names].to_dict("records")]
 
 
 def write_batch(frame: pd.DataFrame, landing_url: str, fmt: str = "csv", name: str | None = None) -> str:
