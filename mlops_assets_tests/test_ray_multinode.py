@@ -43,6 +43,7 @@ from mlops_assets.tools.ray_cluster import (
     stop_worker,
     worker_command,
 )
+from mlops_assets.tools.ray_cluster import main as ray_cluster_main
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records
 from mlops_assets_tests.ray_support import MULTI_NODE_HEAD, MULTI_NODE_WORKER, isolated_two_nodes
 from mlops_assets_tests.registry_support import register_simulated_versions
@@ -118,14 +119,27 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_every_replica_runs_on_the_worker_node(cluster: Cluster) -> None:
+def test_every_replica_runs_on_the_worker_node(cluster: Cluster, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     nodes = dep.cluster_nodes(cluster.platform.target)
     assert sorted((n["nodeManagerAddress"], n["isHeadNode"], n["state"]) for n in nodes) == [
         (MULTI_NODE_HEAD, True, "ALIVE"), (MULTI_NODE_WORKER, False, "ALIVE")]
     worker_id = cluster.worker_node_id()
     placed = cluster.replica_nodes()
-    assert set(placed) == {"PredictionService", "PredictionIngress"}
-    assert placed == {"PredictionService": {worker_id}, "PredictionIngress": {worker_id}}, placed
+    assert placed["PredictionService"] and placed["PredictionIngress"], placed  # scorers and the HTTP ingress
+    assert set().union(*placed.values()) == {worker_id}, placed
+    [head_id] = [n["nodeId"] for n in nodes if n["isHeadNode"]]
+
+    # The CLI's status lists the nodes of the head it is configured for.
+    for key, value in {"MLOPS_RAY_HOST": cluster.head.host, "MLOPS_RAY_DASHBOARD_PORT": str(cluster.head.dashboard_port),
+                       "MLOPS_RAY_TOKEN_FILE": str(cluster.head.token_path)}.items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
+    assert ray_cluster_main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert f"head {MULTI_NODE_HEAD}: ALIVE, 0 CPUs" in out and f"worker {MULTI_NODE_WORKER}: ALIVE, 2 CPUs" in out, out
+    with capsys.disabled():
+        print(f"replicas {sorted(placed)} on worker node {worker_id} ({MULTI_NODE_WORKER}), none on head {head_id}")
 
 
 @pytest.mark.integration

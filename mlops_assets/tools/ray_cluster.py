@@ -506,6 +506,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         state = dashboard_state(cfg)
         detail = f" (it refuses the token in {cfg.token_path})" if state == "unauthorized" else ""
         print(f"ray head at {cfg.dashboard_url}: {state}{detail}")
+        if state == "up":
+            try:
+                for node in cluster_nodes(cfg):
+                    role = "head" if node.get("isHeadNode") else "worker"
+                    cpus = (node.get("resourcesTotal") or {}).get("CPU", 0)
+                    print(f"  {role} {node.get('nodeManagerAddress')}: {node.get('state')}, {cpus:g} CPUs, "
+                          f"metrics :{node.get('metricsExportPort')}")
+            except (httpx.HTTPError, ValueError):
+                pass  # the head answers but lists no nodes yet
         return 0 if state == "up" else 1
     return 0
 
