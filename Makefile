@@ -86,6 +86,7 @@ demo: install .env $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/mlops-assets status
 	$(BIN)/python -m mlops_assets.tools.sample_request
 	@echo ""
+	@$(BIN)/python -m bench.report --summary
 	@$(BIN)/python -c 'from mlops_assets.settings import load_settings; s = load_settings(); \
 	  print(f"Serving stays up: {s.serve_url}/predict (token: MLOPS_API_TOKEN in .env; source it with: set -a; . ./.env; set +a)"); \
 	  print(f"Ray dashboard: {s.ray_dashboard_url}   Dagster UI: $(MLOPS_DAGSTER_UI_URL) and MLflow UI: $(MLFLOW_UI_URL) after make up   Stop everything: make down")'
@@ -103,6 +104,7 @@ down:
 	BIN=$(BIN) scripts/platform.sh down
 
 # Bounded benchmarks on loopback (serving, pipeline, monitoring); BENCH_ARGS=--quick for the short mode.
+# `make bench BENCH_ARGS=--results` also rewrites bench/results/serving.json and bench/RESULTS.md.
 bench: install .env $(DAGSTER_HOME)/dagster.yaml
 	$(BIN)/python -m bench.run_all $(BENCH_ARGS)
 

@@ -240,7 +240,12 @@ def machine() -> dict[str, Any]:
 
 
 def code_version(repo: Path | None = None, paths: Sequence[str] = ("mlops_assets", "bench", "deploy")) -> str:
-    """The checkout's commit, with "+dirty" when the files under `paths` differ from it."""
+    """The checkout's commit, with "+dirty" when the files under `paths` differ from it.
+
+    BENCH_CODE_VERSION wins: a run from an exported tree (`git archive <commit>`) names its commit.
+    """
+    if os.environ.get("BENCH_CODE_VERSION"):
+        return os.environ["BENCH_CODE_VERSION"]
     where = str(repo or Path(__file__).resolve().parents[1])
     try:
         sha = subprocess.run(["git", "-C", where, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,

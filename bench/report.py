@@ -136,12 +136,28 @@ def render(results_dir: Path = RESULTS) -> str:
     return "\n".join(sections)
 
 
+def serving_summary(results_dir: Path = RESULTS) -> str:
+    """One line for people: the shipped default's measured figures, with where they come from."""
+    path = results_dir / "serving.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "Serving performance: no bench/results/serving.json yet (python -m bench.serving --json ...)"
+    return (f"Serving performance (bench/results/serving.json, {data.get('code_version')}, "
+            f"{'quick' if data.get('quick') else 'full'} run): {data.get('summary')}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--out", type=Path, default=OUTPUT)
     parser.add_argument("--check", action="store_true", help="exit 1 when the file is not what the JSON renders")
+    parser.add_argument("--summary", action="store_true",
+                        help="print the serving results' one-line summary (what make demo shows) and exit")
     args = parser.parse_args(argv)
+    if args.summary:
+        print(serving_summary(args.results))
+        return 0
     text = render(args.results)
     if args.check:
         current = args.out.read_text() if args.out.exists() else ""

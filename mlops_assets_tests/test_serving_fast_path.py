@@ -81,6 +81,13 @@ def test_the_direct_path_answers_what_the_fastapi_route_answers(core: ServiceCor
     assert counted[200] == 2 and counted[401] == 4 and counted[422] == 6  # each case twice: direct and app
 
 
+def test_the_ingress_forwards_the_path_below_the_route_prefix() -> None:
+    assert app_module._app_path({"path": "/predict", "root_path": ""}) == "/predict"
+    assert app_module._app_path({"path": "/phishing/predict", "root_path": "/phishing"}) == "/predict"
+    assert app_module._app_path({"path": "/phishing", "root_path": "/phishing/"}) == "/"
+    assert app_module._app_path({"path": "/phishing2/predict", "root_path": "/phishing"}) == "/phishing2/predict"
+
+
 def test_without_the_prediction_log_nothing_is_encoded_or_spooled(spec, tmp_path: Path) -> None:
     options = ServiceOptions(prediction_log=False)
     core_without = ServiceCore(spec=spec, options=options, token=TOKEN, metrics=InMemoryMetrics(), log_writer=None,

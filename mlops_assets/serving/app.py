@@ -338,7 +338,7 @@ class PredictionIngress:
         from ray.serve.exceptions import BackPressureError
 
         forwarded = ForwardedRequest(
-            method=request.method, path=request.url.path, query_string=request.url.query.encode(),
+            method=request.method, path=_app_path(request.scope), query_string=request.url.query.encode(),
             headers=list(request.headers.raw), body=await read_capped(request.stream(), self._body_cap),
             request_id=uuid.uuid4().hex,
         )
@@ -366,6 +366,12 @@ class PredictionIngress:
         log = getattr(self, "_log", None)
         if log is not None:
             log.close()
+
+
+def _app_path(scope: dict[str, Any]) -> str:
+    """The path below the application's route prefix (Serve passes it as `root_path`): `/predict` under any prefix."""
+    path, root = str(scope.get("path") or "/"), str(scope.get("root_path") or "").rstrip("/")
+    return (path[len(root):] or "/") if root and (path == root or path.startswith(root + "/")) else path
 
 
 def _raw_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
