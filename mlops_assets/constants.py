@@ -100,6 +100,17 @@ WATCH_MAX_ESTIMATED_ACCURACY_DROP = 0.05
 RETRAIN_COOLDOWN_S = 6 * 3600
 RETRAIN_KEYS_KEPT = 200  # event keys remembered in a sensor cursor (bounded)
 MONITORING_SENSOR_INTERVAL_SECONDS = 60
+# Releases (serving/release.py, monitoring/comparison.py): a shadow or canary candidate is promoted once
+# it answered (or mirrored) RELEASE_MIN_REQUESTS requests over RELEASE_MIN_DURATION_S without trailing
+# the champion, and ended as soon as it trails (after the same minimum of requests).
+RELEASE_STRATEGY = "direct"  # or "shadow", "canary"; the launchpad's model_deployment config overrides it
+RELEASE_CANARY_SHARE = 0.1
+RELEASE_MIN_REQUESTS = 500
+RELEASE_MIN_DURATION_S = 1800.0
+RELEASE_MAX_METRIC_DROP = 0.02  # accuracy / ROC-AUC below the champion's (realized, else estimated)
+RELEASE_MAX_ERROR_RATE_DELTA = 0.01
+RELEASE_MIN_LABELLED = 200  # labelled rows per side before realized metrics decide
+RELEASE_SENSOR_INTERVAL_SECONDS = 30
 # The monitoring assets are hourly partitions from this hour on (UTC); the schedule runs the last
 # complete hour this many minutes past each hour (a replica ships its spool every few seconds).
 MONITORING_PARTITIONS_START = "2026-01-01-00:00"

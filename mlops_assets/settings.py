@@ -49,6 +49,8 @@ DASHBOARD_URL_ENV = "MLOPS_RAY_DASHBOARD_URL"
 SERVE_URL_ENV = "MLOPS_SERVE_URL"
 SERVE_HTTP_HOST_ENV = "MLOPS_SERVE_HTTP_HOST"
 SERVE_CONFIG_ENV = "MLOPS_SERVE_CONFIG"
+RELEASE_STRATEGY_ENV = "MLOPS_RELEASE_STRATEGY"  # direct | shadow | canary: how model_deployment releases
+RELEASE_CANARY_SHARE_ENV = "MLOPS_RELEASE_CANARY_SHARE"
 RAY_PORT_ENV = "MLOPS_RAY_PORT"
 RAY_DASHBOARD_PORT_ENV = "MLOPS_RAY_DASHBOARD_PORT"
 RAY_METRICS_PORT_ENV = "MLOPS_RAY_METRICS_PORT"
@@ -120,6 +122,8 @@ class Settings(DataFolders):
     actor: str | None  # who acts in the registry's history; None: the OS user
     git_sha: str | None  # the code's commit when there is no .git (images); None: `git rev-parse`
     secrets_in_env: frozenset[str] = frozenset()  # which of SECRET_ENV are set as variables
+    release_strategy: str = c.RELEASE_STRATEGY  # how model_deployment releases a new champion
+    release_canary_share: float = c.RELEASE_CANARY_SHARE
     dagster_ui_url: str | None = None  # None: MLflow runs name their Dagster run by id only
 
     def serving_token(self) -> str:
@@ -133,6 +137,22 @@ def read_api_token(value: str, path: str | None) -> str:
     if value or not path:
         return value
     return api_token({TOKEN_FILE_ENV: path})
+
+
+def _strategy(raw: str | None) -> str:
+    if raw and raw not in ("direct", "shadow", "canary"):
+        raise ValueError(f"{RELEASE_STRATEGY_ENV}={raw!r} is not one of direct, shadow, canary")
+    return raw or c.RELEASE_STRATEGY
+
+
+def _share(name: str, raw: str | None, default: float) -> float:
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={raw!r} must be a share in [0, 1]")
+    return value
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -176,6 +196,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         serve_url=get(SERVE_URL_ENV) or f"http://{DEFAULT_HTTP_HOST}:{serve_port}",
         serve_http_host=get(SERVE_HTTP_HOST_ENV),
         serve_config_path=get(SERVE_CONFIG_ENV),
+        release_strategy=_strategy(get(RELEASE_STRATEGY_ENV)),
+        release_canary_share=_share(RELEASE_CANARY_SHARE_ENV, get(RELEASE_CANARY_SHARE_ENV), c.RELEASE_CANARY_SHARE),
         api_token=get(TOKEN_ENV) or "",
         api_token_file=get(TOKEN_FILE_ENV),
         actor=get(ACTOR_ENV),

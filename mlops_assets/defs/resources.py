@@ -265,13 +265,20 @@ class RayServeResource(dg.ConfigurableResource):
         return cls(**{"dashboard_url": settings.ray_dashboard_url, "serve_url": settings.serve_url,
                       "api_token": token, "api_token_file": settings.api_token_file,
                       "serve_config_path": settings.serve_config_path, "http_host": settings.serve_http_host,
-                      "prediction_log_url": settings.prediction_log_url, **fields})
+                      "prediction_log_url": settings.prediction_log_url,
+                      "release_strategy": settings.release_strategy,
+                      "release_canary_share": settings.release_canary_share, **fields})
+
+    def target(self) -> "dep.ServeTarget":
+        from mlops_assets.deployment import rollout as dep
 
     def target(self) -> dep.ServeTarget:
         return dep.ServeTarget(self.dashboard_url, self.serve_url, self.app_name,
                                read_api_token(self.api_token, self.api_token_file))
 
     def base_config(self) -> dict[str, Any]:
+    release_strategy: str = c.RELEASE_STRATEGY  # direct | shadow | canary (MLOPS_RELEASE_STRATEGY)
+    release_canary_share: float = c.RELEASE_CANARY_SHARE  # MLOPS_RELEASE_CANARY_SHARE
         return dep.load_serve_config(self.serve_config_path)
 
 

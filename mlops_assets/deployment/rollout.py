@@ -17,7 +17,7 @@ import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import yaml
 from mlops_assets import constants as c
 from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.serving.config import APP_NAME, DEPLOYMENT_NAME, ModelRef, ServiceOptions
+from mlops_assets.serving.release import CANDIDATE_DEPLOYMENT_NAME, RELEASE_ROUTE, ReleaseConfig, bucket
 from mlops_assets.serving.request import build_request_model, parse_predict_matrix
 from mlops_assets.serving.scoring import Scorer, positive_column, scorer_from_loaded
 from mlops_assets.settings import Settings
@@ -98,8 +99,13 @@ def render_serve_config(
     http_port: int | None = None,
     http_host: str | None = None,
     args: Mapping[str, Any] | None = None,
+    release: ReleaseConfig | None = None,
+    candidate_replicas: int = 1,
 ) -> dict[str, Any]:
-    """The config to submit: `base` with the model pinned and per-environment values filled in."""
+    """The config to submit: `base` with the model pinned and per-environment values filled in.
+
+    `release` (serving/release.py) goes on the ingress's user_config; an active one gives the
+    candidate deployment `candidate_replicas` replicas serving its version, otherwise it has none."""
     config = copy.deepcopy(dict(base))
     apps = [a for a in config.get("applications", []) if a.get("name") == app_name]
     if len(apps) != 1:
@@ -110,6 +116,7 @@ def render_serve_config(
         deployments = [{"name": DEPLOYMENT_NAME}]
         app["deployments"].append(deployments[0])
     deployments[0]["user_config"] = ref.to_user_config()
+    _release_entries(app, deployments[0], release or ReleaseConfig(), ref.model_name, candidate_replicas)
     if env_vars:
         from mlops_assets.core.redaction import has_credentials, redact_uri
 
@@ -133,6 +140,32 @@ def render_serve_config(
 
     ServeDeploySchema.model_validate(config)  # the same validation the dashboard applies
     return config
+
+
+def _release_entries(app: dict[str, Any], champion: Mapping[str, Any], release: ReleaseConfig, model_name: str,
+                     candidate_replicas: int) -> None:
+    """Set the ingress's release user_config and the candidate deployment's replicas and version."""
+    from mlops_assets.serving.app import INGRESS_DEPLOYMENT_NAME
+
+    entries = app["deployments"]
+    ingress = next((d for d in entries if d.get("name") == INGRESS_DEPLOYMENT_NAME), None)
+    if ingress is None:
+        ingress = {"name": INGRESS_DEPLOYMENT_NAME}
+        entries.append(ingress)
+    ingress["user_config"] = release.to_user_config()
+    candidate = next((d for d in entries if d.get("name") == CANDIDATE_DEPLOYMENT_NAME), None)
+    if candidate is None:  # the champion's settings, under the candidate's name
+        candidate = {k: copy.deepcopy(v) for k, v in champion.items() if k not in ("name", "num_replicas", "user_config")}
+        candidate["name"] = CANDIDATE_DEPLOYMENT_NAME
+        entries.append(candidate)
+    if release.active:  # pinned replicas, the idle scale-to-zero cleared
+        candidate["num_replicas"] = int(candidate_replicas)
+        candidate["autoscaling_config"] = None
+        candidate["user_config"] = ModelRef(model_name=model_name, version=release.candidate_version).to_user_config()
+    else:  # no replica: the code's scale-to-zero applies (a config may not say num_replicas 0)
+        candidate.pop("num_replicas", None)
+        candidate.pop("autoscaling_config", None)
+        candidate["user_config"] = ModelRef(model_name=model_name).to_user_config()
 
 
 def forwarded_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -595,3 +628,253 @@ def restore_champion(
                             expected=expected, model_name=model_name, base_config=base_config, env_vars=env_vars,
                             args=args, http_host=http_host, timeout_s=timeout_s)
     return RestoreResult("deployed", champion, live, reason, result)
+
+
+# --- releases: shadow and canary (serving/release.py routes; these start and end them) ------------
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    """What a release step did: the release, the version serving as champion, and the steps."""
+
+    release: ReleaseConfig
+    champion_version: str
+    seconds: float
+    steps: list[str] = field(default_factory=list)
+
+
+def release_state(target: ServeTarget, timeout: float = 5.0) -> dict[str, Any] | None:
+    """The ingress's `GET /release` (strategy, versions, this replica's counts), or None when it does not answer."""
+    try:
+        code, body = get_json(target, RELEASE_ROUTE, timeout)
+    except httpx.HTTPError:
+        return None
+    return body if code == 200 else None
+
+
+def current_release(target: ServeTarget) -> ReleaseConfig:
+    """The release the deployed config names (the ingress's user_config); direct when none."""
+    from mlops_assets.serving.app import INGRESS_DEPLOYMENT_NAME
+
+    config = live_config(target)
+    for app in (config or {}).get("applications", []):
+        if app.get("name") != target.app_name:
+            continue
+        for deployment in app.get("deployments") or []:
+            if deployment.get("name") == INGRESS_DEPLOYMENT_NAME and deployment.get("user_config"):
+                return ReleaseConfig.from_user_config(deployment["user_config"])
+    return ReleaseConfig()
+
+
+def sticky_key_for(release: ReleaseConfig, candidate: bool, prefix: str = "probe") -> str:
+    """A client key the canary routes to the candidate (or to the champion): for checks and tests."""
+    for i in range(100_000):
+        key = f"{prefix}-{i}"
+        if (bucket(key) < release.canary_share) == candidate:
+            return key
+    raise DeploymentError(f"no probe key routes to the {'candidate' if candidate else 'champion'} "
+                          f"at canary share {release.canary_share}")
+
+
+def _wait_release(target: ServeTarget, release: ReleaseConfig, timeout_s: float, candidate_running: bool) -> None:
+    """Wait until the app is RUNNING, `/release` names `release` (3 answers in a row) and the candidate
+    deployment has a RUNNING replica (or, when it should have none, any)."""
+    deadline = time.monotonic() + timeout_s
+    streak, last = 0, "no answer yet"
+    while time.monotonic() < deadline:
+        details = app_details(target) or {}
+        status = details.get("status")
+        if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+            raise DeploymentError(f"application {target.app_name} is {status}: {str(details.get('message', ''))[:500]}")
+        state = release_state(target) or {}
+        candidate = (details.get("deployments") or {}).get(CANDIDATE_DEPLOYMENT_NAME) or {}
+        running = any(r.get("state") == "RUNNING" for r in candidate.get("replicas") or [])
+        same = state.get("strategy") == release.strategy and state.get("release_id") == release.release_id
+        if status == "RUNNING" and same and (running or not candidate_running):
+            streak += 1
+            if streak >= 3:
+                return
+        else:
+            streak = 0
+            last = (f"status {status}, /release {state.get('strategy')} {state.get('release_id')}, "
+                    f"candidate {candidate.get('status')}")
+        time.sleep(0.5)
+    raise DeploymentError(f"release {release.release_id or release.strategy} not in place after {timeout_s}s ({last})")
+
+
+def _probe_candidate(target: ServeTarget, release: ReleaseConfig, records: Sequence[Mapping[str, int]],
+                     expected: Sequence[float], spec: DatasetSpec) -> str:
+    """A canary's candidate answers the sample records over HTTP exactly as the offline model."""
+    key = f"{spec.positive_name}_probability"
+    with _client(30.0) as client:
+        response = client.post(target.endpoint, json={"records": list(records)}, headers={
+            "Authorization": f"Bearer {target.token}", release.sticky_header: sticky_key_for(release, True)})
+    if response.status_code != 200:
+        raise DeploymentError(f"canary probe: /predict answered {response.status_code}: {response.text[:300]}")
+    body = response.json()
+    got = [float(p[key]) for p in body["predictions"]]
+    if str(body["model_version"]) != release.candidate_version or mismatches(expected, got):
+        raise DeploymentError(f"canary probe: version {body['model_version']} answered; expected candidate "
+                              f"{release.candidate_version} with the offline model's answers")
+    return f"canary probe answered by version {release.candidate_version}, equal to the offline model"
+
+
+def start_release(
+    *,
+    target: ServeTarget,
+    tracking_uri: str,
+    spec: DatasetSpec,
+    model_name: str,
+    release: ReleaseConfig,
+    records: Sequence[Mapping[str, int]],
+    expected: Sequence[float],
+    base_config: Mapping[str, Any] | None = None,
+    env_vars: Mapping[str, str] | None = None,
+    args: Mapping[str, Any] | None = None,
+    http_host: str | None = None,
+    candidate_replicas: int = 1,
+    timeout_s: float = c.DEPLOY_TIMEOUT_S,
+) -> ReleaseResult:
+    """Run `release.candidate_version` beside the serving champion as a shadow or canary.
+
+    The candidate first passes the load-and-query check; the champion keeps serving its pinned
+    version; the candidate deployment gets its replicas and the ingress the routing. Any failure
+    after the submit restores the config that was live before.
+    """
+    start = time.monotonic()
+    if not release.active or not release.candidate_version:
+        raise DeploymentError(f"a release needs the shadow or canary strategy and a candidate, got {release.strategy}")
+    live = live_version(target)
+    if live is None:
+        raise DeploymentError("no version serves: deploy a champion before releasing a candidate beside it")
+    if live == release.candidate_version:
+        raise DeploymentError(f"version {live} already serves as champion: nothing to release")
+    ongoing = current_release(target)
+    if ongoing.active:
+        raise DeploymentError(f"release {ongoing.release_id} ({ongoing.strategy} of version "
+                              f"{ongoing.candidate_version}) is in progress: promote or abort it first")
+    release = replace(release, champion_version=live)
+    ref = ModelRef(model_name=model_name, version=release.candidate_version)
+    check_candidate(tracking_uri, ref, spec, records, expected)
+    steps = [f"load-and-query check of version {release.candidate_version} passed on {len(records)} records"]
+    previous = live_config(target)
+    http_port = int(httpx.URL(target.serve_url).port or 8000)
+    config = render_serve_config(base_config or load_serve_config(), ref=ModelRef(model_name=model_name, version=live),
+                                 app_name=target.app_name, env_vars=env_vars, http_port=http_port,
+                                 http_host=http_host, args=args, release=release,
+                                 candidate_replicas=candidate_replicas)
+    try:
+        submit(target, config)
+        steps.append(f"{release.strategy} config submitted (champion {live} pinned)")
+        _wait_release(target, release, timeout_s, candidate_running=True)
+        if release.strategy == "canary" and release.canary_share > 0:
+            steps.append(_probe_candidate(target, release, records, expected, spec))
+        steps.append(f"{release.strategy} of version {release.candidate_version} live beside champion {live}")
+    except Exception as exc:
+        restored = _restore(target, previous, live, min(timeout_s, RESTORE_TIMEOUT_S))
+        reason = exc if isinstance(exc, DeploymentError) else f"{type(exc).__name__}: {exc}"
+        raise DeploymentError(f"starting the {release.strategy} of version {release.candidate_version} failed: "
+                              f"{reason}; {restored}") from exc
+    return ReleaseResult(release, live, time.monotonic() - start, steps)
+
+
+def _edit_live(target: ServeTarget, edit: Any) -> dict[str, Any]:
+    config = live_config(target)
+    if config is None:
+        raise DeploymentError(f"application {target.app_name!r} is not deployed")
+    for app in config["applications"]:
+        if app.get("name") == target.app_name:
+            edit(app)
+    return config
+
+
+def end_release(*, target: ServeTarget, promote: bool, model_name: str,
+                timeout_s: float = c.DEPLOY_TIMEOUT_S) -> ReleaseResult:
+    """End the live release: promote (the champion deployment switches to the candidate's version,
+    in place) or abort (the champion keeps its version); then the ingress routes everything to the
+    champion, and only after that the candidate's replicas go. No request is dropped on the way."""
+    from mlops_assets.serving.app import INGRESS_DEPLOYMENT_NAME
+
+    start = time.monotonic()
+    release = current_release(target)
+    if not release.active or not release.candidate_version:
+        raise DeploymentError("no release in progress: nothing to promote or abort")
+    champion = release.candidate_version if promote else str(release.champion_version or live_version(target))
+    ended = release.ended()
+    steps: list[str] = []
+
+    def route_to_champion(app: dict[str, Any]) -> None:
+        for deployment in app.get("deployments") or []:
+            if deployment.get("name") == DEPLOYMENT_NAME:
+                deployment["user_config"] = ModelRef(model_name=model_name, version=champion).to_user_config()
+            elif deployment.get("name") == INGRESS_DEPLOYMENT_NAME:
+                deployment["user_config"] = ended.to_user_config()
+
+    submit(target, _edit_live(target, route_to_champion))
+    wait_until_serving(target, champion, timeout_s)
+    _wait_release(target, ended, timeout_s, candidate_running=False)
+    steps.append(f"every request answered by version {champion}" + (" (promoted in place)" if promote else ""))
+
+    def remove_candidate(app: dict[str, Any]) -> None:
+        for deployment in app.get("deployments") or []:
+            if deployment.get("name") == CANDIDATE_DEPLOYMENT_NAME:
+                deployment.pop("num_replicas", None)  # back to the code's scale-to-zero
+                deployment.pop("autoscaling_config", None)
+                deployment["user_config"] = ModelRef(model_name=model_name).to_user_config()
+
+    submit(target, _edit_live(target, remove_candidate))
+    steps.append(f"candidate deployment {CANDIDATE_DEPLOYMENT_NAME} (version {release.candidate_version}) removed")
+    return ReleaseResult(release, champion, time.monotonic() - start, steps)
+
+
+def launch_release(
+    *, target: ServeTarget, tracking_uri: str, spec: DatasetSpec, model_name: str, release: ReleaseConfig,
+    records: Sequence[Mapping[str, int]], actor: str | None = None, **deploy: Any,
+) -> ReleaseResult:
+    """Start a shadow or canary of `release.candidate_version` and record it in the registry
+    (`candidate` alias, `champion` on the serving version, a `release-start` event)."""
+    from datetime import UTC, datetime
+
+    from mlflow import MlflowClient
+
+    from mlops_assets.registry import releases
+
+    candidate = str(release.candidate_version)
+    release = replace(release, release_id=release.release_id or f"{candidate}-{int(time.time())}",
+                      started_at=release.started_at or datetime.now(UTC).isoformat())
+    expected = offline_probabilities(offline_model(tracking_uri, model_name, candidate), records, spec)
+    result = start_release(target=target, tracking_uri=tracking_uri, spec=spec, model_name=model_name,
+                           release=release, records=records, expected=expected, **deploy)
+    releases.begin_release(MlflowClient(tracking_uri=tracking_uri), model_name, candidate=candidate,
+                           champion=result.champion_version, strategy=release.strategy,
+                           release_id=str(result.release.release_id), by=actor,
+                           canary_share=release.canary_share if release.strategy == "canary" else None)
+    return result
+
+
+def finish_release(
+    *, target: ServeTarget, tracking_uri: str, model_name: str, promote: bool, actor: str | None = None,
+    expected_release_id: str | None = None, reasons: Sequence[str] = (), timeout_s: float = c.DEPLOY_TIMEOUT_S,
+) -> ReleaseResult:
+    """Promote or abort the live release, in Serve and in the registry (one `release-promote` or
+    `release-abort` event); with `expected_release_id`, only that release (a decision made on it)."""
+    from mlflow import MlflowClient
+
+    from mlops_assets.registry import releases
+
+    live = current_release(target)
+    if not live.active:
+        raise DeploymentError("no release in progress: nothing to promote or abort")
+    if expected_release_id is not None and live.release_id != expected_release_id:
+        raise DeploymentError(f"release {expected_release_id} is no longer the live one (live: {live.release_id}); "
+                              "nothing done")
+    result = end_release(target=target, promote=promote, model_name=model_name, timeout_s=timeout_s)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    details = {"strategy": live.strategy, "champion": live.champion_version, "reasons": list(reasons) or None}
+    if promote:
+        releases.promote_release(client, model_name, candidate=str(live.candidate_version),
+                                 release_id=str(live.release_id), by=actor, **details)
+    else:
+        releases.abort_release(client, model_name, candidate=str(live.candidate_version),
+                               release_id=str(live.release_id), by=actor, **details)
+    return result

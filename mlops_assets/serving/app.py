@@ -52,6 +52,13 @@ from mlops_assets.serving.ingress import (
 )
 from mlops_assets.serving.metrics import RayServeMetrics, ServingMetrics
 from mlops_assets.serving.prediction_log import SPOOL_DIR_ENV, PredictionLogWriter, default_spool_dir
+from mlops_assets.serving.release import (
+    CANDIDATE_DEPLOYMENT_NAME,
+    IDLE_CANDIDATE_AUTOSCALING,
+    RELEASE_ROUTE,
+    RayServeReleaseMetrics,
+    ReleaseRouter,
+)
 from mlops_assets.serving.request import RequestError
 from mlops_assets.serving.scoring import ScoredRecords, Scorer, scorer_from_loaded
 from mlops_assets.serving.service import NO_MODEL_CONFIGURED, ServiceCore, score_off_loop_if_large
@@ -325,12 +332,16 @@ _JSON = JSON_HEADERS
     ray_actor_options={"num_cpus": 0.25},
 )
 class PredictionIngress:
-    def __init__(self, scorer: Any, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, scorer: Any, options: dict[str, Any] | None = None, candidate: Any | None = None) -> None:
         log_to_serve_files()
         opts = ServiceOptions.from_args(options)
         self._scorer = scorer
         self._body_cap = opts.max_body_bytes + 1  # one byte over the limit is enough for the scorer's 413
         self._log = _prediction_log(opts, load_settings(), RayServeMetrics()) if opts.prediction_log else None
+        # Releases (serving/release.py): canary routing and the shadow mirror, set by this deployment's user_config.
+        self._release = ReleaseRouter(scorer, candidate, RayServeReleaseMetrics())
+        self._shadow_log: PredictionLogWriter | None = None
+        self._opts = opts
 
     async def __call__(self, request: Request) -> Response:
         import uuid
@@ -342,9 +353,11 @@ class PredictionIngress:
             headers=list(request.headers.raw), body=await read_capped(request.stream(), self._body_cap),
             request_id=uuid.uuid4().hex,
         )
+        if forwarded.path == RELEASE_ROUTE and forwarded.method == "GET":
+            return _raw_response(200, _JSON, json.dumps(self._release.state()).encode())
         try:
-            answer, tries = await call_with_retry(
-                lambda: self._scorer.handle.remote(forwarded), what=f"{request.method} {forwarded.path}")
+            answer, tries = await self._release.forward(forwarded, lambda deployment: call_with_retry(
+                lambda: deployment.handle.remote(forwarded), what=f"{request.method} {forwarded.path}"), self._log_shadow)
         except BackPressureError as exc:
             return _raw_response(503, [*_JSON, (b"retry-after", b"1")], json.dumps({"error": str(exc)}).encode())
         except Exception as exc:
@@ -361,11 +374,22 @@ class PredictionIngress:
         headers = answer.headers if tries == 1 else [*answer.headers, (ATTEMPTS_HEADER, str(tries).encode())]
         return _raw_response(answer.status, headers, answer.body)
 
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self._release.reconfigure(user_config)
+
+    def _log_shadow(self, line: bytes, rows: int) -> None:
+        """A candidate's mirrored answer: a writer of its own, so its parts carry the `shadow` column."""
+        if self._log is None:
+            return
+        if self._shadow_log is None:
+            self._shadow_log = _prediction_log(self._opts, load_settings(), RayServeMetrics())
+        self._shadow_log.append_encoded(line, rows)
+
     def __del__(self) -> None:
         # Graceful shutdown: ship what the spool still holds.
-        log = getattr(self, "_log", None)
-        if log is not None:
-            log.close()
+        for log in (getattr(self, "_log", None), getattr(self, "_shadow_log", None)):
+            if log is not None:
+                log.close()
 
 
 def _app_path(scope: dict[str, Any]) -> str:
@@ -385,4 +409,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     """Application builder for the Serve config's `import_path`; `args` are ServiceOptions."""
     options = ServiceOptions.from_args(args)  # fail the deploy early on a bad option
     given = {k: v for k, v in vars(options).items() if v is not None}
-    return PredictionIngress.bind(PredictionService.bind(given), given)  # type: ignore[attr-defined]
+    # The candidate of a release: the same scorer under another name, no replica until a release starts.
+    candidate = PredictionService.options(  # type: ignore[attr-defined]
+        name=CANDIDATE_DEPLOYMENT_NAME, autoscaling_config=IDLE_CANDIDATE_AUTOSCALING).bind(given)
+    return PredictionIngress.bind(PredictionService.bind(given), given, candidate)  # type: ignore[attr-defined]

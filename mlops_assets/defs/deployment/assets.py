@@ -11,6 +11,7 @@ from mlops_assets.core.records import Deployment, Registration
 from mlops_assets.defs.metadata import redact_text, url_value
 from mlops_assets.defs.resources import MlflowResource, PlatformResource, RayServeResource
 from mlops_assets.deployment import rollout as dep
+from mlops_assets.serving.release import ReleaseConfig
 
 SAMPLE_RECORDS = 64  # test-set rows the candidate must answer exactly as the offline model does
 DEPLOYMENT_CODE_VERSION = "2"
@@ -44,9 +45,25 @@ def _result_metadata(result: dep.DeployResult, target: dep.ServeTarget) -> dict[
     }
 
 
+class DeploymentConfig(dg.Config):
+    """How a new champion goes out (the launchpad): `direct` replaces the serving version at once;
+    `shadow` and `canary` run it beside the serving one until the release sensor promotes or ends it.
+    Empty fields take the ray_serve resource's values (MLOPS_RELEASE_STRATEGY, MLOPS_RELEASE_CANARY_SHARE)
+    and the constants' release terms."""
+
+    strategy: str = ""
+    canary_share: float | None = None
+    min_requests: int = c.RELEASE_MIN_REQUESTS
+    min_duration_s: float = c.RELEASE_MIN_DURATION_S
+    max_metric_drop: float = c.RELEASE_MAX_METRIC_DROP
+    min_labelled: int = c.RELEASE_MIN_LABELLED
+    candidate_replicas: int = 1
+
+
 @dg.asset(group_name=c.GROUP_DEPLOYMENT, owners=c.ASSET_OWNERS, kinds={"ray", "mlflow"}, code_version=DEPLOYMENT_CODE_VERSION)
 def model_deployment(
     context: dg.AssetExecutionContext,
+    config: DeploymentConfig,
     platform: PlatformResource,
     mlflow: MlflowResource,
     ray_serve: RayServeResource,
@@ -73,6 +90,13 @@ def model_deployment(
     test = train_test_split[train_test_split[SPLIT_COLUMN] == "test"] if SPLIT_COLUMN in train_test_split else train_test_split
     records = dep.sample_records(test, spec, SAMPLE_RECORDS)
     tracking_uri = mlflow.tracking_uri
+    strategy = config.strategy or ray_serve.release_strategy
+    ongoing = _release_or_direct(target)
+    if ongoing.active:
+        raise dg.Failure(f"release {ongoing.release_id} ({ongoing.strategy} of version {ongoing.candidate_version}) "
+                         f"is in progress: promote or abort it first (mlops-assets release promote|abort)")
+    if strategy != "direct" and live is not None:
+        return _release(context, config, platform, mlflow, ray_serve, registered_model, strategy, live, records)
     expected = dep.offline_probabilities(dep.offline_model(tracking_uri, name, str(version)), records, spec)
     try:
         result = dep.deploy_version(
@@ -93,6 +117,51 @@ def model_deployment(
         metadata={**_result_metadata(result, target), "skipped": False,
                   "model_version": mlflow.model_version_link(name, result.live_version)},
     )
+
+
+def _release_or_direct(target: dep.ServeTarget) -> ReleaseConfig:
+    try:
+        return dep.current_release(target)
+    except Exception:  # nothing deployed or no cluster: no release
+        return ReleaseConfig()
+
+
+def _release(context: dg.AssetExecutionContext, config: DeploymentConfig, platform: PlatformResource,
+             mlflow: MlflowResource, ray_serve: RayServeResource, registered: Registration, strategy: str,
+             live: str, records: list[dict[str, int]]) -> dg.Output[Deployment]:
+    """Start a shadow or canary of the new champion beside the serving version (serving/release.py)."""
+    name, version = registered.model_name, str(registered.champion_version)
+    target = ray_serve.target()
+    try:
+        release = ReleaseConfig(
+            strategy=strategy, candidate_version=version,
+            canary_share=ray_serve.release_canary_share if config.canary_share is None else config.canary_share,
+            min_requests=config.min_requests, min_duration_s=config.min_duration_s,
+            max_metric_drop=config.max_metric_drop, min_labelled=config.min_labelled)
+        result = dep.launch_release(
+            target=target, tracking_uri=mlflow.tracking_uri, spec=platform.spec(), model_name=name, release=release,
+            records=records, actor=mlflow.actor, base_config=ray_serve.base_config(),
+            env_vars=replica_env(platform, mlflow, ray_serve), http_host=ray_serve.http_host,
+            candidate_replicas=config.candidate_replicas, timeout_s=ray_serve.timeout_s)
+    except (dep.DeploymentError, ValueError) as exc:
+        raise dg.Failure(description=redact_text(str(exc)), metadata={"candidate_version": version,
+                                                                      "still_live_version": live}) from exc
+    started = result.release
+    context.log.info(f"{strategy} release {started.release_id}: version {version} beside champion {live}")
+    return dg.Output(
+        Deployment(model_name=name, live_version=live, replaced_version=None, endpoint=target.endpoint,
+                   app_name=target.app_name),
+        data_version=dg.DataVersion(f"{name}-{live}-{strategy}-{version}"),
+        metadata={"endpoint": url_value(target.endpoint), "live_version": live, "skipped": False,
+                  "release_strategy": strategy, "release_id": str(started.release_id),
+                  "candidate_version": version,
+                  **({"canary_share": dg.MetadataValue.float(started.canary_share)} if strategy == "canary" else {}),
+                  "release_terms": dg.MetadataValue.json({"min_requests": started.min_requests,
+                                                          "min_duration_s": started.min_duration_s,
+                                                          "max_metric_drop": started.max_metric_drop,
+                                                          "min_labelled": started.min_labelled}),
+                  "steps": dg.MetadataValue.md("\n".join(f"- {s}" for s in result.steps)),
+                  "model_version": mlflow.model_version_link(name, version)})
 
 
 def _live_or_none(target: dep.ServeTarget) -> str | None:

@@ -26,8 +26,8 @@ from mlops_assets.deployment import rollout as dep
 from mlops_assets.ingestion import batches as ingestion
 from mlops_assets.monitoring import drift
 from mlops_assets.monitoring import estimation as est
-from mlops_assets.monitoring.comparison import served_rows
 from mlops_assets.monitoring import live as mon
+from mlops_assets.monitoring.comparison import served_rows
 from mlops_assets.registry import model_store
 from mlops_assets.serving.scoring import scorer_from_loaded
 from mlops_assets.settings import Settings, join_url
