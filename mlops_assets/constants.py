@@ -13,6 +13,10 @@ GROUP_INGESTION = GROUP_VALIDATION = GROUP_FEATURES = GROUP_DATA
 GROUP_EVALUATION = GROUP_REGISTRY = GROUP_TRAINING
 # Who answers for the assets (Dagster owners: a team or an e-mail), set on every asset at load.
 ASSET_OWNERS = ("team:mlops",)
+# The training path (`make pipeline`'s selection): each of these loads its inputs from its own run's
+# upstream steps only, never from another run's (or the latest) materialization.
+TRAINING_PATH_ASSETS = ("raw_dataset", "validation_report", "feature_set", "train_test_split", "trained_model",
+                        "model_evaluation", "registered_model")
 
 # Folders, relative to the data root unless a setting says otherwise.
 DEFAULT_DATA_DIR = "data"

@@ -215,10 +215,16 @@ def test_unchanged_inputs_train_nothing_and_changed_parameters_retrain(root):
         assert model_store.alias_version(client, MODEL, c.ALIAS_PREVIOUS_CHAMPION) == "1"
 
         model_store.rollback_champion(client, MODEL)
-        again = _chain(root, instance, selection=["registered_model"])  # the same run once more
+        # registered_model alone does not pick up another run's trained_model: it says what to select.
+        alone = _chain(root, instance, selection=["registered_model"])
+        assert not alone.success
+        failure = next(e for e in alone.all_events if e.is_step_failure).step_failure_data.error
+        assert failure is not None and "registered_model loads model_evaluation only from its own run" in failure.message
+        again = dg.materialize([split_stand_in(), *OURS], resources=_resources(root), instance=instance,
+                               run_config=changed, raise_on_error=False)  # the same run once more
         assert again.success
         meta = again.asset_materializations_for_node("registered_model")[0].metadata
-    assert meta["version"].value == "2" and meta["newly_registered"].value is False
+    assert meta["version"].value == "2" and meta["newly_registered"].value is False and meta["skipped"].value is True
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2
     # ...and it does not undo the rollback.
     assert model_store.alias_version(client, MODEL, c.ALIAS_CHAMPION) == "1"
@@ -242,9 +248,8 @@ def test_a_worse_model_is_registered_as_a_rejected_challenger_and_never_deployed
         assert meta["gate_passed"].value is False and meta["champion_version"].value == "1"
         assert not worse.asset_materializations_for_node("model_deployment")  # blocked downstream
 
-        # The same run registered again: nothing new, the rejection recorded once, still blocked.
-        again = _chain(root, instance, split=split_stand_in(shuffle_train_labels=True),
-                       selection=["registered_model", "model_deployment"])
+        # The same inputs again: nothing new registered, the rejection recorded once, still blocked.
+        again = _chain(root, instance, split=split_stand_in(shuffle_train_labels=True))
         assert not again.success and not again.asset_materializations_for_node("model_deployment")
         assert again.asset_materializations_for_node("registered_model")[0].metadata["newly_registered"].value is False
 

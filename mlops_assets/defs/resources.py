@@ -7,21 +7,16 @@ import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
-import mlflow
 import pandas as pd
-from mlflow import MlflowClient
-from mlflow.entities import Run
 
 from mlops_assets import constants as c
 from mlops_assets.core import records, storage
 from mlops_assets.core.dataset_spec import DatasetSpec, load_spec
 from mlops_assets.core.redaction import redact_uri
 from mlops_assets.defs.metadata import path_value
-from mlops_assets.deployment import rollout as dep
-from mlops_assets.monitoring import live as mon
 from mlops_assets.serving.config import (
     APP_NAME,
     DEFAULT_DASHBOARD_PORT,
@@ -41,6 +36,14 @@ from mlops_assets.settings import (
     read_api_token,
 )
 from mlops_assets.training import tracking
+
+if TYPE_CHECKING:  # MLflow, the deployment client and the live-monitoring maths load where they are used,
+    # so loading the definitions (every CLI call, every step process) stays cheap
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+    from mlops_assets.deployment import rollout as dep
+    from mlops_assets.monitoring import live as mon
 
 
 class PlatformResource(dg.ConfigurableResource, DataFolders):
@@ -77,17 +80,18 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     """Stores each output once at a content-addressed path under the data root (any fsspec URL):
     records (mlops_assets.core.records) and dicts as JSON, DataFrames as Parquet, written to a
     temporary name and renamed. A downstream step loads the file its own run's upstream step wrote
-    (a per-run pointer), so concurrent runs never read each other's values; an upstream outside
-    the run is read from the path its current materialization recorded (`stored_at`)."""
+    (a per-run pointer), so concurrent runs never read each other's values. The training path's
+    assets (`run_scoped`) load only that: an upstream missing from their run is an error naming
+    what to select, never another run's value. Other consumers (a deployment or monitoring run
+    on its own) read an upstream outside their run from the path its current materialization
+    recorded (`stored_at`)."""
 
-    base_url: str | None = None
-
-    def _base(self) -> str:
-        return self.base_url or load_settings().assets_url
+    base_url: str  # the settings' assets folder (built once in build_resources)
+    run_scoped: list[str] = list(c.TRAINING_PATH_ASSETS)
 
     def _folder(self, context: dg.OutputContext | dg.InputContext) -> str:
         key = context.asset_key.path if context.has_asset_key else [context.name]
-        return join_url(self._base(), *key)
+        return join_url(self.base_url, *key)
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None:
@@ -118,13 +122,17 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             pointer = join_url(self._folder(upstream), RUNS_DIR, f"{run_id}.json")
             if storage.exists(pointer):
                 return str(storage.read_json(pointer)["path"])
+        consumer = context.op_def.name.split("__")[-1]  # a key prefix (several data sets) joins with "__"
+        name = context.asset_key.to_user_string() if context.has_asset_key else context.name
+        if consumer in self.run_scoped:
+            raise dg.Failure(f"{consumer} loads {name} only from its own run, and this run did not materialize "
+                             f"it: select {name} too (the training path runs whole: {', '.join(self.run_scoped)})")
         if context.has_asset_key:
             event = context.instance.get_latest_materialization_event(context.asset_key)
             stored = event.asset_materialization.metadata.get("stored_at") if event and event.asset_materialization else None
             if stored is not None and not str(getattr(stored, "value", stored)).startswith("***"):
                 return str(getattr(stored, "value", stored))
-        raise dg.Failure(f"no stored value of {context.asset_key.to_user_string() if context.has_asset_key else context.name}"
-                         f" for run {run_id or '(none)'}: materialize it first")
+        raise dg.Failure(f"no stored value of {name} for run {run_id or '(none)'}: materialize it first")
 
     def load_input(self, context: dg.InputContext) -> Any:
         path = self._stored_path(context)
@@ -195,7 +203,9 @@ class MlflowResource(dg.ConfigurableResource):
         """The store as metadata, logs and messages may show it: credentials redacted."""
         return redact_uri(self.tracking_uri)
 
-    def client(self) -> MlflowClient:
+    def client(self) -> "MlflowClient":
+        from mlflow import MlflowClient
+
         return MlflowClient(tracking_uri=self.tracking_uri)
 
     def experiment_id(self) -> str:
@@ -204,7 +214,7 @@ class MlflowResource(dg.ConfigurableResource):
         return tracking.ensure_experiment(self.client(), self.experiment, location)
 
     @contextmanager
-    def start_run(self, *, run_name: str, tags: Mapping[str, str]) -> Iterator[Run]:
+    def start_run(self, *, run_name: str, tags: Mapping[str, str]) -> Iterator["Run"]:
         """A new MLflow run in the experiment, active for `mlflow.*` calls inside the block.
 
         A `dagster_run_id` tag also links the run back to that Dagster run (URL tag and a markdown
@@ -215,6 +225,8 @@ class MlflowResource(dg.ConfigurableResource):
         tags = {tracking.USER_TAG: actor(self.actor),
                 **tracking.dagster_link_tags(self.dagster_ui_url, str(tags.get("dagster_run_id") or ""),
                                              tags.get("dagster_asset_key")), **tags}
+        import mlflow
+
         with tracking.use_tracking_uri(self.tracking_uri):
             with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)) as run:
                 yield run
@@ -222,6 +234,8 @@ class MlflowResource(dg.ConfigurableResource):
     def end_run(self, status: str | None = None) -> None:
         """End MLflow's active run in this process if one was left open: what dagster-mlflow's
         `end_mlflow_on_run_finished` hook calls when a step fails or the job's last step ends."""
+        import mlflow
+
         with tracking.use_tracking_uri(self.tracking_uri):
             if mlflow.active_run() is not None:
                 mlflow.end_run(status=status or "FINISHED")
@@ -258,6 +272,8 @@ class RayServeResource(dg.ConfigurableResource):
     http_host: str | None = None  # Serve proxy bind address (0.0.0.0 in containers); None: Ray's loopback
     prediction_log_url: str | None = None  # where replicas log predictions; None: <their data root>/predictions
     timeout_s: float = c.DEPLOY_TIMEOUT_S
+    release_strategy: str = c.RELEASE_STRATEGY  # direct | shadow | canary (MLOPS_RELEASE_STRATEGY)
+    release_canary_share: float = c.RELEASE_CANARY_SHARE  # MLOPS_RELEASE_CANARY_SHARE
 
     @classmethod
     def from_settings(cls, settings: Settings, **fields: Any) -> "RayServeResource":
@@ -272,13 +288,12 @@ class RayServeResource(dg.ConfigurableResource):
     def target(self) -> "dep.ServeTarget":
         from mlops_assets.deployment import rollout as dep
 
-    def target(self) -> dep.ServeTarget:
         return dep.ServeTarget(self.dashboard_url, self.serve_url, self.app_name,
                                read_api_token(self.api_token, self.api_token_file))
 
     def base_config(self) -> dict[str, Any]:
-    release_strategy: str = c.RELEASE_STRATEGY  # direct | shadow | canary (MLOPS_RELEASE_STRATEGY)
-    release_canary_share: float = c.RELEASE_CANARY_SHARE  # MLOPS_RELEASE_CANARY_SHARE
+        from mlops_assets.deployment import rollout as dep
+
         return dep.load_serve_config(self.serve_config_path)
 
 
@@ -322,7 +337,9 @@ class MonitoringResource(dg.ConfigurableResource):
         fields.setdefault("labels_url", join_url(data_url, c.LABELS_SUBDIR))
         return cls(**fields)
 
-    def watch_limits(self) -> mon.WatchLimits:
+    def watch_limits(self) -> "mon.WatchLimits":
+        from mlops_assets.monitoring import live as mon
+
         return mon.WatchLimits(
             window=self.watch_window, max_error_rate=self.watch_max_error_rate,
             max_latency_p95_s=self.watch_max_latency_p95_s,

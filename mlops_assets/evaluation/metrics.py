@@ -10,26 +10,14 @@ import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from catboost import CatBoostClassifier
-from matplotlib.figure import Figure
-from sklearn.calibration import calibration_curve
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    brier_score_loss,
-    confusion_matrix,
-    f1_score,
-    log_loss,
-    precision_recall_curve,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-    roc_curve,
-)
+
+if TYPE_CHECKING:  # scikit-learn, matplotlib and CatBoost load when a model is evaluated
+    from catboost import CatBoostClassifier
+    from matplotlib.figure import Figure
 
 METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "roc_auc", "pr_auc", "log_loss", "brier")
 LOWER_IS_BETTER = frozenset({"log_loss", "brier"})
@@ -38,6 +26,17 @@ MISSING_VALUE = "missing"
 
 def binary_metrics(y_true: Sequence[int] | np.ndarray, proba: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """Threshold metrics at `threshold` and ranking/probability metrics; NaN when undefined."""
+    from sklearn.metrics import (
+        accuracy_score,
+        average_precision_score,
+        brier_score_loss,
+        f1_score,
+        log_loss,
+        precision_score,
+        recall_score,
+        roc_auc_score,
+    )
+
     y = np.asarray(y_true, dtype=np.int64)
     p = np.clip(np.asarray(proba, dtype=float), 0.0, 1.0)
     if len(y) == 0:
@@ -58,6 +57,8 @@ def binary_metrics(y_true: Sequence[int] | np.ndarray, proba: np.ndarray, thresh
 
 def confusion(y_true: Sequence[int] | np.ndarray, proba: np.ndarray, threshold: float = 0.5) -> dict[str, int]:
     """Counts with 1 = positive class: tp, fp, tn, fn."""
+    from sklearn.metrics import confusion_matrix
+
     pred = (np.asarray(proba) >= threshold).astype(np.int64)
     tn, fp, fn, tp = confusion_matrix(np.asarray(y_true, dtype=np.int64), pred, labels=[0, 1]).ravel()
     return {"tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn)}
@@ -102,6 +103,8 @@ def slice_metrics(
 ) -> pd.DataFrame:
     """Metrics per value of each named categorical feature, and per quantile bin (`bins` of them,
     edges from the test rows) of each one in `numeric`; missing values form their own slice."""
+    from sklearn.metrics import roc_auc_score
+
     y = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(proba, dtype=float)
     rows = []
@@ -133,6 +136,8 @@ def slice_metrics(
 
 
 def _figure(width: float, height: float) -> tuple[Figure, Any]:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height))
     return fig, fig.subplots()
 
@@ -146,6 +151,8 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def plot_roc(y_true: np.ndarray, probas: Mapping[str, np.ndarray], path: str | Path) -> Path:
     """ROC curves of one or more models (e.g. candidate and champion) on the same labels."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
     fig, ax = _figure(4.5, 4.5)
     for name, p in probas.items():
         fpr, tpr, _ = roc_curve(y_true, p)
@@ -157,6 +164,8 @@ def plot_roc(y_true: np.ndarray, probas: Mapping[str, np.ndarray], path: str | P
 
 
 def plot_pr(y_true: np.ndarray, probas: Mapping[str, np.ndarray], path: str | Path) -> Path:
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
     fig, ax = _figure(4.5, 4.5)
     for name, p in probas.items():
         precision, recall, _ = precision_recall_curve(y_true, p)
@@ -168,6 +177,8 @@ def plot_pr(y_true: np.ndarray, probas: Mapping[str, np.ndarray], path: str | Pa
 
 
 def plot_calibration(y_true: np.ndarray, probas: Mapping[str, np.ndarray], path: str | Path, bins: int = 10) -> Path:
+    from sklearn.calibration import calibration_curve
+
     fig, ax = _figure(4.5, 4.5)
     for name, p in probas.items():
         frac_pos, mean_pred = calibration_curve(y_true, p, n_bins=bins, strategy="quantile")

@@ -35,11 +35,10 @@ import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from mlops_assets import constants as c
 from mlops_assets.core import storage
@@ -50,8 +49,9 @@ from mlops_assets.core.dataset_spec import DatasetSpec
 # setdefault keeps an operator's own value.
 os.environ.setdefault("WHYLOGS_NO_ANALYTICS", "True")
 
-from whylogs.core import DatasetProfile, DatasetProfileView  # noqa: E402
-from whylogs.core.view.column_profile_view import ColumnProfileView  # noqa: E402
+if TYPE_CHECKING:  # whylogs and SciPy load where profiles are made or compared (definitions load cheaply)
+    from whylogs.core import DatasetProfileView
+    from whylogs.core.view.column_profile_view import ColumnProfileView
 
 BACKEND = "whylogs"
 PROFILE_SUFFIX = ".bin"  # whylogs' own binary format (delimited protobuf)
@@ -115,6 +115,8 @@ def profile_frame(frame: pd.DataFrame, dataset_timestamp: datetime | None = None
     if dataset_timestamp is not None:
         at = pd.Timestamp(dataset_timestamp)
         stamp = (at.tz_localize("UTC") if at.tzinfo is None else at.tz_convert("UTC")).to_pydatetime()
+    from whylogs.core import DatasetProfile
+
     profile = DatasetProfile(dataset_timestamp=stamp)
     profile.track(pandas=_integral_floats_as_int(frame))
     return profile.view().serialize()
@@ -142,6 +144,8 @@ def merge_profiles(blobs: Iterable[bytes]) -> bytes:
         view = _view(blob)
         merged = view if merged is None else merged.merge(view)
     # DatasetProfileView.zero() has no timestamp and cannot be serialized: use an empty profile.
+    from whylogs.core import DatasetProfile
+
     return (merged or DatasetProfile().view()).serialize()
 
 
@@ -157,6 +161,8 @@ def load_profile(url: str) -> bytes:
 
 
 def _view(blob: bytes) -> DatasetProfileView:
+    from whylogs.core import DatasetProfileView
+
     return DatasetProfileView.deserialize(blob)
 
 
@@ -263,6 +269,8 @@ def categorical_drift(
     else:
         # correction=False: Yates' correction is for 2x2 tables with tiny counts and makes the
         # test conservative; the min_rows guard handles small samples instead.
+        from scipy import stats
+
         p_value = float(stats.chi2_contingency(np.vstack([ref, cur]), correction=False).pvalue)
     return _verdict(column, METHOD_CATEGORICAL, distance, thresholds.hellinger, p_value, n_ref, n_cur, thresholds)
 
@@ -277,6 +285,8 @@ def _ks_from_sketches(ref: Any, cur: Any) -> tuple[float, float]:
     n, m = ref.get_n(), cur.get_n()
     effective = round(n * m / (n + m))
     # Same distribution scipy's ks_2samp uses in its asymptotic mode.
+    from scipy import stats
+
     p_value = float(stats.kstwo.sf(statistic, max(1, effective)))
     return statistic, p_value
 

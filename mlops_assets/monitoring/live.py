@@ -18,8 +18,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from scipy import stats
-from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from mlops_assets import constants as c
 from mlops_assets.core import storage
@@ -527,6 +525,8 @@ def online_metrics(
     ROC-AUC needs both true classes present and is NaN otherwise; every metric is NaN when
     nothing is labelled (n_labelled says how many rows stand behind the numbers).
     """
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
+
     n = len(joined)
     out: dict[str, float] = {"n_labelled": float(n)}
     names = ("accuracy", "precision", "recall", "f1", "roc_auc", "positive_share_true", "positive_share_predicted")
@@ -667,6 +667,8 @@ def prediction_shift(
     if n == 0:
         return VersionComparison(0)
     both = ~(np.isnan(new_p) | np.isnan(old_p))
+    from scipy import stats
+
     ks = float(stats.ks_2samp(new_p[both], old_p[both]).statistic) if both.any() else None
     return VersionComparison(
         rows=n,

@@ -29,18 +29,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
-from catboost import CatBoostClassifier
-from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
-from mlflow.models.model import ModelInfo
 
 from mlops_assets import constants as c
 from mlops_assets.registry import history as registry_history
 from mlops_assets.training.tracking import set_version_creator, use_tracking_uri
+
+if TYPE_CHECKING:  # MLflow and CatBoost load where they are used: loading the definitions stays cheap
+    from catboost import CatBoostClassifier
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.models.model import ModelInfo
 
 MODEL_ARTIFACT_FILE = "model.cb"  # the file mlflow.catboost writes inside the logged model dir
 TAG_SHA256 = "model_sha256"
@@ -172,6 +173,8 @@ def artifact_sha256(client: MlflowClient, model_uri: str) -> str:
 
 
 def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
     try:
         client.get_registered_model(model_name)
     except MlflowException:
@@ -190,9 +193,13 @@ def find_version_for_run(client: MlflowClient, model_name: str, run_id: str) -> 
 
 def register_version(
     client: MlflowClient, model_name: str, *, run_id: str, model_uri: str, tags: Mapping[str, str],
-    by: str | None = None,
+    by: str | None = None, sha256: str | None = None,
 ) -> ModelVersion:
     """Register the run's model as a new version tagged with its hash; alias it `challenger`.
+
+    `sha256`: the model file's hash as already verified in this run (the training path checks the
+    downloaded file against it when it evaluates the model), so the file is not fetched again to
+    hash it; without it, the stored file is downloaded and hashed here.
 
     Idempotent per run: when a version from `run_id` exists it is returned unchanged, so
     re-materializing the same training run never makes a second version.
@@ -201,7 +208,7 @@ def register_version(
     existing = find_version_for_run(client, model_name, run_id)
     if existing is not None:
         return existing
-    all_tags = {**{k: str(v) for k, v in tags.items()}, TAG_SHA256: artifact_sha256(client, model_uri)}
+    all_tags = {**{k: str(v) for k, v in tags.items()}, TAG_SHA256: sha256 or artifact_sha256(client, model_uri)}
     # MLflow's SQL registry resolves `models:/m-<id>` sources through the *global* tracking URI
     # (an open gap in MLflow itself), so point it at this client's store for the call.
     with use_tracking_uri(client.tracking_uri):
@@ -216,6 +223,8 @@ def register_version(
 
 def alias_version(client: MlflowClient, model_name: str, alias: str) -> str | None:
     """The version under `alias`, or None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return str(client.get_model_version_by_alias(model_name, alias).version)
     except MlflowException:
@@ -436,6 +445,8 @@ def resolve_version(
     client: MlflowClient, model_name: str, *, alias: str | None = None, version: str | None = None
 ) -> ModelVersion:
     """One registry version by alias or number (champion when neither is given)."""
+    from mlflow.exceptions import MlflowException
+
     if alias and version:
         raise ValueError("give an alias or a version, not both")
     if version:
@@ -462,6 +473,8 @@ def history(client: MlflowClient, model_name: str) -> list[HistoryEvent]:
 
 
 def _load_native(path: Path) -> CatBoostClassifier:
+    from catboost import CatBoostClassifier
+
     model = CatBoostClassifier()
     model.load_model(str(path), format="cbm")  # CatBoost's own format: nothing is unpickled
     return model
@@ -487,6 +500,8 @@ def load_verified_model(
     Raises ModelIntegrityError when the file's hash differs from the version's `model_sha256`
     tag (or when there is no recorded hash to check against).
     """
+    from mlflow import MlflowClient
+
     client = MlflowClient(tracking_uri=tracking_uri)
     mv = resolve_version(client, model_name, alias=alias, version=version)
     tags = dict(mv.tags or {})

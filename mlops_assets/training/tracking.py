@@ -13,13 +13,15 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import pandas as pd
-from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, Metric
 
 from mlops_assets.core.redaction import redact_uri, redact_values
+
+if TYPE_CHECKING:  # MLflow is imported where it is used: loading the definitions stays cheap
+    from mlflow import MlflowClient
+    from mlflow.entities import DatasetInput
 
 METADATA_FILE = "metadata.json"
 # MLflow 3's UI opens an experiment by its kind: without this tag it guesses, and may open the
@@ -124,6 +126,8 @@ def _source(uri: str | None) -> Any:
 
 
 def _input(dataset: Any, context: str, tags: Mapping[str, str] | None) -> DatasetInput:
+    from mlflow.entities import DatasetInput, InputTag
+
     input_tags = [InputTag(key="mlflow.data.context", value=context)]
     input_tags += [InputTag(key=k, value=str(v)) for k, v in (tags or {}).items()]
     return DatasetInput(dataset=dataset._to_mlflow_entity(), tags=input_tags)
@@ -175,6 +179,8 @@ def log_version_input(
 
 def log_curves(client: MlflowClient, run_id: str, curves: Mapping[str, Mapping[str, list[float]]]) -> int:
     """Training curves as step metrics `<part>_<metric>` (e.g. validation_logloss); return the count."""
+    from mlflow.entities import Metric
+
     now = int(time.time() * 1000)
     metrics = [
         Metric(key=f"{part}_{name.lower()}", value=float(value), timestamp=now, step=step)
@@ -188,6 +194,8 @@ def log_curves(client: MlflowClient, run_id: str, curves: Mapping[str, Mapping[s
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: Mapping[str, float], prefix: str = "") -> None:
+    from mlflow.entities import Metric
+
     now = int(time.time() * 1000)
     batch = [Metric(key=f"{prefix}{k}", value=float(v), timestamp=now, step=0) for k, v in metrics.items()]
     if batch:

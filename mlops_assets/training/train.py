@@ -12,19 +12,16 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from catboost import CatBoostClassifier
-from sklearn.metrics import log_loss, roc_auc_score
+
+from mlops_assets import constants as c
 from mlops_assets.monitoring.estimation import Calibrator, fit_calibrator
 
 if TYPE_CHECKING:  # CatBoost and scikit-learn load when a model is fit: loading the definitions stays cheap
     from catboost import CatBoostClassifier
-from sklearn.model_selection import StratifiedKFold, train_test_split
-
-from mlops_assets import constants as c
 
 TARGET_COLUMN = "target"
 SPLIT_COLUMN = "split"
@@ -106,12 +103,12 @@ class TrainingResult:
     curves: dict[str, dict[str, list[float]]]  # {"learn"|"validation": {metric: values by iteration}}
     validation_metrics: dict[str, float]
     n_fit: int
-    # Fitted on the early-stopping part (held out from fitting, never the test split): maps the
-    # model's score to a calibrated probability for label-free estimates (monitoring/estimation.py).
-    calibrator: Calibrator | None = None
     n_validation: int
     tuning: TuningResult | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Fitted on the early-stopping part (held out from fitting, never the test split): maps the
+    # model's score to a calibrated probability for label-free estimates (monitoring/estimation.py).
+    calibrator: Calibrator | None = None
 
 
 def split_frame(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -147,6 +144,8 @@ def grouped_stratified_split(
     keys = vector_keys(X)
     groups = pd.DataFrame({"key": keys, "y": y}).groupby("key", sort=True)["y"].max()
     strat = groups.to_numpy() if groups.value_counts().min() >= 2 else None
+    from sklearn.model_selection import train_test_split
+
     fit_keys, hold_keys = train_test_split(
         groups.index.to_numpy(), test_size=fraction, random_state=seed, stratify=strat
     )
@@ -157,6 +156,8 @@ def grouped_stratified_split(
 def _grouped_folds(X: pd.DataFrame, y: np.ndarray, folds: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     keys = vector_keys(X)
     groups = pd.DataFrame({"key": keys, "y": y}).groupby("key", sort=True)["y"].max()
+    from sklearn.model_selection import StratifiedKFold
+
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for _, hold_idx in splitter.split(groups.index.to_numpy(), groups.to_numpy()):
         hold = np.isin(keys, groups.index.to_numpy()[hold_idx])
@@ -167,6 +168,8 @@ def _fit(
     params: TrainingParams, X_fit: pd.DataFrame, y_fit: np.ndarray, X_val: pd.DataFrame, y_val: np.ndarray,
     train_dir: str | Path | None, cat_features: Sequence[str] = (),
 ) -> CatBoostClassifier:
+    from catboost import CatBoostClassifier
+
     model = CatBoostClassifier(
         **params.catboost_params(),
         **({"cat_features": list(cat_features)} if cat_features else {}),
@@ -199,6 +202,8 @@ def tune(
     order = np.random.default_rng(params.random_seed).permutation(len(points))
     points = [points[i] for i in order[: params.tuning_max_trials]]
     trials: list[dict[str, Any]] = []
+    from sklearn.metrics import log_loss, roc_auc_score
+
     for point in points:
         trial_params = replace(params, iterations=min(params.iterations, params.tuning_iterations), **point)
         losses, aucs = [], []
@@ -259,10 +264,10 @@ def train_model(
         n_fit=len(fit_idx),
         n_validation=len(val_idx),
         tuning=tuning,
+        calibrator=fit_calibrator(model.predict_proba(X.iloc[val_idx])[:, 1], y[val_idx]),
     )
 
 
 def predict_positive(model: CatBoostClassifier, X: pd.DataFrame) -> np.ndarray:
     """Probability of the positive class (column 1: the model is fit on 0/1 targets)."""
-        calibrator=fit_calibrator(model.predict_proba(X.iloc[val_idx])[:, 1], y[val_idx]),
     return model.predict_proba(X)[:, 1]

@@ -6,7 +6,7 @@ import math
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
 import pandas as pd
@@ -17,8 +17,10 @@ from mlops_assets.defs.metadata import confusion_table, frame_table, gate_table
 from mlops_assets.defs.resources import MlflowResource, PlatformResource
 from mlops_assets.evaluation import gate
 from mlops_assets.evaluation import metrics as ev
-from mlops_assets.registry import model_store
 from mlops_assets.training import tracking
+
+if TYPE_CHECKING:  # the registry client (MLflow, CatBoost) loads when a model is evaluated
+    from mlops_assets.registry import model_store
 from mlops_assets.training import train as tr
 
 _CRITERIA = gate.GateCriteria()
@@ -47,8 +49,10 @@ class EvaluationConfig(dg.Config):
 
 
 def _champion(mlflow: MlflowResource, candidate_run_id: str, feature_names: list[str]
-              ) -> tuple[model_store.LoadedModel | None, str]:
+              ) -> tuple["model_store.LoadedModel | None", str]:
     """The current champion to compare against, or None with the reason why not."""
+    from mlops_assets.registry import model_store
+
     name = mlflow.model_name
     if model_store.alias_version(mlflow.client(), name, c.ALIAS_CHAMPION) is None:
         return None, f"no {c.ALIAS_CHAMPION} registered for {name!r} yet"
@@ -91,6 +95,8 @@ def model_evaluation(
     train_test_split: Split,
 ) -> dg.Output[Evaluation]:
     """Hold-out metrics, plots and slices of the candidate and of the champion, with the gate decision."""
+    from mlops_assets.registry import model_store
+
     spec = platform.spec()
     client = mlflow.client()
     run_id = trained_model.run_id

@@ -17,7 +17,6 @@ from mlops_assets.core.records import Evaluation, Registration, TrainedModel, co
 from mlops_assets.defs.resources import MlflowResource
 from mlops_assets.defs.training.assets import TAG_FINGERPRINT
 from mlops_assets.evaluation import gate
-from mlops_assets.registry import governance, model_store
 from mlops_assets.training import tracking
 
 PROMOTION_ACTIONS = frozenset({"promote", "rollback-to"})
@@ -26,6 +25,8 @@ REGISTRY_CODE_VERSION = "2"
 
 def version_tags(trained_model: TrainedModel, model_evaluation: Evaluation) -> dict[str, str]:
     """What a registry version says about itself: data, features, code, run, metrics, gate."""
+    from mlops_assets.registry import model_store
+
     tags = {
         "data_version": trained_model.data_version,
         "raw_dataset_version": trained_model.raw_dataset_version,
@@ -48,10 +49,14 @@ def version_tags(trained_model: TrainedModel, model_evaluation: Evaluation) -> d
 
 
 def _ever_champion(client, model_name: str, version: str) -> bool:
+    from mlops_assets.registry import model_store
+
     return any(e.version == version and e.action in PROMOTION_ACTIONS for e in model_store.history(client, model_name))
 
 
 def _aliases(client: Any, name: str) -> dict[str, str | None]:
+    from mlops_assets.registry import model_store
+
     return {alias: model_store.alias_version(client, name, alias)
             for alias in (c.ALIAS_CHAMPION, c.ALIAS_PREVIOUS_CHAMPION, c.ALIAS_CHALLENGER)}
 
@@ -64,6 +69,8 @@ def registered_model(
     model_evaluation: Evaluation,
 ) -> dg.Output[Registration]:
     """The model version in the MLflow registry: challenger always, champion when the gate passed."""
+    from mlops_assets.registry import governance, model_store
+
     client = mlflow.client()
     name = mlflow.model_name
     run_id = trained_model.run_id
@@ -92,8 +99,11 @@ def registered_model(
                                    "skipped": True,
                                    "skip_reason": f"version {version} already registered from the same inputs"})
     existed = found is not None
+    # The hash model_evaluation checked the downloaded file against in this run: the model is fetched
+    # once per run. A reused model was not loaded in this run, so its stored file is hashed here.
     mv = model_store.register_version(client, name, run_id=run_id, model_uri=trained_model.model_uri,
-                                      tags=version_tags(trained_model, model_evaluation), by=mlflow.actor)
+                                      tags=version_tags(trained_model, model_evaluation), by=mlflow.actor,
+                                      sha256=None if trained_model.reused else trained_model.model_sha256)
     version = str(mv.version)
     if not decision.passed:  # tags again for a version registered before they existed; event once
         model_store.record_rejection(client, name, version, decision.failures, decision.champion_version,

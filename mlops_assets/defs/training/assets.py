@@ -13,7 +13,6 @@ from mlops_assets import constants as c
 from mlops_assets.core.records import Split, TrainedModel, content_hash
 from mlops_assets.defs.resources import MlflowResource, PlatformResource
 from mlops_assets.monitoring.estimation import CALIBRATOR_ARTIFACT
-from mlops_assets.registry import model_store
 from mlops_assets.training import tracking
 from mlops_assets.training import train as tr
 
@@ -79,6 +78,8 @@ def trained_model(
     Trains only what is stale: when a registered version already has this run's fingerprint
     (same data, features, split, training code and parameters), that version's record is returned
     and no MLflow run is made."""
+    from mlops_assets.registry import model_store
+
     spec = platform.spec()
     params = config.params()
     split = train_test_split
@@ -176,6 +177,8 @@ def trained_model(
 
 
 def _native_sha256(model: Any) -> str:
+    from mlops_assets.registry import model_store
+
     with tempfile.TemporaryDirectory(prefix="catboost-hash-") as tmp:
         path = f"{tmp}/{model_store.MODEL_ARTIFACT_FILE}"
         model.save_model(path)
