@@ -167,3 +167,12 @@ def test_a_valid_flow_request_becomes_a_typed_frame_and_the_schema_shows_ranges(
     props = model.json_schema()["$defs"]["Record"]["properties"]
     assert props["packets"]["minimum"] == 1 and props["protocol"]["enum"] == ["tcp", "udp", "icmp"]
     assert props["error_rate"]["maximum"] == 1
+
+
+def test_get_model_describes_each_feature_by_kind(flows, spec):
+    from mlops_assets.serving.request import feature_contract
+
+    described = feature_contract(flows)
+    assert described["src_bytes"] == {"kind": "numeric", "type": "int", "rule": "an integer >= 0", "min": 0.0}
+    assert described["protocol"]["values"] == ["tcp", "udp", "icmp"]
+    assert feature_contract(spec)["port"] == [-1, 1]  # integer codes: as GET /model always listed them

@@ -20,7 +20,16 @@ from typing import Annotated, Any
 import numpy as np
 import orjson
 import pandas as pd
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, create_model
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    create_model,
+)
 from pydantic_core import PydanticCustomError
 
 from mlops_assets.core.dataset_spec import DatasetSpec, FeatureSpec, Value
@@ -187,6 +196,25 @@ def build_request_model(spec: DatasetSpec, max_records: int) -> RequestModel:
         records=(list[record], Field(min_length=1, max_length=max_records)),  # type: ignore[valid-type]
     )
     return RequestModel(spec=spec, max_records=max_records, model=body)
+
+
+def feature_contract(spec: DatasetSpec) -> dict[str, Any]:
+    """What `GET /model` says each feature takes: a closed integer code's sorted values (as the
+    phishing data set always had), else its kind, type, values or range and the rule in words."""
+    out: dict[str, Any] = {}
+    for f in spec.features:
+        if f.is_categorical and f.closed and f.type == "int":
+            out[f.name] = sorted(f.values)
+            continue
+        entry: dict[str, Any] = {"kind": f.kind, "type": f.type, "rule": f.rule()}
+        if f.values:
+            entry["values"] = list(f.values)
+        if f.minimum is not None:
+            entry["min"] = f.minimum
+        if f.maximum is not None:
+            entry["max"] = f.maximum
+        out[f.name] = entry
+    return out
 
 
 def _field_path(loc: Sequence[int | str]) -> str:

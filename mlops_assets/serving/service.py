@@ -20,8 +20,18 @@ import numpy as np
 from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.serving.config import ModelRef, ServiceOptions
 from mlops_assets.serving.metrics import ServingMetrics
-from mlops_assets.serving.prediction_log import PredictionLogWriter, encode_request, encode_rows, prediction_rows
-from mlops_assets.serving.request import RequestError, build_request_model, parse_predict_matrix
+from mlops_assets.serving.prediction_log import (
+    PredictionLogWriter,
+    encode_request,
+    encode_rows,
+    prediction_rows,
+)
+from mlops_assets.serving.request import (
+    RequestError,
+    build_request_model,
+    feature_contract,
+    parse_predict_matrix,
+)
 from mlops_assets.serving.scoring import Features, ScoredRecords, Scorer, prediction_items, score_many
 
 logger = logging.getLogger(__name__)
@@ -200,7 +210,7 @@ class ServiceCore:
             "label_values": {str(k): v for k, v in self.spec.label_values.items()},
             "positive_class": self.spec.positive_class,
             "max_records": self.options.max_records,
-            "features": {f.name: sorted(f.values) for f in self.spec.features},
+            "features": feature_contract(self.spec),
         }
 
     # --- prediction ----------------------------------------------------------------------
