@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--conflict-share", type=_share, default=None,
                       help="share of distinct feature vectors that also appear with the other label")
     data.add_argument("--drift", action="append", default=[], metavar="FEATURE=AMOUNT",
-                      help="move AMOUNT of FEATURE's value share onto its rarest value (repeatable)")
+                      help="drift FEATURE by AMOUNT in [0, 1]: a categorical feature's share moves onto its rarest "
+                           "value, a numeric one is scaled by 1 + 3*AMOUNT (repeatable)")
     data.add_argument("--spec", default=None, help="dataset spec JSON (default: MLOPS_DATASET_SPEC or phishing)")
     data.set_defaults(func=_cmd_simulate_data)
 
@@ -378,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seconds after which nothing new is sent (default 120)")
     traffic.add_argument("--seed", type=int, default=c.SIMULATOR_SEED + 1, help="random seed of the records")
     traffic.add_argument("--drift", action="append", default=[], metavar="FEATURE=AMOUNT",
-                         help="inject drift: move AMOUNT of FEATURE's value share onto its rarest value (repeatable)")
+                         help="inject drift: a categorical FEATURE's share moves AMOUNT onto its rarest value, a "
+                              "numeric one is scaled by 1 + 3*AMOUNT (repeatable)")
     traffic.add_argument("--endpoint", default=None,
                          help="serving URL (default: MLOPS_SERVE_URL, else the local Serve port)")
     traffic.add_argument("--labels", action="store_true",
