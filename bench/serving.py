@@ -430,16 +430,9 @@ def parsing_micro(setup: Setup, repeats: int = 200) -> list[dict[str, Any]]:
 # --- main -------------------------------------------------------------------------------------
 
 
-def run(quick: bool, root: Path, log: Any = print, levers: bool = True) -> dict[str, Any]:
-    budget = Budget.of(quick)
-    started = time.monotonic()
-    at_start = machine()
-    log(f"serving benchmark ({'quick' if quick else 'full'}): {budget.rounds} round(s), cells of up to "
-        f"{budget.max_requests} requests or {budget.max_seconds}s; load average {at_start['loadavg']}")
-    setup = prepare(root)
-    workers = scoring_replicas()
-    log(f"  model {MODEL_NAME} version {setup.version} ({setup.model.tree_count_} trees); {workers} scoring replicas")
-    deploy_seconds: dict[str, float] = {}
+def _setup_and_measure(setup: Setup, budget: Budget, workers: int, levers: bool, deploy_seconds: dict[str, float],
+                       log: Any) -> tuple[dict[tuple[str, int, int], list[LoadResult]], list[Target]]:
+    """Start every target (two Ray heads, the lever applications, the peers), measure, stop them all."""
     with contextlib.ExitStack() as stack:
         target, cluster = stack.enter_context(ray_head(setup, "haproxy", log))
         deploy_seconds[SHIPPED] = deploy_shipped(setup, target, log)
@@ -453,7 +446,27 @@ def run(quick: bool, root: Path, log: Any = print, levers: bool = True) -> dict[
             targets.append(Target(PROXY_LEVER, proxy_cluster.serve_http_port, "/predict", "records", auth=True,
                                   cells=LEVER_CELLS))
         targets += stack.enter_context(peers(setup, workers, log))
-        runs = measure(setup, targets, budget, log)
+        return measure(setup, targets, budget, log), targets
+
+
+def run(quick: bool, root: Path, log: Any = print, levers: bool = True) -> dict[str, Any]:
+    budget = Budget.of(quick)
+    started = time.monotonic()
+    at_start = machine()
+    log(f"serving benchmark ({'quick' if quick else 'full'}): {budget.rounds} round(s), cells of up to "
+        f"{budget.max_requests} requests or {budget.max_seconds}s; load average {at_start['loadavg']}")
+    setup = prepare(root)
+    workers = scoring_replicas()
+    log(f"  model {MODEL_NAME} version {setup.version} ({setup.model.tree_count_} trees); {workers} scoring replicas")
+    deploy_seconds: dict[str, float] = {}
+    for attempt in range(1, 3):  # a Ray head can die while it starts on an overloaded machine: once more
+        try:
+            runs, targets = _setup_and_measure(setup, budget, workers, levers, deploy_seconds, log)
+            break
+        except (RuntimeError, TimeoutError, httpx.HTTPError) as exc:
+            if attempt == 2:
+                raise
+            log(f"  setting up failed ({type(exc).__name__}: {str(exc)[:160]}); starting over")
     rows = summarize(runs)
     at_end = machine()
     return {

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -392,7 +392,7 @@ class PredictionIngress:
                 log.close()
 
 
-def _app_path(scope: dict[str, Any]) -> str:
+def _app_path(scope: Mapping[str, Any]) -> str:
     """The path below the application's route prefix (Serve passes it as `root_path`): `/predict` under any prefix."""
     path, root = str(scope.get("path") or "/"), str(scope.get("root_path") or "").rstrip("/")
     return (path[len(root):] or "/") if root and (path == root or path.startswith(root + "/")) else path
