@@ -41,6 +41,8 @@ def test_the_gate_table_lists_failed_checks_first_with_value_bound_and_reason() 
     rows = _rows(md.gate_table(decision))
     assert [r["check"] for r in rows][0] == "recall" and rows[0]["verdict"] == "FAIL"
     assert rows[0]["bound"] == ">= 0.75" and rows[0]["reason"] == "recall 0.6100 < 0.75"
+    assert rows[1]["reason"] == ""  # a passed threshold: its value and bound say it all
+    assert rows[-1]["check"] == "champion (vs_champion)" and rows[-1]["reason"] == "no champion yet"
     assert rows[-1]["bound"] == "n/a" and rows[-1]["value"] == "n/a"  # NaN never reaches the UI as a number
     assert _types(md.gate_table(decision))["value"] == "string"  # mixed with 'n/a': a valid string column
 
@@ -195,3 +197,19 @@ def test_make_up_after_make_demo_ingests_and_trains_nothing_again(tmp_path: Path
         assert not result.dynamic_partitions_requests
         cursor = json.loads(result.cursor or "{}")
         assert list(cursor["seen"]) == ["demo-seed42.csv"] and cursor["pending"] == []
+
+
+def test_resources_built_from_the_default_settings_show_no_null_field(tmp_path: Path) -> None:
+    """What the UI's resource pages show on a default local setup: a value (or "" for "not set") in
+    every field, the actor and the commit resolved, never `null`."""
+    from mlops_assets.defs.resources import build_resources
+    from mlops_assets.settings import load_settings
+
+    resources = build_resources(load_settings({"MLOPS_DATA_URL": str(tmp_path)}))
+    for name, resource in resources.items():
+        values = {k: getattr(resource, k) for k in type(resource).model_fields}
+        assert not [k for k, v in values.items() if v is None], (name, values)
+    mlflow = resources["mlflow"]
+    assert mlflow.actor and mlflow.git_sha and mlflow.ui_url == ""
+    assert resources["ray_serve"].serve_config_path.endswith("deploy/serve_config.yaml")
+    assert Path(resources["ray_serve"].serve_config_path).is_file()

@@ -66,16 +66,23 @@ def frame_table(frame: pd.DataFrame) -> dg.MetadataValue:
 
 
 def gate_table(decision: Mapping[str, Any]) -> dg.MetadataValue:
-    """The promotion gate as one row per check, failures first: check, kind, value, bound, verdict, reason."""
+    """The promotion gate as one row per check, failures first: check, value, bound, verdict, reason."""
+    def value(v: Any) -> Any:
+        return round(v, 4) if isinstance(v, float) and not math.isnan(v) else v
+
     checks = sorted(decision.get("checks") or [], key=lambda ch: bool(ch.get("passed")))
-    rows = [{"check": ch.get("metric"), "kind": ch.get("kind"), "value": ch.get("value"),
-             "bound": f"{ch.get('op')} {_cell(ch.get('bound'))}" if ch.get("op") not in (None, "n/a") else "n/a",
-             "verdict": "pass" if ch.get("passed") else "FAIL", "reason": ch.get("reason")} for ch in checks]
+    rows = [{"check": ch.get("metric") if ch.get("kind") == "absolute" else f"{ch.get('metric')} ({ch.get('kind')})",
+             "value": value(ch.get("value")),
+             "bound": f"{ch.get('op')} {_cell(value(ch.get('bound')))}" if ch.get("op") not in (None, "n/a") else "n/a",
+             "verdict": "pass" if ch.get("passed") else "FAIL",
+             # A passed threshold says all in its value and bound; a failure or a comparison says why.
+             "reason": "" if ch.get("passed") and ch.get("kind") == "absolute" else str(ch.get("reason") or "")}
+            for ch in checks]
     if not rows:  # a stored decision of an older format: its reasons only
-        rows = [{"check": "gate", "kind": "", "value": None, "bound": "n/a",
+        rows = [{"check": "gate", "value": None, "bound": "n/a",
                  "verdict": "pass" if decision.get("passed") else "FAIL", "reason": r}
                 for r in decision.get("reasons") or []]
-    return table_value(rows, ["check", "kind", "value", "bound", "verdict", "reason"])
+    return table_value(rows, ["check", "value", "bound", "verdict", "reason"])
 
 
 def confusion_table(counts: Mapping[str, int], negative: str, positive: str) -> dg.MetadataValue:

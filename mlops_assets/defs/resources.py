@@ -55,8 +55,9 @@ class PlatformResource(dg.ConfigurableResource, DataFolders):
 
     @classmethod
     def from_settings(cls, settings: Settings, **fields: Any) -> "PlatformResource":
+        # No None in the UI: "" is "the packaged phishing spec" (load_spec reads it so).
         return cls(**{"data_url": settings.data_url, "landing_url": settings.landing_url,
-                      "dataset_spec_path": settings.dataset_spec_path, **fields})
+                      "dataset_spec_path": settings.dataset_spec_path or "", **fields})
 
     @classmethod
     def at(cls, data_url: str, **fields: Any) -> "PlatformResource":
@@ -187,9 +188,11 @@ class MlflowResource(dg.ConfigurableResource):
     def from_settings(cls, settings: Settings, **fields: Any) -> "MlflowResource":
         return cls(**{"tracking_uri": settings.mlflow_tracking_uri, "artifact_root": settings.mlflow_artifact_root,
                       "experiment": settings.mlflow_experiment, "model_name": settings.model_name,
-                      "ui_url": settings.mlflow_ui_url, "tracking_uri_file": settings.mlflow_tracking_uri_file,
-                      "dagster_ui_url": settings.dagster_ui_url,
-                      "actor": settings.actor, "git_sha": settings.git_sha, **fields})
+                      "ui_url": settings.mlflow_ui_url or "", "tracking_uri_file": settings.mlflow_tracking_uri_file or "",
+                      "dagster_ui_url": settings.dagster_ui_url or "",
+                      # Resolved here, so the UI shows who acts and which commit runs, never "null".
+                      "actor": model_store_actor(settings.actor), "git_sha": tracking.git_sha(explicit=settings.git_sha),
+                      **fields})
 
     def artifact_location(self) -> str:
         """The artifact root, or the `artifacts` folder beside a local SQLite store when none is given."""
@@ -254,6 +257,17 @@ class MlflowResource(dg.ConfigurableResource):
         return dg.MetadataValue.text(f"models:/{model_name}/{version} in {self.shown_tracking_uri()}")
 
 
+def model_store_actor(explicit: str | None) -> str:
+    from mlops_assets.registry.model_store import actor
+
+    return actor(explicit)
+
+
+# The repository's Serve config (deployment.rollout's default), named here so the UI shows the file
+# without loading the deployment client at definition load.
+DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
+
+
 def tracking_location(artifact_root: str, experiment: str) -> str:
     return f"{artifact_root.rstrip('/')}/{experiment}"
 
@@ -279,8 +293,9 @@ class RayServeResource(dg.ConfigurableResource):
     def from_settings(cls, settings: Settings, **fields: Any) -> "RayServeResource":
         token = dg.EnvVar(TOKEN_ENV) if TOKEN_ENV in settings.secrets_in_env else ""
         return cls(**{"dashboard_url": settings.ray_dashboard_url, "serve_url": settings.serve_url,
-                      "api_token": token, "api_token_file": settings.api_token_file,
-                      "serve_config_path": settings.serve_config_path, "http_host": settings.serve_http_host,
+                      "api_token": token, "api_token_file": settings.api_token_file or "",
+                      "serve_config_path": settings.serve_config_path or str(DEFAULT_SERVE_CONFIG),
+                      "http_host": settings.serve_http_host or "",
                       "prediction_log_url": settings.prediction_log_url,
                       "release_strategy": settings.release_strategy,
                       "release_canary_share": settings.release_canary_share, **fields})
@@ -326,7 +341,7 @@ class MonitoringResource(dg.ConfigurableResource):
 
     @classmethod
     def from_settings(cls, settings: Settings, **fields: Any) -> "MonitoringResource":
-        webhook = dg.EnvVar(WEBHOOK_ENV) if WEBHOOK_ENV in settings.secrets_in_env else None
+        webhook = dg.EnvVar(WEBHOOK_ENV) if WEBHOOK_ENV in settings.secrets_in_env else ""  # "": the log only
         return cls(**{"prediction_log_url": settings.prediction_log_url, "labels_url": settings.labels_url,
                       "metrics_url": settings.metrics_url, "alert_webhook_url": webhook, **fields})
 
