@@ -310,6 +310,11 @@ class PredictionService:
 
     def check_health(self) -> None:
         self._core.check_health()
+        # Re-report the served version each period: Ray's metrics agent drops a gauge its process
+        # has not reported for two export intervals, so one set at load would vanish from Prometheus.
+        scorer = self._core.scorer
+        if scorer is not None:
+            self._core.metrics.model_loaded(scorer.version)
 
     @serve.batch(max_batch_size=DEFAULT_BATCH_MAX_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
     async def _score_batched(self, matrices: list[np.ndarray]) -> list[ScoredRecords]:
