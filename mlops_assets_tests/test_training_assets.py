@@ -133,7 +133,7 @@ def test_the_run_holds_what_tracking_promises_and_the_champion_predicts_like_tra
 
     # Either side leads to the other.
     assert meta["mlflow_run"].value == (f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}"
-                                        f"/runs/{run.info.run_id}")
+                                        f"/runs/{run.info.run_id}?workflowType=machine_learning")
     assert run.data.tags["dagster_run_id"] == result.run_id
     assert run.data.tags["dagster_asset_key"] == "trained_model"
     sha = run.data.tags["git_sha"]

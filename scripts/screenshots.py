@@ -295,8 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         wait_http(f"{dagster}/server_info")
         wait_http(f"{mlflow}/health")
         graphql(dagster, "mutation { setNuxSeen }")  # the first-visit "join the community" dialog
-        hour = (datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1))
-        partition = hour.strftime("%Y-%m-%d-%H:00")
+        import dagster as dg
+
+        with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:  # the drifted (newest) hour
+            partition = max(instance.get_materialized_partitions(dg.AssetKey("drift_report")))
         ml = "workflowType=machine_learning"  # MLflow 3.17's UI-wide GenAI / model-training switch
         close = ("js", "document.querySelector('[data-component-id=\"mlflow.assistant.chat_panel.close\"]')?.click()")
         from mlflow import MlflowClient
@@ -311,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
              (("click", "promotion_gate"), ("wait", "gate_decision"))),
             ("drift_report", f"{dagster}/assets/drift_report?view=partitions&partition={partition}", "drift_scores",
              (("scroll", "drift_scores"),)),
-            ("drift_plots", f"{dagster}/assets/drift_report", "Metadata", (("click", "Plots"), ("wait", "drift_share"))),
+            ("drift_plots", f"{dagster}/assets/drift_report", "Metadata", (("click", "Plots"), ("wait", "drift_share"),
+                                                                          ("scroll", "drift_share"))),
             ("prediction_log", f"{dagster}/assets/prediction_log?view=events", "rows_by_version", ()),
             ("resources", f"{dagster}/locations/mlops_assets.definitions/resources/mlflow", "tracking_uri", ()),
             ("mlflow_model_version", f"{mlflow}/#/models/{settings.model_name}/versions/1?{ml}", "Version 1", (close,)),

@@ -238,12 +238,19 @@ def read_metadata_json(client: MlflowClient, run_id: str) -> dict[str, Any]:
         return json.loads(Path(path).read_text())
 
 
+# MLflow 3's UI has one switch for every page, GenAI or model training, remembered per browser and
+# GenAI until changed; a link that names it opens on model training (runs, metrics, models).
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def run_url(ui_url: str | None, experiment_id: str, run_id: str) -> str | None:
-    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" if ui_url else None
+    return (f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
+            if ui_url else None)
 
 
 def model_version_url(ui_url: str | None, model_name: str, version: str) -> str | None:
-    return f"{ui_url.rstrip('/')}/#/models/{model_name}/versions/{version}" if ui_url else None
+    return (f"{ui_url.rstrip('/')}/#/models/{model_name}/versions/{version}?{MODEL_TRAINING_VIEW}"
+            if ui_url else None)
 
 
 def dagster_run_url(ui_url: str | None, run_id: str) -> str | None:
