@@ -202,3 +202,43 @@ def test_sensor_reads_any_fsspec_landing_url(url, simulated):
                                           resources={"platform": PlatformResource(data_url=url.rsplit("/", 1)[0], landing_url=url)})
         result = raw_files_sensor(context)
     assert isinstance(result, dg.SensorResult) and len(result.run_requests) == 1
+
+
+def test_each_batch_meets_the_contract_check_once_and_unchanged_inputs_are_not_recomputed(data_root: Path, simulated):
+    write_batch(simulated.iloc[:1500], str(data_root / "raw"), name="first.csv")
+    with dg.instance_for_test() as instance:
+        assert _materialize(data_root, instance).success
+        # Landing checked the file against the contract: its finding is kept per batch and spec.
+        [finding] = list((data_root / "reports" / ingestion.CONTRACT_DIR).rglob("*.json"))
+        assert json.loads(finding.read_text()) == []
+        # A finding kept for a batch stands for that batch: a new data version holding it does not
+        # check it again (only the new batch is checked, at its landing).
+        finding.write_text(json.dumps([{"column": "kept", "message": "the kept finding, not a new check"}]))
+        write_batch(simulated.iloc[1500:], str(data_root / "raw"), name="second.csv")
+        result = _materialize(data_root, instance)
+        schema = _checks(result)["schema_is_valid"]
+        assert not schema.passed and "the kept finding" in (schema.description or "")
+        assert len(list((data_root / "reports" / ingestion.CONTRACT_DIR).rglob("*.json"))) == 2
+
+    finding.write_text("[]")
+    for report in (data_root / "reports").glob("validation-*"):  # the report kept the planted finding
+        report.unlink()
+    with dg.instance_for_test() as instance:  # the same inputs twice: features and split are reused, not recomputed
+        assert _materialize(data_root, instance).success
+        again = _materialize(data_root, instance)
+        assert again.success
+        for asset in ("feature_set", "train_test_split"):
+            assert again.asset_materializations_for_node(asset)[0].metadata["reused"].value is True, asset
+        assert _checks(again)["no_shared_feature_vectors"].passed
+
+
+def test_loading_the_definitions_imports_no_model_library():
+    """Every CLI call and step process loads the definitions: CatBoost, scikit-learn, whylogs and
+    matplotlib load only in the steps that use them."""
+    heavy = ("catboost", "sklearn", "whylogs", "matplotlib")
+    code = ("import sys, mlops_assets.definitions; "
+            f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DAGSTER_HOME": os.environ.get("DAGSTER_HOME", "")})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "", f"loading the definitions imported {done.stdout.strip()}"

@@ -10,11 +10,13 @@ import pandas as pd
 from dagster_mlflow import end_mlflow_on_run_finished
 
 from mlops_assets import constants as c
+from mlops_assets.core import records
 from mlops_assets.core.dataset_spec import DatasetSpec
-from mlops_assets.core.records import RawDataset
+from mlops_assets.core.records import RawDataset, content_hash
 from mlops_assets.defs.metadata import path_value, redact_text, redact_uri
 from mlops_assets.defs.resources import PlatformResource
 from mlops_assets.ingestion import batches as ingestion
+from mlops_assets.settings import join_url
 
 CONTRACT_CHECK = "landed_files_meet_contract"
 NOT_EMPTY_CHECK = "has_accepted_batches"
@@ -23,6 +25,7 @@ INGEST_JOB = "ingest_raw_batch"
 LANDED_FILE_TAG = "mlops_assets/landed_file"  # the file a partition run reads first
 LANDED_FILES_TAG = "mlops_assets/landed_files"
 RAW_DATASET_CODE_VERSION = "2"  # bump when the union of batches is built differently
+CONTRACT_DIR = "contract"  # under the reports folder: each batch's contract findings, per dataset spec
 
 
 # Each landed file is one partition of raw_batches, keyed by the sha256 of its bytes.
@@ -75,6 +78,8 @@ def raw_batches(context: dg.AssetExecutionContext, platform: PlatformResource) -
     if outcome.quarantine is not None:
         bad = outcome.quarantine
         context.log.warning(redact_text(f"quarantined {bad.file_name}: {bad.reason} (moved to {bad.moved_to})"))
+    if outcome.status == "accepted":  # checked against this spec just now: validation does not check it again
+        records.write_atomic(contract_url(settings.reports_url, platform.spec(), sha), b"[]")
     accepted = len(ingestion.accepted_batches(settings.batches_url))
     batch = outcome.batch
     not_empty = dg.AssetCheckResult(
@@ -142,6 +147,12 @@ def raw_dataset(context: dg.AssetExecutionContext, platform: PlatformResource) -
             "dagster/row_count": record.rows,
         },
     )
+
+
+def contract_url(reports_url: str, spec: DatasetSpec, batch_id: str) -> str:
+    """Where the data contract's findings on one batch under one dataset spec are kept: each batch
+    is checked once (when it lands, or by the first validation that sees it), not per data version."""
+    return join_url(reports_url, CONTRACT_DIR, content_hash(repr(spec))[:12], f"{batch_id}.json")
 
 
 def load_raw_frame(raw: RawDataset, spec: DatasetSpec) -> pd.DataFrame:

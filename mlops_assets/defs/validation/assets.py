@@ -6,8 +6,9 @@ import dagster as dg
 
 from mlops_assets import constants as c
 from mlops_assets.core import records, storage
+from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.core.records import RawDataset, content_hash
-from mlops_assets.defs.ingestion.assets import load_raw_frame
+from mlops_assets.defs.ingestion.assets import contract_url, load_raw_frame
 from mlops_assets.defs.metadata import path_value
 from mlops_assets.defs.resources import PlatformResource
 from mlops_assets.settings import join_url
@@ -41,7 +42,8 @@ def validation_report(context: dg.AssetExecutionContext, config: ValidationConfi
         report = storage.read_json(f"{base}.json")
         context.log.info(f"data version {data_version} was validated before: report {base}.json reused")
     else:
-        report = build_report(load_raw_frame(raw_dataset, spec), spec, thresholds, data_version)
+        violations = batch_violations(raw_dataset, spec, settings.reports_url)
+        report = build_report(load_raw_frame(raw_dataset, spec), spec, thresholds, data_version, violations)
         records.write_atomic(f"{base}.json", json.dumps(report, indent=1).encode())
     markdown = render_markdown(report)
     records.write_atomic(f"{base}.md", markdown.encode())
@@ -60,6 +62,29 @@ def validation_report(context: dg.AssetExecutionContext, config: ValidationConfi
             "report": dg.MetadataValue.md(markdown),
         },
     )
+
+
+def batch_violations(raw: RawDataset, spec: DatasetSpec, reports_url: str) -> list[dict]:
+    """The data contract's findings on each batch of `raw`, each batch checked once: a batch checked
+    when it landed (or by an earlier validation) under this spec is not checked again."""
+    from mlops_assets.core.schema import check_contract
+    from mlops_assets.ingestion import batches
+
+    found: list[dict] = []
+    by_id: dict[str, batches.BatchRecord] | None = None
+    for batch_id in raw.batch_ids:
+        url = contract_url(reports_url, spec, batch_id)
+        if storage.exists(url):
+            violations = storage.read_json(url)
+        else:  # a batch that came in another way (a labelled production batch), or under another spec
+            by_id = by_id or {b.batch_id: b for b in batches.accepted_batches(raw.batches_url)}
+            if batch_id not in by_id:
+                raise dg.Failure(f"raw dataset {raw.version}: batch {batch_id} is gone from the batch store")
+            frame = batches.load_raw_dataset([by_id[batch_id]], spec)
+            violations = [v.as_dict() for v in check_contract(frame, spec)]
+            records.write_atomic(url, json.dumps(violations, default=str).encode())
+        found += [{**v, "batch_id": batch_id} for v in violations]
+    return found
 
 
 @dg.asset_check(asset=validation_report, blocking=True, description="raw_dataset meets the pandera contract.")
