@@ -127,3 +127,21 @@ def test_load_generator_is_bounded_by_requests_and_checks_answers() -> None:
         server.shutdown()
         server.server_close()
     assert result.ok == 30 and result.failed == 0 and result.throughput > 0
+
+
+def test_training_path_results_carry_what_the_generic_renderer_shows() -> None:
+    from bench import training_path
+
+    def side(wall: float) -> list[dict]:
+        return [{"wall": wall, "cpu": wall / 2, "run_seconds": wall / 3, "steps": {"trained_model": 1.0},
+                 "laps": {"trained_model": 0.9, "total_in_process": wall}} for _ in training_path.FILES]
+
+    rounds = [{"round": r, "order": ["direct", "dagster"], "direct": side(10.0), "dagster": side(13.0),
+               "ratio_wall": 1.3, "ratio_cpu": 1.3} for r in (1, 2)]
+    out = training_path.summarize(rounds, 2.5, {"cpus": 2, "loadavg": "1 1 1"})
+    assert {"title", "command", "code_version", "summary", "machine"} <= set(out)
+    assert all(not isinstance(v, dict | list) for v in out["summary"].values())  # flat: a renderer shows it as is
+    assert out["goal_met"] and out["ratio_wall"] == 1.3 and out["table"][-1]["x direct"] == 1.3
+    text = training_path.report(out)
+    assert "1.30x wall" in text and "trained_model" in text and "met" in text
+    json.dumps(out)  # the results file is plain JSON
