@@ -71,9 +71,8 @@ APP_LEVERS: tuple[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]], ..
     ("ours: no prediction log", {"prediction_log": False}, {}, {}),
     ("ours: no batching", {"batch_max_size": 1}, {}, {}),
     ("ours: user code on a second thread", {}, {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}, {}),
-    # candidates, not shipped: Ray settings measured beside the shipped default before choosing
+    # a candidate, not shipped: a Ray setting measured beside the shipped default before choosing
     ("candidate: handle router on the replica's loop", {}, {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}, {}),
-    ("candidate: gRPC between deployments", {}, {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}, {}),
 )
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = "python -m bench.serving --json bench/results/serving.json"
@@ -434,14 +433,16 @@ def _setup_and_measure(setup: Setup, budget: Budget, workers: int, levers: bool,
                        log: Any) -> tuple[dict[tuple[str, int, int], list[LoadResult]], list[Target]]:
     """Start every target (two Ray heads, the lever applications, the peers), measure, stop them all."""
     with contextlib.ExitStack() as stack:
+        # Both heads start before any replica loads the machine: Ray gives a starting raylet 30 s.
         target, cluster = stack.enter_context(ray_head(setup, "haproxy", log))
+        if levers:
+            proxy_target, proxy_cluster = stack.enter_context(ray_head(setup, "proxy", log))
         deploy_seconds[SHIPPED] = deploy_shipped(setup, target, log)
         port = cluster.serve_http_port
         targets = [Target(SHIPPED, port, "/predict", "records", auth=True)]
         if levers:
             for label, path in deploy_levers(setup, target, log):
                 targets.append(Target(label, port, path, "records", auth=True, cells=LEVER_CELLS))
-            proxy_target, proxy_cluster = stack.enter_context(ray_head(setup, "proxy", log))
             deploy_seconds[PROXY_LEVER] = deploy_shipped(setup, proxy_target, log)
             targets.append(Target(PROXY_LEVER, proxy_cluster.serve_http_port, "/predict", "records", auth=True,
                                   cells=LEVER_CELLS))
