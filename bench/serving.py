@@ -217,6 +217,7 @@ def ray_head(setup: Setup, ingress: str, log: Any) -> Iterator[tuple[Any, Any]]:
         dashboard_agent_grpc_port=free_port(), runtime_env_agent_port=free_port(),
         dashboard_metrics_port=free_port(), autoscaler_metrics_port=free_port(),
         serve_ingress=None if ingress == "haproxy" else ingress,  # None: what make demo / make up get
+        token_file=str(setup.root / "ray_auth_token"),  # one token for both heads: this process calls both
     )
     ensure_token(cluster)
     os.environ.update(auth_env(cluster))  # this process's deploy calls authenticate with the head's token
