@@ -129,7 +129,11 @@ def _window_figures(spec: DatasetSpec, model: object, calibrator: est.Calibrator
 
 
 def test_online_performance_puts_the_estimate_beside_the_realized_metrics(tmp_path, spec: DatasetSpec) -> None:
-    from mlops_assets.defs.monitoring.assets import OnlinePerformanceConfig, ServingModel, _performance_of_hour
+    from mlops_assets.defs.monitoring.assets import (
+        OnlinePerformanceConfig,
+        ServingModel,
+        _performance_of_hour,
+    )
     from mlops_assets.settings import load_settings
 
     rng = np.random.default_rng(4)
@@ -153,3 +157,40 @@ def test_online_performance_puts_the_estimate_beside_the_realized_metrics(tmp_pa
     later, _ = _performance_of_hour(OnlinePerformanceConfig(), settings, spec, model, log, labels, start)
     assert later["estimated_degraded"] is False  # with labels, the realized verdict decides
     assert abs(later["estimate_error_accuracy"].value) < 0.05 and later["degraded"] is True
+
+
+def test_the_degradation_sensor_retrains_on_an_estimated_degradation_before_labels_come() -> None:
+    import dagster as dg
+
+    from mlops_assets.defs.monitoring.sensors import degradation_retraining_sensor
+    from mlops_assets.defs.resources import MonitoringResource
+
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            asset_key="online_performance", partition="2026-01-05-11:00",
+            metadata={"degraded": False, "event_key": "none", "estimated_degraded": True,
+                      "estimated_event_key": "estimated-degraded-4"}))
+        context = dg.build_sensor_context(instance=instance, resources={"monitoring": MonitoringResource.at("memory://x")})
+        result = degradation_retraining_sensor(context)
+        assert isinstance(result, dg.SensorResult)
+        assert [(r.run_key, r.tags["mlops_assets/trigger"]) for r in result.run_requests or []] == [
+            ("estimated-degraded-4", "degradation")]
+
+
+def test_the_post_deploy_watch_signals_an_estimated_accuracy_drop_of_the_new_version(tmp_path, spec: DatasetSpec) -> None:
+    from mlops_assets.defs.monitoring.sensors import _estimated_accuracy_signal
+    from mlops_assets.defs.resources import MlflowResource
+    from mlops_assets_tests.registry_support import register_simulated_versions
+
+    tracking_uri, client, _ = register_simulated_versions(tmp_path, spec, model_name="m", experiment="e",
+                                                          seeds_and_iterations=[(1, 5)], n_rows=300)
+    client.set_model_version_tag("m", "1", "metric.test_accuracy", "0.95")
+    mlflow = MlflowResource(tracking_uri=tracking_uri, model_name="m")
+    n = 300
+    sure = pd.DataFrame({"phishing_probability": np.r_[np.full(n // 2, 0.99), np.full(n // 2, 0.01)],
+                         "label": [spec.positive_class] * (n // 2) + [spec.negative_class] * (n // 2)})
+    assert _estimated_accuracy_signal(mlflow, "1", sure, spec.positive_class, 100)["reason"] is None
+    unsure = sure.assign(phishing_probability=np.r_[np.full(n // 2, 0.6), np.full(n // 2, 0.4)])
+    signal = _estimated_accuracy_signal(mlflow, "1", unsure, spec.positive_class, 100)
+    assert signal["estimated_accuracy"] == pytest.approx(0.6) and "no labels needed" in signal["reason"]
+    assert _estimated_accuracy_signal(mlflow, "1", unsure.head(50), spec.positive_class, 100)["reason"] is None

@@ -293,3 +293,20 @@ def test_release_comparison_materializes_one_hour_with_numeric_metadata(tmp_path
     assert meta["champion_version"] == "1" and meta["candidate_version"] == "2"
     assert meta["paired_rows"] == 300 and 0.7 < meta["agreement_rate"] < 0.95
     assert meta["candidate_accuracy"] > meta["champion_accuracy"] and "candidate_estimated_accuracy" in meta
+
+
+def test_the_release_command_says_when_there_is_no_cluster_to_ask(monkeypatch, capsys) -> None:
+    import socket
+
+    from mlops_assets.tools.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("MLOPS_API_TOKEN", "t")
+    for action in ("status", "abort"):
+        assert main(["release", action, "--dashboard-url", closed, "--endpoint", closed]) == 1
+        err = capsys.readouterr().err
+        assert f"the Ray dashboard at {closed} did not answer" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["release", "rollout"])

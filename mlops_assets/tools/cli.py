@@ -256,6 +256,8 @@ def _cmd_release(args: argparse.Namespace) -> int:
     """Promote or end the live shadow/canary release by hand (what the release sensor's runs do), or show it."""
     import json
 
+    import httpx
+
     from mlops_assets.deployment import rollout as dep
     from mlops_assets.monitoring.alerts import send_alert
     from mlops_assets.settings import load_settings
@@ -263,7 +265,12 @@ def _cmd_release(args: argparse.Namespace) -> int:
     settings = load_settings()
     target = dep.target_from_settings(settings, dashboard_url=args.dashboard_url, serve_url=args.endpoint)
     if args.action == "status":
-        live = dep.current_release(target)
+        try:
+            live = dep.current_release(target)
+        except httpx.HTTPError as exc:
+            print(f"mlops-assets release status: the Ray dashboard at {target.dashboard_url} did not answer "
+                  f"({type(exc).__name__}); is the Ray head up (make up)?", file=sys.stderr)
+            return 1
         state = dep.release_state(target) or {}
         print(json.dumps({**live.to_user_config(), "ingress": state}, indent=2, default=str) if args.json else (
             f"release {live.release_id}: {live.strategy} of version {live.candidate_version} beside champion "
@@ -277,6 +284,10 @@ def _cmd_release(args: argparse.Namespace) -> int:
                                     actor=settings.actor, reasons=[reason])
     except (dep.DeploymentError, LookupError) as exc:
         print(redact_text(f"mlops-assets release {args.action}: failed: {exc}"), file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:
+        print(f"mlops-assets release {args.action}: the Ray dashboard at {target.dashboard_url} did not answer "
+              f"({type(exc).__name__}); is the Ray head up (make up)?", file=sys.stderr)
         return 1
     release = result.release
     done = "promoted" if promote else "aborted"
