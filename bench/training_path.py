@@ -22,7 +22,9 @@ store, DAGSTER_HOME) holding the same simulated files:
   them) keeps the work identical as the assets change.
 
 The sides alternate which goes first in each round, so drift in the machine's load hits both.
-The figure that matters is dagster / direct per round (goal: at most 1.5x), with its median.
+The figure that matters is dagster / direct per round (goal: at most 1.5x), with its median, in
+wall time and in CPU time (every process of a side); the goal is judged on the larger of the two,
+because on a shared machine wall time drifts with others' load and CPU time does not.
 
 Run: `python -m bench.training_path [--quick] [--rounds N] [--json bench/results/training_path.json]`.
 """
@@ -284,18 +286,18 @@ def summarize(per_round: Sequence[Mapping[str, Any]], imports: float, started: M
         "command": COMMAND,
         "code_version": code_version(),
         "machine": started,
-        "machine_at_end": {"loadavg": machine()["loadavg"]},
+        "machine_at_end": {"loadavg": machine()["loadavg"]},  # a load far above the CPU count: read CPU, not wall
         "files": [{"name": n, "rows": rows, "seed": seed} for n, rows, seed in FILES],
         "rounds": len(per_round),
         "goal": f"<= {GOAL_RATIO}x direct",
-        "goal_met": ratio <= GOAL_RATIO,
+        "goal_met": max(ratio, ratio_cpu) <= GOAL_RATIO,
         "ratio_wall": ratio,
         "ratio_cpu": ratio_cpu,
         "summary": {
             "dagster / direct (wall, median of rounds)": round(ratio, 3),
             "dagster / direct (CPU, median of rounds)": round(ratio_cpu, 3),
             "goal": f"<= {GOAL_RATIO}x",
-            "goal met": ratio <= GOAL_RATIO,
+            "goal met (larger of wall and CPU ratios)": max(ratio, ratio_cpu) <= GOAL_RATIO,
             "direct s (both trainings)": round(d, 2),
             "dagster s (both trainings)": round(g, 2),
             "load the definitions s": round(imports, 2),
@@ -313,7 +315,9 @@ def report(out: Mapping[str, Any]) -> str:
     return "\n".join([
         f"## {out['title']}", "",
         f"{out['rounds']} interleaved round(s); dagster / direct {out['ratio_wall']:.2f}x wall "
-        f"({out['ratio_cpu']:.2f}x CPU), goal {out['goal']}: {met}. Loading the definitions: "
+        f"({out['ratio_cpu']:.2f}x CPU), goal {out['goal']} on the larger: {met}. Load average "
+        f"{out['machine'].get('loadavg')} at the start, {out['machine_at_end']['loadavg']} at the end. "
+        "Loading the definitions: "
         f"{out['definitions_import_s']:.1f}s. Code {out['code_version']}.", "",
         format_table(out["table"]), "",
         "Per step (direct: laps in the direct process; dagster: STEP_START to STEP_SUCCESS):", "",

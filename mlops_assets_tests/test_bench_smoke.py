@@ -139,9 +139,12 @@ def test_training_path_results_carry_what_the_generic_renderer_shows() -> None:
     rounds = [{"round": r, "order": ["direct", "dagster"], "direct": side(10.0), "dagster": side(13.0),
                "ratio_wall": 1.3, "ratio_cpu": 1.3} for r in (1, 2)]
     out = training_path.summarize(rounds, 2.5, {"cpus": 2, "loadavg": "1 1 1"})
+    out["machine_at_end"] = {"loadavg": "1 1 1"}
     assert {"title", "command", "code_version", "summary", "machine"} <= set(out)
     assert all(not isinstance(v, dict | list) for v in out["summary"].values())  # flat: a renderer shows it as is
     assert out["goal_met"] and out["ratio_wall"] == 1.3 and out["table"][-1]["x direct"] == 1.3
+    rounds[0]["ratio_cpu"] = rounds[1]["ratio_cpu"] = 1.7  # judged on the larger of wall and CPU
+    assert not training_path.summarize(rounds, 2.5, {"cpus": 2, "loadavg": "1 1 1"})["goal_met"]
     text = training_path.report(out)
     assert "1.30x wall" in text and "trained_model" in text and "met" in text
     json.dumps(out)  # the results file is plain JSON
