@@ -185,10 +185,18 @@ def test_deploy_folder_is_consistent_with_the_code() -> None:
                     "MLOPS_RAY_DASHBOARD_URL", "MLOPS_SERVE_URL", "MLOPS_SERVE_HTTP_HOST", "MLFLOW_UI_URL",
                     "DAGSTER_PG_HOST", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB",
                     "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH",  # read by Ray itself (token auth)
+                    # read by Ray Serve itself: the HAProxy ingress, run through the loopback wrapper
+                    "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_BINARY_PATH",
                     # secret files, read by deploy/production/entrypoint.sh (test_deploy_files.py)
                     "MLOPS_API_TOKEN_FILE", "DAGSTER_PG_PASSWORD_FILE", "RAY_AUTH_TOKEN_FILE"}
     for name in ("ray-head", "dagster-webserver"):
         assert set(compose["services"][name]["environment"]) <= read_by_code, name
+    # The HAProxy binary the compose files and the RayService name is the wrapper shipped in deploy/.
+    production = yaml.safe_load((deploy / "production" / "docker-compose.yaml").read_text())
+    named = {services["services"]["ray-head"]["environment"].get("RAY_SERVE_HAPROXY_BINARY_PATH")
+             for services in (compose, production)}
+    assert named == {"/app/deploy/haproxy-loopback"} and (deploy / "haproxy-loopback").is_file()
+    assert "/app/deploy/haproxy-loopback" in (deploy / "rayservice.yaml").read_text()
     for dockerfile in ("Dockerfile.serving", "Dockerfile.dagster"):
         text = (deploy / dockerfile).read_text()
         assert "requirements.lock" in text and "MLOPS_SERVE_CONFIG=/app/deploy/serve_config.yaml" in text
