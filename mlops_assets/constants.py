@@ -100,10 +100,6 @@ WATCH_MAX_COMPARED_ROWS = 5000  # newest rows the replaced version scores per ti
 # The new version's label-free estimate (monitoring/estimation.py) on its rows since the deploy: roll
 # back when its estimated accuracy is this far below its hold-out accuracy (over the compared rows' minimum).
 WATCH_MAX_ESTIMATED_ACCURACY_DROP = 0.05
-# Retraining requests.
-RETRAIN_COOLDOWN_S = 6 * 3600
-RETRAIN_KEYS_KEPT = 200  # event keys remembered in a sensor cursor (bounded)
-MONITORING_SENSOR_INTERVAL_SECONDS = 60
 # Releases (serving/release.py, monitoring/comparison.py): a shadow or canary candidate is promoted once
 # it answered (or mirrored) RELEASE_MIN_REQUESTS requests over RELEASE_MIN_DURATION_S without trailing
 # the champion, and ended as soon as it trails (after the same minimum of requests).
@@ -115,6 +111,10 @@ RELEASE_MAX_METRIC_DROP = 0.02  # accuracy / ROC-AUC below the champion's (reali
 RELEASE_MAX_ERROR_RATE_DELTA = 0.01
 RELEASE_MIN_LABELLED = 200  # labelled rows per side before realized metrics decide
 RELEASE_SENSOR_INTERVAL_SECONDS = 30
+# Retraining requests.
+RETRAIN_COOLDOWN_S = 6 * 3600
+RETRAIN_KEYS_KEPT = 200  # event keys remembered in a sensor cursor (bounded)
+MONITORING_SENSOR_INTERVAL_SECONDS = 60
 # The monitoring assets are hourly partitions from this hour on (UTC); the schedule runs the last
 # complete hour this many minutes past each hour (a replica ships its spool every few seconds).
 MONITORING_PARTITIONS_START = "2026-01-01-00:00"
