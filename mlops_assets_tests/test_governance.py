@@ -38,7 +38,7 @@ from mlops_assets.tools import cli
 from mlops_assets.tools.ray_cluster import start_head, stop_head
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
 from mlops_assets.training import tracking
-from mlops_assets_tests.ray_support import isolated_cluster
+from mlops_assets_tests.ray_support import delete_app_quietly, isolated_cluster
 from mlops_assets_tests.settings_support import platform_definitions
 
 TOKEN = "governance-test-token-5f1c2a9e"
@@ -205,7 +205,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
                                  "MLOPS_DATA_URL": str(data)})
         stack.callback(stop_head, cluster)
         target = dep.target_from_settings(load_settings())
-        stack.callback(lambda: dep.delete_app(target))
+        stack.callback(delete_app_quietly, target)
         # Two raw files, as a user drops them into the landing folder.
         landed = {}
         for seed, rows in ((42, 1500), (43, 700)):

@@ -39,7 +39,7 @@ from mlops_assets.settings import load_settings
 from mlops_assets.tools import traffic
 from mlops_assets.tools.ray_cluster import start_head, stop_head
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
-from mlops_assets_tests.ray_support import isolated_cluster
+from mlops_assets_tests.ray_support import delete_app_quietly, isolated_cluster
 from mlops_assets_tests.settings_support import platform_definitions, platform_resources
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -215,7 +215,7 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
                                  "MLOPS_DATA_URL": str(data)})
         stack.callback(stop_head, cluster)
         target = dep.target_from_settings(load_settings())
-        stack.callback(lambda: dep.delete_app(target))
+        stack.callback(delete_app_quietly, target)
         stack.callback(webhook.server.shutdown)
         instance = stack.enter_context(dg.instance_for_test())
         defs = platform_definitions()  # built from the environment just set, as `make up` loads them

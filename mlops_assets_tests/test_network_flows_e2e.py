@@ -29,7 +29,7 @@ from mlops_assets.settings import load_settings
 from mlops_assets.tools import traffic
 from mlops_assets.tools.ray_cluster import start_head, stop_head
 from mlops_assets.tools.simulator import SimulationConfig, json_records, simulate_records, write_batch
-from mlops_assets_tests.ray_support import isolated_cluster
+from mlops_assets_tests.ray_support import delete_app_quietly, isolated_cluster
 from mlops_assets_tests.settings_support import platform_definitions
 from mlops_assets_tests.test_loop_e2e import ARGS, FAST, TOKEN, Loop, Webhook, _check, _meta, past_hour
 
@@ -68,7 +68,7 @@ def flows_loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
                                  "MLOPS_DATA_URL": str(data), "MLOPS_DATASET_SPEC": "network_flows"})
         stack.callback(stop_head, cluster)
         target = dep.target_from_settings(load_settings())
-        stack.callback(lambda: dep.delete_app(target))
+        stack.callback(delete_app_quietly, target)
         stack.callback(webhook.server.shutdown)
         instance = stack.enter_context(dg.instance_for_test())
         defs = platform_definitions()

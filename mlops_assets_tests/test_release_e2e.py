@@ -45,7 +45,7 @@ from mlops_assets.tools import traffic
 from mlops_assets.tools.ray_cluster import start_head, stop_head
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records
 from mlops_assets.training.tracking import use_tracking_uri
-from mlops_assets_tests.ray_support import isolated_cluster
+from mlops_assets_tests.ray_support import delete_app_quietly, isolated_cluster
 from mlops_assets_tests.settings_support import platform_definitions, platform_resources
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -265,7 +265,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
                                  "MLOPS_DATA_URL": str(data)})
         stack.callback(stop_head, cluster)
         target = dep.target_from_settings(load_settings())
-        stack.callback(lambda: dep.delete_app(target))
+        stack.callback(delete_app_quietly, target)
         stack.callback(webhook.server.shutdown)
         instance = stack.enter_context(dg.instance_for_test())
         yield Platform(data, default_spec(), instance, platform_definitions(), target, tracking_uri, webhook)
