@@ -345,7 +345,8 @@ def test_two_concurrent_training_runs_on_different_data_each_record_their_own_ve
     for side, root in roots.items():
         batches = ingestion.accepted_batches(str(root / "batches"))
         data_version = ingestion.dataset_version([b.batch_id for b in batches])
-        [feature_dir] = [p.name for p in (root / "features").iterdir() if p.is_dir()]  # one feature version per data
+        # One feature version per data (beside it, by-input: which inputs made which version).
+        [feature_dir] = [p.name for p in (root / "features").iterdir() if p.is_dir() and p.name != "by-input"]
         own = [v for v in versions if v.tags["raw_dataset_version"] == data_version]
         # The old design failed here: both versions named the data version of whichever run
         # materialized train_test_split last.

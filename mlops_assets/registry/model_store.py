@@ -142,13 +142,28 @@ def _pip_requirements() -> list[str]:
 def _download(client: MlflowClient, artifact_uri: str, dst: str) -> str:
     import mlflow.artifacts
 
+    # Resolve models:/ URIs through this client: MLflow would use the global tracking and registry URIs.
     model_id = _model_id(artifact_uri)
     if model_id is not None:
-        # Resolve logged-model URIs through this client: MLflow would use the global tracking URI.
         artifact_uri = client.get_logged_model(model_id).artifact_location
+    elif artifact_uri.startswith("models:/"):
+        artifact_uri = _registry_download_uri(client, artifact_uri)
     return mlflow.artifacts.download_artifacts(
         artifact_uri=artifact_uri, dst_path=dst, tracking_uri=client.tracking_uri
     )
+
+
+def _registry_download_uri(client: MlflowClient, model_uri: str) -> str:
+    """Where a registered version's files are, for models:/<name>/<version> or models:/<name>@<alias>."""
+    tail = model_uri.removeprefix("models:/")
+    if "@" in tail:
+        name, alias = tail.split("@", 1)
+        version = str(client.get_model_version_by_alias(name, alias).version)
+    else:
+        name, _, version = tail.partition("/")
+    if not name or not version or "/" in version:
+        raise ValueError(f"not a registered model version URI: {model_uri!r} (models:/<name>/<version> or @<alias>)")
+    return str(client.get_model_version_download_uri(name, version))
 
 
 def _model_id(model_uri: str) -> str | None:
