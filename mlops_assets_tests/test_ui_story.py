@@ -105,12 +105,29 @@ def test_lineage_runs_from_the_deployment_through_the_prediction_log_to_drift_in
 
 
 def test_the_training_jobs_end_mlflow_runs_with_dagster_mlflows_hook() -> None:
-    from dagster_mlflow import end_mlflow_on_run_finished
+    from types import SimpleNamespace
 
     from mlops_assets.definitions import defs
+    from mlops_assets.defs.resources import end_mlflow_on_run_finished
 
     for job in ("retraining", "ingestion_onward"):
         assert end_mlflow_on_run_finished in defs.resolve_job_def(job).hook_defs, job
+    # It is dagster-mlflow's hook, imported when it fires: a failed step ends its open run as FAILED.
+    ended: list[str | None] = []
+    mlflow = SimpleNamespace(end_run=lambda status=None: ended.append(status))
+    failed_step = SimpleNamespace(is_step_success=False, is_step_failure=True)
+    end_mlflow_on_run_finished.hook_fn(SimpleNamespace(resources=SimpleNamespace(mlflow=mlflow)), [failed_step])
+    assert ended == ["FAILED"]
+
+
+def test_loading_the_definitions_does_not_import_mlflow() -> None:
+    """Every CLI call, sensor tick and skipped `make pipeline` loads them: MLflow costs about a second."""
+    import subprocess
+    import sys
+
+    code = "import sys, mlops_assets.definitions; print(sorted(m for m in ('mlflow', 'catboost') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # --- links ---------------------------------------------------------------------------------------

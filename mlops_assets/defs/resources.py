@@ -257,6 +257,20 @@ class MlflowResource(dg.ConfigurableResource):
         return dg.MetadataValue.text(f"models:/{model_name}/{version} in {self.shown_tracking_uri()}")
 
 
+def _end_mlflow_on_run_finished(context: Any, event_list: Any) -> Any:
+    # dagster-mlflow imports MLflow at module level (about a second of every definitions load, and
+    # so of every CLI call, sensor tick and skipped `make pipeline`): it is imported when the hook fires.
+    from dagster_mlflow import end_mlflow_on_run_finished as hook
+
+    return hook.hook_fn(context, event_list)
+
+
+# dagster-mlflow's `end_mlflow_on_run_finished`, loaded on first use: a failed step ends the MLflow
+# run it left open as FAILED, and the job's last step ends any still open.
+end_mlflow_on_run_finished = dg.HookDefinition(
+    name="end_mlflow_on_run_finished", hook_fn=_end_mlflow_on_run_finished, required_resource_keys={"mlflow"})
+
+
 def model_store_actor(explicit: str | None) -> str:
     from mlops_assets.registry.model_store import actor
 

@@ -7,14 +7,13 @@ from dataclasses import dataclass
 
 import dagster as dg
 import pandas as pd
-from dagster_mlflow import end_mlflow_on_run_finished
 
 from mlops_assets import constants as c
 from mlops_assets.core import records
 from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.core.records import RawDataset, content_hash
 from mlops_assets.defs.metadata import path_value, redact_text, redact_uri
-from mlops_assets.defs.resources import PlatformResource
+from mlops_assets.defs.resources import PlatformResource, end_mlflow_on_run_finished
 from mlops_assets.ingestion import batches as ingestion
 from mlops_assets.settings import join_url
 

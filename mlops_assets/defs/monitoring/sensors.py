@@ -16,14 +16,18 @@ from typing import Any
 import dagster as dg
 import httpx
 import pandas as pd
-from dagster_mlflow import end_mlflow_on_run_finished
 
 from mlops_assets import constants as c
 from mlops_assets.core import storage
 from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.defs.deployment.assets import RayServeResource, replica_env, rollback_job
 from mlops_assets.defs.ingestion.assets import TRAINING_ONWARD
-from mlops_assets.defs.resources import MlflowResource, MonitoringResource, PlatformResource
+from mlops_assets.defs.resources import (
+    MlflowResource,
+    MonitoringResource,
+    PlatformResource,
+    end_mlflow_on_run_finished,
+)
 from mlops_assets.deployment import rollout as dep
 from mlops_assets.monitoring import live as mon
 from mlops_assets.monitoring.alerts import send_alert
