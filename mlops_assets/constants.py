@@ -84,6 +84,8 @@ PROFILES_MAX_LAG_MINUTES = 120  # production_profiles not materialized for this 
 DEGRADATION_TOLERANCE = 0.05  # absolute drop of a live metric below its offline value
 DEGRADATION_METRICS = ("f1", "roc_auc", "accuracy")
 MIN_LABELLED = 200  # fewer labelled predictions: live metrics are reported, never judged
+# labelled_production_batch reads the log hours this far back (a label arriving later is not learned from).
+LABEL_LOOKBACK_HOURS = 72
 # The watch after each deployment.
 WATCH_WINDOW = "30min"
 WATCH_MAX_ERROR_RATE = 0.05

@@ -407,6 +407,29 @@ def test_labelled_production_records_become_one_raw_batch_once(registry: Registr
     assert stored[spec.feature_names].to_numpy().tolist() == truth[spec.feature_names].to_numpy().tolist()
 
 
+def test_labelled_production_batch_reads_only_the_log_hours_of_its_window(registry: Registry, data: Path):
+    spec = registry.spec
+    now = datetime.now(UTC)
+    old = _log_traffic(registry, data, 200, seed=31, at=now - timedelta(days=10))  # labelled, beyond the window
+    recent = _log_traffic(registry, data, 120, seed=32, at=now - timedelta(hours=2))
+    _write_labels(data, pd.concat([old, recent]), spec, 0.0, "labels.csv")
+    # An unreadable part in an hour outside the window: read, it would be reported as skipped.
+    outside = data / "predictions" / f"date={now - timedelta(days=20):%Y-%m-%d}" / "hour=03"
+    outside.mkdir(parents=True)
+    (outside / "part-broken.parquet").write_bytes(b"not parquet")
+    with dg.instance_for_test() as instance:
+        result = _materialize(registry, data, instance, [labelled_production_batch])
+        wider = _materialize(registry, data, instance, [labelled_production_batch],
+                             run_config={"ops": {"labelled_production_batch": {"config": {"lookback_hours": 24 * 11}}}})
+    assert result.success and wider.success
+    meta = _meta(result, "labelled_production_batch")
+    assert meta["rows"] == 120 and meta["log_parts_read"] == 1  # the recent hour's part only
+    assert pd.Timestamp(meta["window_start"]) > pd.Timestamp(now - timedelta(days=10))
+    # A wider window reaches the old hour: its records were never exported, so they are now.
+    assert _meta(wider, "labelled_production_batch")["rows"] == 200
+    assert sorted(b.rows for b in ingestion.accepted_batches(str(data / "batches"))) == [120, 200]
+
+
 _CLI_DEFS = '''
 import dagster as dg
 from mlops_assets.defs.monitoring.assets import drift_report, production_profiles

@@ -722,16 +722,38 @@ def calibrator_of_run(mlflow: MlflowResource, run_id: str | None) -> tuple[est.C
 EXPORTED_KEYS_FILE = "exported_keys.csv"
 
 
+class LabelledBatchConfig(dg.Config):
+    """How far back the log's hours are read for predictions whose labels arrived."""
+
+    lookback_hours: int = c.LABEL_LOOKBACK_HOURS
+
+
+def label_window(now: datetime, lookback_hours: int) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """[start, end): the last `lookback_hours` whole hours and the current one (its labelled rows are
+    final records too; what is exported once is never exported again)."""
+    end = pd.Timestamp(now).tz_convert("UTC").floor("h") + pd.Timedelta(hours=1)
+    return end - pd.Timedelta(hours=lookback_hours + 1), end
+
+
 # It reads the prediction log and the delayed labels too, but declares no dependency on them: it
 # feeds raw_dataset, which leads to model_deployment and so to the log (Dagster's graph has no cycles).
 @dg.asset(group_name=c.GROUP_MONITORING, owners=c.ASSET_OWNERS, kinds={"pandas", "parquet"})
 def labelled_production_batch(
-    context: dg.AssetExecutionContext, platform: PlatformResource, monitoring: MonitoringResource,
+    context: dg.AssetExecutionContext, config: LabelledBatchConfig, platform: PlatformResource,
+    monitoring: MonitoringResource,
 ) -> dg.MaterializeResult:
-    """Labelled production records not yet learned from, accepted as a raw batch through ingestion."""
+    """Labelled production records not yet learned from, accepted as a raw batch through ingestion.
+
+    Reads only the hour folders of its window (the last `lookback_hours`), as the hourly monitoring
+    assets read theirs: its cost follows the window, not the log's whole history."""
     spec = platform.spec()
     settings = platform.settings()
-    log = served_rows(mon.read_prediction_log(monitoring.prediction_log_url))  # a shadow answer is no new record
+    start, end = label_window(datetime.now(UTC), config.lookback_hours)
+    window = mon.read_window(monitoring.prediction_log_url, start, end)
+    for path, why in window.skipped:
+        context.log.warning(redact_text(f"skipped unreadable log part {path}: {why}"))
+    read = {"window_start": start.isoformat(), "window_end": end.isoformat(), "log_parts_read": len(window.files)}
+    log = served_rows(window.frame)  # a shadow answer is no new record
     labels = mon.read_labels(monitoring.labels_url).frame
     join = mon.join_labels(log, labels, label_values=list(spec.label_values)) if not log.empty else None
     staging = join_url(settings.data_url, c.PRODUCTION_BATCH_STAGING_SUBDIR)
@@ -751,7 +773,7 @@ def labelled_production_batch(
         why = "no new labelled production records" if not missing else f"prediction log lacks features {missing}"
         context.log.info(why)
         return dg.MaterializeResult(value={"rows": 0, "batch_id": None, "reason": why},
-                                    metadata={"rows": 0, "reason": why, "already_exported": len(exported)})
+                                    metadata={"rows": 0, "reason": why, "already_exported": len(exported), **read})
     records = typed_frame(fresh[spec.feature_names].assign(**{spec.label: fresh[mon.TRUE_LABEL]}), spec)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     landing = join_url(staging, "landing")
@@ -770,7 +792,7 @@ def labelled_production_batch(
         metadata={"rows": len(records), "batch_id": batch or "identical batch already accepted",
                   "already_exported": len(exported), "label_join": dg.MetadataValue.json(join.metadata() if join else {}),
                   "positive_share": round(float((records[spec.label] == spec.positive_class).mean()), 4),
-                  "dagster/row_count": len(records)},
+                  "dagster/row_count": len(records), **read},
     )
 
 
