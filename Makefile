@@ -94,7 +94,7 @@ demo: install .env $(DAGSTER_HOME)/dagster.yaml
 pipeline: install .env $(DAGSTER_HOME)/dagster.yaml
 	mkdir -p $(DATA_DIR)/mlflow
 	$(BIN)/mlops-assets ingest
-	$(BIN)/dagster asset materialize -m mlops_assets.definitions -c deploy/run_config/in_process.yaml --select '$(TRAINING_PATH)'
+	$(BIN)/mlops-assets train -c deploy/run_config/in_process.yaml --select '$(TRAINING_PATH)'
 	$(BIN)/mlops-assets status
 
 up: install .env $(DAGSTER_HOME)/dagster.yaml

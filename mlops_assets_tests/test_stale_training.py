@@ -1,6 +1,8 @@
-"""Stale-only training through the command `make pipeline` runs (`dagster asset materialize` of the
-training path, one process per run, a real instance in DAGSTER_HOME, MLflow on SQLite): a second
-run on unchanged data trains, registers and promotes nothing and says why; a new file retrains."""
+"""Stale-only training through the commands `make pipeline` runs (`mlops-assets ingest`, then
+`mlops-assets train`, which launches `dagster asset materialize` of the training path only when
+something in it is stale; a real instance in DAGSTER_HOME, MLflow on SQLite): a second run on
+unchanged data launches no run, trains, registers and promotes nothing and says why; a run launched
+anyway (the UI, a sensor) reuses the model; changed parameters are stale; a new file retrains."""
 
 from __future__ import annotations
 
@@ -33,21 +35,37 @@ def _env(tmp: Path) -> dict[str, str]:
             "MLOPS_MLFLOW_EXPERIMENT": EXPERIMENT, "MLOPS_MODEL_NAME": MODEL}
 
 
-def _pipeline(env: dict[str, str], gate_may_reject: bool = False) -> float:
-    """`make pipeline`'s commands; returns the seconds they took. With `gate_may_reject` the run
-    may fail at the blocking passed_gate check (a candidate that is registered, as challenger)."""
+def _pipeline(env: dict[str, str], gate_may_reject: bool = False) -> tuple[float, str]:
+    """`make pipeline`'s commands; returns the seconds they took and what they printed. With
+    `gate_may_reject` the run may fail at the blocking passed_gate check (a candidate that is
+    registered, as challenger)."""
     started = time.monotonic()
     if "raw_batches" not in training_path():  # landed files become batches first
         ingest = subprocess.run([str(Path(sys.executable).with_name("mlops-assets")), "ingest"], cwd=REPO, env=env,
                                 capture_output=True, text=True, timeout=600)
         assert ingest.returncode == 0, ingest.stdout[-3000:] + ingest.stderr[-3000:]
     done = subprocess.run(
+        [str(Path(sys.executable).with_name("mlops-assets")), "train", "--select", ",".join(training_path()),
+         "--config-json", json.dumps({**FAST, **IN_PROCESS})],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    out = done.stdout + done.stderr
+    rejected = gate_may_reject and "registered_model: passed_gate" in out
+    assert done.returncode == 0 or rejected, done.stdout[-4000:] + done.stderr[-4000:]
+    return time.monotonic() - started, out
+
+
+def _materialize(env: dict[str, str]) -> None:
+    """`dagster asset materialize` itself, as the UI's "Materialize" or a sensor's run launches it."""
+    done = subprocess.run(
         [str(Path(sys.executable).with_name("dagster")), "asset", "materialize", "-m", "mlops_assets.definitions",
          "--select", ",".join(training_path()), "--config-json", json.dumps({**FAST, **IN_PROCESS})],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    rejected = gate_may_reject and "registered_model: passed_gate" in done.stdout + done.stderr
-    assert done.returncode == 0 or rejected, done.stdout[-4000:] + done.stderr[-4000:]
-    return time.monotonic() - started
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+
+def _dagster_runs(env: dict[str, str]) -> int:
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        return len(instance.get_run_records())
 
 
 def _state(env: dict[str, str]) -> tuple[int, list[str], str | None]:
@@ -72,23 +90,46 @@ def _latest_meta(env: dict[str, str], asset: str) -> dict[str, object]:
 def test_a_second_run_on_unchanged_data_trains_nothing_and_a_new_file_retrains(tmp_path: Path) -> None:
     env = _env(tmp_path)
     _land(tmp_path / "data", rows=2000, seed=42)
-    first_s = _pipeline(env)
+    first_s, out = _pipeline(env)
+    assert "launching a run" in out and "raw_dataset was never materialized" in out
     runs, versions, champion = _state(env)
     assert (runs, versions, champion) == (1, ["1"], "1")
+    dagster_runs = _dagster_runs(env)
 
-    second_s = _pipeline(env)
-    # No MLflow run, no model version, no alias moved; the run says why it skipped.
+    second_s, out = _pipeline(env)
+    # No Dagster run launched, no MLflow run, no model version, no alias moved; it says why.
+    assert "skipped, no run launched: nothing on the training path is stale" in out, out[-3000:]
+    assert _dagster_runs(env) == dagster_runs
+    assert _state(env) == (runs, versions, champion)
+    print(f"\nstale-only training: first run {first_s:.1f}s, unchanged re-run {second_s:.1f}s "
+          f"({second_s / first_s:.2f} of the first)")
+
+    # Changed parameters are stale (what the run config says, with defaults filled in); so is a
+    # changed training code version (the training sources' digest is in it).
+    from mlops_assets.definitions import defs
+    from mlops_assets.defs.training.staleness import training_staleness
+
+    graph = defs.resolve_asset_graph()
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        same = training_staleness(instance, graph, training_path(), {**FAST, **IN_PROCESS}, None)
+        more = {"ops": {"trained_model": {"config": {**FAST["ops"]["trained_model"]["config"], "iterations": 61}}}}
+        changed = training_staleness(instance, graph, training_path(), more, None)
+    assert not same.stale, same.reasons
+    assert changed.reasons == ("trained_model: parameters changed (iterations 60 -> 61)",)
+    assert "." in str(graph.get(dg.AssetKey("trained_model")).code_version)
+
+    # A run launched anyway (the UI, a sensor) on unchanged data reuses the model and says why.
+    _materialize(env)
     assert _state(env) == (runs, versions, champion)
     trained = _latest_meta(env, "trained_model")
     assert trained["skipped"] is True and "unchanged" in str(trained["skip_reason"])
     registered = _latest_meta(env, "registered_model")
     assert registered["skipped"] is True and registered["version"] == "1"
-    print(f"\nstale-only training: first run {first_s:.1f}s, unchanged re-run {second_s:.1f}s "
-          f"({second_s / first_s:.2f} of the first)")
 
-    # A new landed file is new data: it retrains and registers version 2.
+    # A new landed file is new data: it is stale, retrains and registers version 2.
     _land(tmp_path / "data", rows=1500, seed=43)
-    third_s = _pipeline(env, gate_may_reject=True)  # the gate judges it; it is trained and registered either way
+    third_s, out = _pipeline(env, gate_may_reject=True)  # the gate judges it; trained and registered either way
+    assert "launching a run" in out and "raw_batches" in out, out[-3000:]
     runs_after, versions_after, _ = _state(env)
     assert runs_after == 2 and versions_after == ["1", "2"]
     assert _latest_meta(env, "trained_model")["skipped"] is False

@@ -1,4 +1,4 @@
-"""`mlops-assets`: the commands Dagster does not cover (spec infer, simulate, ingest, status, rollback, trace).
+"""`mlops-assets`: the commands Dagster does not cover (spec infer, simulate, ingest, train, status, rollback, trace).
 
 Bad arguments exit with status 2 and a message that names the argument; nothing is written.
 """
@@ -125,6 +125,52 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         return 1
     print(f"{len(files)} landed file(s) are raw_batches partitions; {len(batches)} accepted batch(es), "
           f"{sum(b.rows for b in batches)} rows")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    """`dagster asset materialize` of the selection, launched only if something in it is stale."""
+    import os
+
+    import click
+    import dagster as dg
+    from dagster._cli.asset import asset_materialize_command
+    from dagster._cli.workspace.cli_target import get_run_config_from_cli_opts
+
+    from mlops_assets.definitions import defs
+    from mlops_assets.defs.training.staleness import training_staleness
+    from mlops_assets.settings import load_settings
+
+    if not os.environ.get("DAGSTER_HOME"):
+        print("mlops-assets train: DAGSTER_HOME is not set; point it at the Dagster instance "
+              "(make sets data/dagster_home)", file=sys.stderr)
+        return 2
+    selection = [name.strip() for name in args.select.split(",") if name.strip()]
+    graph = defs.resolve_asset_graph()
+    unknown = [name for name in selection if not graph.has(dg.AssetKey(name))]
+    if unknown:
+        print(f"mlops-assets train: --select names no asset: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    try:
+        run_config = get_run_config_from_cli_opts(tuple(args.config), args.config_json)
+    except click.UsageError as exc:
+        print(f"mlops-assets train: {exc.format_message()}", file=sys.stderr)
+        return 2
+    with dg.DagsterInstance.get() as instance:
+        found = training_staleness(instance, graph, selection, run_config, load_settings().batches_url)
+    if not found.stale and not args.force:
+        print(f"mlops-assets train: skipped, no run launched: {found.summary()}")
+        return 0
+    print("mlops-assets train: " + ("--force" if not found.stale else "launching a run, " + found.summary()))
+    # Dagster's own command, in this process: the definitions loaded above are not loaded again.
+    cli_args = ["-m", "mlops_assets.definitions", "--select", ",".join(selection)]
+    cli_args += [x for path in args.config for x in ("-c", path)]
+    cli_args += ["--config-json", args.config_json] if args.config_json else []
+    try:
+        asset_materialize_command.main(cli_args, prog_name="dagster asset materialize", standalone_mode=False)
+    except click.ClickException as exc:
+        print(f"mlops-assets train: {exc.format_message()}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -405,6 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     ingest = sub.add_parser("ingest", help="make each landed file a partition of raw_batches and materialize "
                                            "the new ones on the Dagster instance (DAGSTER_HOME)")
     ingest.set_defaults(func=_cmd_ingest)
+
+    train = sub.add_parser("train", help="materialize the training path (dagster asset materialize) only if "
+                                         "something in it is stale: new raw batches, changed code or parameters")
+    train.add_argument("--select", required=True, help="comma-separated assets, as dagster asset materialize takes")
+    train.add_argument("-c", "--config", action="append", default=[], help="run config YAML file (repeatable)")
+    train.add_argument("--config-json", default=None, help="run config as JSON (instead of -c)")
+    train.add_argument("--force", action="store_true", help="launch the run even if nothing is stale")
+    train.set_defaults(func=_cmd_train)
 
     status = sub.add_parser("status", help="the champion model: version, metrics, data and feature versions, run")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")

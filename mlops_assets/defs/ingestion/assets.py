@@ -148,6 +148,12 @@ def raw_dataset(context: dg.AssetExecutionContext, platform: PlatformResource) -
     )
 
 
+def current_raw_version(batches_url: str) -> str | None:
+    """The data version raw_dataset would have now (None: no accepted batch), as raw_dataset computes it."""
+    batches = ingestion.accepted_batches(batches_url)
+    return ingestion.dataset_version([b.batch_id for b in batches]) if batches else None
+
+
 def contract_url(reports_url: str, spec: DatasetSpec, batch_id: str) -> str:
     """Where the data contract's findings on one batch under one dataset spec are kept: each batch
     is checked once (when it lands, or by the first validation that sees it), not per data version."""

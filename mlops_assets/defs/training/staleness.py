@@ -1,0 +1,119 @@
+"""Is anything on the training path stale? Asked before a run is launched, so an unchanged re-run
+(`make pipeline`, the file sensor) launches nothing and says why.
+
+The answer is Dagster's own: its stale-status resolver over the instance's recorded data versions,
+code versions and provenance (the same data versions the assets return). Two things it does not
+see are added from records Dagster keeps too: the run configuration an asset was last materialized
+with (changed parameters retrain), and raw_dataset's data version computed the way the asset
+computes it, since Dagster stops comparing upstream partitions beyond a hundred raw_batches.
+"""
+
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+
+RAW_DATASET = "raw_dataset"
+
+
+@dataclass(frozen=True)
+class Staleness:
+    """Why each asset of a selection would be materialized again; nothing stale when `reasons` is empty."""
+
+    reasons: tuple[str, ...]
+    fresh: tuple[str, ...]  # assets found up to date
+
+    @property
+    def stale(self) -> bool:
+        return bool(self.reasons)
+
+    def summary(self) -> str:
+        if self.stale:
+            return "stale: " + "; ".join(self.reasons)
+        return (f"nothing on the training path is stale ({len(self.fresh)} assets up to date: no new raw batch, "
+                f"no changed code version, no changed parameters)")
+
+
+def op_config(run_config: Mapping[str, Any] | None, asset: str) -> dict[str, Any]:
+    ops = (run_config or {}).get("ops") or {}
+    return dict((ops.get(asset) or {}).get("config") or {})
+
+
+def _resolved_config(asset_def: dg.AssetsDefinition, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The asset's config with its defaults filled in (so omitting a default equals stating it)."""
+    fn = getattr(asset_def.op.compute_fn, "decorated_fn", None)
+    hints = typing.get_type_hints(fn) if fn is not None else {}
+    cls = hints.get("config")
+    if isinstance(cls, type) and issubclass(cls, dg.Config):
+        return cls(**raw).model_dump()
+    return dict(raw)
+
+
+def _config_change(instance: dg.DagsterInstance, asset_def: dg.AssetsDefinition, key: dg.AssetKey,
+                   run_config: Mapping[str, Any] | None) -> str | None:
+    event = instance.get_latest_materialization_event(key)
+    if event is None:
+        return None  # never materialized: the resolver says so
+    run = instance.get_run_by_id(event.run_id)
+    if run is None:
+        return f"{key.to_user_string()}: the run that last materialized it is gone, its parameters unknown"
+    name = key.to_user_string()
+    before = _resolved_config(asset_def, op_config(run.run_config, name))
+    now = _resolved_config(asset_def, op_config(run_config, name))
+    if before == now:
+        return None
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    return f"{name}: parameters changed ({', '.join(f'{k} {before.get(k)!r} -> {now.get(k)!r}' for k in changed)})"
+
+
+def _cause_text(cause: Any) -> str:
+    where = cause.key.asset_key.to_user_string() + (f"[{cause.key.partition_key[:12]}]" if cause.key.partition_key else "")
+    dep = ""
+    if cause.dependency is not None:
+        dep = f" ({cause.dependency.asset_key.to_user_string()}" + (
+            f"[{cause.dependency.partition_key[:12]}])" if cause.dependency.partition_key else ")")
+    return f"{where} {cause.reason}{dep}"
+
+
+def training_staleness(instance: dg.DagsterInstance, asset_graph: Any, selection: Sequence[str],
+                       run_config: Mapping[str, Any] | None, batches_url: str | None) -> Staleness:
+    """Why materializing `selection` with `run_config` would do work, from the instance's records.
+
+    `batches_url`: the batch store raw_dataset unions (its current version is compared with the one
+    recorded); None skips that comparison."""
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._time import get_current_datetime
+
+    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+                          instance=instance, asset_graph=asset_graph)
+    resolver = CachingStaleStatusResolver(instance, asset_graph, view)
+    reasons: list[str] = []
+    fresh: list[str] = []
+    for name in selection:
+        key = dg.AssetKey(name)
+        before = len(reasons)
+        status = resolver.get_status(key)
+        if status == StaleStatus.MISSING:
+            reasons.append(f"{name} was never materialized")
+        elif status == StaleStatus.STALE:
+            causes = resolver.get_stale_root_causes(key)
+            reasons.extend(f"{name}: {_cause_text(cause)}" for cause in causes[:3])
+            if not causes:
+                reasons.append(f"{name} is stale")
+        if name == RAW_DATASET and batches_url is not None and status != StaleStatus.MISSING:
+            from mlops_assets.defs.ingestion.assets import current_raw_version
+
+            recorded = resolver.get_current_data_version(key).value
+            now = current_raw_version(batches_url)
+            if now != recorded and len(reasons) == before:
+                reasons.append(f"{name}: the accepted batches are data version {now}, it was built from {recorded}")
+        assets_def = asset_graph.get(key).assets_def
+        change = _config_change(instance, assets_def, key, run_config)
+        if change:
+            reasons.append(change)
+        if len(reasons) == before:
+            fresh.append(name)
+    return Staleness(tuple(dict.fromkeys(reasons)), tuple(fresh))
