@@ -86,6 +86,11 @@ def test_reports_of_monitoring_and_pipeline_format() -> None:
             "sensor": {"landing_to_run_started_s": 31.0}}
     text = pipeline.report(pipe)
     assert "raw_batches" in text and "landing_to_run_started_s" in text
+    rerun = {"title": "make pipeline: rerun", "goal_met": False,
+             "summary": {"second / first (wall)": 0.3, "second / first (CPU)": 0.2, "goal": "<= 0.25x"},
+             "table": [{"run": "first", "wall_s": 10.0}, {"run": "second", "wall_s": 3.0}]}
+    text = pipeline.rerun_report(rerun)
+    assert "0.30x wall" in text and "0.20x CPU" in text and "MISSED" in text and " second |" in text
 
 
 def test_options_parse() -> None:
