@@ -145,10 +145,12 @@ def test_the_monitoring_schedule_runs_the_last_complete_hour_and_the_hour_being_
         online_performance,
         production_profiles,
     )
+    from mlops_assets.defs.monitoring.release import release_comparison
     from mlops_assets.defs.monitoring.sensors import monitoring_job, monitoring_schedule
 
     unused = {k: dg.ResourceDefinition.none_resource() for k in ("platform", "monitoring", "mlflow", "ray_serve")}
-    defs = dg.Definitions(assets=[production_profiles, drift_report, online_performance], jobs=[monitoring_job],
+    defs = dg.Definitions(assets=[production_profiles, drift_report, online_performance, release_comparison],
+                          jobs=[monitoring_job],
                           schedules=[monitoring_schedule], resources=unused)
     schedule = defs.resolve_schedule_def("periodic_monitoring")
     tick = datetime(2026, 1, 5, 11, 5, tzinfo=UTC)

@@ -295,6 +295,58 @@ def test_release_comparison_materializes_one_hour_with_numeric_metadata(tmp_path
     assert meta["candidate_accuracy"] > meta["champion_accuracy"] and "candidate_estimated_accuracy" in meta
 
 
+def test_the_hourly_monitoring_job_compares_a_release_and_skips_an_hour_without_one(tmp_path: Path) -> None:
+    """The monitoring job (what the hourly schedule runs) holds release_comparison: on a real instance, an
+    hour with a shadow's rows is materialized for its partition; an hour without a release is skipped
+    (no materialization, the run succeeds) and the run log says why."""
+    import dagster as dg
+
+    from mlops_assets.defs.monitoring.assets import drift_report, online_performance, production_profiles
+    from mlops_assets.defs.monitoring.release import release_comparison
+    from mlops_assets.defs.monitoring.sensors import monitoring_job, monitoring_schedule
+    from mlops_assets.defs.resources import (
+        MlflowResource,
+        MonitoringResource,
+        PlatformResource,
+        RayServeResource,
+    )
+    from mlops_assets.serving.prediction_log import write_part
+
+    log, labels = _log_and_labels(300, {"1": 0.85, "2": 0.95}, shadow=True)
+    hour = pd.Timestamp("2026-03-01T10:00:00Z")
+    rows = log.rename(columns={"timestamp": "logged_at", "phishing_probability": "probability"}).assign(
+        logged_at=hour + pd.Timedelta(minutes=5))
+    write_part(rows.to_dict("records"), str(tmp_path / "predictions"), "part-test.parquet")
+    (tmp_path / "labels").mkdir()
+    labels.to_csv(tmp_path / "labels" / "labels.csv", index=False)
+    (tmp_path / "mlflow").mkdir()
+    defs = dg.Definitions(
+        assets=[production_profiles, drift_report, online_performance, release_comparison], jobs=[monitoring_job],
+        schedules=[monitoring_schedule], resources={
+            "platform": PlatformResource.at(str(tmp_path)),
+            "mlflow": MlflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"),
+            # no cluster answers: no live release, so only the windows' own rows say whether one ran
+            "ray_serve": RayServeResource(dashboard_url="http://127.0.0.1:9", serve_url="http://127.0.0.1:9"),
+            "monitoring": MonitoringResource.at(str(tmp_path))})
+    job = defs.resolve_job_def("monitoring")
+    key = dg.AssetKey("release_comparison")
+    assert key in job.asset_layer.executable_asset_keys
+    assert defs.resolve_schedule_def("periodic_monitoring").job_name == "monitoring"
+    with dg.instance_for_test() as instance:
+        shadowed = job.execute_in_process(instance=instance, partition_key="2026-03-01-10:00", asset_selection=[key])
+        quiet = job.execute_in_process(instance=instance, partition_key="2026-03-01-11:00", asset_selection=[key])
+        assert shadowed.success and quiet.success
+        [event] = shadowed.asset_materializations_for_node("release_comparison")
+        assert event.partition == "2026-03-01-10:00" and event.metadata["compared"].value is True
+        assert event.metadata["candidate_version"].value == "2"
+        assert quiet.asset_materializations_for_node("release_comparison") == []
+        messages = [e.user_message for e in instance.all_logs(quiet.run_id)]
+        assert any("release_comparison skipped: no release in progress and no second version answered in "
+                   "2026-03-01-11:00" in m for m in messages)
+        materialized = instance.get_materialized_partitions(key)
+        assert materialized == {"2026-03-01-10:00"}
+
+
 def test_the_release_command_says_when_there_is_no_cluster_to_ask(monkeypatch, capsys) -> None:
     import socket
 

@@ -7,6 +7,7 @@ the run key `release-<release id>-<promote|abort>`, so a decision read on many t
 """
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -81,20 +82,37 @@ def versions_in(log: pd.DataFrame, release: ReleaseConfig) -> tuple[str, str, st
     partitions_def=monitoring_partitions,
     backfill_policy=dg.BackfillPolicy.single_run(),
     deps=["prediction_log"],
+    # In the hourly monitoring job: an hour without a release (no second version answered) is
+    # skipped, not materialized, and the run log says why.
+    output_required=False,
 )
 def release_comparison(
     context: dg.AssetExecutionContext, platform: PlatformResource, mlflow: MlflowResource,
     ray_serve: RayServeResource, monitoring: MonitoringResource,
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
     """Candidate against champion on one hour of live traffic: agreement, scores, realized and estimated metrics."""
     spec = platform.spec()
     release = _release_of(ray_serve.target())
     labels = mon.read_labels(monitoring.labels_url).frame
+    windows = []
     for key, (start, end) in zip(context.partition_keys, partition_hours(context), strict=True):
         log = mon.read_window(monitoring.prediction_log_url, start, end).frame
-        context.add_asset_metadata(_compare_hour(context, platform, mlflow, spec, log, labels, release, start),
-                                   partition_key=key)
-    return dg.MaterializeResult(metadata={"windows": len(context.partition_keys)})
+        windows.append((key, _compare_hour(context, platform, mlflow, spec, log, labels, release, start)))
+    if not any(meta["compared"] for _, meta in windows):
+        context.log.info(f"release_comparison skipped: {no_release_reason(release, [k for k, _ in windows])}")
+        return
+    for key, meta in windows:
+        context.add_asset_metadata(meta, partition_key=key)
+    yield dg.MaterializeResult(metadata={"windows": len(context.partition_keys)})
+
+
+def no_release_reason(release: ReleaseConfig, keys: list[str]) -> str:
+    """Why nothing was compared in the windows `keys` (for the run log)."""
+    where = keys[0] if len(keys) == 1 else f"{keys[0]} to {keys[-1]}"
+    if release.active:
+        return (f"release {release.release_id} ({release.strategy} of version {release.candidate_version}) is live, "
+                f"but its candidate answered nothing in {where}")
+    return f"no release in progress and no second version answered in {where}"
 
 
 def _compare_hour(context: dg.AssetExecutionContext, platform: PlatformResource, mlflow: MlflowResource, spec: Any,

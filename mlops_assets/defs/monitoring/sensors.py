@@ -45,8 +45,10 @@ EVENT_TAG = "mlops_assets/event"
 
 monitoring_job = dg.define_asset_job(
     MONITORING_JOB,
-    selection=dg.AssetSelection.assets("production_profiles", "drift_report", "online_performance"),
-    description="Profile one hour of the prediction log, measure drift and live performance of the serving version.",
+    selection=dg.AssetSelection.assets("production_profiles", "drift_report", "online_performance",
+                                       "release_comparison"),
+    description="Profile one hour of the prediction log, measure drift and live performance of the serving version; "
+                "compare a release's candidate with the champion (skipped in an hour without a release).",
 )  # hourly partitioned, as its assets are: a run is one hour, a backfill a range of them
 
 # Retraining is the normal path from the accepted raw batches to a deployed champion (gate and
