@@ -1,8 +1,8 @@
 """bench/RESULTS.md, generated from every bench/results/*.json: `python -m bench.report`.
 
 Each results file is one benchmark run, written by its benchmark's `--json` (small, committed
-with the code). A file with the serving benchmark's shape gets its tables; any other file is
-rendered generically: its title, command, code version, machine and summary, then every list of
+with the code). Files with the serving or the shadow benchmark's shape get their tables; any other
+file is rendered generically: its title, command, code version, machine and summary, then every list of
 flat records in it as a table and every other scalar as a line. Nothing is typed in by hand, so
 every figure in RESULTS.md is traceable to a file and the command that wrote it.
 """
@@ -118,6 +118,29 @@ def render_serving(name: str, data: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def render_shadow(name: str, data: Mapping[str, Any]) -> str:
+    """bench/shadow.py's results: shadow / direct per concurrency, each strategy's medians, every round."""
+    budget, shadow = data.get("budget", {}), data.get("shadow", {})
+    parts = [f"## {data['title']}", "", *_provenance(name, data)]
+    parts += [
+        f"One Ray head, one application: champion version {data.get('champion_version')} answers; candidate version "
+        f"{data.get('candidate_version')} runs beside it on one replica. The ingress's strategy is switched between "
+        f"`direct` (candidate idle) and `shadow` (candidate scores a mirror of each answered request) in "
+        f"{budget.get('rounds', '?')} interleaved round(s), the order alternating per round, every concurrency once "
+        f"per strategy and round ({data.get('records_per_request', '?')} record per request, loads of up to "
+        f"{budget.get('max_requests', '?')} requests or {budget.get('max_seconds', '?')} s after a warm-up); medians "
+        "over rounds. `x direct` is shadow / direct.", "",
+        "Shadow against direct:", "",
+        _fmt([{**r, "met": "met" if r["met"] else "MISSED"} for r in data.get("ratios", [])]), "",
+        "Each strategy (medians over rounds):", "", _fmt(data.get("table", [])), "",
+        f"The candidate's mirrored answers (the ingress's release metrics): {shadow.get('shadow_answered', '?')} "
+        f"answered, {shadow.get('shadow_failed', '?')} failed, {shadow.get('shadow_dropped', '?')} dropped, for "
+        f"{shadow.get('measured_requests_in_shadow', '?')} measured requests in shadow (warm-ups not counted there).", ""]
+    if data.get("per_round"):
+        parts += ["<details><summary>Every round</summary>", "", _fmt(data["per_round"]), "", "</details>", ""]
+    return "\n".join(parts)
+
+
 def render(results_dir: Path = RESULTS) -> str:
     sections = [HEADER]
     files = sorted(results_dir.glob("*.json"), key=lambda p: (p.name != "serving.json", p.name))
@@ -132,7 +155,13 @@ def render(results_dir: Path = RESULTS) -> str:
             continue
         data = {**KNOWN.get(path.name, {}), **data}
         is_serving = {"table", "goals", "results"} <= set(data) and "title" in data
-        sections.append(render_serving(path.name, data) if is_serving else render_generic(path.name, data))
+        is_shadow = {"table", "ratios", "per_round", "shadow"} <= set(data) and "title" in data
+        if is_serving:
+            sections.append(render_serving(path.name, data))
+        elif is_shadow:
+            sections.append(render_shadow(path.name, data))
+        else:
+            sections.append(render_generic(path.name, data))
     return "\n".join(sections)
 
 

@@ -153,3 +153,54 @@ def test_training_path_results_carry_what_the_generic_renderer_shows() -> None:
     text = training_path.report(out)
     assert "1.30x wall" in text and "trained_model" in text and "met" in text
     json.dumps(out)  # the results file is plain JSON
+
+
+def _shadow_rounds() -> list[dict]:
+    from bench import shadow
+
+    rows = []
+    for round_no in (1, 2, 3):
+        for strategy, slower in (("direct", 1.0), ("shadow", 1.02)):
+            for conc in shadow.CONCURRENCY:
+                rows.append({"round": round_no, "strategy": strategy, "concurrency": conc, "ok": 100, "failed": 0,
+                             "rps": 500.0 / slower / conc ** 0.5, "p50_ms": 2.0 * slower * conc,
+                             "p95_ms": 4.0 * slower * conc * (1.1 if round_no == 3 and strategy == "shadow" else 1),
+                             "p99_ms": 5.0, "loadavg": "1 1 1", "switch_s": 2.0})
+    return rows
+
+
+def test_shadow_benchmark_ratios_and_its_results_md_section(tmp_path) -> None:
+    from bench import shadow
+
+    per_round = _shadow_rounds()
+    table, ratios = shadow.summarize(per_round)
+    by_conc = {r["concurrency"]: r for r in ratios}
+    assert set(by_conc) == set(shadow.CONCURRENCY)
+    assert by_conc[1]["p50 x direct"] == pytest.approx(1.02) and by_conc[1]["rps x direct"] == pytest.approx(1 / 1.02, abs=1e-3)
+    assert by_conc[1]["met"]  # 2% on p50, p95's median is the unaffected rounds' 1.02
+    counts = {"shadow_answered": 900, "shadow_failed": 0, "shadow_dropped": 3, "champion_answers_in_shadow": 900}
+    out = {"title": "Shadow release", "command": shadow.COMMAND, "code_version": "abc123", "machine": {"loadavg": "1 1 1"},
+           "budget": {"rounds": 3, "max_requests": 100, "max_seconds": 1.0}, "records_per_request": 1,
+           "champion_version": "1", "candidate_version": "2", "table": table, "ratios": ratios,
+           "per_round": per_round, "shadow": {**counts, "measured_requests_in_shadow": 600},
+           "summary": shadow.summary_text(ratios, counts, table)}
+    (tmp_path / "shadow.json").write_text(json.dumps(out))
+    text = report.render(tmp_path)
+    assert "## Shadow release" in text and "`python -m bench.shadow --json bench/results/shadow.json`" in text
+    assert "900 answered, 0 failed, 3 dropped" in text and " met |" in text and "Every round" in text
+    assert "p50 1.020x direct" in out["summary"]
+    with pytest.raises(SystemExit):
+        shadow.main(["--unknown-option"])
+
+
+def test_the_committed_shadow_section_shows_the_committed_json() -> None:
+    path = report.RESULTS / "shadow.json"
+    if not path.exists():
+        pytest.skip("no bench/results/shadow.json committed yet")
+    data = json.loads(path.read_text())
+    section = report.OUTPUT.read_text().split(f"## {data['title']}", 1)[1].split("\n## ", 1)[0]
+    assert data["summary"] in section and data["code_version"] in section
+    for r in data["ratios"]:
+        assert common.format_table([{**r, "met": "met" if r["met"] else "MISSED"}]).splitlines()[2] in section
+    shadow = data["shadow"]
+    assert f"{shadow['shadow_answered']} answered, {shadow['shadow_failed']} failed" in section
