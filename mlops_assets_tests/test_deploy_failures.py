@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from mlops_assets import constants as c
 from mlops_assets.core.dataset_spec import default_spec
 from mlops_assets.deployment import rollout as dep
 from mlops_assets.registry import model_store
-from mlops_assets.tools.ray_cluster import start_head, stop_head
+from mlops_assets.tools.ray_cluster import kill_session, session_processes, start_head, stop_head
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records
 from mlops_assets_tests.ray_support import isolated_cluster
 from mlops_assets_tests.registry_support import register_simulated_versions
@@ -281,15 +280,20 @@ def test_a_rollback_records_itself_on_model_deployment(platform: Platform, dagst
 
 
 def _kill_head_group(platform: Platform) -> None:
-    """What losing the machine does to the head: SIGKILL to its whole process group, no shutdown."""
+    """What losing the machine does to the head: SIGKILL to every process of its session, no shutdown.
+
+    The session, not the process group: HAProxy runs in a group of its own, and one left alive
+    would keep the Serve port from the next head.
+    """
     pid = int(platform.cluster.pid_file.read_text().strip())
-    os.killpg(pid, signal.SIGKILL)
+    kill_session(pid)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             os.waitpid(pid, os.WNOHANG)  # our child: reap it
-            os.killpg(pid, 0)
-        except (ChildProcessError, ProcessLookupError):
+        except ChildProcessError:
+            pass
+        if not session_processes(pid):
             break
         time.sleep(0.2)
     platform.cluster.pid_file.unlink(missing_ok=True)

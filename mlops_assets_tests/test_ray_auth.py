@@ -200,12 +200,19 @@ UNAVOIDABLE = {"ray::ServeReplica": "/ray.serve.ASGIService/HandleRequest"}
 
 @pytest.mark.integration
 def test_every_listener_of_the_cluster_is_on_loopback_or_refuses_a_caller_without_the_token(head: Head) -> None:
-    listeners = _listeners(head.pid)
-    ports = {port for _, _, port in listeners}
     cfg = head.cluster
-    # The list really covers the cluster: GCS, dashboard, client server, agent, metrics, Serve proxy.
-    for port in (cfg.port, cfg.dashboard_port, cfg.client_server_port, cfg.dashboard_agent_port,
-                 cfg.metrics_export_port, cfg.serve_http_port):
+    # The list really covers the cluster: GCS, dashboard, client server, agent, metrics, Serve ingress.
+    expected = {cfg.port, cfg.dashboard_port, cfg.client_server_port, cfg.dashboard_agent_port,
+                cfg.metrics_export_port, cfg.serve_http_port}
+    # Ray's HAProxy manager reloads HAProxy (a new process takes the sockets over, the old one
+    # exits) when the routes change, so one listing can fall between the two: list again briefly.
+    deadline = time.monotonic() + 30
+    listeners = _listeners(head.pid)
+    while not expected <= {port for _, _, port in listeners} and time.monotonic() < deadline:
+        time.sleep(0.5)
+        listeners = _listeners(head.pid)
+    ports = {port for _, _, port in listeners}
+    for port in sorted(expected):
         assert port in ports, f"nothing of the cluster listens on {port}: {sorted(listeners)}"
     assert any(name == "raylet" for name, _, _ in listeners), listeners
     exposed = [entry for entry in listeners if entry[1] not in LOOPBACK]

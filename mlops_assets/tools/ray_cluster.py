@@ -306,6 +306,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def session_processes(leader_pid: int) -> list[int]:
+    """Every process in the session `start_head` opened for the head (its pid leads it).
+
+    Not just the head's process group: Ray's HAProxy manager starts HAProxy in a group of its
+    own, so a group kill leaves it holding the Serve port and the next head's ingress cannot bind.
+    """
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == leader_pid and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return found
+
+
+def kill_session(leader_pid: int) -> None:
+    """SIGKILL the whole session of the head: its group and every group inside (HAProxy's too)."""
+    for pid in session_processes(leader_pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def stop_head(cfg: ClusterConfig, timeout_s: float = 30.0) -> bool:
     """Stop the head this module started (by its pid file); False when there was none."""
     return _stop_started(cfg.pid_file, timeout_s)
@@ -325,10 +352,7 @@ def _stop_started(pid_file: Path, timeout_s: float) -> bool:
                 os.waitpid(pid, os.WNOHANG)  # reap when it is our child (tests)
             except ChildProcessError:
                 pass
-        try:
-            os.killpg(pid, signal.SIGKILL)  # whatever of that group is left
-        except ProcessLookupError:
-            pass
+        kill_session(pid)  # whatever of that session is left
     pid_file.unlink(missing_ok=True)
     return True
 
