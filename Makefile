@@ -93,9 +93,7 @@ demo: install .env $(DAGSTER_HOME)/dagster.yaml
 
 pipeline: install .env $(DAGSTER_HOME)/dagster.yaml
 	mkdir -p $(DATA_DIR)/mlflow
-	$(BIN)/mlops-assets ingest
-	$(BIN)/mlops-assets train -c deploy/run_config/in_process.yaml --select '$(TRAINING_PATH)'
-	$(BIN)/mlops-assets status
+	$(BIN)/mlops-assets pipeline -c deploy/run_config/in_process.yaml --select '$(TRAINING_PATH)'
 
 up: install .env $(DAGSTER_HOME)/dagster.yaml
 	BIN=$(BIN) scripts/platform.sh up

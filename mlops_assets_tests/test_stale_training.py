@@ -1,6 +1,6 @@
-"""Stale-only training through the commands `make pipeline` runs (`mlops-assets ingest`, then
-`mlops-assets train`, which launches `dagster asset materialize` of the training path only when
-something in it is stale; a real instance in DAGSTER_HOME, MLflow on SQLite): a second run on
+"""Stale-only training through the command `make pipeline` runs (`mlops-assets pipeline`: ingest,
+then train, which launches `dagster asset materialize` of the training path only when something in
+it is stale, then status; a real instance in DAGSTER_HOME, MLflow on SQLite): a second run on
 unchanged data launches no run, trains, registers and promotes nothing and says why; a run launched
 anyway (the UI, a sensor) reuses the model; changed parameters are stale; a new file retrains."""
 
@@ -40,12 +40,8 @@ def _pipeline(env: dict[str, str], gate_may_reject: bool = False) -> tuple[float
     `gate_may_reject` the run may fail at the blocking passed_gate check (a candidate that is
     registered, as challenger)."""
     started = time.monotonic()
-    if "raw_batches" not in training_path():  # landed files become batches first
-        ingest = subprocess.run([str(Path(sys.executable).with_name("mlops-assets")), "ingest"], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=600)
-        assert ingest.returncode == 0, ingest.stdout[-3000:] + ingest.stderr[-3000:]
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("mlops-assets")), "train", "--select", ",".join(training_path()),
+    done = subprocess.run(  # ingest (landed files become raw_batches partitions), train if stale, status
+        [str(Path(sys.executable).with_name("mlops-assets")), "pipeline", "--select", ",".join(training_path()),
          "--config-json", json.dumps({**FAST, **IN_PROCESS})],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     out = done.stdout + done.stderr

@@ -174,6 +174,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    """`make pipeline`: ingest, train (only if stale), status, in one process, so the imports and the
+    definitions are paid once (an unchanged re-run is mostly that cost)."""
+    code = _cmd_ingest(args)
+    if code == 0:
+        code = _cmd_train(args)
+    if code == 0:
+        code = _cmd_status(argparse.Namespace(history=False, no_endpoint=False, endpoint=None, tracking_uri=None,
+                                              model_name=None, json=False))
+    return code
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from mlops_assets.settings import load_settings
     from mlops_assets.tools.status import champion_status, format_status, to_json
@@ -459,6 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config-json", default=None, help="run config as JSON (instead of -c)")
     train.add_argument("--force", action="store_true", help="launch the run even if nothing is stale")
     train.set_defaults(func=_cmd_train)
+
+    pipeline = sub.add_parser("pipeline", help="what make pipeline runs: ingest, train (only if stale), status, "
+                                               "in one process")
+    pipeline.add_argument("--select", required=True, help="comma-separated assets of the training path")
+    pipeline.add_argument("-c", "--config", action="append", default=[], help="run config YAML file (repeatable)")
+    pipeline.add_argument("--config-json", default=None, help="run config as JSON (instead of -c)")
+    pipeline.add_argument("--force", action="store_true", help="launch the run even if nothing is stale")
+    pipeline.set_defaults(func=_cmd_pipeline)
 
     status = sub.add_parser("status", help="the champion model: version, metrics, data and feature versions, run")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
