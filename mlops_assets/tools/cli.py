@@ -400,6 +400,14 @@ def _cmd_simulate_traffic(args: argparse.Namespace) -> int:
     return 0 if result.requests_ok else 1
 
 
+def _add_training_run_args(parser: argparse.ArgumentParser) -> None:
+    """The options `train` and `pipeline` share: what to materialize, its run config, --force."""
+    parser.add_argument("--select", required=True, help="comma-separated assets, as dagster asset materialize takes")
+    parser.add_argument("-c", "--config", action="append", default=[], help="run config YAML file (repeatable)")
+    parser.add_argument("--config-json", default=None, help="run config as JSON (instead of -c)")
+    parser.add_argument("--force", action="store_true", help="launch the run even if nothing is stale")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlops-assets", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -466,18 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="materialize the training path (dagster asset materialize) only if "
                                          "something in it is stale: new raw batches, changed code or parameters")
-    train.add_argument("--select", required=True, help="comma-separated assets, as dagster asset materialize takes")
-    train.add_argument("-c", "--config", action="append", default=[], help="run config YAML file (repeatable)")
-    train.add_argument("--config-json", default=None, help="run config as JSON (instead of -c)")
-    train.add_argument("--force", action="store_true", help="launch the run even if nothing is stale")
+    _add_training_run_args(train)
     train.set_defaults(func=_cmd_train)
 
     pipeline = sub.add_parser("pipeline", help="what make pipeline runs: ingest, train (only if stale), status, "
                                                "in one process")
-    pipeline.add_argument("--select", required=True, help="comma-separated assets of the training path")
-    pipeline.add_argument("-c", "--config", action="append", default=[], help="run config YAML file (repeatable)")
-    pipeline.add_argument("--config-json", default=None, help="run config as JSON (instead of -c)")
-    pipeline.add_argument("--force", action="store_true", help="launch the run even if nothing is stale")
+    _add_training_run_args(pipeline)
     pipeline.set_defaults(func=_cmd_pipeline)
 
     status = sub.add_parser("status", help="the champion model: version, metrics, data and feature versions, run")
