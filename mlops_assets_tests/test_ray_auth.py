@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -171,6 +172,12 @@ def _run_client(head: Head, mode: str, address: str, with_token: bool) -> subpro
                           env=_client_env(head, with_token), capture_output=True, text=True, timeout=180)
 
 
+def _client_server_logs() -> str:
+    """The tails of the Ray client's per-client server logs of the latest session (why one did not start)."""
+    logs = sorted(Path(tempfile.gettempdir(), "ray", "session_latest", "logs").glob("ray_client_server_*.err"))
+    return "".join(f"\n--- {log.name}:\n{log.read_text(errors='replace')[-1500:]}" for log in logs)
+
+
 def _machine_address() -> str:
     """An address of this machine other than loopback (what a neighbour would connect to)."""
     for addresses in psutil.net_if_addrs().values():
@@ -261,7 +268,12 @@ def test_a_ray_client_connection_without_the_token_is_refused_and_with_it_runs_a
     assert refused.returncode != 0 and "task answered" not in refused.stdout, refused.stdout
     assert "connection timeout" in refused.stderr, refused.stderr[-2000:]
     done = _run_client(head, "client", address, with_token=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    if done.returncode != 0 and "Starting Ray client server failed" in done.stderr:
+        # The proxier's per-client server process exited while starting (seen once in CI under
+        # load, not an auth answer): say what its log held, then try once more.
+        print(_client_server_logs())
+        done = _run_client(head, "client", address, with_token=True)
+    assert done.returncode == 0, done.stderr[-2000:] + _client_server_logs()
     assert "task answered 42" in done.stdout
 
 
