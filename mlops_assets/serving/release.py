@@ -11,9 +11,19 @@ promoting or ending a release is a `reconfigure` of running replicas, never a re
   a dead replica) is never a failed response: the champion answers instead, and the failure counts
   against the candidate;
 - `shadow`: the champion answers every request; after the answer, the same request is scored by
-  the candidate off the request path (fire-and-forget, at most `shadow_max_in_flight` at once;
-  beyond that a mirror is dropped and counted, never queued without bound). The candidate's
-  answer is logged with its version and `shadow = true`, beside the champion's.
+  the candidate off the request path (fire-and-forget, at most `shadow_max_in_flight` mirrors
+  queued or being scored at once; beyond that a mirror is dropped and counted, never queued
+  without bound). The candidate's answer is logged with its version and `shadow = true`, beside
+  the champion's.
+
+  Mirrors are batched: the ingress queues them and sends them to the candidate in one handle call
+  (`PredictionService.handle_many`, here `score_mirrors`) once `shadow_batch_max_size` have queued
+  or `shadow_batch_wait_s` after the first; the candidate marks the log lines itself and, on its
+  first batch, lowers its own CPU priority (`SHADOW_NICENESS`), so on a loaded machine the
+  champion's replicas get the cores first. One call per batch instead of one per request is what
+  keeps the shadow off the champion's latency (bench/shadow.py). `shadow_sample_share` mirrors
+  only a share of the requests (by a hash of the request id; default 1.0, every request); a
+  sampled-out request is counted, not dropped. The shadow role's latency is its batch call's.
 
 Every answer names the version that produced it (`model_version` in the body, as before).
 Routing is plain functions and one small class; `app.py` hooks it into the ingress.
@@ -24,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -44,6 +55,10 @@ IDLE_CANDIDATE_AUTOSCALING = {"min_replicas": 0, "initial_replicas": 0, "max_rep
 DEFAULT_STICKY_HEADER = "x-client-key"
 DEFAULT_CANARY_SHARE = c.RELEASE_CANARY_SHARE
 DEFAULT_SHADOW_MAX_IN_FLIGHT = 32
+DEFAULT_SHADOW_BATCH_MAX_SIZE = 16  # mirrors per call to the candidate
+DEFAULT_SHADOW_BATCH_WAIT_S = 0.2  # how long the first queued mirror waits for others
+DEFAULT_SHADOW_SAMPLE_SHARE = 1.0  # every answered request is mirrored
+SHADOW_NICENESS = 10  # added to the niceness of a candidate replica that scores mirrors
 RELEASE_ROUTE = "/release"  # GET: the ingress's release state (answered by the ingress itself)
 ROLE_CHAMPION, ROLE_CANDIDATE, ROLE_SHADOW = "champion", "candidate", "shadow"
 SHADOW_FIELD = "shadow"  # the prediction-log column marking a candidate's mirrored answer
@@ -63,6 +78,9 @@ class ReleaseConfig:
     canary_share: float = DEFAULT_CANARY_SHARE
     sticky_header: str = DEFAULT_STICKY_HEADER
     shadow_max_in_flight: int = DEFAULT_SHADOW_MAX_IN_FLIGHT
+    shadow_batch_max_size: int = DEFAULT_SHADOW_BATCH_MAX_SIZE
+    shadow_batch_wait_s: float = DEFAULT_SHADOW_BATCH_WAIT_S
+    shadow_sample_share: float = DEFAULT_SHADOW_SAMPLE_SHARE
     release_id: str | None = None  # names the release in logs, run keys and the registry history
     started_at: str | None = None  # ISO UTC
     # The terms the release sensor judges it by (monitoring/comparison.py: ReleaseTerms).
@@ -80,6 +98,14 @@ class ReleaseConfig:
             raise ReleaseConfigError(f"canary_share must be in [0, 1], got {self.canary_share}")
         if int(self.shadow_max_in_flight) < 1:
             raise ReleaseConfigError(f"shadow_max_in_flight must be at least 1, got {self.shadow_max_in_flight}")
+        if int(self.shadow_batch_max_size) < 1:
+            raise ReleaseConfigError(f"shadow_batch_max_size must be at least 1, got {self.shadow_batch_max_size}")
+        wait = float(self.shadow_batch_wait_s)
+        if not 0.0 <= wait <= 10.0:
+            raise ReleaseConfigError(f"shadow_batch_wait_s must be in [0, 10] seconds, got {self.shadow_batch_wait_s}")
+        sample = float(self.shadow_sample_share)
+        if not 0.0 < sample <= 1.0:
+            raise ReleaseConfigError(f"shadow_sample_share must be in (0, 1], got {self.shadow_sample_share}")
         if self.strategy != "direct" and not self.candidate_version:
             raise ReleaseConfigError(f"a {self.strategy} release needs candidate_version")
         if not self.sticky_header or self.sticky_header.strip().lower() != self.sticky_header:
@@ -102,16 +128,20 @@ class ReleaseConfig:
         for key in ("champion_version", "candidate_version"):
             if raw.get(key) not in (None, ""):
                 raw[key] = str(raw[key])
-        for key in ("canary_share", "min_duration_s", "max_metric_drop", "max_error_rate_delta"):
+        for key in ("canary_share", "min_duration_s", "max_metric_drop", "max_error_rate_delta",
+                    "shadow_batch_wait_s", "shadow_sample_share"):
             if key in raw:
                 raw[key] = float(raw[key])
-        for key in ("min_requests", "min_labelled", "shadow_max_in_flight"):
+        for key in ("min_requests", "min_labelled", "shadow_max_in_flight", "shadow_batch_max_size"):
             if key in raw:
                 raw[key] = int(raw[key])
         return cls(**raw)
 
     def ended(self) -> ReleaseConfig:
-        return ReleaseConfig(sticky_header=self.sticky_header, shadow_max_in_flight=self.shadow_max_in_flight)
+        return ReleaseConfig(sticky_header=self.sticky_header, shadow_max_in_flight=self.shadow_max_in_flight,
+                             shadow_batch_max_size=self.shadow_batch_max_size,
+                             shadow_batch_wait_s=self.shadow_batch_wait_s,
+                             shadow_sample_share=self.shadow_sample_share)
 
     def terms(self) -> Any:
         from mlops_assets.monitoring.comparison import ReleaseTerms
@@ -132,6 +162,11 @@ def chooses_candidate(config: ReleaseConfig, client_key: str | None, request_id:
     return bucket(client_key or request_id) < config.canary_share
 
 
+def mirrors(config: ReleaseConfig, request_id: str) -> bool:
+    """Is this answered request mirrored to the shadow? All of them unless `shadow_sample_share` < 1."""
+    return config.strategy == "shadow" and bucket("shadow:" + request_id) < config.shadow_sample_share
+
+
 def header(headers: list[tuple[bytes, bytes]], name: str) -> str | None:
     wanted = name.encode()
     for key, value in headers:
@@ -146,6 +181,53 @@ def mark_shadow(line: bytes) -> tuple[bytes, int]:
     for row in rows:
         row[SHADOW_FIELD] = True
     return encode_rows(rows), len(rows)
+
+
+Handle = Callable[[ForwardedRequest], Awaitable[ForwardedResponse]]
+_lowered = False
+
+
+def lower_priority(increment: int = SHADOW_NICENESS) -> bool:
+    """Add `increment` to the niceness of every thread of this process (Linux); False where it cannot.
+
+    `os.nice` alone would lower only the calling thread on Linux, not Ray's threads that
+    (de)serialize the calls; each thread of /proc/self/task is set instead.
+    """
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return False
+    done = False
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+            done = True
+        except OSError:  # a thread that ended meanwhile, or a platform without per-thread priorities
+            pass
+    return done
+
+
+async def score_mirrors(handle: Handle, requests: list[ForwardedRequest]) -> list[ForwardedResponse]:
+    """In the candidate replica: a batch of mirrors, each answered as `handle` answers it, log lines marked shadow.
+
+    The first batch lowers this replica's CPU priority (only a replica that scores mirrors is
+    lowered; a canary's candidate, which answers clients, never gets here).
+    """
+    global _lowered
+    if not _lowered:
+        _lowered = True
+        if lower_priority():
+            logger.info("shadow: this candidate replica runs at niceness +%d", SHADOW_NICENESS)
+    answers = await asyncio.gather(*(handle(r) for r in requests), return_exceptions=True)
+    out = []
+    for request, answer in zip(requests, answers, strict=True):
+        if isinstance(answer, BaseException):
+            logger.warning("shadow: scoring mirror %s failed (%s)", request.request_id, type(answer).__name__)
+            out.append(ForwardedResponse(500, [], b'{"error":"the candidate failed on this mirror"}'))
+            continue
+        marked = [mark_shadow(line) for line, _ in answer.log_lines] if answer.status == 200 else []
+        out.append(ForwardedResponse(answer.status, [], answer.body, marked))
+    return out
 
 
 class ReleaseMetrics(Protocol):
@@ -169,11 +251,21 @@ class ReleaseCounts:
     failed: dict[str, int] = field(default_factory=dict)  # role -> 5xx or dead replica
     fallbacks: int = 0  # canary requests the champion answered because the candidate failed
     shadow_dropped: int = 0
-    shadow_in_flight: int = 0
+    shadow_in_flight: int = 0  # mirrors queued in this ingress or in a call to the candidate
+    shadow_sampled_out: int = 0  # answered requests `shadow_sample_share` left unmirrored
+    shadow_batches: int = 0  # calls to the candidate
 
 
 Send = Callable[[Any], Awaitable[tuple[ForwardedResponse, int]]]  # handle -> (answer, tries)
+SendMirrors = Callable[[list[ForwardedRequest]], Awaitable[list[ForwardedResponse]]]  # one answer per mirror
 LogLine = Callable[[bytes, int], None]
+
+
+def batch_call(deployment: Any) -> SendMirrors:
+    """Mirrors to a Serve handle of the candidate deployment, in one `handle_many` call."""
+    async def send(batch: list[ForwardedRequest]) -> list[ForwardedResponse]:
+        return list(await deployment.handle_many.remote(batch))
+    return send
 
 
 def _version_of(response: ForwardedResponse) -> str:
@@ -190,12 +282,16 @@ def _version_of(response: ForwardedResponse) -> str:
 class ReleaseRouter:
     """Routes the ingress's requests between the champion and candidate deployments."""
 
-    def __init__(self, champion: Any, candidate: Any | None, metrics: ReleaseMetrics | None = None) -> None:
+    def __init__(self, champion: Any, candidate: Any | None, metrics: ReleaseMetrics | None = None,
+                 send_mirrors: SendMirrors | None = None) -> None:
         self.champion = champion
         self.candidate = candidate
         self.config = ReleaseConfig()
         self.counts = ReleaseCounts()
         self.metrics: ReleaseMetrics = metrics or NoMetrics()
+        self._send_mirrors = send_mirrors or (batch_call(candidate) if candidate is not None else None)
+        self._queue: list[ForwardedRequest] = []
+        self._timer: asyncio.TimerHandle | None = None
         self._shadows: set[asyncio.Task[None]] = set()
 
     def reconfigure(self, user_config: Mapping[str, Any] | None) -> None:
@@ -238,33 +334,58 @@ class ReleaseRouter:
         answer, tries = await send(self.champion)
         self._note(ROLE_CHAMPION, answer, start)
         if config.strategy == "shadow" and answer.status == 200:
-            self._mirror(request, send, log)
+            self._mirror(request, log)
         return answer, tries
 
-    def _mirror(self, request: ForwardedRequest, send: Send, log: LogLine) -> None:
-        if self.counts.shadow_in_flight >= self.config.shadow_max_in_flight:
+    def _mirror(self, request: ForwardedRequest, log: LogLine) -> None:
+        """Queue `request` for the candidate (the champion's request id, so both answers join the same labels)."""
+        config = self.config
+        if not mirrors(config, request.request_id):
+            self.counts.shadow_sampled_out += 1
+            return
+        if self.counts.shadow_in_flight >= config.shadow_max_in_flight:
             self.counts.shadow_dropped += 1
             self.metrics.shadow_dropped()
             return
         self.counts.shadow_in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._shadow(request, send, log))
+        self._queue.append(request)
+        if len(self._queue) >= config.shadow_batch_max_size:
+            self._flush(log)
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(config.shadow_batch_wait_s, self._flush, log)
+
+    def _flush(self, log: LogLine) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._queue = self._queue, []
+        if not batch:
+            return
+        self.counts.shadow_batches += 1
+        task = asyncio.get_running_loop().create_task(self._shadow(batch, log))
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
 
-    async def _shadow(self, request: ForwardedRequest, send: Send, log: LogLine) -> None:
+    async def _shadow(self, batch: list[ForwardedRequest], log: LogLine) -> None:
         start = time.perf_counter()
-        answer = None
+        answers: list[ForwardedResponse | None] = [None] * len(batch)
         try:
-            # The mirror carries the champion's request id, so both answers join the same labels.
-            answer, _ = await send(self.candidate)
-            if answer.status == 200:
-                for line, _rows in answer.log_lines:
-                    marked, rows = mark_shadow(line)
-                    log(marked, rows)
+            assert self._send_mirrors is not None  # a shadow needs a candidate (reconfigure checks)
+            got = await self._send_mirrors(batch)
+            if len(got) != len(batch):
+                raise ValueError(f"the candidate answered {len(got)} of {len(batch)} mirrors")
+            answers = list(got)
         except Exception as exc:  # never the client's problem: counted against the candidate
-            logger.warning("shadow: candidate failed (%s)", type(exc).__name__)
+            logger.warning("shadow: candidate failed on a batch of %d (%s)", len(batch), type(exc).__name__)
         finally:
-            self.counts.shadow_in_flight -= 1
+            self.counts.shadow_in_flight -= len(batch)
+        for answer in answers:
+            if answer is not None and answer.status == 200:
+                for line, rows in answer.log_lines:  # marked `shadow = true` by the candidate
+                    try:
+                        log(line, rows)
+                    except Exception:
+                        logger.exception("shadow: the prediction log refused a mirror's line")
             self._note(ROLE_SHADOW, answer, start)
 
 
