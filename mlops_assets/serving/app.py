@@ -58,6 +58,7 @@ from mlops_assets.serving.release import (
     RELEASE_ROUTE,
     RayServeReleaseMetrics,
     ReleaseRouter,
+    score_mirrors,
 )
 from mlops_assets.serving.request import RequestError
 from mlops_assets.serving.scoring import ScoredRecords, Scorer, scorer_from_loaded
@@ -304,6 +305,10 @@ class PredictionService:
             response = await call_asgi(api, request, {"request_id": request.request_id, "log_sink": sink})
         response.log_lines = lines
         return response
+
+    async def handle_many(self, requests: list[ForwardedRequest]) -> list[ForwardedResponse]:
+        """A shadow's mirrors from the ingress in one call, each answered as `handle` does (serving/release.py)."""
+        return await score_mirrors(self.handle, requests)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         await self._core.reconfigure(ModelRef.from_user_config(user_config))
