@@ -23,7 +23,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from catboost import CatBoostClassifier
 from mlflow import MlflowClient
 
@@ -33,27 +32,15 @@ from mlops_assets.deployment import rollout as dep
 from mlops_assets.ingestion import batches as ingestion
 from mlops_assets.registry import governance, model_store
 from mlops_assets.serving.prediction_log import read_prediction_log
-from mlops_assets.settings import load_settings
 from mlops_assets.tools import cli
-from mlops_assets.tools.ray_cluster import start_head, stop_head
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
 from mlops_assets.training import tracking
-from mlops_assets_tests.ray_support import delete_app_quietly, isolated_cluster
+from mlops_assets_tests.e2e_support import FAST, ingest_landed, platform_on_head
 from mlops_assets_tests.settings_support import platform_definitions
 
 TOKEN = "governance-test-token-5f1c2a9e"
-FAST = {"ops": {"trained_model": {"config": {"iterations": 80, "thread_count": 1}}}}
-ARGS = {"max_records": 100, "max_body_bytes": 200_000, "log_flush_interval_s": 0.5, "predict_timeout_s": 10}
 TRAINING_PATH = ["raw_dataset", "validation_report", "feature_set", "train_test_split",
                  "trained_model", "model_evaluation", "registered_model"]
-
-
-def _ingest(instance: dg.DagsterInstance, defs: dg.Definitions, data: Path) -> None:
-    """Each landed file as its raw_batches partition, as `mlops-assets ingest` does."""
-    from mlops_assets.defs.ingestion.assets import INGEST_JOB, ingest_landed_on_instance
-
-    files = ingest_landed_on_instance(instance, defs.resolve_job_def(INGEST_JOB), str(data / "raw"))
-    assert files and all(f.status == "accepted" for f in files), files
 
 
 # --- fast: the card and the history ---------------------------------------------------------------
@@ -176,36 +163,14 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("governance")
-    data = root / "data"
-    (data / "mlflow").mkdir(parents=True)
-    home = root / "dagster_home"
+    home = root / "dagster_home"  # the CLI's trace reads the runs from the instance DAGSTER_HOME names
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    tracking_uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
-    cluster = isolated_cluster(root)
-    config = dep.load_serve_config()
-    config["applications"][0]["args"] = dict(ARGS)
-    serve_config = root / "serve_config.yaml"
-    serve_config.write_text(yaml.safe_dump(config))
-    env = {
-        "DAGSTER_HOME": str(home), "MLOPS_DATA_URL": str(data), "MLFLOW_TRACKING_URI": tracking_uri,
-        "MLOPS_API_TOKEN": TOKEN, "MLOPS_MLFLOW_ARTIFACT_ROOT": (data / "mlflow" / "artifacts").as_uri(),
-        "MLOPS_RAY_DASHBOARD_URL": cluster.dashboard_url, "MLOPS_SERVE_URL": cluster.serve_url,
-        "MLOPS_SERVE_CONFIG": str(serve_config), "MLOPS_ACTOR": "governance-test",
-    }
     spec = default_spec()
     with ExitStack() as stack:
-        patch = stack.enter_context(pytest.MonkeyPatch.context())
-        for key in ("MLOPS_LANDING_URL", "MLOPS_DATASET_SPEC", "MLOPS_PREDICTION_LOG_URL", "MLFLOW_UI_URL",
-                    "MLOPS_MODEL_NAME", "MLOPS_MLFLOW_EXPERIMENT"):
-            patch.delenv(key, raising=False)
-        for key, value in env.items():
-            patch.setenv(key, value)
-        start_head(cluster, env={"MLOPS_API_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": tracking_uri,
-                                 "MLOPS_DATA_URL": str(data)})
-        stack.callback(stop_head, cluster)
-        target = dep.target_from_settings(load_settings())
-        stack.callback(delete_app_quietly, target)
+        head = stack.enter_context(platform_on_head(
+            root, TOKEN, env={"DAGSTER_HOME": str(home), "MLOPS_ACTOR": "governance-test"}))
+        data, tracking_uri, target = head.data, head.tracking_uri, head.target
         # Two raw files, as a user drops them into the landing folder.
         landed = {}
         for seed, rows in ((42, 1500), (43, 700)):
@@ -215,7 +180,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         instance = stack.enter_context(dg.DagsterInstance.get())
         defs = platform_definitions()  # built from the environment just set
 
-        _ingest(instance, defs, data)
+        ingest_landed(instance, defs, data / "raw")
         job = defs.resolve_implicit_global_asset_job_def()
         result = job.execute_in_process(
             instance=instance, run_config=FAST, raise_on_error=False,

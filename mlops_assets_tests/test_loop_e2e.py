@@ -12,20 +12,16 @@ One Ray head for the module; CatBoost runs with few iterations.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
 import mlflow
 import pandas as pd
 import pytest
-import yaml
 from catboost import CatBoostClassifier
 from mlflow import MlflowClient
 
@@ -37,39 +33,26 @@ from mlops_assets.monitoring import live as mon
 from mlops_assets.registry import model_store
 from mlops_assets.settings import load_settings
 from mlops_assets.tools import traffic
-from mlops_assets.tools.ray_cluster import start_head, stop_head
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
-from mlops_assets_tests.ray_support import delete_app_quietly, isolated_cluster
+from mlops_assets_tests.e2e_support import (
+    FAST,
+    Webhook,
+    check_named,
+    hour_key,
+    ingest_landed,
+    metadata_of,
+    past_hour,
+    platform_on_head,
+)
 from mlops_assets_tests.settings_support import platform_definitions, platform_resources
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TOKEN = "loop-test-token-0123456789"
 WINDOW_S = 10  # monitoring windows of 10 s, so each traffic phase gets a window of its own
-FAST = {"ops": {"trained_model": {"config": {"iterations": 80, "thread_count": 1}}}}
 MONITOR = {"ops": {"production_profiles": {"config": {"window": f"{WINDOW_S}s"}}}}
 DRIFT = {"SSLfinal_State": 0.6, "URL_of_Anchor": 0.6, "having_Sub_Domain": 0.6, "web_traffic": 0.6,
          "Prefix_Suffix": 0.6}
-ARGS = {"max_records": 100, "max_body_bytes": 200_000, "log_flush_interval_s": 0.5, "predict_timeout_s": 10}
-
-
-class Webhook:
-    def __init__(self) -> None:
-        self.received: list[dict] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                hook.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 @dataclass
@@ -91,10 +74,7 @@ class Loop:
 
     def ingest(self) -> None:
         """Each landed file as its raw_batches partition (what raw_files_sensor's runs do)."""
-        from mlops_assets.defs.ingestion.assets import INGEST_JOB, ingest_landed_on_instance
-
-        files = ingest_landed_on_instance(self.instance, self.job(INGEST_JOB), str(self.data / "raw"))
-        assert files and all(f.status == "accepted" for f in files), files
+        ingest_landed(self.instance, self.defs, self.data / "raw")
 
     def monitor(self, hour: datetime) -> dg.ExecuteInProcessResult:
         """The monitoring job for one hourly window (its partition), as the schedule runs the last complete hour."""
@@ -166,61 +146,11 @@ class Loop:
         return requests, (result.cursor if isinstance(result, dg.SensorResult) else cursor), skip
 
 
-def past_hour(hours_ago: int) -> datetime:
-    """The start of a complete hour (UTC), `hours_ago` hours before the current one."""
-    return datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours_ago)
-
-
-def hour_key(hour: datetime) -> str:
-    return hour.strftime("%Y-%m-%d-%H:00")
-
-
-def _check(result: dg.ExecuteInProcessResult, name: str) -> dg.AssetCheckEvaluation:
-    [found] = [e for e in result.get_asset_check_evaluations() if e.check_name == name]
-    return found
-
-
-def _meta(result: dg.ExecuteInProcessResult, asset: str) -> dict:
-    [event] = result.asset_materializations_for_node(asset)
-    return {k: getattr(v, "value", v) for k, v in event.metadata.items()}
-
-
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
-    root = tmp_path_factory.mktemp("loop")
-    data = root / "data"
-    (data / "mlflow").mkdir(parents=True)
-    tracking_uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
-    cluster = isolated_cluster(root)
-    config = dep.load_serve_config()
-    config["applications"][0]["args"] = dict(ARGS)
-    serve_config = root / "serve_config.yaml"
-    serve_config.write_text(yaml.safe_dump(config))
-    webhook = Webhook()
-    env = {
-        "MLOPS_DATA_URL": str(data), "MLFLOW_TRACKING_URI": tracking_uri, "MLOPS_API_TOKEN": TOKEN,
-        "MLOPS_MLFLOW_ARTIFACT_ROOT": (data / "mlflow" / "artifacts").as_uri(),
-        "MLOPS_RAY_DASHBOARD_URL": cluster.dashboard_url, "MLOPS_SERVE_URL": cluster.serve_url,
-        "MLOPS_METRICS_URL": cluster.metrics_url, "MLOPS_SERVE_CONFIG": str(serve_config),
-        "MLOPS_ALERT_WEBHOOK_URL": webhook.url,
-    }
-    with ExitStack() as stack:
-        patch = stack.enter_context(pytest.MonkeyPatch.context())
-        for key in ("MLOPS_LANDING_URL", "MLOPS_DATASET_SPEC", "MLOPS_PREDICTION_LOG_URL", "MLOPS_LABELS_URL",
-                    "MLFLOW_UI_URL", "MLOPS_MODEL_NAME", "MLOPS_MLFLOW_EXPERIMENT"):
-            patch.delenv(key, raising=False)
-        for key, value in env.items():
-            patch.setenv(key, value)
-        start_head(cluster, env={"MLOPS_API_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": tracking_uri,
-                                 "MLOPS_DATA_URL": str(data)})
-        stack.callback(stop_head, cluster)
-        target = dep.target_from_settings(load_settings())
-        stack.callback(delete_app_quietly, target)
-        stack.callback(webhook.server.shutdown)
-        instance = stack.enter_context(dg.instance_for_test())
+    with platform_on_head(tmp_path_factory.mktemp("loop"), TOKEN) as head, dg.instance_for_test() as instance:
         defs = platform_definitions()  # built from the environment just set, as `make up` loads them
-
-        yield Loop(data, default_spec(), instance, defs, target, tracking_uri, webhook)
+        yield Loop(head.data, default_spec(), instance, defs, head.target, head.tracking_uri, head.webhook)
 
 
 def test_the_loop_from_raw_data_to_drift_to_one_retraining_through_the_gate(loop: Loop) -> None:
@@ -241,9 +171,9 @@ def test_the_loop_from_raw_data_to_drift_to_one_retraining_through_the_gate(loop
     loop.file_traffic_in(normal_hour, [normal])
     monitored = loop.monitor(normal_hour)
     assert monitored.success
-    ok = _meta(monitored, "drift_report")
+    ok = metadata_of(monitored, "drift_report")
     assert ok["judged"] is True and ok["serving_version"] == "1" and ok["serving_source"] == "endpoint"
-    assert ok["rows"] == 600 and _check(monitored, "no_drift").passed and ok["n_drifted_features"] == 0
+    assert ok["rows"] == 600 and check_named(monitored, "no_drift").passed and ok["n_drifted_features"] == 0
     requests, cursor, why = loop.tick("drift_retraining_sensor", None)
     assert requests == [] and why == "no drift"
 
@@ -256,10 +186,10 @@ def test_the_loop_from_raw_data_to_drift_to_one_retraining_through_the_gate(loop
     traffic.write_labels(labels, str(loop.data / "labels"))
     monitored = loop.monitor(drift_hour)
     assert monitored.success
-    bad = _meta(monitored, "drift_report")
-    assert not _check(monitored, "no_drift").passed and bad["drift_detected"] is True
+    bad = metadata_of(monitored, "drift_report")
+    assert not check_named(monitored, "no_drift").passed and bad["drift_detected"] is True
     assert set(DRIFT) <= set(bad["drifted_features"].split(", ")) and bad["rows"] == 600
-    live = _meta(monitored, "online_performance")  # the window's predictions, with their labels
+    live = metadata_of(monitored, "online_performance")  # the window's predictions, with their labels
     assert live["n_matched"] == 600 and live["serving_version"] == "1" and live["window"] == f"{drift_hour:%Y-%m-%dT%H}:00:00Z"
 
     # Exactly one retraining request for the event, none on the next ticks or a re-run report.
@@ -275,12 +205,12 @@ def test_the_loop_from_raw_data_to_drift_to_one_retraining_through_the_gate(loop
 
     # 4. The requested run: labelled production records join the raw data; the gate decides.
     retrained = loop.run("retraining", FAST, tags={**request.tags, "dagster/run_key": str(request.run_key)})
-    batch_meta = _meta(retrained, "labelled_production_batch")
+    batch_meta = metadata_of(retrained, "labelled_production_batch")
     assert batch_meta["rows"] == 1200
     batches = ingestion.accepted_batches(str(loop.data / "batches"))
     assert len(batches) == 2 and sum(b.rows for b in batches) == 3200
-    gate = _check(retrained, "promotion_gate")
-    evaluation = _meta(retrained, "model_evaluation")
+    gate = check_named(retrained, "promotion_gate")
+    evaluation = metadata_of(retrained, "model_evaluation")
     assert evaluation["champion"].startswith("champion v1")  # compared with the serving version
     if gate.passed:
         assert retrained.success and loop.champion() == "2" and dep.live_version(loop.target) == "2"

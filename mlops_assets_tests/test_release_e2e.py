@@ -17,9 +17,7 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dagster as dg
@@ -28,7 +26,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from catboost import CatBoostClassifier
 from mlflow import MlflowClient
 
@@ -42,38 +39,17 @@ from mlops_assets.registry import model_store
 from mlops_assets.registry.releases import ALIAS_CANDIDATE
 from mlops_assets.settings import load_settings
 from mlops_assets.tools import traffic
-from mlops_assets.tools.ray_cluster import start_head, stop_head
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records
 from mlops_assets.training.tracking import use_tracking_uri
-from mlops_assets_tests.ray_support import delete_app_quietly, isolated_cluster
+from mlops_assets_tests.e2e_support import Webhook, platform_on_head
 from mlops_assets_tests.settings_support import platform_definitions, platform_resources
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TOKEN = "release-test-token-0123456789"
 MODEL = c.REGISTERED_MODEL_NAME
-ARGS = {"max_records": 100, "max_body_bytes": 200_000, "log_flush_interval_s": 0.5, "predict_timeout_s": 10}
 TERMS = {"min_requests": 300, "min_duration_s": 15.0, "min_labelled": 200, "max_metric_drop": 0.02}
 CANARY_SHARE = 0.25
-
-
-class Webhook:
-    def __init__(self) -> None:
-        self.received: list[dict] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                hook.received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
 @dataclass
@@ -235,40 +211,11 @@ def _register(tracking_uri: str, spec: DatasetSpec, *, rows: int, seed: int, ite
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
-    root = tmp_path_factory.mktemp("release")
-    data = root / "data"
-    (data / "mlflow").mkdir(parents=True)
-    tracking_uri = f"sqlite:///{data / 'mlflow' / 'mlflow.db'}"
-    cluster = isolated_cluster(root)
-    config = dep.load_serve_config()
-    config["applications"][0]["args"] = dict(ARGS)
-    for deployment in config["applications"][0]["deployments"]:
-        deployment["num_replicas"] = 1  # two cores: one replica of each, plus the candidate's
-    serve_config = root / "serve_config.yaml"
-    serve_config.write_text(yaml.safe_dump(config))
-    webhook = Webhook()
-    env = {
-        "MLOPS_DATA_URL": str(data), "MLFLOW_TRACKING_URI": tracking_uri, "MLOPS_API_TOKEN": TOKEN,
-        "MLOPS_MLFLOW_ARTIFACT_ROOT": (data / "mlflow" / "artifacts").as_uri(),
-        "MLOPS_RAY_DASHBOARD_URL": cluster.dashboard_url, "MLOPS_SERVE_URL": cluster.serve_url,
-        "MLOPS_METRICS_URL": cluster.metrics_url, "MLOPS_SERVE_CONFIG": str(serve_config),
-        "MLOPS_ALERT_WEBHOOK_URL": webhook.url,
-    }
-    with ExitStack() as stack:
-        patch = stack.enter_context(pytest.MonkeyPatch.context())
-        for key in ("MLOPS_LANDING_URL", "MLOPS_DATASET_SPEC", "MLOPS_PREDICTION_LOG_URL", "MLOPS_LABELS_URL",
-                    "MLFLOW_UI_URL", "MLOPS_MODEL_NAME", "MLOPS_MLFLOW_EXPERIMENT", "MLOPS_RELEASE_STRATEGY"):
-            patch.delenv(key, raising=False)
-        for key, value in env.items():
-            patch.setenv(key, value)
-        start_head(cluster, env={"MLOPS_API_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": tracking_uri,
-                                 "MLOPS_DATA_URL": str(data)})
-        stack.callback(stop_head, cluster)
-        target = dep.target_from_settings(load_settings())
-        stack.callback(delete_app_quietly, target)
-        stack.callback(webhook.server.shutdown)
-        instance = stack.enter_context(dg.instance_for_test())
-        yield Platform(data, default_spec(), instance, platform_definitions(), target, tracking_uri, webhook)
+    # Two cores: one replica of each deployment, plus the candidate's.
+    with (platform_on_head(tmp_path_factory.mktemp("release"), TOKEN, one_replica=True) as head,
+          dg.instance_for_test() as instance):
+        yield Platform(head.data, default_spec(), instance, platform_definitions(), head.target,
+                       head.tracking_uri, head.webhook)
 
 
 def test_a_better_shadow_is_promoted_and_a_worse_canary_is_ended_on_live_evidence(platform: Platform) -> None:

@@ -25,7 +25,8 @@ from mlops_assets.monitoring import live as mon
 from mlops_assets.registry import model_store
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records
 from mlops_assets.training import tracking
-from mlops_assets_tests.test_loop_e2e import DRIFT, Loop, _check, _meta, past_hour
+from mlops_assets_tests.e2e_support import check_named, metadata_of, past_hour
+from mlops_assets_tests.test_loop_e2e import DRIFT, Loop
 from mlops_assets_tests.test_loop_e2e import loop as loop  # noqa: F401 - the fixture, one cluster for this module
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -91,7 +92,7 @@ def test_drift_after_deploying_an_equal_model_is_no_rollback_one_failed_check_on
 
     # N+1 (the same model) deployed, drifted traffic right after, in a monitoring window of its own.
     deployed = _deploy(loop, new, new_run, frame)
-    assert _meta(deployed, "model_deployment")["replaced_version"] == old
+    assert metadata_of(deployed, "model_deployment")["replaced_version"] == old
     watch = {"watch_window": f"{WATCH_WINDOW_S}s"}
     _, cursor, _ = loop.tick("post_deploy_watch", None, **watch)  # first tick: the counters' baseline
     drifted = loop.send(300, seed=302, drift=DRIFT, batch_size=5)  # 60 requests
@@ -128,8 +129,8 @@ def test_drift_after_deploying_an_equal_model_is_no_rollback_one_failed_check_on
     loop.file_traffic_in(drift_hour, [drifted])
     monitored = loop.monitor(drift_hour)
     assert monitored.success
-    report = _meta(monitored, "drift_report")
-    assert not _check(monitored, "no_drift").passed and report["drift_detected"] is True
+    report = metadata_of(monitored, "drift_report")
+    assert not check_named(monitored, "no_drift").passed and report["drift_detected"] is True
     assert report["serving_version"] == new and report["rows"] == 300
     assert set(DRIFT) <= set(report["drifted_features"].split(", "))
 
