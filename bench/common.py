@@ -289,3 +289,28 @@ def emit(report_text: str, out: dict[str, Any], json_path: str | None) -> None:
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(out, indent=1, default=str))
+
+
+def run_timings(dagster_home: str) -> dict[str, Any]:
+    """From the instance's event log: the newest run's wall (start to end), each step's seconds and their sum."""
+    import dagster as dg
+    from dagster import DagsterEventType as E
+
+    with dg.DagsterInstance.from_config(dagster_home) as instance:
+        record = instance.get_run_records(limit=1)[0]
+        events = instance.all_logs(record.dagster_run.run_id)
+    starts: dict[str, float] = {}
+    steps: dict[str, float] = {}
+    run_start = run_end = None
+    for event in events:
+        kind = event.dagster_event_type
+        if kind == E.RUN_START:
+            run_start = event.timestamp
+        elif kind in (E.RUN_SUCCESS, E.RUN_FAILURE):
+            run_end = event.timestamp
+        elif kind == E.STEP_START:
+            starts[event.step_key or ""] = event.timestamp
+        elif kind in (E.STEP_SUCCESS, E.STEP_FAILURE) and event.step_key in starts:
+            steps[event.step_key] = event.timestamp - starts[event.step_key]
+    return {"run_seconds": (run_end - run_start) if run_start and run_end else float("nan"),
+            "step_seconds": sum(steps.values()), "steps": steps}

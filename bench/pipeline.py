@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import code_version, emit, format_table, machine, median
+from bench.common import code_version, emit, format_table, machine, median, run_timings
 
 # As `make pipeline`: `mlops-assets ingest` (each landed file a raw_batches partition), then this.
 TRAINING_PATH = ("raw_dataset,validation_report,feature_set,train_test_split,trained_model,"
@@ -170,33 +170,6 @@ def dagster_cli(env: Mapping[str, str], run_config: Mapping[str, Any] | None, ti
     if proc.returncode != 0:
         raise RuntimeError(f"dagster asset materialize failed ({proc.returncode}): {proc.stderr[-1500:]}")
     return {"wall": wall, **run_timings(env["DAGSTER_HOME"])}
-
-
-def run_timings(dagster_home: str) -> dict[str, Any]:
-    """From the instance's event log: run wall (start to success) and the sum of step durations."""
-    import dagster as dg
-    from dagster import DagsterEventType as E
-
-    os.environ["DAGSTER_HOME"] = dagster_home
-    with dg.DagsterInstance.get() as instance:
-        records = instance.get_run_records(limit=1)
-        run_id = records[0].dagster_run.run_id
-        events = instance.all_logs(run_id)
-    starts: dict[str, float] = {}
-    steps: dict[str, float] = {}
-    run_start = run_end = None
-    for event in events:
-        kind = event.dagster_event_type
-        if kind == E.RUN_START:
-            run_start = event.timestamp
-        elif kind in (E.RUN_SUCCESS, E.RUN_FAILURE):
-            run_end = event.timestamp
-        elif kind == E.STEP_START:
-            starts[event.step_key or ""] = event.timestamp
-        elif kind in (E.STEP_SUCCESS, E.STEP_FAILURE) and event.step_key in starts:
-            steps[event.step_key] = event.timestamp - starts[event.step_key]
-    return {"run_seconds": (run_end - run_start) if run_start and run_end else float("nan"),
-            "step_seconds": sum(steps.values()), "steps": steps}
 
 
 def import_seconds(env: Mapping[str, str]) -> float:

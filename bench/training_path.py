@@ -47,7 +47,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from bench.common import code_version, emit, format_table, machine, median
+from bench.common import code_version, emit, format_table, machine, median, run_timings
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING_PATH = ("raw_dataset,validation_report,feature_set,train_test_split,trained_model,"
@@ -111,30 +111,6 @@ def dagster_phase(env: Mapping[str, str], timeout_s: float) -> dict[str, Any]:
     wall, cpu, _ = _run(cmd, env, timeout_s, may_reject=True)
     return {"wall": ingest_wall + wall, "cpu": ingest_cpu + cpu, "ingest_wall": ingest_wall,
             "materialize_wall": wall, **run_timings(env["DAGSTER_HOME"])}
-
-
-def run_timings(dagster_home: str) -> dict[str, Any]:
-    """From the instance's event log: the newest run's wall (start to end) and each step's seconds."""
-    import dagster as dg
-    from dagster import DagsterEventType as E
-
-    with dg.DagsterInstance.from_config(dagster_home) as instance:
-        record = instance.get_run_records(limit=1)[0]
-        events = instance.all_logs(record.dagster_run.run_id)
-    starts: dict[str, float] = {}
-    steps: dict[str, float] = {}
-    run_start = run_end = None
-    for event in events:
-        kind = event.dagster_event_type
-        if kind == E.RUN_START:
-            run_start = event.timestamp
-        elif kind in (E.RUN_SUCCESS, E.RUN_FAILURE):
-            run_end = event.timestamp
-        elif kind == E.STEP_START:
-            starts[event.step_key or ""] = event.timestamp
-        elif kind in (E.STEP_SUCCESS, E.STEP_FAILURE) and event.step_key in starts:
-            steps[event.step_key] = event.timestamp - starts[event.step_key]
-    return {"run_seconds": (run_end - run_start) if run_start and run_end else float("nan"), "steps": steps}
 
 
 def direct_phase(env: Mapping[str, str], timeout_s: float) -> dict[str, Any]:
