@@ -6,26 +6,20 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import pytest
+from mlops_assets_tests.ray_support import free_port
+from mlops_assets_tests.service_support import unavailable as service_unavailable
 
 URL_ENV = "MLOPS_TEST_POSTGRES_URL"
 
 
-def _on_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
-
-
 def unavailable(reason: str) -> None:
-    if _on_ci():
-        pytest.fail(f"{reason} (CI=true: the Postgres tests must run, .ci/run provides the server)")
-    pytest.skip(reason)
+    service_unavailable(reason, "the Postgres tests must run, .ci/run provides the server")
 
 
 def postgres_bindir() -> Path | None:
@@ -41,12 +35,6 @@ def postgres_bindir() -> Path | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PrivatePostgres:
     """A throwaway cluster on 127.0.0.1:<free port>, in a private folder; run as `postgres` when root."""
 
@@ -54,7 +42,7 @@ class PrivatePostgres:
         self.bindir = bindir
         self.folder = Path(tempfile.mkdtemp(prefix="mlops-test-pg-"))
         self.password = secrets.token_hex(16)
-        self.port = _free_port()
+        self.port = free_port()
         self.as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
 
     @property

@@ -10,7 +10,6 @@ under CI=true (the S3 tests must run there) and skip elsewhere, saying why.
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 import subprocess
@@ -21,21 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from mlops_assets_tests.ray_support import free_port
+from mlops_assets_tests.service_support import unavailable as service_unavailable
 
 START_TIMEOUT_S = 60.0
 
 
-def _on_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 def unavailable(reason: str) -> None:
-    if _on_ci():
-        pytest.fail(f"{reason} (CI=true: the S3 storage tests must run; `make install` installs moto[server])")
-    pytest.skip(reason)
+    service_unavailable(reason, "the S3 storage tests must run; `make install` installs moto[server]")
 
 
 @dataclass
