@@ -26,6 +26,8 @@ from mlops_assets.serving.release import (
     bucket,
     chooses_candidate,
     mark_shadow,
+    mirrors,
+    score_mirrors,
 )
 
 
@@ -47,6 +49,12 @@ def test_a_bad_release_config_names_the_setting() -> None:
         ReleaseConfig(strategy="canary", candidate_version="2", canary_share=1.5)
     with pytest.raises(ReleaseConfigError, match="needs candidate_version"):
         ReleaseConfig(strategy="shadow")
+    with pytest.raises(ReleaseConfigError, match="shadow_sample_share must be in"):
+        ReleaseConfig(strategy="shadow", candidate_version="2", shadow_sample_share=0.0)
+    with pytest.raises(ReleaseConfigError, match="shadow_batch_max_size must be at least 1"):
+        ReleaseConfig(strategy="shadow", candidate_version="2", shadow_batch_max_size=0)
+    with pytest.raises(ReleaseConfigError, match="shadow_batch_wait_s must be in"):
+        ReleaseConfig(strategy="shadow", candidate_version="2", shadow_batch_wait_s=-1)
     with pytest.raises(ReleaseConfigError, match="unknown release setting"):
         ReleaseConfig.from_user_config({"strategy": "direct", "percent": 5})
     again = ReleaseConfig.from_user_config(ReleaseConfig(strategy="canary", candidate_version=2,  # type: ignore[arg-type]
@@ -69,6 +77,16 @@ class Deployment:
 
     def __init__(self, version: str, fail: bool = False, delay_s: float = 0.0) -> None:
         self.version, self.fail, self.delay_s, self.calls = version, fail, delay_s, 0
+        self.batches: list[int] = []  # sizes of the shadow batches it was sent
+
+    async def handle_many(self, batch: list[ForwardedRequest]) -> list[ForwardedResponse]:
+        """What the scoring deployment's `handle_many` runs (score_mirrors), without Ray or a priority change."""
+        self.batches.append(len(batch))
+
+        async def one(request: ForwardedRequest) -> ForwardedResponse:
+            return (await self(request))[0]
+
+        return await score_mirrors(one, batch, lower=False)
 
     async def __call__(self, request: ForwardedRequest) -> tuple[ForwardedResponse, int]:
         self.calls += 1
@@ -79,7 +97,12 @@ class Deployment:
         return ForwardedResponse(200, [], body, [(_line(self.version, request.request_id), 1)]), 1
 
 
-def _route(router: ReleaseRouter, requests: list[ForwardedRequest]) -> tuple[list[str], list[tuple[bytes, int]]]:
+def _router(champion: Deployment, candidate: Deployment | None) -> ReleaseRouter:
+    return ReleaseRouter(champion, candidate, send_mirrors=candidate.handle_many if candidate else None)
+
+
+def _route(router: ReleaseRouter, requests: list[ForwardedRequest],
+           drain: bool = True) -> tuple[list[str], list[tuple[bytes, int]]]:
     logged: list[tuple[bytes, int]] = []
 
     def sender(request: ForwardedRequest):  # like the ingress's lambda: bound to its own request
@@ -92,7 +115,10 @@ def _route(router: ReleaseRouter, requests: list[ForwardedRequest]) -> tuple[lis
         for current in requests:
             answer, _ = await router.forward(current, sender(current), lambda line, rows: logged.append((line, rows)))
             versions.append(json.loads(answer.body)["model_version"] if answer.status == 200 else "failed")
-        await asyncio.sleep(0.05)  # let the mirrors finish
+        if drain:
+            await router.drain()  # the queued mirrors go now; every batch finishes
+        else:
+            await asyncio.sleep(0.3)
         return versions
 
     return asyncio.run(go()), logged
@@ -100,7 +126,7 @@ def _route(router: ReleaseRouter, requests: list[ForwardedRequest]) -> tuple[lis
 
 def test_a_failing_canary_candidate_is_answered_for_by_the_champion() -> None:
     champion, candidate = Deployment("1"), Deployment("2", fail=True)
-    router = ReleaseRouter(champion, candidate)
+    router = _router(champion, candidate)
     router.reconfigure({"strategy": "canary", "candidate_version": "2", "canary_share": 1.0})
     versions, _ = _route(router, [_request(i) for i in range(10)])
     assert versions == ["1"] * 10 and candidate.calls == 10 and router.counts.fallbacks == 10
@@ -109,21 +135,106 @@ def test_a_failing_canary_candidate_is_answered_for_by_the_champion() -> None:
 
 def test_the_shadow_answers_with_the_champion_and_logs_the_candidate_marked_as_shadow() -> None:
     champion, candidate = Deployment("1"), Deployment("2")
-    router = ReleaseRouter(champion, candidate)
+    router = _router(champion, candidate)
     router.reconfigure({"strategy": "shadow", "candidate_version": "2"})
     versions, logged = _route(router, [_request(i) for i in range(5)])
     assert versions == ["1"] * 5 and candidate.calls == 5
     rows = [row for line, _ in logged for row in decode_spool(line)]
     assert {r["model_version"] for r in rows} == {"2"} and all(r["shadow"] is True for r in rows)
     assert sorted(r["request_id"] for r in rows) == [f"req-{i}" for i in range(5)]  # same ids as the champion's
+    assert router.counts.answered == {"champion": 5, "shadow": 5} and router.counts.shadow_in_flight == 0
+
+
+def test_the_shadow_sends_its_mirrors_in_batches_of_the_configured_size() -> None:
+    class Recorded:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str, int, int]] = []
+
+        def answered(self, role: str, version: str, status: int, latency_s: float, count: int = 1) -> None:
+            self.calls.append((role, version, status, count))
+
+        def shadow_dropped(self) -> None:
+            pass
+
+    champion, candidate, metrics = Deployment("1"), Deployment("2"), Recorded()
+    router = ReleaseRouter(champion, candidate, metrics, send_mirrors=candidate.handle_many)
+    router.reconfigure({"strategy": "shadow", "candidate_version": "2", "shadow_batch_max_size": 4,
+                        "shadow_batch_wait_s": 10.0})
+    versions, logged = _route(router, [_request(i) for i in range(10)])  # 4, 4, then 2 sent by drain()
+    assert versions == ["1"] * 10 and candidate.batches == [4, 4, 2] and router.counts.shadow_batches == 3
+    shadow_calls = [call for call in metrics.calls if call[0] == "shadow"]  # one metrics call per batch
+    assert shadow_calls == [("shadow", "2", 200, 4), ("shadow", "2", 200, 4), ("shadow", "2", 200, 2)]
+    assert sorted(row["request_id"] for line, _ in logged for row in decode_spool(line)) == sorted(
+        f"req-{i}" for i in range(10))
+
+
+def test_a_part_filled_batch_goes_to_the_candidate_after_the_batch_wait() -> None:
+    champion, candidate = Deployment("1"), Deployment("2")
+    router = _router(champion, candidate)
+    router.reconfigure({"strategy": "shadow", "candidate_version": "2", "shadow_batch_wait_s": 0.05})
+    _, logged = _route(router, [_request(i) for i in range(5)], drain=False)  # only the timer sends them
+    assert candidate.batches == [5] and len(logged) == 5 and router.counts.shadow_in_flight == 0
 
 
 def test_the_shadow_drops_mirrors_beyond_its_bound_instead_of_queueing_them() -> None:
     champion, candidate = Deployment("1"), Deployment("2", delay_s=0.2)
-    router = ReleaseRouter(champion, candidate)
-    router.reconfigure({"strategy": "shadow", "candidate_version": "2", "shadow_max_in_flight": 3})
-    versions, _ = _route(router, [_request(i) for i in range(10)])
+    router = _router(champion, candidate)
+    router.reconfigure({"strategy": "shadow", "candidate_version": "2", "shadow_max_in_flight": 3,
+                        "shadow_batch_max_size": 2})
+    versions, _ = _route(router, [_request(i) for i in range(10)])  # a batch of 2 in flight, 1 queued: the rest drop
     assert versions == ["1"] * 10 and router.counts.shadow_dropped == 7 and candidate.calls == 3
+    assert candidate.batches == [2, 1]
+
+
+def test_a_failing_shadow_is_counted_against_the_candidate_and_never_reaches_the_client() -> None:
+    champion, failing = Deployment("1"), Deployment("2", fail=True)
+    router = _router(champion, failing)
+    router.reconfigure({"strategy": "shadow", "candidate_version": "2"})
+    versions, logged = _route(router, [_request(i) for i in range(6)])
+    assert versions == ["1"] * 6 and logged == [] and router.counts.failed == {"shadow": 6}
+
+    async def unreachable(batch: list[ForwardedRequest]) -> list[ForwardedResponse]:
+        raise ConnectionError("the candidate replica died")
+
+    router = ReleaseRouter(champion, failing, send_mirrors=unreachable)
+    router.reconfigure({"strategy": "shadow", "candidate_version": "2"})
+    versions, logged = _route(router, [_request(i) for i in range(6)])
+    assert versions == ["1"] * 6 and logged == [] and router.counts.failed == {"shadow": 6}
+    assert router.counts.shadow_in_flight == 0
+
+
+def test_a_sampled_shadow_mirrors_its_share_of_requests_and_counts_the_rest() -> None:
+    champion, candidate = Deployment("1"), Deployment("2")
+    router = _router(champion, candidate)
+    router.reconfigure({"strategy": "shadow", "candidate_version": "2", "shadow_sample_share": 0.25,
+                        "shadow_max_in_flight": 10000, "shadow_batch_max_size": 64})
+    versions, logged = _route(router, [_request(i) for i in range(2000)])
+    assert versions == ["1"] * 2000 and router.counts.shadow_dropped == 0
+    assert abs(candidate.calls / 2000 - 0.25) < 0.03 and router.counts.shadow_sampled_out == 2000 - candidate.calls
+    mirrored = {row["request_id"] for line, _ in logged for row in decode_spool(line)}
+    assert mirrored == {f"req-{i}" for i in range(2000) if mirrors(router.config, f"req-{i}")}
+    assert all(mirrors(ReleaseConfig(strategy="shadow", candidate_version="2"), f"r{i}") for i in range(100))
+
+
+def test_a_candidate_lowers_the_priority_of_every_one_of_its_threads() -> None:
+    """In a child process (the priority cannot come back up without privileges): Ray's threads too."""
+    import subprocess
+    import sys
+
+    code = """
+import os, threading, time
+from mlops_assets.serving.release import lower_priority
+stop = threading.Event()
+worker = threading.Thread(target=stop.wait, daemon=True)
+worker.start()
+before = {t: os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")}
+assert lower_priority(5)
+after = {t: os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")}
+print(len(before), all(after[t] == min(19, before[t] + 5) for t in before))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    count, all_lowered = out.stdout.split()
+    assert int(count) >= 2 and all_lowered == "True"  # this thread, the worker and any the imports started
 
 
 def test_a_release_needs_a_candidate_deployment() -> None:

@@ -56,7 +56,7 @@ DEFAULT_STICKY_HEADER = "x-client-key"
 DEFAULT_CANARY_SHARE = c.RELEASE_CANARY_SHARE
 DEFAULT_SHADOW_MAX_IN_FLIGHT = 32
 DEFAULT_SHADOW_BATCH_MAX_SIZE = 16  # mirrors per call to the candidate
-DEFAULT_SHADOW_BATCH_WAIT_S = 0.2  # how long the first queued mirror waits for others
+DEFAULT_SHADOW_BATCH_WAIT_S = 0.5  # how long the first queued mirror waits for others
 DEFAULT_SHADOW_SAMPLE_SHARE = 1.0  # every answered request is mirrored
 SHADOW_NICENESS = 10  # added to the niceness of a candidate replica that scores mirrors
 RELEASE_ROUTE = "/release"  # GET: the ingress's release state (answered by the ingress itself)
@@ -207,14 +207,15 @@ def lower_priority(increment: int = SHADOW_NICENESS) -> bool:
     return done
 
 
-async def score_mirrors(handle: Handle, requests: list[ForwardedRequest]) -> list[ForwardedResponse]:
+async def score_mirrors(handle: Handle, requests: list[ForwardedRequest], *,
+                        lower: bool = True) -> list[ForwardedResponse]:
     """In the candidate replica: a batch of mirrors, each answered as `handle` answers it, log lines marked shadow.
 
-    The first batch lowers this replica's CPU priority (only a replica that scores mirrors is
-    lowered; a canary's candidate, which answers clients, never gets here).
+    The first batch lowers this replica's CPU priority unless `lower` is False (only a replica that
+    scores mirrors is lowered; a canary's candidate, which answers clients, never gets here).
     """
     global _lowered
-    if not _lowered:
+    if lower and not _lowered:
         _lowered = True
         if lower_priority():
             logger.info("shadow: this candidate replica runs at niceness +%d", SHADOW_NICENESS)
@@ -231,12 +232,12 @@ async def score_mirrors(handle: Handle, requests: list[ForwardedRequest]) -> lis
 
 
 class ReleaseMetrics(Protocol):
-    def answered(self, role: str, version: str, status: int, latency_s: float) -> None: ...
+    def answered(self, role: str, version: str, status: int, latency_s: float, count: int = 1) -> None: ...
     def shadow_dropped(self) -> None: ...
 
 
 class NoMetrics:
-    def answered(self, role: str, version: str, status: int, latency_s: float) -> None:
+    def answered(self, role: str, version: str, status: int, latency_s: float, count: int = 1) -> None:
         pass
 
     def shadow_dropped(self) -> None:
@@ -292,6 +293,7 @@ class ReleaseRouter:
         self._send_mirrors = send_mirrors or (batch_call(candidate) if candidate is not None else None)
         self._queue: list[ForwardedRequest] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._queued_log: LogLine | None = None
         self._shadows: set[asyncio.Task[None]] = set()
 
     def reconfigure(self, user_config: Mapping[str, Any] | None) -> None:
@@ -313,6 +315,19 @@ class ReleaseRouter:
         bucket_[role] = bucket_.get(role, 0) + 1
         version = _version_of(response) if response is not None else "none"
         self.metrics.answered(role, version, status, time.perf_counter() - start)
+
+    def _note_batch(self, answers: list[ForwardedResponse | None], start: float) -> None:
+        """A shadow batch's answers: counted one by one, one metrics call per (version, status)."""
+        latency_s = time.perf_counter() - start
+        groups: dict[tuple[str, int], int] = {}
+        for answer in answers:
+            status = answer.status if answer is not None else 503
+            bucket_ = self.counts.failed if status >= 500 else self.counts.answered
+            bucket_[ROLE_SHADOW] = bucket_.get(ROLE_SHADOW, 0) + 1
+            key = (_version_of(answer) if answer is not None else "none", status)
+            groups[key] = groups.get(key, 0) + 1
+        for (version, status), count in groups.items():
+            self.metrics.answered(ROLE_SHADOW, version, status, latency_s, count)
 
     async def forward(self, request: ForwardedRequest, send: Send, log: LogLine) -> tuple[ForwardedResponse, int]:
         """Answer `request` as the current strategy says; the champion's failures propagate as before."""
@@ -349,22 +364,31 @@ class ReleaseRouter:
             return
         self.counts.shadow_in_flight += 1
         self._queue.append(request)
+        self._queued_log = log
         if len(self._queue) >= config.shadow_batch_max_size:
-            self._flush(log)
+            self._flush()
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(config.shadow_batch_wait_s, self._flush, log)
+            self._timer = asyncio.get_running_loop().call_later(config.shadow_batch_wait_s, self._flush)
 
-    def _flush(self, log: LogLine) -> None:
+    def _flush(self) -> None:
+        """One call to the candidate with every queued mirror."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         batch, self._queue = self._queue, []
-        if not batch:
+        log = self._queued_log
+        if not batch or log is None:
             return
         self.counts.shadow_batches += 1
         task = asyncio.get_running_loop().create_task(self._shadow(batch, log))
         self._shadows.add(task)
         task.add_done_callback(self._shadows.discard)
+
+    async def drain(self) -> None:
+        """Send the queued mirrors now and wait for every batch in flight (tests; a replica's shutdown)."""
+        self._flush()
+        while self._shadows:
+            await asyncio.gather(*list(self._shadows), return_exceptions=True)
 
     async def _shadow(self, batch: list[ForwardedRequest], log: LogLine) -> None:
         start = time.perf_counter()
@@ -386,7 +410,7 @@ class ReleaseRouter:
                         log(line, rows)
                     except Exception:
                         logger.exception("shadow: the prediction log refused a mirror's line")
-            self._note(ROLE_SHADOW, answer, start)
+        self._note_batch(answers, start)
 
 
 def without_log_lines(response: ForwardedResponse) -> ForwardedResponse:
@@ -407,8 +431,9 @@ class RayServeReleaseMetrics:
                                     boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("role",))
         self._dropped = m.Counter(PREFIX + "release_shadow_dropped_total", "Mirrors dropped: too many in flight.")
 
-    def answered(self, role: str, version: str, status: int, latency_s: float) -> None:
-        self._answers.inc(1, {"role": role, "version": version, "status": str(status)})
+    def answered(self, role: str, version: str, status: int, latency_s: float, count: int = 1) -> None:
+        """`count` answers of one latency (a shadow batch: its call's), counted each and timed once."""
+        self._answers.inc(count, {"role": role, "version": version, "status": str(status)})
         self._latency.observe(latency_s * 1000.0, {"role": role})
 
     def shadow_dropped(self) -> None:
