@@ -58,6 +58,7 @@ class DeploymentConfig(dg.Config):
     max_metric_drop: float = c.RELEASE_MAX_METRIC_DROP
     min_labelled: int = c.RELEASE_MIN_LABELLED
     candidate_replicas: int = 1
+    shadow_sample_share: float = 1.0  # a shadow mirrors this share of the answered requests (1.0: all)
 
 
 @dg.asset(group_name=c.GROUP_DEPLOYMENT, owners=c.ASSET_OWNERS, kinds={"ray", "mlflow"}, code_version=DEPLOYMENT_CODE_VERSION)
@@ -137,7 +138,8 @@ def _release(context: dg.AssetExecutionContext, config: DeploymentConfig, platfo
             strategy=strategy, candidate_version=version,
             canary_share=ray_serve.release_canary_share if config.canary_share is None else config.canary_share,
             min_requests=config.min_requests, min_duration_s=config.min_duration_s,
-            max_metric_drop=config.max_metric_drop, min_labelled=config.min_labelled)
+            max_metric_drop=config.max_metric_drop, min_labelled=config.min_labelled,
+            shadow_sample_share=config.shadow_sample_share)
         result = dep.launch_release(
             target=target, tracking_uri=mlflow.tracking_uri, spec=platform.spec(), model_name=name, release=release,
             records=records, actor=mlflow.actor, base_config=ray_serve.base_config(),
@@ -156,6 +158,8 @@ def _release(context: dg.AssetExecutionContext, config: DeploymentConfig, platfo
                   "release_strategy": strategy, "release_id": str(started.release_id),
                   "candidate_version": version,
                   **({"canary_share": dg.MetadataValue.float(started.canary_share)} if strategy == "canary" else {}),
+                  **({"shadow_sample_share": dg.MetadataValue.float(started.shadow_sample_share)}
+                     if strategy == "shadow" else {}),
                   "release_terms": dg.MetadataValue.json({"min_requests": started.min_requests,
                                                           "min_duration_s": started.min_duration_s,
                                                           "max_metric_drop": started.max_metric_drop,
