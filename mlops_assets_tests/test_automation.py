@@ -80,9 +80,17 @@ def _report(instance: dg.DagsterInstance, asset: str, partition: str | None = No
 UNUSED_DATA = "memory://automation-test"  # a data root these sensors never read
 
 
+def _definitions() -> dg.Definitions:
+    """The platform's definitions: the retraining sensors ask Dagster what their runs would find stale."""
+    from mlops_assets.definitions import defs
+
+    return defs
+
+
 def _tick(sensor, instance: dg.DagsterInstance, cursor: str | None, **resources: object):
-    context = dg.build_sensor_context(instance=instance, cursor=cursor,
-                                      resources={"monitoring": MonitoringResource.at(UNUSED_DATA), **resources})
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=_definitions(),
+                                      resources={"monitoring": MonitoringResource.at(UNUSED_DATA),
+                                                 "platform": PlatformResource.at(UNUSED_DATA), **resources})
     result = sensor(context)
     return result, result.cursor if isinstance(result, dg.SensorResult) else cursor
 
@@ -516,7 +524,7 @@ def _platform(root: Path) -> PlatformResource:
 
 
 def _files_tick(root: Path, instance: dg.DagsterInstance, cursor: str | None):
-    result = raw_files_sensor(dg.build_sensor_context(instance=instance, cursor=cursor,
+    result = raw_files_sensor(dg.build_sensor_context(instance=instance, cursor=cursor, definitions=_definitions(),
                                                       resources={"platform": _platform(root)}))
     return result, result.cursor if isinstance(result, dg.SensorResult) else cursor
 

@@ -163,14 +163,16 @@ def test_the_degradation_sensor_retrains_on_an_estimated_degradation_before_labe
     import dagster as dg
 
     from mlops_assets.defs.monitoring.sensors import degradation_retraining_sensor
-    from mlops_assets.defs.resources import MonitoringResource
+    from mlops_assets.defs.resources import MonitoringResource, PlatformResource
 
     with dg.instance_for_test() as instance:
         instance.report_runless_asset_event(dg.AssetMaterialization(
             asset_key="online_performance", partition="2026-01-05-11:00",
             metadata={"degraded": False, "event_key": "none", "estimated_degraded": True,
                       "estimated_event_key": "estimated-degraded-4"}))
-        context = dg.build_sensor_context(instance=instance, resources={"monitoring": MonitoringResource.at("memory://x")})
+        # Nothing trained yet: the training path is stale, so the event gets its run.
+        context = dg.build_sensor_context(instance=instance, resources={"monitoring": MonitoringResource.at("memory://x"),
+                                                                        "platform": PlatformResource.at("memory://x")})
         result = degradation_retraining_sensor(context)
         assert isinstance(result, dg.SensorResult)
         assert [(r.run_key, r.tags["mlops_assets/trigger"]) for r in result.run_requests or []] == [

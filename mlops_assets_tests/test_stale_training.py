@@ -2,7 +2,8 @@
 then train, which launches `dagster asset materialize` of the training path only when something in
 it is stale, then status; a real instance in DAGSTER_HOME, MLflow on SQLite): a second run on
 unchanged data launches no run, trains, registers and promotes nothing and says why; a run launched
-anyway (the UI, a sensor) reuses the model; changed parameters are stale; a new file retrains."""
+anyway (the UI, a sensor) reuses the model; changed parameters are stale; a new file retrains. The
+sensors that start training runs follow the same rule."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
 from mlops_assets import constants as c
+from mlops_assets_tests.settings_support import platform_resources
 from mlops_assets_tests.test_postgres_platform import FAST, IN_PROCESS, REPO, _land, training_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -130,3 +134,92 @@ def test_a_second_run_on_unchanged_data_trains_nothing_and_a_new_file_retrains(t
     assert runs_after == 2 and versions_after == ["1", "2"]
     assert _latest_meta(env, "trained_model")["skipped"] is False
     print(f"stale-only training: after a new file {third_s:.1f}s")
+
+
+def _sensor_tick(sensor, instance: dg.DagsterInstance, defs: dg.Definitions, cursor: str | None):
+    resources = platform_resources()
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs,
+                                      resources={k: resources[k] for k in ("platform", "monitoring")})
+    result = sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    skip = result.skip_reason.skip_message if result.skip_reason else ""
+    return list(result.run_requests or []), skip, result
+
+
+def _labelled_traffic(data: Path, frame, version: str) -> None:
+    """`frame`'s records logged as served by `version` a minute ago, and their true labels."""
+    from mlops_assets.core.dataset_spec import default_spec
+    from mlops_assets.serving.prediction_log import prediction_rows, write_part
+
+    spec = default_spec()
+    at = datetime.now(UTC) - timedelta(minutes=1)
+    records = frame[spec.feature_names].astype(int).to_dict("records")
+    rows = prediction_rows(request_id="req-labelled", model_version=version, records=records,
+                           labels=frame[spec.label].tolist(), probabilities=[0.5] * len(frame), logged_at=at)
+    write_part(rows, str(data / "predictions"), "part-labelled.parquet")
+    (data / "labels").mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"request_id": "req-labelled", "record_index": range(len(frame)), "label": frame[spec.label].tolist(),
+                  "labelled_at": datetime.now(UTC).isoformat()}).to_csv(data / "labels" / "labels.csv", index=False)
+
+
+def test_the_training_sensors_start_no_run_when_nothing_is_stale_and_new_data_gets_its_run(
+        data_root: Path, simulated) -> None:
+    """On a real instance whose training path was materialized: the file sensor and a drift event
+    start no training run while nothing is stale and no labelled records wait (the SkipReason says
+    so, the event stays unhandled); labelled records, then a new file, get their runs."""
+    from mlops_assets.defs.ingestion.assets import INGEST_JOB, raw_files_sensor
+    from mlops_assets.defs.monitoring.sensors import degradation_retraining_sensor, drift_retraining_sensor
+    from mlops_assets.tools.simulator import write_batch
+    from mlops_assets_tests.settings_support import platform_definitions
+
+    defs = platform_definitions()
+    ingest_job = defs.resolve_job_def(INGEST_JOB)
+    assets = defs.resolve_implicit_global_asset_job_def()
+
+    def ingest(instance: dg.DagsterInstance, result: dg.SensorResult) -> None:
+        """What the daemon does with the file sensor's result: add the partitions, launch their runs."""
+        for added in result.dynamic_partitions_requests or []:
+            instance.add_dynamic_partitions(added.partitions_def_name, list(added.partition_keys or []))
+        for request in result.run_requests or []:
+            assert ingest_job.execute_in_process(instance=instance, partition_key=request.partition_key,
+                                                 tags=request.tags).success
+
+    write_batch(simulated.head(1500), str(data_root / "raw"), name="a.csv")
+    with dg.instance_for_test() as instance:
+        requests, _, result = _sensor_tick(raw_files_sensor, instance, defs, None)
+        files_cursor = result.cursor
+        assert [r.job_name for r in requests] == [INGEST_JOB]
+        ingest(instance, result)
+        # `make pipeline` trains on the file before the sensor's next tick (the sensor's runs use the
+        # assets' default parameters, so does this one).
+        trained = assets.execute_in_process(instance=instance,
+                                            asset_selection=[dg.AssetKey(a) for a in c.TRAINING_PATH_ASSETS])
+        assert trained.success
+        requests, skip, result = _sensor_tick(raw_files_sensor, instance, defs, files_cursor)
+        files_cursor = result.cursor
+        assert requests == [] and "1 new file(s) accepted, no training run: nothing on the training path is stale" in skip
+
+        # A drift event with nothing new to learn from: no run, and the event is not spent.
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            "drift_report", partition="2026-01-05-11:00", metadata={"drift_detected": True, "event_key": "drift-1-a"}))
+        requests, skip, result = _sensor_tick(drift_retraining_sensor, instance, defs, None)
+        assert requests == [], skip
+        assert "drift event drift-1-a: no retraining, nothing new to learn from" in skip
+        assert "nothing on the training path is stale" in skip and "no new labelled production records" in skip
+        assert json.loads(result.cursor)["keys"] == []
+        # Labelled production records arrive: the same event now gets its run.
+        _labelled_traffic(data_root, simulated.iloc[1500:1700], version="1")
+        requests, _, result = _sensor_tick(drift_retraining_sensor, instance, defs, result.cursor)
+        assert [(r.run_key, r.tags["mlops_assets/trigger"]) for r in requests] == [("drift-1-a", "drift")]
+
+        # A new landed file is new data: once ingested, the training path is stale for both sensors.
+        write_batch(simulated.iloc[1700:2500], str(data_root / "raw"), name="b.csv")
+        requests, _, result = _sensor_tick(raw_files_sensor, instance, defs, files_cursor)
+        ingest(instance, result)
+        [onward], _, _ = _sensor_tick(raw_files_sensor, instance, defs, result.cursor)
+        assert onward.job_name == "ingestion_onward"
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            "online_performance", partition="2026-01-05-11:00", metadata={"degraded": True, "event_key": "degraded-1"}))
+        requests, _, _ = _sensor_tick(degradation_retraining_sensor, instance, defs, None)
+        assert [r.run_key for r in requests] == ["degraded-1"]
+    assert not (data_root / "labels_staging").exists()  # asking reads the labels, it exports nothing

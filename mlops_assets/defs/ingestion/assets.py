@@ -14,6 +14,7 @@ from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.core.records import RawDataset, content_hash
 from mlops_assets.defs.metadata import path_value, redact_text, redact_uri
 from mlops_assets.defs.resources import PlatformResource, end_mlflow_on_run_finished
+from mlops_assets.defs.training.staleness import sensor_staleness
 from mlops_assets.ingestion import batches as ingestion
 from mlops_assets.settings import join_url
 
@@ -251,7 +252,8 @@ def _ingest_finished(instance: dg.DagsterInstance, sha: str, materialized: Abstr
 )
 def raw_files_sensor(context: dg.SensorEvaluationContext, platform: PlatformResource) -> dg.SensorResult | dg.SkipReason:
     """Adds a raw_batches partition (and its run) per new landed file; once those runs finished,
-    requests one ingestion_onward run if any of the files was accepted."""
+    requests one ingestion_onward run if any of the files was accepted and the training path is
+    stale (a run since, `make pipeline` say, may have trained on them already)."""
     settings = platform
     landing = settings.landing_url
     cursor = _FilesCursor.parse(context.cursor)
@@ -284,6 +286,12 @@ def raw_files_sensor(context: dg.SensorEvaluationContext, platform: PlatformReso
         return dg.SensorResult(skip_reason=f"none of the {len(cursor.pending)} new file(s) met the contract; "
                                            "see the landed_files_meet_contract check of their partitions",
                                cursor=_FilesCursor(seen, []).dump())
+    found = sensor_staleness(context, settings.batches_url)
+    if not found.stale:
+        return dg.SensorResult(skip_reason=f"{len(accepted)} new file(s) accepted, no training run: {found.summary()}; "
+                                           "a run since has trained on them",
+                               cursor=_FilesCursor(seen, []).dump())
+    context.log.info(f"requesting ingestion_onward: {found.summary()}")
     return dg.SensorResult(
         run_requests=[dg.RunRequest(job_name=ingestion_onward_job.name,
                                     run_key=f"ingestion_onward-{ingestion.dataset_version(accepted)}",

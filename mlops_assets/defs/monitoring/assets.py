@@ -735,6 +735,54 @@ def label_window(now: datetime, lookback_hours: int) -> tuple[pd.Timestamp, pd.T
     return end - pd.Timedelta(hours=lookback_hours + 1), end
 
 
+@dataclass(frozen=True)
+class PendingLabels:
+    """The labelled production records of a window not exported yet, and what was read to find them."""
+
+    fresh: pd.DataFrame  # joined log rows (keys, true label, features) not in `exported`
+    exported: pd.DataFrame  # keys already exported
+    join: mon.LabelJoin | None
+    read: dict[str, Any]  # the window and how many log parts were read, for metadata
+    skipped: list[tuple[str, str]]  # unreadable log parts
+    missing_features: list[str]
+
+    @property
+    def why_none(self) -> str | None:
+        """None when there are records to export, else why there are none."""
+        if self.missing_features:
+            return f"prediction log lacks features {self.missing_features}"
+        return "no new labelled production records" if self.fresh.empty else None
+
+
+KEY_COLUMNS = [mon.REQUEST_ID, mon.RECORD_INDEX]
+
+
+def pending_labelled_records(platform: PlatformResource, monitoring: MonitoringResource, lookback_hours: int,
+                             now: datetime) -> PendingLabels:
+    """The window's predictions whose labels arrived and that no earlier batch exported: what
+    labelled_production_batch would turn into a raw batch now (the retraining sensors ask too)."""
+    spec = platform.spec()
+    start, end = label_window(now, lookback_hours)
+    window = mon.read_window(monitoring.prediction_log_url, start, end)
+    read = {"window_start": start.isoformat(), "window_end": end.isoformat(), "log_parts_read": len(window.files)}
+    log = served_rows(window.frame)  # a shadow answer is no new record
+    labels = mon.read_labels(monitoring.labels_url).frame
+    join = mon.join_labels(log, labels, label_values=list(spec.label_values)) if not log.empty else None
+    keys_url = join_url(platform.settings().data_url, c.PRODUCTION_BATCH_STAGING_SUBDIR, EXPORTED_KEYS_FILE)
+    if storage.exists(keys_url):
+        with storage.open_url(keys_url, "rb") as handle:
+            exported = pd.read_csv(handle, dtype={mon.REQUEST_ID: str})
+    else:
+        exported = pd.DataFrame(
+            {mon.REQUEST_ID: pd.Series([], dtype=str), mon.RECORD_INDEX: pd.Series([], dtype="int64")})
+    joined = join.joined if join is not None else pd.DataFrame(
+        columns=[*KEY_COLUMNS, mon.TRUE_LABEL, *spec.feature_names])
+    fresh = joined.merge(exported[KEY_COLUMNS].assign(_seen=True), on=KEY_COLUMNS, how="left")
+    fresh = fresh[fresh["_seen"].isna()].drop(columns="_seen")
+    missing = [f for f in spec.feature_names if f not in fresh]
+    return PendingLabels(fresh, exported, join, read, list(window.skipped), missing)
+
+
 # It reads the prediction log and the delayed labels too, but declares no dependency on them: it
 # feeds raw_dataset, which leads to model_deployment and so to the log (Dagster's graph has no cycles).
 @dg.asset(group_name=c.GROUP_MONITORING, owners=c.ASSET_OWNERS, kinds={"pandas", "parquet"})
@@ -748,34 +796,18 @@ def labelled_production_batch(
     assets read theirs: its cost follows the window, not the log's whole history."""
     spec = platform.spec()
     settings = platform.settings()
-    start, end = label_window(datetime.now(UTC), config.lookback_hours)
-    window = mon.read_window(monitoring.prediction_log_url, start, end)
-    for path, why in window.skipped:
+    pending = pending_labelled_records(platform, monitoring, config.lookback_hours, datetime.now(UTC))
+    for path, why in pending.skipped:
         context.log.warning(redact_text(f"skipped unreadable log part {path}: {why}"))
-    read = {"window_start": start.isoformat(), "window_end": end.isoformat(), "log_parts_read": len(window.files)}
-    log = served_rows(window.frame)  # a shadow answer is no new record
-    labels = mon.read_labels(monitoring.labels_url).frame
-    join = mon.join_labels(log, labels, label_values=list(spec.label_values)) if not log.empty else None
-    staging = join_url(settings.data_url, c.PRODUCTION_BATCH_STAGING_SUBDIR)
-    keys_url = join_url(staging, EXPORTED_KEYS_FILE)
-    key = [mon.REQUEST_ID, mon.RECORD_INDEX]
-    if storage.exists(keys_url):
-        with storage.open_url(keys_url, "rb") as handle:
-            exported = pd.read_csv(handle, dtype={mon.REQUEST_ID: str})
-    else:
-        exported = pd.DataFrame(
-            {mon.REQUEST_ID: pd.Series([], dtype=str), mon.RECORD_INDEX: pd.Series([], dtype="int64")})
-    joined = join.joined if join is not None else pd.DataFrame(columns=[*key, mon.TRUE_LABEL, *spec.feature_names])
-    fresh = joined.merge(exported[key].assign(_seen=True), on=key, how="left")
-    fresh = fresh[fresh["_seen"].isna()].drop(columns="_seen")
-    missing = [f for f in spec.feature_names if f not in fresh]
-    if fresh.empty or missing:
-        why = "no new labelled production records" if not missing else f"prediction log lacks features {missing}"
-        context.log.info(why)
-        return dg.MaterializeResult(value={"rows": 0, "batch_id": None, "reason": why},
-                                    metadata={"rows": 0, "reason": why, "already_exported": len(exported), **read})
+    read, fresh, exported, join = pending.read, pending.fresh, pending.exported, pending.join
+    if pending.why_none is not None:
+        context.log.info(pending.why_none)
+        return dg.MaterializeResult(value={"rows": 0, "batch_id": None, "reason": pending.why_none},
+                                    metadata={"rows": 0, "reason": pending.why_none,
+                                              "already_exported": len(exported), **read})
     records = typed_frame(fresh[spec.feature_names].assign(**{spec.label: fresh[mon.TRUE_LABEL]}), spec)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    staging = join_url(settings.data_url, c.PRODUCTION_BATCH_STAGING_SUBDIR)
     landing = join_url(staging, "landing")
     write_batch(records[spec.columns], landing, fmt="csv", name=f"production-labelled-{stamp}.csv")
     # The same path as any landed file: contract check, quarantine, content-addressed batch.
@@ -784,8 +816,8 @@ def labelled_production_batch(
         storage.remove(landed.url)  # accepted (copied) or already known: done here
     if result.quarantined:
         raise dg.Failure(f"labelled production batch broke the data contract: {result.quarantined[0].reason}")
-    updated = pd.concat([exported[key], fresh[key]], ignore_index=True)
-    storage.write_text(keys_url, updated.to_csv(index=False))
+    updated = pd.concat([exported[KEY_COLUMNS], fresh[KEY_COLUMNS]], ignore_index=True)
+    storage.write_text(join_url(staging, EXPORTED_KEYS_FILE), updated.to_csv(index=False))
     batch = result.accepted[0].batch_id if result.accepted else None
     return dg.MaterializeResult(
         value={"rows": len(records), "batch_id": batch},

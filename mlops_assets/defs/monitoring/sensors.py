@@ -4,7 +4,8 @@ run-failure alert, the watch after each deployment, and the periodic schedules.
 Sensors decide; runs act. Each sensor reads the latest materialization of the asset it watches
 (for the hourly monitoring assets: of their newest partition; its metadata carries the verdict), asks a pure rule in `monitoring/live.py` what to do, and
 returns run requests with run keys, so a drift event becomes exactly one retraining run even if
-the same report is read on many ticks.
+the same report is read on many ticks. A sensor starts a training run only when it would learn
+something: the training path is stale (Dagster's stale status) or new labelled records wait.
 """
 
 import json
@@ -95,9 +96,32 @@ def latest_partition_metadata(instance: dg.DagsterInstance, asset: str) -> tuple
     return meta, records[0].timestamp
 
 
-def _retrain_tick(context: dg.SensorEvaluationContext, monitoring: MonitoringResource, asset: str,
-                  flag: str, trigger: str, also: tuple[str, str] | None = None) -> dg.SensorResult | dg.SkipReason:
-    """`also`: a second (flag, event key field) that raises an event too (the label-free estimate)."""
+def training_has_work(context: dg.SensorEvaluationContext, platform: PlatformResource,
+                      monitoring: MonitoringResource) -> tuple[bool, str]:
+    """(would a retraining run learn anything, why). It does when the training path is stale (a new
+    accepted batch, changed code or parameters) or when labelled production records arrived that
+    its labelled_production_batch step would turn into a new batch; otherwise it would train the
+    same model from the same data and code again."""
+    from mlops_assets.defs.monitoring.assets import pending_labelled_records
+    from mlops_assets.defs.training.staleness import sensor_staleness
+
+    found = sensor_staleness(context, platform.batches_url)
+    if found.stale:
+        return True, found.summary()
+    pending = pending_labelled_records(platform, monitoring, c.LABEL_LOOKBACK_HOURS, datetime.now(UTC))
+    if pending.why_none is None:
+        return True, f"{len(pending.fresh)} new labelled production records to learn from"
+    return False, f"{found.summary()}, and {pending.why_none} in the last {c.LABEL_LOOKBACK_HOURS} hours"
+
+
+def _retrain_tick(context: dg.SensorEvaluationContext, platform: PlatformResource, monitoring: MonitoringResource,
+                  asset: str, flag: str, trigger: str, also: tuple[str, str] | None = None,
+                  ) -> dg.SensorResult | dg.SkipReason:
+    """`also`: a second (flag, event key field) that raises an event too (the label-free estimate).
+
+    A drift or degradation event asks for a model trained on newer data: with none (nothing stale,
+    no new labelled records) the run would give the same model again, so none is requested and the
+    event is not remembered: it asks again on a later tick, once labels or a new batch arrived."""
     meta, _ = latest_partition_metadata(context.instance, asset)
     cursor = mon.RetrainCursor.from_json(context.cursor)
     event = str(meta.get("event_key")) if meta.get(flag) and meta.get("event_key") not in (None, "none") else None
@@ -108,7 +132,13 @@ def _retrain_tick(context: dg.SensorEvaluationContext, monitoring: MonitoringRes
                                     cooldown_s=monitoring.retrain_cooldown_s)
     if not decision.request:
         return dg.SensorResult(skip_reason=dg.SkipReason(decision.reason), cursor=decision.cursor.to_json())
-    context.log.info(f"{trigger}: requesting retraining for event {decision.run_key}")
+    work, why = training_has_work(context, platform, monitoring)
+    if not work:
+        return dg.SensorResult(
+            skip_reason=dg.SkipReason(f"{trigger} event {decision.run_key}: no retraining, nothing new to learn "
+                                      f"from: {why}; asked again when new data arrives"),
+            cursor=cursor.to_json())
+    context.log.info(f"{trigger}: requesting retraining for event {decision.run_key} ({why})")
     return dg.SensorResult(
         run_requests=[dg.RunRequest(run_key=decision.run_key, tags={TRIGGER_TAG: trigger, EVENT_TAG: str(decision.run_key)})],
         cursor=decision.cursor.to_json(),
@@ -117,17 +147,20 @@ def _retrain_tick(context: dg.SensorEvaluationContext, monitoring: MonitoringRes
 
 @dg.sensor(job=retraining_job, minimum_interval_seconds=c.MONITORING_SENSOR_INTERVAL_SECONDS,
            default_status=dg.DefaultSensorStatus.RUNNING)
-def drift_retraining_sensor(context: dg.SensorEvaluationContext, monitoring: MonitoringResource):
-    """One retraining run per drift event (serving version x window), with a cooldown, never during one."""
-    return _retrain_tick(context, monitoring, "drift_report", "drift_detected", "drift")
+def drift_retraining_sensor(context: dg.SensorEvaluationContext, platform: PlatformResource,
+                            monitoring: MonitoringResource):
+    """One retraining run per drift event (serving version x window), with a cooldown, never during
+    one, and only with new data to learn from."""
+    return _retrain_tick(context, platform, monitoring, "drift_report", "drift_detected", "drift")
 
 
 @dg.sensor(job=retraining_job, minimum_interval_seconds=c.MONITORING_SENSOR_INTERVAL_SECONDS,
            default_status=dg.DefaultSensorStatus.RUNNING)
-def degradation_retraining_sensor(context: dg.SensorEvaluationContext, monitoring: MonitoringResource):
+def degradation_retraining_sensor(context: dg.SensorEvaluationContext, platform: PlatformResource,
+                                  monitoring: MonitoringResource):
     """One retraining run per serving version whose live metrics degraded (or, before labels come,
-    whose label-free estimate did), with a cooldown."""
-    return _retrain_tick(context, monitoring, "online_performance", "degraded", "degradation",
+    whose label-free estimate did), with a cooldown, and only with new data to learn from."""
+    return _retrain_tick(context, platform, monitoring, "online_performance", "degraded", "degradation",
                          also=("estimated_degraded", "estimated_event_key"))
 
 

@@ -1,5 +1,5 @@
 """Is anything on the training path stale? Asked before a run is launched, so an unchanged re-run
-(`make pipeline`, the file sensor) launches nothing and says why.
+(`make pipeline`, the sensors that start training runs) launches nothing and says why.
 
 The answer is Dagster's own: its stale-status resolver over the instance's recorded data versions,
 code versions and provenance (the same data versions the assets return). Two things it does not
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
+
+from mlops_assets import constants as c
 
 RAW_DATASET = "raw_dataset"
 
@@ -93,7 +95,7 @@ def training_staleness(instance: dg.DagsterInstance, asset_graph: Any, selection
     reasons: list[str] = []
     fresh: list[str] = []
     for name in selection:
-        key = dg.AssetKey(name)
+        key = dg.AssetKey.from_user_string(name)
         before = len(reasons)
         status = resolver.get_status(key)
         if status == StaleStatus.MISSING:
@@ -117,3 +119,21 @@ def training_staleness(instance: dg.DagsterInstance, asset_graph: Any, selection
         if len(reasons) == before:
             fresh.append(name)
     return Staleness(tuple(dict.fromkeys(reasons)), tuple(fresh))
+
+
+def sensor_staleness(context: dg.SensorEvaluationContext, batches_url: str) -> Staleness:
+    """What a training run a sensor requests would find stale on the training path (raw_dataset to
+    registered_model). Such a run has no run config, so the assets' defaults are compared with the
+    parameters of their last materialization. Deployment and the reference profile follow the
+    registration and are no reason to train.
+
+    The daemon gives the sensor its repository; a context built without one (a test, a tool)
+    gets the platform's own asset graph, the one the sensor is defined in."""
+    repo = context.repository_def
+    if repo is not None:
+        graph = repo.asset_graph
+    else:
+        from mlops_assets.definitions import defs
+
+        graph = defs.resolve_asset_graph()
+    return training_staleness(context.instance, graph, c.TRAINING_PATH_ASSETS, None, batches_url)
