@@ -21,8 +21,8 @@ import yaml
 
 from mlops_assets.deployment import rollout as dep
 from mlops_assets.settings import load_settings
-from mlops_assets.tools.ray_cluster import ClusterConfig, start_head, stop_head
-from mlops_assets_tests.ray_support import delete_app_quietly, isolated_cluster
+from mlops_assets.tools.ray_cluster import ClusterConfig, start_head
+from mlops_assets_tests.ray_support import end_test_head, isolated_cluster
 
 # Service options for tests: small requests, a log flushed every half second, a short predict timeout.
 ARGS = {"max_records": 100, "max_body_bytes": 200_000, "log_flush_interval_s": 0.5, "predict_timeout_s": 10}
@@ -102,9 +102,10 @@ def platform_on_head(root: Path, token: str, *, env: Mapping[str, str] | None = 
             patch.setenv(key, value)
         stack.callback(webhook.server.shutdown)
         start_head(cluster, env=head_env)
-        stack.callback(stop_head, cluster)
+        stack.callback(end_test_head, cluster)
+        # No app deletion at teardown: the head is stopped right after, which ends the apps with it,
+        # whereas deleting them first waits out the ingress's graceful shutdown (~30 s a module).
         target = dep.target_from_settings(load_settings())
-        stack.callback(delete_app_quietly, target)
         yield HeadPlatform(root, data, tracking_uri, cluster, target, webhook)
 
 

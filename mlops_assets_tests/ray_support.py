@@ -16,8 +16,7 @@ import socket
 from dataclasses import replace
 from pathlib import Path
 
-from mlops_assets.deployment.rollout import ServeTarget
-from mlops_assets.tools.ray_cluster import ClusterConfig, WorkerConfig, auth_env, ensure_token
+from mlops_assets.tools.ray_cluster import ClusterConfig, WorkerConfig, auth_env, ensure_token, stop_head
 
 MULTI_NODE_HEAD = "127.0.0.2"
 MULTI_NODE_WORKER = "127.0.0.3"
@@ -61,14 +60,12 @@ def isolated_two_nodes(root: Path, worker_cpus: int = 2) -> tuple[ClusterConfig,
     return head, worker
 
 
-def delete_app_quietly(target: ServeTarget) -> None:
-    """Teardown: remove the Serve apps before the head stops. Stopping the head removes them anyway, so
-    a dashboard too slow to answer (a loaded machine) is no failure of the test that ran."""
-    import httpx
+# Tests end their heads without waiting out Ray's graceful shutdown: nothing they check happens
+# after it, and it cost about 30 s a module (a running app's replicas drain for up to 25 s,
+# whether the apps are deleted first or the head is sent SIGTERM). The whole session is killed.
+TEARDOWN_STOP_S = 3.0
 
-    from mlops_assets.deployment import rollout
 
-    try:
-        rollout.delete_app(target)
-    except httpx.HTTPError as exc:
-        print(f"teardown: deleting the Serve apps did not answer ({type(exc).__name__}); the head stops them")
+def end_test_head(cfg: ClusterConfig) -> None:
+    """Teardown of a head a test started: SIGTERM, then after a moment every process of its session."""
+    stop_head(cfg, timeout_s=TEARDOWN_STOP_S)

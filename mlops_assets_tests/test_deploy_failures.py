@@ -31,9 +31,9 @@ from mlops_assets import constants as c
 from mlops_assets.core.dataset_spec import default_spec
 from mlops_assets.deployment import rollout as dep
 from mlops_assets.registry import model_store
-from mlops_assets.tools.ray_cluster import kill_session, session_processes, start_head, stop_head
+from mlops_assets.tools.ray_cluster import kill_session, session_processes, start_head
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records
-from mlops_assets_tests.ray_support import isolated_cluster
+from mlops_assets_tests.ray_support import end_test_head, isolated_cluster
 from mlops_assets_tests.registry_support import register_simulated_versions
 from mlops_assets_tests.test_automation import Webhook
 from mlops_assets_tests.test_serving_integration import ARGS, MODEL_NAME, TOKEN, Platform
@@ -133,12 +133,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         p.deploy("2")
         yield p
     finally:
-        try:
-            dep.delete_app(target)
-        except httpx.HTTPError:
-            pass
-        finally:
-            stop_head(cluster)
+        end_test_head(cluster)
 
 
 def _live_app_config(platform: Platform) -> dict[str, Any]:

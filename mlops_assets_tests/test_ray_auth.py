@@ -32,9 +32,8 @@ from mlops_assets.tools.ray_cluster import (
     head_env,
     read_token,
     start_head,
-    stop_head,
 )
-from mlops_assets_tests.ray_support import isolated_cluster
+from mlops_assets_tests.ray_support import end_test_head, isolated_cluster
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 APP = "auth_probe"
@@ -129,7 +128,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
         _wait_for_app(cfg)
         yield Head(cfg, pid, root, config)
     finally:
-        stop_head(cfg)
+        end_test_head(cfg)
 
 
 def _cluster_processes(pid: int) -> list[psutil.Process]:

@@ -39,13 +39,17 @@ from mlops_assets.tools.ray_cluster import (
     WorkerConfig,
     start_head,
     start_worker,
-    stop_head,
     stop_worker,
     worker_command,
 )
 from mlops_assets.tools.ray_cluster import main as ray_cluster_main
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records
-from mlops_assets_tests.ray_support import MULTI_NODE_HEAD, MULTI_NODE_WORKER, isolated_two_nodes
+from mlops_assets_tests.ray_support import (
+    MULTI_NODE_HEAD,
+    MULTI_NODE_WORKER,
+    end_test_head,
+    isolated_two_nodes,
+)
 from mlops_assets_tests.registry_support import register_simulated_versions
 from mlops_assets_tests.test_automation import Webhook
 from mlops_assets_tests.test_serving_integration import ARGS, MODEL_NAME, TOKEN, Platform
@@ -107,13 +111,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                            args=ARGS, http_host=MULTI_NODE_HEAD)
         yield Cluster(platform, head, worker, data)
     finally:
-        try:
-            dep.delete_app(target)
-        except httpx.HTTPError:
-            pass
-        finally:
-            stop_worker(worker)
-            stop_head(head)
+        stop_worker(worker)
+        end_test_head(head)
 
 
 

@@ -35,11 +35,11 @@ from mlops_assets.ingestion import batches as ingestion
 from mlops_assets.registry import model_store
 from mlops_assets.serving.prediction_log import PredictionLogWriter, prediction_rows, read_prediction_log
 from mlops_assets.settings import Settings, load_settings
-from mlops_assets.tools.ray_cluster import ClusterConfig, start_head, stop_head
+from mlops_assets.tools.ray_cluster import ClusterConfig, start_head
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
 from mlops_assets.tools.traffic import write_labels
 from mlops_assets_tests import s3_support
-from mlops_assets_tests.ray_support import isolated_cluster
+from mlops_assets_tests.ray_support import end_test_head, isolated_cluster
 from mlops_assets_tests.s3_support import S3Server, s3_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -216,12 +216,7 @@ def platform(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                                           _tail(Path(cluster.log_file)))
             yield Platform(s3, settings, env, cluster, home, local, spec, training, seconds)
         finally:
-            try:
-                dep.delete_app(dep.ServeTarget(cluster.dashboard_url, cluster.serve_url, token=TOKEN))
-            except httpx.HTTPError:
-                pass  # the head never came up
-            finally:
-                stop_head(cluster)
+            end_test_head(cluster)
 
 
 def test_the_training_path_keeps_every_artifact_on_s3_and_the_model_loads_from_there(platform: Platform) -> None:

@@ -396,8 +396,8 @@ def test_a_postgres_password_in_the_tracking_uri_reaches_no_event_mlflow_field_s
 
     from mlops_assets.deployment import rollout as dep
     from mlops_assets.tools import cli
-    from mlops_assets.tools.ray_cluster import start_head, stop_head
-    from mlops_assets_tests.ray_support import delete_app_quietly, isolated_cluster
+    from mlops_assets.tools.ray_cluster import start_head
+    from mlops_assets_tests.ray_support import end_test_head, isolated_cluster
 
     password, token = pg_store.password, "tok-" + secrets.token_hex(12)
     data = tmp_path / "data"
@@ -426,9 +426,8 @@ def test_a_postgres_password_in_the_tracking_uri_reaches_no_event_mlflow_field_s
     with ExitStack() as stack:
         # The head knows no tracking URI: replicas can only get it from the file Dagster hands over.
         start_head(cluster, env={"MLOPS_API_TOKEN": token, "MLFLOW_TRACKING_URI": "", "MLOPS_DATA_URL": str(data)})
-        stack.callback(stop_head, cluster)
+        stack.callback(end_test_head, cluster)
         target = dep.target_from_settings(load_settings())
-        stack.callback(delete_app_quietly, target)
         defs = platform_definitions()  # built from the environment just set
 
         instance = stack.enter_context(dg.instance_for_test())

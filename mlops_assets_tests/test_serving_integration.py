@@ -28,9 +28,9 @@ from mlops_assets.deployment import rollout as dep
 from mlops_assets.registry import model_store
 from mlops_assets.serving.config import ModelRef
 from mlops_assets.serving.prediction_log import read_prediction_log
-from mlops_assets.tools.ray_cluster import ClusterConfig, start_head, stop_head
+from mlops_assets.tools.ray_cluster import ClusterConfig, start_head
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records
-from mlops_assets_tests.ray_support import isolated_cluster
+from mlops_assets_tests.ray_support import end_test_head, isolated_cluster
 from mlops_assets_tests.registry_support import register_simulated_versions
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -105,10 +105,7 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
         p.deploy("1")
         yield p
     finally:
-        try:
-            dep.delete_app(target)
-        finally:
-            stop_head(cluster)
+        end_test_head(cluster)
 
 
 def test_first_deploy_serves_the_champion_and_reports_it(platform: Platform) -> None:
