@@ -17,6 +17,9 @@ ASSET_OWNERS = ("team:mlops",)
 # upstream steps only, never from another run's (or the latest) materialization.
 TRAINING_PATH_ASSETS = ("raw_dataset", "validation_report", "feature_set", "train_test_split", "trained_model",
                         "model_evaluation", "registered_model")
+# Downstream of the training path, they too load their inputs only from their own run (never the
+# latest materialization of registered_model or train_test_split).
+RUN_SCOPED_AFTER_TRAINING = ("model_deployment", "reference_profile")
 
 # Folders, relative to the data root unless a setting says otherwise.
 DEFAULT_DATA_DIR = "data"

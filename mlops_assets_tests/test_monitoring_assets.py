@@ -196,6 +196,30 @@ def test_reference_profile_is_stored_with_the_version_in_the_data_root_and_mlflo
     assert Path(downloaded).read_bytes() == local.read_bytes()
 
 
+def test_reference_profile_and_model_deployment_load_their_inputs_only_from_their_own_run(
+        registry: Registry, data: Path):
+    """Run alone after a run that materialized registered_model and train_test_split, neither reads
+    those materializations: each fails at loading its input, naming what to select (and, for the
+    deployment, the command that serves the champion without a run)."""
+    from mlops_assets.defs.deployment.assets import model_deployment
+
+    with dg.instance_for_test() as instance:
+        stand_ins = _registered_stand_in(registry)
+        assert _materialize(registry, data, instance, [*stand_ins, reference_profile]).success
+        profile = data / "profiles" / "reference" / "1" / "profile.bin"
+        profile.unlink()
+        for asset in (reference_profile, model_deployment):
+            alone = _materialize(registry, data, instance, [*stand_ins, asset], selection=[asset.key])
+            assert not alone.success
+            [failure] = [e for e in alone.all_events if e.is_step_failure]
+            message = str(failure.event_specific_data)
+            name = asset.key.to_user_string()
+            assert f"{name} loads " in message and "only from its own run" in message and "select " in message
+            assert ("mlops-assets serve restore" in message) == (name == "model_deployment")
+            assert not alone.asset_materializations_for_node(name)
+    assert not profile.exists()  # nothing was profiled from another run's values
+
+
 def test_normal_traffic_passes_drifted_traffic_fails_the_drift_check(registry: Registry, data: Path):
     hour = datetime(2026, 1, 5, 10, 0, tzinfo=UTC)
     assets = [*_registered_stand_in(registry), reference_profile, production_profiles, drift_report]

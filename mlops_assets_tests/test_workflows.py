@@ -218,7 +218,7 @@ def test_every_command_a_workflow_calls_exists(name: str) -> None:
 
 def test_the_deploy_scripts_the_release_calls_use_the_production_compose_file() -> None:
     deploy = (REPO / "deploy" / "production" / "deploy.sh").read_text()
-    assert "docker-compose.yaml" in deploy and "model_deployment" in deploy
+    assert "docker-compose.yaml" in deploy and "mlops-assets serve restore" in deploy
     compose = yaml.safe_load((REPO / "deploy" / "production" / "docker-compose.yaml").read_text())
     images = {s["image"] for s in compose["services"].values() if "image" in s and "mlops-assets" in s["image"]}
     assert images == {"${REGISTRY:-local}/mlops-assets-dagster:${MLOPS_IMAGE_TAG:-dev}",

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # On a Docker host: roll the production stack to the images $REGISTRY/mlops-assets-*:$MLOPS_IMAGE_TAG,
-# wait until Dagster and MLflow answer, then deploy the registry's champion to Ray Serve through
-# the model_deployment asset (load-and-query check first; the previous version keeps serving if
-# anything fails). Secrets are files in deploy/production/secrets/, never arguments.
+# wait until Dagster and MLflow answer, then serve the registry's champion on Ray Serve with
+# `mlops-assets serve restore` (load-and-query check first; the previous version keeps serving if
+# anything fails; aliases untouched). The model_deployment asset is materialized by training runs
+# only: it deploys the champion its own run registered, never the latest materialization's.
+# Secrets are files in deploy/production/secrets/, never arguments.
 set -euo pipefail
 cd "$(dirname "$0")"
 : "${REGISTRY:?set REGISTRY}" "${MLOPS_IMAGE_TAG:?set MLOPS_IMAGE_TAG}"
@@ -25,7 +27,7 @@ healthy || { echo "deploy: Dagster or MLflow did not become healthy" >&2; "${com
 
 run() { "${compose[@]}" exec -T dagster-webserver /app/deploy/production/entrypoint.sh "$@"; }
 if run mlops-assets status --no-endpoint >/dev/null; then
-  run dagster asset materialize -m mlops_assets.definitions --select model_deployment
+  run mlops-assets serve restore
 else
   echo "deploy: no champion in the registry yet; serving is deployed by the first training run"
 fi

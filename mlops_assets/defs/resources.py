@@ -81,14 +81,14 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     """Stores each output once at a content-addressed path under the data root (any fsspec URL):
     records (mlops_assets.core.records) and dicts as JSON, DataFrames as Parquet, written to a
     temporary name and renamed. A downstream step loads the file its own run's upstream step wrote
-    (a per-run pointer), so concurrent runs never read each other's values. The training path's
-    assets (`run_scoped`) load only that: an upstream missing from their run is an error naming
-    what to select, never another run's value. Other consumers (a deployment or monitoring run
-    on its own) read an upstream outside their run from the path its current materialization
-    recorded (`stored_at`)."""
+    (a per-run pointer), so concurrent runs never read each other's values. The assets that take
+    inputs (`run_scoped`: the training path, model_deployment and reference_profile) load only
+    that: an upstream missing from their run is an error naming what to select, never another
+    run's value. Only an asset check run on its own reads the asset it checks from the path the
+    asset's current materialization recorded (`stored_at`)."""
 
     base_url: str  # the settings' assets folder (built once in build_resources)
-    run_scoped: list[str] = list(c.TRAINING_PATH_ASSETS)
+    run_scoped: list[str] = [*c.TRAINING_PATH_ASSETS, *c.RUN_SCOPED_AFTER_TRAINING]
 
     def _folder(self, context: dg.OutputContext | dg.InputContext) -> str:
         key = context.asset_key.path if context.has_asset_key else [context.name]
@@ -126,8 +126,11 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         consumer = context.op_def.name.split("__")[-1]  # a key prefix (several data sets) joins with "__"
         name = context.asset_key.to_user_string() if context.has_asset_key else context.name
         if consumer in self.run_scoped:
+            restore = (" To serve the registry's champion without a training run: mlops-assets serve restore."
+                       if consumer == "model_deployment" else "")
             raise dg.Failure(f"{consumer} loads {name} only from its own run, and this run did not materialize "
-                             f"it: select {name} too (the training path runs whole: {', '.join(self.run_scoped)})")
+                             f"it: select {name} too (the training path runs whole: {', '.join(c.TRAINING_PATH_ASSETS)}; "
+                             f"unchanged inputs train nothing).{restore}")
         if context.has_asset_key:
             event = context.instance.get_latest_materialization_event(context.asset_key)
             stored = event.asset_materialization.metadata.get("stored_at") if event and event.asset_materialization else None
