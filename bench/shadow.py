@@ -10,7 +10,8 @@ up in both):
 
 - `direct`: the champion answers, the candidate is idle (today's behaviour, no release);
 - `shadow`: the champion answers, and each answered request is also scored by the candidate off
-  the request path (serving/release.py), its answer logged with `shadow = true`.
+  the request path (serving/release.py: mirrors queued in the ingress and sent in batches, the
+  release's default batch size and wait), its answer logged with `shadow = true`.
 
 Each round measures both strategies, the order alternating per round (direct, shadow, then shadow,
 direct, ...), each at every concurrency with the same clients (closed loop, single-record bodies,
@@ -185,6 +186,7 @@ def summarize(per_round: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, An
                 "strategy": strategy, "concurrency": conc, "rounds": len(rs),
                 "p50_ms": round(median([r["p50_ms"] for r in rs]), 3),
                 "p95_ms": round(median([r["p95_ms"] for r in rs]), 3),
+                "p99_ms": round(median([r["p99_ms"] for r in rs]), 3),
                 "rps": round(median([r["rps"] for r in rs]), 1),
                 "ok": sum(r["ok"] for r in rs), "failed": sum(r["failed"] for r in rs)}
             table.append(row)
@@ -194,6 +196,7 @@ def summarize(per_round: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, An
         paired = _paired(per_round, conc)
         p50, p95 = s["p50_ms"] / d["p50_ms"], s["p95_ms"] / d["p95_ms"]
         ratios.append({"concurrency": conc, "p50 x direct": round(p50, 3), "p95 x direct": round(p95, 3),
+                       "p99 x direct": round(s["p99_ms"] / d["p99_ms"], 3),
                        "rps x direct": round(s["rps"] / d["rps"], 3),
                        "p50 x direct, median of rounds": round(median([x[0] for x in paired]), 3),
                        "p95 x direct, median of rounds": round(median([x[1] for x in paired]), 3),
