@@ -452,6 +452,37 @@ def test_labelled_production_batch_reads_only_the_log_hours_of_its_window(regist
     # A wider window reaches the old hour: its records were never exported, so they are now.
     assert _meta(wider, "labelled_production_batch")["rows"] == 200
     assert sorted(b.rows for b in ingestion.accepted_batches(str(data / "batches"))) == [120, 200]
+    # What was exported is kept per log hour, and a run reads the key files of its window's hours
+    # only: the old hour's file is not read by the default window.
+    keys = data / c.PRODUCTION_BATCH_STAGING_SUBDIR / "exported_keys"
+    files = sorted(p.relative_to(keys).as_posix() for p in keys.rglob("*.csv"))
+    old_hour, recent_hour = (now - timedelta(days=10)), (now - timedelta(hours=2))
+    assert files == sorted({f"date={t:%Y-%m-%d}/hour={t:%H}.csv" for t in (old_hour, recent_hour)}), files
+    assert sum(len(pd.read_csv(keys / f)) for f in files) == 320
+    with dg.instance_for_test() as instance:
+        again = _meta(_materialize(registry, data, instance, [labelled_production_batch]), "labelled_production_batch")
+    assert again["rows"] == 0 and again["exported_key_files_read"] == 1 and again["already_exported"] == 120
+
+
+def test_the_legacy_file_of_every_exported_key_is_split_by_hour_once_and_nothing_is_exported_twice(
+        registry: Registry, data: Path):
+    spec = registry.spec
+    recent = _log_traffic(registry, data, 250, seed=33, at=datetime.now(UTC) - timedelta(minutes=30))
+    _write_labels(data, recent, spec, 0.0, "labels.csv")
+    staging = data / c.PRODUCTION_BATCH_STAGING_SUBDIR
+    staging.mkdir(parents=True)
+    # The earlier layout: one file of every key; 100 of the window's records and 5 of older hours.
+    older = pd.DataFrame({"request_id": [f"gone-{i}" for i in range(5)], "record_index": 0})
+    pd.concat([recent[["request_id", "record_index"]].head(100), older]).to_csv(staging / "exported_keys.csv",
+                                                                               index=False)
+    with dg.instance_for_test() as instance:
+        first = _meta(_materialize(registry, data, instance, [labelled_production_batch]), "labelled_production_batch")
+        again = _meta(_materialize(registry, data, instance, [labelled_production_batch]), "labelled_production_batch")
+    assert first["rows"] == 150 and first["already_exported"] == 100
+    assert not (staging / "exported_keys.csv").exists()
+    [before] = (staging / "exported_keys").glob("before-*.csv")  # read only by a window reaching further back
+    assert sorted(pd.read_csv(before)["request_id"]) == sorted(older["request_id"])
+    assert again["rows"] == 0 and again["already_exported"] == 250 and again["exported_key_files_read"] == 1
 
 
 _CLI_DEFS = '''

@@ -29,6 +29,7 @@ from mlops_assets.monitoring import estimation as est
 from mlops_assets.monitoring import live as mon
 from mlops_assets.monitoring.comparison import served_rows
 from mlops_assets.registry import model_store
+from mlops_assets.serving.prediction_log import hour_folder
 from mlops_assets.serving.scoring import scorer_from_loaded
 from mlops_assets.settings import Settings, join_url
 from mlops_assets.tools.simulator import write_batch
@@ -719,7 +720,12 @@ def calibrator_of_run(mlflow: MlflowResource, run_id: str | None) -> tuple[est.C
     return calibrator, f"{calibrator.method} on {calibrator.rows} held-out rows"
 
 
-EXPORTED_KEYS_FILE = "exported_keys.csv"
+# What was exported, kept per log hour (the hour its prediction was logged in, the log's own
+# layout): a run reads the key files of its window's hours only, not every key ever exported.
+EXPORTED_KEYS_DIR = "exported_keys"
+# The earlier layout: one file of every key, read whole on every run. Converted on first sight.
+LEGACY_EXPORTED_KEYS_FILE = "exported_keys.csv"
+LEGACY_BEFORE_PREFIX = "before-"  # keys of the legacy file logged before the hour in the name
 
 
 class LabelledBatchConfig(dg.Config):
@@ -740,7 +746,7 @@ class PendingLabels:
     """The labelled production records of a window not exported yet, and what was read to find them."""
 
     fresh: pd.DataFrame  # joined log rows (keys, true label, features) not in `exported`
-    exported: pd.DataFrame  # keys already exported
+    exported: pd.DataFrame  # keys already exported from the window's hours
     join: mon.LabelJoin | None
     read: dict[str, Any]  # the window and how many log parts were read, for metadata
     skipped: list[tuple[str, str]]  # unreadable log parts
@@ -755,32 +761,99 @@ class PendingLabels:
 
 
 KEY_COLUMNS = [mon.REQUEST_ID, mon.RECORD_INDEX]
+HOUR_COLUMN = "_hour"
+
+
+def _empty_keys() -> pd.DataFrame:
+    return pd.DataFrame({mon.REQUEST_ID: pd.Series([], dtype=str), mon.RECORD_INDEX: pd.Series([], dtype="int64")})
+
+
+def _read_keys(url: str) -> pd.DataFrame:
+    with storage.open_url(url, "rb") as handle:
+        return pd.read_csv(handle, dtype={mon.REQUEST_ID: str})[KEY_COLUMNS]
+
+
+def hour_keys_url(staging_url: str, hour: pd.Timestamp) -> str:
+    """The file of the keys exported from the predictions logged in `hour`."""
+    return join_url(staging_url, EXPORTED_KEYS_DIR, f"{hour_folder(hour)}.csv")
+
+
+def _window_hours(start: pd.Timestamp, end: pd.Timestamp) -> list[pd.Timestamp]:
+    return list(pd.date_range(start.floor("h"), end - pd.Timedelta(1, "ns"), freq="h"))
+
+
+def _legacy_before(staging_url: str) -> list[tuple[pd.Timestamp, str]]:
+    """(hour, url) of each converted legacy key file: its keys were logged before that hour."""
+    folder = join_url(staging_url, EXPORTED_KEYS_DIR)
+    out = []
+    for path in storage.list_files(folder, suffixes=(".csv",)):
+        name = path.rsplit("/", 1)[-1]
+        if name.startswith(LEGACY_BEFORE_PREFIX):
+            stamp = name.removeprefix(LEGACY_BEFORE_PREFIX).removesuffix(".csv")
+            out.append((pd.to_datetime(stamp, format="%Y%m%dT%H%M%SZ", utc=True), storage.url_of(folder, path)))
+    return out
+
+
+def _convert_legacy_keys(staging_url: str, window: pd.DataFrame, start: pd.Timestamp) -> None:
+    """Split the legacy file of every exported key into the hour files: keys of the window's rows
+    (whose hours are known now) go to their hours' files, the rest, logged before the window, to one
+    `before-<window start>` file that only a window reaching further back reads. Then remove it."""
+    legacy_url = join_url(staging_url, LEGACY_EXPORTED_KEYS_FILE)
+    if not storage.exists(legacy_url):
+        return
+    legacy = _read_keys(legacy_url)
+    located = window[[*KEY_COLUMNS, HOUR_COLUMN]].merge(legacy, on=KEY_COLUMNS, how="inner")
+    for hour, keys in located.groupby(HOUR_COLUMN):
+        url = hour_keys_url(staging_url, pd.Timestamp(hour))
+        before = _read_keys(url) if storage.exists(url) else _empty_keys()
+        storage.write_text(url, pd.concat([before, keys[KEY_COLUMNS]]).drop_duplicates().to_csv(index=False))
+    rest = legacy.merge(located[KEY_COLUMNS].assign(_in=True), on=KEY_COLUMNS, how="left")
+    rest = rest[rest["_in"].isna()][KEY_COLUMNS]
+    if not rest.empty:
+        name = f"{LEGACY_BEFORE_PREFIX}{_path_key(start)}.csv"
+        storage.write_text(join_url(staging_url, EXPORTED_KEYS_DIR, name), rest.to_csv(index=False))
+    storage.remove(legacy_url)
 
 
 def pending_labelled_records(platform: PlatformResource, monitoring: MonitoringResource, lookback_hours: int,
-                             now: datetime) -> PendingLabels:
+                             now: datetime, convert_legacy: bool = True) -> PendingLabels:
     """The window's predictions whose labels arrived and that no earlier batch exported: what
-    labelled_production_batch would turn into a raw batch now (the retraining sensors ask too)."""
+    labelled_production_batch would turn into a raw batch now (the retraining sensors ask too).
+    Reads the log's and the exported keys' files of the window's hours only. A legacy file of every
+    key is converted to hour files (`convert_legacy`, the asset) or, for a reader that writes
+    nothing (a sensor), read whole until the asset converts it."""
     spec = platform.spec()
     start, end = label_window(now, lookback_hours)
     window = mon.read_window(monitoring.prediction_log_url, start, end)
-    read = {"window_start": start.isoformat(), "window_end": end.isoformat(), "log_parts_read": len(window.files)}
     log = served_rows(window.frame)  # a shadow answer is no new record
     labels = mon.read_labels(monitoring.labels_url).frame
     join = mon.join_labels(log, labels, label_values=list(spec.label_values)) if not log.empty else None
-    keys_url = join_url(platform.settings().data_url, c.PRODUCTION_BATCH_STAGING_SUBDIR, EXPORTED_KEYS_FILE)
-    if storage.exists(keys_url):
-        with storage.open_url(keys_url, "rb") as handle:
-            exported = pd.read_csv(handle, dtype={mon.REQUEST_ID: str})
-    else:
-        exported = pd.DataFrame(
-            {mon.REQUEST_ID: pd.Series([], dtype=str), mon.RECORD_INDEX: pd.Series([], dtype="int64")})
     joined = join.joined if join is not None else pd.DataFrame(
-        columns=[*KEY_COLUMNS, mon.TRUE_LABEL, *spec.feature_names])
-    fresh = joined.merge(exported[KEY_COLUMNS].assign(_seen=True), on=KEY_COLUMNS, how="left")
+        columns=[*KEY_COLUMNS, mon.TIMESTAMP, mon.TRUE_LABEL, *spec.feature_names])
+    joined = joined.assign(**{HOUR_COLUMN: pd.to_datetime(joined[mon.TIMESTAMP], utc=True).dt.floor("h")})
+    staging = join_url(platform.settings().data_url, c.PRODUCTION_BATCH_STAGING_SUBDIR)
+    legacy_url = join_url(staging, LEGACY_EXPORTED_KEYS_FILE)
+    if convert_legacy:
+        _convert_legacy_keys(staging, joined, start)
+    urls = [u for u in (hour_keys_url(staging, h) for h in _window_hours(start, end)) if storage.exists(u)]
+    urls += [u for hour, u in _legacy_before(staging) if start < hour]
+    if not convert_legacy and storage.exists(legacy_url):
+        urls.append(legacy_url)
+    exported = pd.concat([_empty_keys(), *(_read_keys(u) for u in urls)], ignore_index=True)
+    fresh = joined.merge(exported.assign(_seen=True), on=KEY_COLUMNS, how="left")
     fresh = fresh[fresh["_seen"].isna()].drop(columns="_seen")
     missing = [f for f in spec.feature_names if f not in fresh]
+    read = {"window_start": start.isoformat(), "window_end": end.isoformat(), "log_parts_read": len(window.files),
+            "exported_key_files_read": len(urls)}
     return PendingLabels(fresh, exported, join, read, list(window.skipped), missing)
+
+
+def record_exported(staging_url: str, records: pd.DataFrame) -> None:
+    """Add the keys of exported `records` (with their log hour) to their hours' key files."""
+    for hour, keys in records.groupby(HOUR_COLUMN):
+        url = hour_keys_url(staging_url, pd.Timestamp(hour))
+        before = _read_keys(url) if storage.exists(url) else _empty_keys()
+        storage.write_text(url, pd.concat([before, keys[KEY_COLUMNS]], ignore_index=True).to_csv(index=False))
 
 
 # It reads the prediction log and the delayed labels too, but declares no dependency on them: it
@@ -816,8 +889,7 @@ def labelled_production_batch(
         storage.remove(landed.url)  # accepted (copied) or already known: done here
     if result.quarantined:
         raise dg.Failure(f"labelled production batch broke the data contract: {result.quarantined[0].reason}")
-    updated = pd.concat([exported[KEY_COLUMNS], fresh[KEY_COLUMNS]], ignore_index=True)
-    storage.write_text(join_url(staging, EXPORTED_KEYS_FILE), updated.to_csv(index=False))
+    record_exported(staging, fresh)
     batch = result.accepted[0].batch_id if result.accepted else None
     return dg.MaterializeResult(
         value={"rows": len(records), "batch_id": batch},

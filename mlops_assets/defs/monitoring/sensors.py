@@ -108,7 +108,8 @@ def training_has_work(context: dg.SensorEvaluationContext, platform: PlatformRes
     found = sensor_staleness(context, platform.batches_url)
     if found.stale:
         return True, found.summary()
-    pending = pending_labelled_records(platform, monitoring, c.LABEL_LOOKBACK_HOURS, datetime.now(UTC))
+    pending = pending_labelled_records(platform, monitoring, c.LABEL_LOOKBACK_HOURS, datetime.now(UTC),
+                                       convert_legacy=False)  # a sensor only asks, it writes nothing
     if pending.why_none is None:
         return True, f"{len(pending.fresh)} new labelled production records to learn from"
     return False, f"{found.summary()}, and {pending.why_none} in the last {c.LABEL_LOOKBACK_HOURS} hours"
