@@ -125,7 +125,9 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
     cluster = isolated_cluster(root)
     target = dep.ServeTarget(cluster.dashboard_url, cluster.serve_url, token=TOKEN)
     env_vars = {"MLFLOW_TRACKING_URI": tracking_uri, "MLOPS_DATA_URL": str(data)}
-    head_env = {"MLOPS_API_TOKEN": TOKEN, **env_vars}
+    # Serve gives up on a deployment after 3 failed replica starts per replica (6 here, about 100 s
+    # on 2 cores); the refusal these tests check is the same after one each.
+    head_env = {"MLOPS_API_TOKEN": TOKEN, "RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "1", **env_vars}
     start_head(cluster, env=head_env)
     try:
         sample = simulate_records(spec, SimulationConfig(n_rows=400, seed=99))
