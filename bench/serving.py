@@ -73,6 +73,10 @@ APP_LEVERS: tuple[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]], ..
     ("ours: user code on a second thread", {}, {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}, {}),
     # a candidate, not shipped: a Ray setting measured beside the shipped default before choosing
     ("candidate: handle router on the replica's loop", {}, {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}, {}),
+    ("candidate: no batching, router on the replica's loop", {"batch_max_size": 1},
+     {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}, {}),
+    ("candidate: no batching, router on the replica's loop, user code on a second thread", {"batch_max_size": 1},
+     {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}, {}),
 )
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = "python -m bench.serving --json bench/results/serving.json"
@@ -86,8 +90,10 @@ class Budget:
     warmup_seconds: float
 
     @staticmethod
-    def of(quick: bool) -> Budget:
-        return Budget(1, 400, 0.8, 0.3) if quick else Budget(3, 3000, 2.5, 0.5)
+    def of(quick: bool, rounds: int | None = None) -> Budget:
+        budget = Budget(1, 400, 0.8, 0.3) if quick else Budget(3, 3000, 2.5, 0.5)
+        return budget if rounds is None else Budget(rounds, budget.max_requests, budget.max_seconds,
+                                                    budget.warmup_seconds)
 
 
 @dataclass
@@ -451,8 +457,8 @@ def _setup_and_measure(setup: Setup, budget: Budget, workers: int, levers: bool,
         return measure(setup, targets, budget, log), targets
 
 
-def run(quick: bool, root: Path, log: Any = print, levers: bool = True) -> dict[str, Any]:
-    budget = Budget.of(quick)
+def run(quick: bool, root: Path, log: Any = print, levers: bool = True, rounds: int | None = None) -> dict[str, Any]:
+    budget = Budget.of(quick, rounds)
     started = time.monotonic()
     at_start = machine()
     log(f"serving benchmark ({'quick' if quick else 'full'}): {budget.rounds} round(s), cells of up to "
@@ -473,7 +479,7 @@ def run(quick: bool, root: Path, log: Any = print, levers: bool = True) -> dict[
     at_end = machine()
     return {
         "title": "Serving: the shipped default against mlflow models serve and a bare FastAPI app (equal workers)",
-        "command": COMMAND + (" --quick" if quick else ""),
+        "command": COMMAND + (" --quick" if quick else "") + (f" --rounds {rounds}" if rounds is not None else ""),
         "code_version": code_version(),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {**at_start, "loadavg_end": at_end["loadavg"]},
@@ -505,13 +511,14 @@ def report(out: Mapping[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one round of short cells (a smoke run)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 3, or 1 with --quick)")
     parser.add_argument("--no-levers", action="store_true", help="only the shipped default and its peers")
     parser.add_argument("--json", help="write the results to this file (bench/results/serving.json)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (model, logs)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="mlops-bench-serving-"))
     try:
-        out = run(args.quick, root, levers=not args.no_levers)
+        out = run(args.quick, root, levers=not args.no_levers, rounds=args.rounds)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
