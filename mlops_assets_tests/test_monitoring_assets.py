@@ -38,6 +38,7 @@ from mlops_assets.monitoring import live as mon
 from mlops_assets.registry import model_store
 from mlops_assets.serving.prediction_log import prediction_rows, write_part
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records
+from mlops_assets_tests.e2e_support import check_named, metadata_of
 
 pytestmark = pytest.mark.integration
 
@@ -167,21 +168,11 @@ def _registered_stand_in(reg: Registry) -> list[dg.AssetsDefinition]:
     return [_registered, _split]
 
 
-def _check(result: dg.ExecuteInProcessResult, name: str) -> dg.AssetCheckEvaluation:
-    [found] = [e for e in result.get_asset_check_evaluations() if e.check_name == name]
-    return found
-
-
-def _meta(result: dg.ExecuteInProcessResult, asset: str) -> dict:
-    [event] = result.asset_materializations_for_node(asset)
-    return {k: getattr(v, "value", v) for k, v in event.metadata.items()}
-
-
 def test_reference_profile_is_stored_with_the_version_in_the_data_root_and_mlflow(registry: Registry, data: Path):
     with dg.instance_for_test() as instance:
         result = _materialize(registry, data, instance, [*_registered_stand_in(registry), reference_profile])
     assert result.success
-    meta = _meta(result, "reference_profile")
+    meta = metadata_of(result, "reference_profile")
     local = data / "profiles" / "reference" / "1" / "profile.bin"
     summary = drift.profile_summary(local.read_bytes())
     assert summary["n_rows"] == len(registry.train) == meta["rows"]
@@ -234,11 +225,11 @@ def test_normal_traffic_passes_drifted_traffic_fails_the_drift_check(registry: R
                                hour=hour + timedelta(hours=1))
         assert drifted.success
 
-    ok, bad = _meta(normal, "drift_report"), _meta(drifted, "drift_report")
-    assert _check(normal, NO_DRIFT_CHECK).passed and ok["drift_detected"] is False
+    ok, bad = metadata_of(normal, "drift_report"), metadata_of(drifted, "drift_report")
+    assert check_named(normal, NO_DRIFT_CHECK).passed and ok["drift_detected"] is False
     assert ok["serving_version"] == "1" and ok["serving_source"] == "registry champion"
     assert ok["n_drifted_features"] == 0 and ok["rows"] == 600 and ok["window"] == "2026-01-05T10:00:00Z"
-    assert not _check(drifted, NO_DRIFT_CHECK).passed and bad["drift_detected"] is True
+    assert not check_named(drifted, NO_DRIFT_CHECK).passed and bad["drift_detected"] is True
     assert set(bad["drifted_features"].split(", ")) == set(DRIFTED)  # exactly the drifted ones
     assert bad["event_key"] == "drift-1-20260105T110000Z"
     # Numeric metadata per feature, so the UI plots each over runs.
@@ -277,8 +268,8 @@ def test_drift_thresholds_are_config(registry: Registry, data: Path):
         result = _materialize(registry, data, instance, assets, run_config=lenient,
                               selection=["registered_model", "train_test_split", "reference_profile", "production_profiles",
                                          "drift_report"], hour=hour)
-    assert result.success and _check(result, NO_DRIFT_CHECK).passed
-    assert _meta(result, "drift_report")["n_drifted_features"] == 0
+    assert result.success and check_named(result, NO_DRIFT_CHECK).passed
+    assert metadata_of(result, "drift_report")["n_drifted_features"] == 0
 
 
 def test_without_a_local_reference_the_mlflow_artifact_is_used_and_every_version_s_rows_are_judged(
@@ -291,7 +282,7 @@ def test_without_a_local_reference_the_mlflow_artifact_is_used_and_every_version
     with dg.instance_for_test() as instance:
         result = _materialize(registry, data, instance, [production_profiles, drift_report], hour=at)
         assert not (data / "profiles" / "reference").exists()
-        meta = _meta(result, "drift_report")
+        meta = metadata_of(result, "drift_report")
         assert meta["judged"] is True and meta["reference"] == f"runs:/{registry.run_id}/monitoring/reference_profile.bin"
 
         # Traffic another version answered is still the traffic: judged against the serving reference.
@@ -299,9 +290,9 @@ def test_without_a_local_reference_the_mlflow_artifact_is_used_and_every_version
             frame = pd.read_parquet(part).assign(model_version="7")
             frame.to_parquet(part, index=False)
         again = _materialize(registry, data, instance, [production_profiles, drift_report], hour=at)
-    meta = _meta(again, "drift_report")
+    meta = metadata_of(again, "drift_report")
     assert meta["judged"] is True and meta["serving_version"] == "1" and meta["rows"] == 300
-    assert meta["rows_by_version"] == "v7: 300" and _check(again, NO_DRIFT_CHECK).passed
+    assert meta["rows_by_version"] == "v7: 300" and check_named(again, NO_DRIFT_CHECK).passed
 
 
 def test_a_window_split_between_versions_is_judged_on_all_its_rows(registry: Registry, data: Path):
@@ -314,10 +305,10 @@ def test_a_window_split_between_versions_is_judged_on_all_its_rows(registry: Reg
     with dg.instance_for_test() as instance:
         result = _materialize(registry, data, instance, assets, hour=at)
     assert result.success
-    meta = _meta(result, "drift_report")
+    meta = metadata_of(result, "drift_report")
     assert meta["judged"] is True and meta["serving_version"] == "1" and meta["rows"] == 130
     assert meta["rows_by_version"] == "v1: 64, v2: 66"
-    assert not _check(result, NO_DRIFT_CHECK).passed and meta["drift_detected"] is True
+    assert not check_named(result, NO_DRIFT_CHECK).passed and meta["drift_detected"] is True
     assert meta["event_key"] == "drift-1-20260105T100000Z"
     assert set(DRIFTED) <= set(meta["drifted_features"].split(", "))
 
@@ -331,7 +322,7 @@ def test_a_profiles_run_applies_the_log_s_retention_and_never_touches_the_curren
         prediction_log_retention_days=1, prediction_log_retention_action="delete")}
     with dg.instance_for_test() as instance:
         result = dg.materialize([production_profiles], resources=resources, instance=instance, partition_key=_key(old))
-    meta = _meta(result, "production_profiles")
+    meta = metadata_of(result, "production_profiles")
     assert meta["log_rows"] == 100  # the window is profiled first, then the retention runs
     assert meta["retention_action"] == "delete" and meta["retention_hours"] == 1
     assert not (data / "predictions" / "date=2026-01-05").exists()
@@ -368,10 +359,10 @@ def test_data_freshness_check_and_the_freshness_policy(registry: Registry, data:
         assert state(datetime.now(UTC) + lag / 2 + timedelta(minutes=1)) == FreshnessState.WARN
         assert state(datetime.now(UTC) + lag + timedelta(minutes=1)) == FreshnessState.FAIL
 
-    assert stale.success and not _check(stale, FRESH_DATA_CHECK).passed
-    assert "old (>" in _check(stale, FRESH_DATA_CHECK).description
-    assert _check(fresh, FRESH_DATA_CHECK).passed
-    assert 100 < _meta(fresh, "production_profiles")["newest_record_age_seconds"] < 600
+    assert stale.success and not check_named(stale, FRESH_DATA_CHECK).passed
+    assert "old (>" in check_named(stale, FRESH_DATA_CHECK).description
+    assert check_named(fresh, FRESH_DATA_CHECK).passed
+    assert 100 < metadata_of(fresh, "production_profiles")["newest_record_age_seconds"] < 600
 
 
 def _write_labels(data: Path, traffic: pd.DataFrame, spec: DatasetSpec, flip_share: float, name: str) -> pd.DataFrame:
@@ -399,17 +390,17 @@ def test_online_performance_joins_labels_and_judges_degradation(registry: Regist
         _write_labels(data, traffic.head(300), spec, 0.4, "zz-corrections.csv")
         bad = _materialize(registry, data, instance, [online_performance], hour=hour)
     assert good.success and bad.success
-    meta = _meta(good, "online_performance")
+    meta = metadata_of(good, "online_performance")
     assert (meta["n_predictions"], meta["n_labels"], meta["n_matched"], meta["n_unknown"]) == (400, 301, 300, 1)
     expected = float((traffic.head(300)["predicted"].to_numpy() == labels["label"].to_numpy()).mean())
     assert meta["live_accuracy"] == pytest.approx(expected, abs=1e-6)
     assert meta["offline_accuracy"] == pytest.approx(registry.offline_accuracy, abs=1e-5)
-    assert _check(good, DEGRADATION_CHECK).passed and meta["degraded"] is False
+    assert check_named(good, DEGRADATION_CHECK).passed and meta["degraded"] is False
 
-    worse = _meta(bad, "online_performance")
+    worse = metadata_of(bad, "online_performance")
     assert worse["n_duplicates"] == 300 and worse["n_matched"] == 300
     assert worse["live_accuracy"] < expected - 0.2
-    assert not _check(bad, DEGRADATION_CHECK).passed
+    assert not check_named(bad, DEGRADATION_CHECK).passed
     assert worse["degraded"] is True and worse["event_key"] == "degraded-1"
 
 
@@ -421,8 +412,8 @@ def test_labelled_production_records_become_one_raw_batch_once(registry: Registr
         first = _materialize(registry, data, instance, [labelled_production_batch])
         again = _materialize(registry, data, instance, [labelled_production_batch])
     assert first.success and again.success
-    assert _meta(first, "labelled_production_batch")["rows"] == 250
-    assert _meta(again, "labelled_production_batch")["rows"] == 0  # nothing new: no second batch
+    assert metadata_of(first, "labelled_production_batch")["rows"] == 250
+    assert metadata_of(again, "labelled_production_batch")["rows"] == 0  # nothing new: no second batch
     [batch] = ingestion.accepted_batches(str(data / "batches"))
     assert batch.rows == 250 and batch.columns == spec.columns
     stored = pd.read_parquet(Path(batch.stored_at) / "data.parquet")
@@ -446,11 +437,11 @@ def test_labelled_production_batch_reads_only_the_log_hours_of_its_window(regist
         wider = _materialize(registry, data, instance, [labelled_production_batch],
                              run_config={"ops": {"labelled_production_batch": {"config": {"lookback_hours": 24 * 11}}}})
     assert result.success and wider.success
-    meta = _meta(result, "labelled_production_batch")
+    meta = metadata_of(result, "labelled_production_batch")
     assert meta["rows"] == 120 and meta["log_parts_read"] == 1  # the recent hour's part only
     assert pd.Timestamp(meta["window_start"]) > pd.Timestamp(now - timedelta(days=10))
     # A wider window reaches the old hour: its records were never exported, so they are now.
-    assert _meta(wider, "labelled_production_batch")["rows"] == 200
+    assert metadata_of(wider, "labelled_production_batch")["rows"] == 200
     assert sorted(b.rows for b in ingestion.accepted_batches(str(data / "batches"))) == [120, 200]
     # What was exported is kept per log hour, and a run reads the key files of its window's hours
     # only: the old hour's file is not read by the default window.
@@ -460,7 +451,7 @@ def test_labelled_production_batch_reads_only_the_log_hours_of_its_window(regist
     assert files == sorted({f"date={t:%Y-%m-%d}/hour={t:%H}.csv" for t in (old_hour, recent_hour)}), files
     assert sum(len(pd.read_csv(keys / f)) for f in files) == 320
     with dg.instance_for_test() as instance:
-        again = _meta(_materialize(registry, data, instance, [labelled_production_batch]), "labelled_production_batch")
+        again = metadata_of(_materialize(registry, data, instance, [labelled_production_batch]), "labelled_production_batch")
     assert again["rows"] == 0 and again["exported_key_files_read"] == 1 and again["already_exported"] == 120
 
 
@@ -476,8 +467,8 @@ def test_the_legacy_file_of_every_exported_key_is_split_by_hour_once_and_nothing
     pd.concat([recent[["request_id", "record_index"]].head(100), older]).to_csv(staging / "exported_keys.csv",
                                                                                index=False)
     with dg.instance_for_test() as instance:
-        first = _meta(_materialize(registry, data, instance, [labelled_production_batch]), "labelled_production_batch")
-        again = _meta(_materialize(registry, data, instance, [labelled_production_batch]), "labelled_production_batch")
+        first = metadata_of(_materialize(registry, data, instance, [labelled_production_batch]), "labelled_production_batch")
+        again = metadata_of(_materialize(registry, data, instance, [labelled_production_batch]), "labelled_production_batch")
     assert first["rows"] == 150 and first["already_exported"] == 100
     assert not (staging / "exported_keys.csv").exists()
     [before] = (staging / "exported_keys").glob("before-*.csv")  # read only by a window reaching further back
