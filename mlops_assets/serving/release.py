@@ -60,6 +60,9 @@ DEFAULT_SHADOW_BATCH_WAIT_S = 0.5  # how long the first queued mirror waits for 
 DEFAULT_SHADOW_SAMPLE_SHARE = 1.0  # every answered request is mirrored
 SHADOW_NICENESS = 10  # added to the niceness of a candidate replica that scores mirrors
 RELEASE_ROUTE = "/release"  # GET: the ingress's release state (answered by the ingress itself)
+# Fields of ReleaseConfig that tune the ingress rather than describe a release: kept when one ends.
+INGRESS_TUNING = ("sticky_header", "shadow_max_in_flight", "shadow_batch_max_size", "shadow_batch_wait_s",
+                  "shadow_sample_share")
 ROLE_CHAMPION, ROLE_CANDIDATE, ROLE_SHADOW = "champion", "candidate", "shadow"
 SHADOW_FIELD = "shadow"  # the prediction-log column marking a candidate's mirrored answer
 
@@ -138,10 +141,8 @@ class ReleaseConfig:
         return cls(**raw)
 
     def ended(self) -> ReleaseConfig:
-        return ReleaseConfig(sticky_header=self.sticky_header, shadow_max_in_flight=self.shadow_max_in_flight,
-                             shadow_batch_max_size=self.shadow_batch_max_size,
-                             shadow_batch_wait_s=self.shadow_batch_wait_s,
-                             shadow_sample_share=self.shadow_sample_share)
+        """No release; the ingress's own tuning (`INGRESS_TUNING`) carries over to the next one."""
+        return ReleaseConfig(**{name: getattr(self, name) for name in INGRESS_TUNING})
 
     def terms(self) -> Any:
         from mlops_assets.monitoring.comparison import ReleaseTerms
