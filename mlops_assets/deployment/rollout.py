@@ -14,6 +14,7 @@ If step 2 or 3 fails, the config that was live before is submitted again.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,8 @@ from mlops_assets.serving.release import CANDIDATE_DEPLOYMENT_NAME, RELEASE_ROUT
 from mlops_assets.serving.request import build_request_model, parse_predict_matrix
 from mlops_assets.serving.scoring import Scorer, positive_column, scorer_from_loaded
 from mlops_assets.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
 PROBABILITY_TOLERANCE = 1e-9  # same model file, same inputs: answers must match to float precision
@@ -495,10 +498,26 @@ def _restore(target: ServeTarget, previous_config: Mapping[str, Any] | None, pre
     return f"the previous config was resubmitted, but version {previous_version} was not RUNNING after {timeout_s:.0f}s"
 
 
-def delete_app(target: ServeTarget) -> None:
-    """Remove every Serve application (what `serve shutdown` does over the REST API)."""
-    with _client(30.0, dashboard=True) as client:
-        client.delete(f"{target.dashboard_url}/api/serve/applications/")
+def delete_app(target: ServeTarget, timeout_s: float = 90.0) -> None:
+    """Remove every Serve application (what `serve shutdown` does over the REST API).
+
+    The dashboard answers only after Serve's controller shut down, which it allows 30 s of
+    graceful replica shutdown; on a loaded machine that answer can come later still, so a
+    timed-out request is followed by waiting until no application is listed.
+    """
+    deadline = time.monotonic() + timeout_s
+    try:
+        with _client(timeout_s, dashboard=True) as client:
+            client.delete(f"{target.dashboard_url}/api/serve/applications/").raise_for_status()
+        return
+    except httpx.TimeoutException:
+        logger.warning("deleting the Serve applications at %s took over %.0fs; waiting for them to go",
+                       target.dashboard_url, timeout_s)
+    while time.monotonic() < deadline + timeout_s:
+        if not (serve_applications(target).get("applications") or {}):
+            return
+        time.sleep(1.0)
+    raise DeploymentError(f"the Serve applications at {target.dashboard_url} were still listed {2 * timeout_s:.0f}s after a delete")
 
 
 def rollback(
