@@ -176,6 +176,34 @@ def test_a_part_filled_batch_goes_to_the_candidate_after_the_batch_wait() -> Non
     assert candidate.batches == [5] and len(logged) == 5 and router.counts.shadow_in_flight == 0
 
 
+def _shadow_then_close(candidate: Deployment, timeout_s: float) -> tuple[bool, list[tuple[bytes, int]], ReleaseRouter]:
+    """Mirrors queued behind a long batch wait, then the ingress's shutdown: close() instead of drain()."""
+    router = _router(Deployment("1"), candidate)
+    router.reconfigure({"strategy": "shadow", "candidate_version": "2", "shadow_batch_wait_s": 10.0})
+    logged: list[tuple[bytes, int]] = []
+
+    async def go() -> bool:
+        for i in range(3):
+            await router.forward(_request(i), lambda deployment, i=i: deployment(_request(i)),
+                                 lambda line, rows: logged.append((line, rows)))
+        return await router.close(timeout_s)
+
+    return asyncio.run(go()), logged, router
+
+
+def test_closing_the_router_sends_the_queued_mirrors_and_logs_their_answers() -> None:
+    candidate = Deployment("2")
+    closed, logged, router = _shadow_then_close(candidate, timeout_s=5.0)
+    assert closed and candidate.batches == [3] and router.counts.shadow_in_flight == 0
+    assert sorted(row["request_id"] for line, _ in logged for row in decode_spool(line)) == ["req-0", "req-1", "req-2"]
+
+
+def test_closing_the_router_gives_up_on_a_hanging_candidate_after_its_timeout() -> None:
+    candidate = Deployment("2", delay_s=30.0)
+    closed, logged, _ = _shadow_then_close(candidate, timeout_s=0.2)  # returns in 0.2 s, not 30
+    assert not closed and candidate.batches == [3] and logged == []
+
+
 def test_the_shadow_drops_mirrors_beyond_its_bound_instead_of_queueing_them() -> None:
     champion, candidate = Deployment("1"), Deployment("2", delay_s=0.2)
     router = _router(champion, candidate)

@@ -395,8 +395,12 @@ class PredictionIngress:
             self._shadow_log = _prediction_log(self._opts, load_settings(), RayServeMetrics())
         self._shadow_log.append_encoded(line, rows)
 
-    def __del__(self) -> None:
-        # Graceful shutdown: ship what the spool still holds.
+    async def __del__(self) -> None:
+        # Graceful shutdown (Serve awaits an async __del__): the queued shadow mirrors first, since
+        # their answers go to the shadow log, then ship what the spools still hold.
+        release = getattr(self, "_release", None)
+        if release is not None:
+            await release.close()
         for log in (getattr(self, "_log", None), getattr(self, "_shadow_log", None)):
             if log is not None:
                 log.close()

@@ -58,6 +58,7 @@ DEFAULT_SHADOW_MAX_IN_FLIGHT = 32
 DEFAULT_SHADOW_BATCH_MAX_SIZE = 16  # mirrors per call to the candidate
 DEFAULT_SHADOW_BATCH_WAIT_S = 0.5  # how long the first queued mirror waits for others
 DEFAULT_SHADOW_SAMPLE_SHARE = 1.0  # every answered request is mirrored
+SHADOW_DRAIN_TIMEOUT_S = 10.0  # of the ingress's 25 s graceful shutdown: the rest is for closing the log
 SHADOW_NICENESS = 10  # added to the niceness of a candidate replica that scores mirrors
 RELEASE_ROUTE = "/release"  # GET: the ingress's release state (answered by the ingress itself)
 # Fields of ReleaseConfig that tune the ingress rather than describe a release: kept when one ends.
@@ -390,6 +391,20 @@ class ReleaseRouter:
         self._flush()
         while self._shadows:
             await asyncio.gather(*list(self._shadows), return_exceptions=True)
+
+    async def close(self, timeout_s: float = SHADOW_DRAIN_TIMEOUT_S) -> bool:
+        """Shutdown: the queued mirrors go now and are waited for up to `timeout_s`; False if some were not.
+
+        Bounded because the replica has a graceful-shutdown budget: a candidate that hangs must not
+        keep the ingress from closing its prediction log, which holds the champion's answers.
+        """
+        try:
+            await asyncio.wait_for(self.drain(), timeout_s)
+            return True
+        except TimeoutError:
+            logger.warning("shadow: %d mirrors still in flight after %.0fs of shutdown; their answers are not logged",
+                           self.counts.shadow_in_flight, timeout_s)
+            return False
 
     async def _shadow(self, batch: list[ForwardedRequest], log: LogLine) -> None:
         start = time.perf_counter()
