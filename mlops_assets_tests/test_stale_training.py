@@ -1,6 +1,6 @@
 """Stale-only training through the command `make pipeline` runs (`mlops-assets pipeline`: ingest,
-then train, which launches `dagster asset materialize` of the training path only when something in
-it is stale, then status; a real instance in DAGSTER_HOME, MLflow on SQLite): a second run on
+then train, which launches a run of the training job with the training path selected only when
+something in it is stale, then status; a real instance in DAGSTER_HOME, MLflow on SQLite): a second run on
 unchanged data launches no run, trains, registers and promotes nothing and says why; a run launched
 anyway (the UI, a sensor) reuses the model; changed parameters are stale; a new file retrains. The
 sensors that start training runs follow the same rule."""

@@ -55,7 +55,7 @@ def test_pull_requests_run_lint_typecheck_tests_and_a_materialize_smoke_run() ->
     assert "make lint" in runs["lint"] and "make typecheck" in runs["typecheck"]
     assert ".ci/run" in runs["test"]  # the README's `make test`, with the private PostgreSQL around it
     assert "make pipeline" in runs["smoke"]  # the training path, materialized when stale
-    # `mlops-assets pipeline` ingests, then runs `dagster asset materialize` of the selection in-process
+    # `mlops-assets pipeline` ingests, then runs the selection in the training job, in-process
     # unless nothing in it is stale (tools/cli.py), then prints the status.
     target = (REPO / "Makefile").read_text().split("\npipeline:", 1)[1].split("\n\n")[0]
     assert "mlops-assets pipeline" in target and "--select '$(TRAINING_PATH)'" in target

@@ -6,9 +6,10 @@ Bad arguments exit with status 2 and a message that names the argument; nothing 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mlops_assets import constants as c
 from mlops_assets.core.redaction import redact_text
@@ -128,18 +129,41 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(config_files: Sequence[str], config_json: str | None) -> dict[str, Any]:
+    """Run config from `-c` YAML files (merged, later ones win) or `--config-json`, as `dagster asset materialize`."""
+    import dagster as dg
+
+    if config_files and config_json:
+        raise ValueError("give -c/--config or --config-json, not both")
+    if config_json:
+        try:
+            parsed = json.loads(config_json)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--config-json is not JSON: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise ValueError(f"--config-json must be a JSON object, got {type(parsed).__name__}")
+        return parsed
+    if not config_files:
+        return {}
+    try:
+        return dict(dg.config_from_files(list(config_files)))
+    except dg.DagsterInvariantViolationError as exc:
+        raise ValueError(f"-c/--config: {exc}") from exc
+
+
+def _first_line(step_failure: Any) -> str:
+    error = getattr(step_failure.step_failure_data, "error", None)
+    return redact_text((error.message if error is not None else "failed").strip().splitlines()[0])
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    """`dagster asset materialize` of the selection, launched only if something in it is stale."""
+    """Materialize the selection as a run of the training job on the instance, launched only if something in it is stale."""
     import os
 
-    import click
     import dagster as dg
-    from dagster._cli.asset import asset_materialize_command
-    from dagster._cli.workspace.cli_target import get_run_config_from_cli_opts
 
-    from mlops_assets.definitions import defs
-    from mlops_assets.defs.training.staleness import training_staleness
-    from mlops_assets.settings import load_settings
+    from mlops_assets.definitions import defs, training_job
+    from mlops_assets.defs.ingestion.assets import TRAINING_JOB, TRAINING_ONWARD
 
     if not os.environ.get("DAGSTER_HOME"):
         print("mlops-assets train: DAGSTER_HOME is not set; point it at the Dagster instance "
@@ -151,26 +175,46 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if unknown:
         print(f"mlops-assets train: --select names no asset: {', '.join(unknown)}", file=sys.stderr)
         return 2
-    try:
-        run_config = get_run_config_from_cli_opts(tuple(args.config), args.config_json)
-    except click.UsageError as exc:
-        print(f"mlops-assets train: {exc.format_message()}", file=sys.stderr)
+    in_job = TRAINING_ONWARD.resolve(graph)
+    outside = [name for name in selection if dg.AssetKey(name) not in in_job]
+    if outside:
+        print(f"mlops-assets train: --select names assets outside the {TRAINING_JOB} job (raw_dataset and what "
+              f"follows it, up to deployment): {', '.join(outside)}", file=sys.stderr)
         return 2
+    try:
+        run_config = _run_config(args.config, args.config_json)
+    except ValueError as exc:
+        print(f"mlops-assets train: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _train_if_stale(training_job, selection, graph, run_config, args.force)
+    except dg.DagsterInvalidConfigError as exc:  # the run config does not fit the job's config schema
+        print(f"mlops-assets train: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train_if_stale(job: Any, selection: list[str], graph: Any, run_config: dict[str, Any], force: bool) -> int:
+    import dagster as dg
+
+    from mlops_assets.defs.training.staleness import training_staleness
+    from mlops_assets.settings import load_settings
+
     with dg.DagsterInstance.get() as instance:
         found = training_staleness(instance, graph, selection, run_config, load_settings().batches_url)
-    if not found.stale and not args.force:
-        print(f"mlops-assets train: skipped, no run launched: {found.summary()}")
-        return 0
-    print("mlops-assets train: " + ("--force" if not found.stale else "launching a run, " + found.summary()))
-    # Dagster's own command, in this process: the definitions loaded above are not loaded again.
-    cli_args = ["-m", "mlops_assets.definitions", "--select", ",".join(selection)]
-    cli_args += [x for path in args.config for x in ("-c", path)]
-    cli_args += ["--config-json", args.config_json] if args.config_json else []
-    try:
-        asset_materialize_command.main(cli_args, prog_name="dagster asset materialize", standalone_mode=False)
-    except click.ClickException as exc:
-        print(f"mlops-assets train: {exc.format_message()}", file=sys.stderr)
-        return 1
+        if not found.stale and not force:
+            print(f"mlops-assets train: skipped, no run launched: {found.summary()}")
+            return 0
+        print("mlops-assets train: " + ("--force" if not found.stale else "launching a run, " + found.summary()))
+        # A run of the training job on the instance, as the sensors launch (its name keeps them from
+        # starting a second training run meanwhile); the executor is the run config's.
+        with dg.execute_job(dg.reconstructable(job), instance, run_config=run_config,
+                            asset_selection=[dg.AssetKey(name) for name in selection], raise_on_error=False) as result:
+            if not result.success:
+                failed = "; ".join(f"{step.step_key}: {_first_line(step)}" for step in result.get_step_failure_events())
+                print(f"mlops-assets train: run {result.run_id} failed ({failed or 'no step failed'}); "
+                      "see the Dagster UI", file=sys.stderr)
+                return 1
+            print(f"mlops-assets train: run {result.run_id} succeeded")
     return 0
 
 
@@ -472,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "the new ones on the Dagster instance (DAGSTER_HOME)")
     ingest.set_defaults(func=_cmd_ingest)
 
-    train = sub.add_parser("train", help="materialize the training path (dagster asset materialize) only if "
+    train = sub.add_parser("train", help="materialize the training path (a run of the ingestion_onward job) only if "
                                          "something in it is stale: new raw batches, changed code or parameters")
     _add_training_run_args(train)
     train.set_defaults(func=_cmd_train)

@@ -22,6 +22,7 @@ CONTRACT_CHECK = "landed_files_meet_contract"
 NOT_EMPTY_CHECK = "has_accepted_batches"
 RAW_BATCHES_PARTITIONS = "raw_batches"
 INGEST_JOB = "ingest_raw_batch"
+TRAINING_JOB = "ingestion_onward"  # the training path and what follows it: sensors' and `mlops-assets train`'s runs
 LANDED_FILE_TAG = "mlops_assets/landed_file"  # the file a partition run reads first
 LANDED_FILES_TAG = "mlops_assets/landed_files"
 RAW_DATASET_CODE_VERSION = "2"  # bump when the union of batches is built differently
@@ -184,7 +185,7 @@ ingest_raw_batch_job = dg.define_asset_job(
 # New data runs everything downstream of ingestion: validation, features, training, evaluation,
 # registry and deployment, on the union of the accepted batches.
 ingestion_onward_job = dg.define_asset_job(
-    "ingestion_onward", selection=TRAINING_ONWARD,
+    TRAINING_JOB, selection=TRAINING_ONWARD,
     description="Rebuild everything downstream of the accepted raw batches.",
     hooks={end_mlflow_on_run_finished},  # dagster-mlflow: no MLflow run left open by a failed step
 )

@@ -22,7 +22,7 @@ from mlops_assets import constants as c
 from mlops_assets.core import storage
 from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.defs.deployment.assets import RayServeResource, replica_env, rollback_job
-from mlops_assets.defs.ingestion.assets import TRAINING_ONWARD
+from mlops_assets.defs.ingestion.assets import TRAINING_JOB, TRAINING_ONWARD
 from mlops_assets.defs.resources import (
     MlflowResource,
     MonitoringResource,
@@ -38,7 +38,7 @@ from mlops_assets.serving.scoring import Scorer, scorer_from_loaded
 RETRAINING_JOB = "retraining"
 MONITORING_JOB = "monitoring"
 # Runs that train a model: while one of them is queued or running, no retraining is requested.
-TRAINING_JOBS = (RETRAINING_JOB, "ingestion_onward")
+TRAINING_JOBS = (RETRAINING_JOB, TRAINING_JOB)
 IN_PROGRESS = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
                dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 TRIGGER_TAG = "mlops_assets/trigger"
