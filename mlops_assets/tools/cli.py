@@ -210,9 +210,12 @@ def _train_if_stale(job: Any, selection: list[str], graph: Any, run_config: dict
         with dg.execute_job(dg.reconstructable(job), instance, run_config=run_config,
                             asset_selection=[dg.AssetKey(name) for name in selection], raise_on_error=False) as result:
             if not result.success:
-                failed = "; ".join(f"{step.step_key}: {_first_line(step)}" for step in result.get_step_failure_events())
-                print(f"mlops-assets train: run {result.run_id} failed ({failed or 'no step failed'}); "
-                      "see the Dagster UI", file=sys.stderr)
+                failures = result.get_step_failure_events()
+                # "Steps failed: [...]" as `dagster asset materialize` says it (scripts look for it).
+                print(f"mlops-assets train: run {result.run_id} failed. Steps failed: "
+                      f"{[str(step.step_key) for step in failures]}; "
+                      + "; ".join(f"{step.step_key}: {_first_line(step)}" for step in failures)
+                      + "; see the Dagster UI", file=sys.stderr)
                 return 1
             print(f"mlops-assets train: run {result.run_id} succeeded")
     return 0
