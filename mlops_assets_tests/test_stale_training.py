@@ -146,6 +146,14 @@ def _sensor_tick(sensor, instance: dg.DagsterInstance, defs: dg.Definitions, cur
     return list(result.run_requests or []), skip, result
 
 
+def _schedule_tick(instance: dg.DagsterInstance) -> dg.RunRequest | dg.SkipReason:
+    from mlops_assets.defs.monitoring.sensors import retraining_schedule
+
+    resources = platform_resources()
+    context = dg.build_schedule_context(instance=instance, resources={k: resources[k] for k in ("platform", "monitoring")})
+    return retraining_schedule(context)
+
+
 def _labelled_traffic(data: Path, frame, version: str) -> None:
     """`frame`'s records logged as served by `version` a minute ago, and their true labels."""
     from mlops_assets.core.dataset_spec import default_spec
@@ -207,10 +215,15 @@ def test_the_training_sensors_start_no_run_when_nothing_is_stale_and_new_data_ge
         assert "drift event drift-1-a: no retraining, nothing new to learn from" in skip
         assert "nothing on the training path is stale" in skip and "no new labelled production records" in skip
         assert json.loads(result.cursor)["keys"] == []
-        # Labelled production records arrive: the same event now gets its run.
+        # The weekly schedule follows the same rule.
+        scheduled = _schedule_tick(instance)
+        assert isinstance(scheduled, dg.SkipReason) and "nothing new to learn from" in str(scheduled.skip_message)
+        # Labelled production records arrive: the same event now gets its run, and so does the schedule.
         _labelled_traffic(data_root, simulated.iloc[1500:1700], version="1")
         requests, _, result = _sensor_tick(drift_retraining_sensor, instance, defs, result.cursor)
         assert [(r.run_key, r.tags["mlops_assets/trigger"]) for r in requests] == [("drift-1-a", "drift")]
+        scheduled = _schedule_tick(instance)
+        assert isinstance(scheduled, dg.RunRequest) and scheduled.tags["mlops_assets/trigger"] == "schedule"
 
         # A new landed file is new data: once ingested, the training path is stale for both sensors.
         write_batch(simulated.iloc[1700:2500], str(data_root / "raw"), name="b.csv")

@@ -96,7 +96,7 @@ def latest_partition_metadata(instance: dg.DagsterInstance, asset: str) -> tuple
     return meta, records[0].timestamp
 
 
-def training_has_work(context: dg.SensorEvaluationContext, platform: PlatformResource,
+def training_has_work(context: dg.SensorEvaluationContext | dg.ScheduleEvaluationContext, platform: PlatformResource,
                       monitoring: MonitoringResource) -> tuple[bool, str]:
     """(would a retraining run learn anything, why). It does when the training path is stale (a new
     accepted batch, changed code or parameters) or when labelled production records arrived that
@@ -490,13 +490,21 @@ monitoring_schedule = dg.build_schedule_from_partitioned_job(
     default_status=dg.DefaultScheduleStatus.RUNNING,
 )
 # Periodic retraining is off by default: the drift and degradation sensors retrain when there is
-# a reason, and a blind weekly retrain churns the champion and costs compute. Turn it on when
-# labels arrive steadily and fresh data alone is worth a new model.
-retraining_schedule = dg.ScheduleDefinition(
-    name="periodic_retraining", job=retraining_job, cron_schedule=c.RETRAINING_SCHEDULE_CRON,
-    default_status=dg.DefaultScheduleStatus.STOPPED, execution_timezone="UTC",
-    tags={TRIGGER_TAG: "schedule"},
-)
+# a reason, and a blind weekly retrain costs compute. Turn it on when labels arrive steadily and
+# fresh data alone is worth a new model.
+@dg.schedule(name="periodic_retraining", job=retraining_job, cron_schedule=c.RETRAINING_SCHEDULE_CRON,
+             default_status=dg.DefaultScheduleStatus.STOPPED, execution_timezone="UTC")
+def retraining_schedule(context: dg.ScheduleEvaluationContext, platform: PlatformResource,
+                        monitoring: MonitoringResource) -> dg.RunRequest | dg.SkipReason:
+    """A retraining run on the schedule, as the sensors decide: only with something new to learn
+    from (a stale training path or labelled production records), never beside a training run."""
+    if training_run_in_progress(context.instance):
+        return dg.SkipReason("a training run is queued or running; this tick adds none")
+    work, why = training_has_work(context, platform, monitoring)
+    if not work:
+        return dg.SkipReason(f"no retraining, nothing new to learn from: {why}")
+    context.log.info(f"periodic retraining: {why}")
+    return dg.RunRequest(tags={TRIGGER_TAG: "schedule"})
 
 defs = dg.Definitions(
     jobs=[monitoring_job, retraining_job],

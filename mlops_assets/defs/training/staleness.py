@@ -121,15 +121,19 @@ def training_staleness(instance: dg.DagsterInstance, asset_graph: Any, selection
     return Staleness(tuple(dict.fromkeys(reasons)), tuple(fresh))
 
 
-def sensor_staleness(context: dg.SensorEvaluationContext, batches_url: str) -> Staleness:
-    """What a training run a sensor requests would find stale on the training path (raw_dataset to
-    registered_model). Such a run has no run config, so the assets' defaults are compared with the
-    parameters of their last materialization. Deployment and the reference profile follow the
-    registration and are no reason to train.
+def sensor_staleness(context: dg.SensorEvaluationContext | dg.ScheduleEvaluationContext,
+                     batches_url: str) -> Staleness:
+    """What a training run a sensor or schedule requests would find stale on the training path
+    (raw_dataset to registered_model). Such a run has no run config, so the assets' defaults are
+    compared with the parameters of their last materialization. Deployment and the reference
+    profile follow the registration and are no reason to train.
 
     The daemon gives the sensor its repository; a context built without one (a test, a tool)
     gets the platform's own asset graph, the one the sensor is defined in."""
-    repo = context.repository_def
+    try:
+        repo = context.repository_def
+    except dg.DagsterInvariantViolationError:  # a schedule context built without one raises instead
+        repo = None
     if repo is not None:
         graph = repo.asset_graph
     else:
