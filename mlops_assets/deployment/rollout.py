@@ -501,9 +501,11 @@ def _restore(target: ServeTarget, previous_config: Mapping[str, Any] | None, pre
 def delete_app(target: ServeTarget, timeout_s: float = 90.0) -> None:
     """Remove every Serve application (what `serve shutdown` does over the REST API).
 
-    The dashboard answers only after Serve's controller shut down, which it allows 30 s of
-    graceful replica shutdown; on a loaded machine that answer can come later still, so a
-    timed-out request is followed by waiting until no application is listed.
+    The dashboard answers only after Serve's controller shut down, and behind the HAProxy ingress
+    each ingress replica first stays reachable for Serve's draining period (30 s by default,
+    RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S) so HAProxy can deregister it; on a loaded
+    machine the answer comes later still, so a timed-out request is followed by waiting until no
+    application is listed.
     """
     deadline = time.monotonic() + timeout_s
     try:
