@@ -507,7 +507,6 @@ def delete_app(target: ServeTarget, timeout_s: float = 90.0) -> None:
     machine the answer comes later still, so a timed-out request is followed by waiting until no
     application is listed.
     """
-    deadline = time.monotonic() + timeout_s
     try:
         with _client(timeout_s, dashboard=True) as client:
             client.delete(f"{target.dashboard_url}/api/serve/applications/").raise_for_status()
@@ -515,7 +514,8 @@ def delete_app(target: ServeTarget, timeout_s: float = 90.0) -> None:
     except httpx.TimeoutException:
         logger.warning("deleting the Serve applications at %s took over %.0fs; waiting for them to go",
                        target.dashboard_url, timeout_s)
-    while time.monotonic() < deadline + timeout_s:
+    deadline = time.monotonic() + timeout_s  # as long again for the shutdown to finish
+    while time.monotonic() < deadline:
         if not (serve_applications(target).get("applications") or {}):
             return
         time.sleep(1.0)

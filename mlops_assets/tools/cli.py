@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mlops_assets import constants as c
@@ -193,7 +193,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 2
 
 
-def _train_if_stale(job: Any, selection: list[str], graph: Any, run_config: dict[str, Any], force: bool) -> int:
+def _train_if_stale(job: Callable[[], Any], selection: list[str], graph: Any, run_config: dict[str, Any],
+                    force: bool) -> int:
     import dagster as dg
 
     from mlops_assets.defs.training.staleness import training_staleness
