@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -102,9 +102,10 @@ def databases(postgres_url: str) -> Iterator[dict[str, str]]:
 class Platform:
     root: Path
     home: Path
-    env: dict[str, str]
-    tracking_uri: str
-    mlflow_db: str
+    # URLs with the database password: kept out of the repr pytest prints for a failing test.
+    env: dict[str, str] = field(repr=False)
+    tracking_uri: str = field(repr=False)
+    mlflow_db: str = field(repr=False)
 
     def client(self) -> MlflowClient:
         return MlflowClient(tracking_uri=self.tracking_uri)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,7 @@ def test_files_appear_whole_listings_see_other_writers_and_urls_with_credentials
 class Platform:
     s3: S3Server
     settings: Settings
-    env: dict[str, str]
+    env: dict[str, str] = field(repr=False)  # holds the (test) secret key: never printed
     cluster: ClusterConfig
     home: Path
     local: Path  # this module's local folder: only MLflow's SQLite store and Ray's state belong here

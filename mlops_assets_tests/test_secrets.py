@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
@@ -114,7 +114,7 @@ def test_the_entrypoint_reads_secrets_from_files_and_never_prints_them(tmp_path:
 @dataclass
 class AuthServer:
     url: str
-    password: str
+    password: str = field(repr=False)
     folder: Path
     log: Path
 
@@ -315,9 +315,11 @@ PG_ARGS = {"log_flush_interval_s": 0.5, "max_records": 100}
 
 @dataclass
 class PgStore:
-    tracking_uri: str  # postgresql+psycopg2://<role>:<password>@.../<db>, the role's own database
-    password: str
-    admin_url: str
+    # postgresql+psycopg2://<role>:<password>@.../<db>, the role's own database; none of the three
+    # secrets goes into the repr pytest prints for a failing test.
+    tracking_uri: str = field(repr=False)
+    password: str = field(repr=False)
+    admin_url: str = field(repr=False)
     database: str
 
 

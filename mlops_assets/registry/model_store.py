@@ -231,7 +231,10 @@ def register_version(
             model_name, source=model_uri, run_id=run_id, tags=all_tags, model_id=_model_id(model_uri)
         )
     set_version_creator(client.tracking_uri, model_name, str(version.version), actor(by))  # "Created by"
-    client.set_registered_model_alias(model_name, c.ALIAS_CHALLENGER, version.version)
+    # Under the lock: MLflow's SQL store sets an alias by select-then-insert, so two registrations
+    # at once can both insert the `challenger` row and one fails on its unique key.
+    with promotion_lock(client, model_name):
+        client.set_registered_model_alias(model_name, c.ALIAS_CHALLENGER, version.version)
     _record_event(client, model_name, version.version, "register", by=by, run_id=run_id)
     return client.get_model_version(model_name, version.version)
 
