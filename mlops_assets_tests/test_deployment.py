@@ -72,7 +72,14 @@ class FakeCluster:
         monkeypatch.setattr(dep, "app_details", lambda target: {"status": "RUNNING"} if self.live else None)
         monkeypatch.setattr(dep, "live_config", lambda target: previous)
         monkeypatch.setattr(dep, "live_version", lambda target: self.live)
-        monkeypatch.setattr(dep, "submit", lambda target, config: self.submitted.append(config))
+        before = self.live
+
+        def submit(target, config):
+            self.submitted.append(config)
+            if config is previous:  # the restore: the version that was live answers again
+                self.live = before
+
+        monkeypatch.setattr(dep, "submit", submit)
 
         def wait(target, version, timeout_s=0):
             if self.fail_wait:
@@ -111,7 +118,7 @@ def test_a_failed_switch_restores_the_previous_config(spec, monkeypatch) -> None
 def test_live_answers_that_differ_fail_and_restore(spec, monkeypatch) -> None:
     cluster = FakeCluster(live="1")
     cluster.install(monkeypatch)
-    with pytest.raises(dep.DeploymentError, match="differ from the offline model"):
+    with pytest.raises(dep.DeploymentError, match="differ from the offline model.*version 1 serves"):
         _deploy(spec, expected=0.5)
     assert len(cluster.submitted) == 2  # the candidate, then the previous config again
 
