@@ -92,6 +92,7 @@ def test_a_second_run_on_unchanged_data_trains_nothing_and_a_new_file_retrains(t
     _land(tmp_path / "data", rows=2000, seed=42)
     first_s, out = _pipeline(env)
     assert "launching a run" in out and "raw_dataset was never materialized" in out
+    assert "champion: version 1" in out, out[-3000:]  # a run that trained ends with the status
     runs, versions, champion = _state(env)
     assert (runs, versions, champion) == (1, ["1"], "1")
     dagster_runs = _dagster_runs(env)
@@ -99,6 +100,8 @@ def test_a_second_run_on_unchanged_data_trains_nothing_and_a_new_file_retrains(t
     second_s, out = _pipeline(env)
     # No Dagster run launched, no MLflow run, no model version, no alias moved; it says why.
     assert "skipped, no run launched: nothing on the training path is stale" in out, out[-3000:]
+    # Nothing this command did touched the registry, so it skips the status (MLflow's import) and says so.
+    assert "registry is as the last run left it" in out and "champion: version" not in out, out[-3000:]
     assert _dagster_runs(env) == dagster_runs
     assert _state(env) == (runs, versions, champion)
     print(f"\nstale-only training: first run {first_s:.1f}s, unchanged re-run {second_s:.1f}s "

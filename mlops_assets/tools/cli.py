@@ -89,44 +89,58 @@ def _cmd_simulate_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_ingest(args: argparse.Namespace) -> int:
+def _no_dagster_home(command: str) -> bool:
     import os
 
+    if os.environ.get("DAGSTER_HOME"):
+        return False
+    print(f"mlops-assets {command}: DAGSTER_HOME is not set; point it at the Dagster instance "
+          "(make sets data/dagster_home)", file=sys.stderr)
+    return True
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    if _no_dagster_home("ingest"):
+        return 2
+    with dg.DagsterInstance.get() as instance:
+        return _ingest(instance)[0]
+
+
+def _ingest(instance: Any) -> tuple[int, int]:
+    """Each new landed file as a raw_batches partition on `instance`: (exit code, files ingested now)."""
     import dagster as dg
 
     from mlops_assets.ingestion.batches import accepted_batches, hash_landed_files
     from mlops_assets.settings import load_settings
 
-    if not os.environ.get("DAGSTER_HOME"):
-        print("mlops-assets ingest: DAGSTER_HOME is not set; point it at the Dagster instance "
-              "(make sets data/dagster_home)", file=sys.stderr)
-        return 2
     settings = load_settings()
-    with dg.DagsterInstance.get() as instance:
-        by_hash = hash_landed_files(settings.landing_url)
-        done = instance.get_materialized_partitions(dg.AssetKey("raw_batches")) if by_hash else set()
-        if set(by_hash) - done:
-            # Only new files pay for loading the definitions (most of this command's time).
-            from mlops_assets.definitions import defs
-            from mlops_assets.defs.ingestion.assets import INGEST_JOB, ingest_landed_on_instance
+    by_hash = hash_landed_files(settings.landing_url)
+    done = instance.get_materialized_partitions(dg.AssetKey("raw_batches")) if by_hash else set()
+    if set(by_hash) - done:
+        # Only new files pay for loading the definitions (most of this command's time).
+        from mlops_assets.definitions import defs
+        from mlops_assets.defs.ingestion.assets import INGEST_JOB, ingest_landed_on_instance
 
-            files = [(f.status, f.sha256, f.file_name, f.detail) for f in
-                     ingest_landed_on_instance(instance, defs.resolve_job_def(INGEST_JOB), settings.landing_url)]
-        else:
-            files = [("already_ingested", sha, landed.name, "") for sha, landed in by_hash.items()]
+        files = [(f.status, f.sha256, f.file_name, f.detail) for f in
+                 ingest_landed_on_instance(instance, defs.resolve_job_def(INGEST_JOB), settings.landing_url)]
+    else:
+        files = [("already_ingested", sha, landed.name, "") for sha, landed in by_hash.items()]
     for status, sha, name, detail in files:
         print(redact_text(f"{status:<16} {sha[:16]}  {name}" + (f"  {detail}" if detail else "")))
     batches = accepted_batches(settings.batches_url)
+    ingested_now = sum(1 for f in files if f[0] != "already_ingested")
     if any(f[0] == "failed" for f in files):
         print("mlops-assets ingest: some raw_batches runs failed (see above and the Dagster UI)", file=sys.stderr)
-        return 1
+        return 1, ingested_now
     if not batches:
         print(redact_text(f"mlops-assets ingest: no accepted batch; drop CSV or Parquet files into "
                           f"{settings.landing_url}"), file=sys.stderr)
-        return 1
+        return 1, ingested_now
     print(f"{len(files)} landed file(s) are raw_batches partitions; {len(batches)} accepted batch(es), "
           f"{sum(b.rows for b in batches)} rows")
-    return 0
+    return 0, ingested_now
 
 
 def _run_config(config_files: Sequence[str], config_json: str | None) -> dict[str, Any]:
@@ -157,81 +171,97 @@ def _first_line(step_failure: Any) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    """Materialize the selection as a run of the training job on the instance, launched only if something in it is stale."""
-    import os
+    import dagster as dg
 
+    if _no_dagster_home("train"):
+        return 2
+    with dg.DagsterInstance.get() as instance:
+        return _train(args, instance)[0]
+
+
+def _train(args: argparse.Namespace, instance: Any) -> tuple[int, bool]:
+    """Materialize the selection as a run of the training job on `instance`, launched only if something
+    in it is stale: (exit code, whether a run was launched)."""
     import dagster as dg
 
     from mlops_assets.definitions import defs, training_job
     from mlops_assets.defs.ingestion.assets import TRAINING_JOB, TRAINING_ONWARD
 
-    if not os.environ.get("DAGSTER_HOME"):
-        print("mlops-assets train: DAGSTER_HOME is not set; point it at the Dagster instance "
-              "(make sets data/dagster_home)", file=sys.stderr)
-        return 2
     selection = [name.strip() for name in args.select.split(",") if name.strip()]
     graph = defs.resolve_asset_graph()
     unknown = [name for name in selection if not graph.has(dg.AssetKey(name))]
     if unknown:
         print(f"mlops-assets train: --select names no asset: {', '.join(unknown)}", file=sys.stderr)
-        return 2
+        return 2, False
     in_job = TRAINING_ONWARD.resolve(graph)
     outside = [name for name in selection if dg.AssetKey(name) not in in_job]
     if outside:
         print(f"mlops-assets train: --select names assets outside the {TRAINING_JOB} job (raw_dataset and what "
               f"follows it, up to deployment): {', '.join(outside)}", file=sys.stderr)
-        return 2
+        return 2, False
     try:
         run_config = _run_config(args.config, args.config_json)
     except ValueError as exc:
         print(f"mlops-assets train: {exc}", file=sys.stderr)
-        return 2
+        return 2, False
     try:
-        return _train_if_stale(training_job, selection, graph, run_config, args.force)
+        return _train_if_stale(instance, training_job, selection, graph, run_config, args.force)
     except dg.DagsterInvalidConfigError as exc:  # the run config does not fit the job's config schema
         print(f"mlops-assets train: {exc}", file=sys.stderr)
-        return 2
+        return 2, False
 
 
-def _train_if_stale(job: Callable[[], Any], selection: list[str], graph: Any, run_config: dict[str, Any],
-                    force: bool) -> int:
+def _train_if_stale(instance: Any, job: Callable[[], Any], selection: list[str], graph: Any,
+                    run_config: dict[str, Any], force: bool) -> tuple[int, bool]:
     import dagster as dg
 
     from mlops_assets.defs.training.staleness import training_staleness
     from mlops_assets.settings import load_settings
 
-    with dg.DagsterInstance.get() as instance:
-        found = training_staleness(instance, graph, selection, run_config, load_settings().batches_url)
-        if not found.stale and not force:
-            print(f"mlops-assets train: skipped, no run launched: {found.summary()}")
-            return 0
-        print("mlops-assets train: " + ("--force" if not found.stale else "launching a run, " + found.summary()))
-        # A run of the training job on the instance, as the sensors launch (its name keeps them from
-        # starting a second training run meanwhile); the executor is the run config's.
-        with dg.execute_job(dg.reconstructable(job), instance, run_config=run_config,
-                            asset_selection=[dg.AssetKey(name) for name in selection], raise_on_error=False) as result:
-            if not result.success:
-                failures = result.get_step_failure_events()
-                # "Steps failed: [...]" as `dagster asset materialize` says it (scripts look for it).
-                print(f"mlops-assets train: run {result.run_id} failed. Steps failed: "
-                      f"{[str(step.step_key) for step in failures]}; "
-                      + "; ".join(f"{step.step_key}: {_first_line(step)}" for step in failures)
-                      + "; see the Dagster UI", file=sys.stderr)
-                return 1
-            print(f"mlops-assets train: run {result.run_id} succeeded")
-    return 0
+    found = training_staleness(instance, graph, selection, run_config, load_settings().batches_url)
+    if not found.stale and not force:
+        print(f"mlops-assets train: skipped, no run launched: {found.summary()}")
+        return 0, False
+    print("mlops-assets train: " + ("--force" if not found.stale else "launching a run, " + found.summary()))
+    # A run of the training job on the instance, as the sensors launch (its name keeps them from
+    # starting a second training run meanwhile); the executor is the run config's.
+    with dg.execute_job(dg.reconstructable(job), instance, run_config=run_config,
+                        asset_selection=[dg.AssetKey(name) for name in selection], raise_on_error=False) as result:
+        if not result.success:
+            failures = result.get_step_failure_events()
+            # "Steps failed: [...]" as `dagster asset materialize` says it (scripts look for it).
+            print(f"mlops-assets train: run {result.run_id} failed. Steps failed: "
+                  f"{[str(step.step_key) for step in failures]}; "
+                  + "; ".join(f"{step.step_key}: {_first_line(step)}" for step in failures)
+                  + "; see the Dagster UI", file=sys.stderr)
+            return 1, True
+        print(f"mlops-assets train: run {result.run_id} succeeded")
+    return 0, True
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> int:
-    """`make pipeline`: ingest, train (only if stale), status, in one process, so the imports and the
-    definitions are paid once (an unchanged re-run is mostly that cost)."""
-    code = _cmd_ingest(args)
-    if code == 0:
-        code = _cmd_train(args)
-    if code == 0:
-        code = _cmd_status(argparse.Namespace(history=False, no_endpoint=False, endpoint=None, tracking_uri=None,
-                                              model_name=None, json=False))
-    return code
+    """`make pipeline`: ingest, train (only if stale), status, in one process and on one instance, so the
+    imports, the definitions and the instance are paid once (an unchanged re-run is mostly that cost).
+
+    When no file was new and nothing was stale, this command changed nothing in the registry: it says
+    so and skips the status (whose MLflow import and store would be most of an unchanged re-run)."""
+    import dagster as dg
+
+    if _no_dagster_home("pipeline"):
+        return 2
+    with dg.DagsterInstance.get() as instance:
+        code, ingested_now = _ingest(instance)
+        if code != 0:
+            return code
+        code, launched = _train(args, instance)
+    if code != 0:
+        return code
+    if not launched and not ingested_now:
+        print("mlops-assets pipeline: no new file and nothing stale, so the registry is as the last run left it; "
+              "`mlops-assets status` shows the champion and the endpoint")
+        return 0
+    return _cmd_status(argparse.Namespace(history=False, no_endpoint=False, endpoint=None, tracking_uri=None,
+                                          model_name=None, json=False))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
