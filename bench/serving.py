@@ -66,6 +66,7 @@ LEVER_CELLS = ((1, 1), (1, 8), (1, 32), (100, 8))
 SHIPPED = "ours"
 PEERS = ("mlflow", "fastapi")
 PROXY_LEVER = "ours: Ray's Python proxy"
+PROXY_LEVER_ON = True  # False with --lever: no second Ray head
 # (label, app args, replica env, deployment overrides): each the shipped config with one lever off
 APP_LEVERS: tuple[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]], ...] = (
     ("ours: no prediction log", {"prediction_log": False}, {}, {}),
@@ -77,6 +78,8 @@ APP_LEVERS: tuple[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]], ..
      {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}, {}),
     ("candidate: no batching, router on the replica's loop, user code on a second thread", {"batch_max_size": 1},
      {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}, {}),
+    # every request through a scoring replica (a handle call), as before the ingress scored itself
+    ("ours: the ingress does not score", {"ingress_scores": False}, {}, {}),
 )
 REPO = Path(__file__).resolve().parents[1]
 COMMAND = "python -m bench.serving --json bench/results/serving.json"
@@ -390,8 +393,8 @@ def goals(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for conc in (8, 32):
         value = _ratio(rows, SHIPPED, "fastapi", 1, conc)
         goal(f"1 record, c={conc}: x the bare FastAPI app (equal work)", value, ">= 0.8", value >= 0.8)
-    for label, _a, _e, _o in APP_LEVERS[:1]:  # the prediction log's cost
-        for n, conc in LEVER_CELLS:
+    for label, _a, _e, _o in [lever for lever in APP_LEVERS if lever[0] == "ours: no prediction log"]:
+        for n, conc in LEVER_CELLS:  # the prediction log's cost
             value = 1 - _ratio(rows, SHIPPED, label, n, conc)
             goal(f"prediction log's cost, {n} record(s), c={conc}", value, "< 0.05", value < 0.05)
     return out
@@ -442,7 +445,7 @@ def _setup_and_measure(setup: Setup, budget: Budget, workers: int, levers: bool,
     with contextlib.ExitStack() as stack:
         # Both heads start before any replica loads the machine: Ray gives a starting raylet 30 s.
         target, cluster = stack.enter_context(ray_head(setup, "haproxy", log))
-        if levers:
+        if levers and PROXY_LEVER_ON:
             proxy_target, proxy_cluster = stack.enter_context(ray_head(setup, "proxy", log))
         deploy_seconds[SHIPPED] = deploy_shipped(setup, target, log)
         port = cluster.serve_http_port
@@ -450,6 +453,7 @@ def _setup_and_measure(setup: Setup, budget: Budget, workers: int, levers: bool,
         if levers:
             for label, path in deploy_levers(setup, target, log):
                 targets.append(Target(label, port, path, "records", auth=True, cells=LEVER_CELLS))
+        if levers and PROXY_LEVER_ON:
             deploy_seconds[PROXY_LEVER] = deploy_shipped(setup, proxy_target, log)
             targets.append(Target(PROXY_LEVER, proxy_cluster.serve_http_port, "/predict", "records", auth=True,
                                   cells=LEVER_CELLS))
@@ -513,9 +517,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one round of short cells (a smoke run)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 3, or 1 with --quick)")
     parser.add_argument("--no-levers", action="store_true", help="only the shipped default and its peers")
+    parser.add_argument("--lever", action="append", metavar="TEXT",
+                        help="only the app levers whose label holds TEXT (repeatable), and not the Python proxy's "
+                             "second head: a shorter run to look at one lever")
     parser.add_argument("--json", help="write the results to this file (bench/results/serving.json)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (model, logs)")
     args = parser.parse_args(argv)
+    if args.lever:
+        global APP_LEVERS, PROXY_LEVER_ON
+        APP_LEVERS = tuple(lever for lever in APP_LEVERS if any(text in lever[0] for text in args.lever))
+        if not APP_LEVERS:
+            parser.error(f"--lever {args.lever} matches no lever label")
+        PROXY_LEVER_ON = False
     root = Path(tempfile.mkdtemp(prefix="mlops-bench-serving-"))
     try:
         out = run(args.quick, root, levers=not args.no_levers, rounds=args.rounds)

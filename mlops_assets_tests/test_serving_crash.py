@@ -2,8 +2,9 @@
 
 Same platform as test_serving_integration (a real Ray head on loopback, two versions in a temp
 SQLite MLflow registry, the app deployed through the dashboard REST API), in a head of its own.
-Eight clients send requests while one PredictionService replica's process is killed: the
-ingress must send the requests that replica held to the other one (zero failed responses),
+Eight clients send requests while one PredictionService replica's process is killed (with the
+ingress forwarding every request, `ingress_scores` off): the ingress must send the requests that
+replica held to the other one (zero failed responses),
 and every answered request id must reach the prediction log. Then both ingress replicas are
 killed while their spools hold rows not yet shipped: their successors must ship them, once.
 """
@@ -62,11 +63,14 @@ def test_a_scoring_replica_killed_under_load_fails_no_request_and_loses_no_log_r
 ) -> None:
     # Batches that wait a little for company: every request spends BATCH_WAIT_S in its scoring
     # replica, so the replica that dies always holds some (a real serving lever, not a test hook).
+    # `ingress_scores` off: every request goes through a scoring replica, the path a release's
+    # candidate share and an ingress without a model take (with it on, the champion's /predict
+    # never reaches a scoring replica, so killing one shows nothing).
     records = platform.records(10, offset=50)
     dep.deploy_version(target=platform.target, tracking_uri=platform.tracking_uri, spec=platform.spec,
                        version="1", records=records, expected=platform.expected("1", records),
                        model_name=MODEL_NAME, env_vars=platform.env_vars,
-                       args={**ARGS, "batch_wait_timeout_s": BATCH_WAIT_S})
+                       args={**ARGS, "batch_wait_timeout_s": BATCH_WAIT_S, "ingress_scores": False})
     outcomes: list[tuple[int, str, int]] = []  # (status, request id or error, tries the ingress made)
     lock = threading.Lock()
     stop = threading.Event()

@@ -12,13 +12,15 @@ the share and the cleaning policy handles them); the label may be missing (clean
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import pandera.pandas as pa
 
 from mlops_assets.core.dataset_spec import DatasetSpec, FeatureSpec
+
+if TYPE_CHECKING:  # pandera is imported where a contract is checked: loading the definitions skips it
+    import pandera.pandas as pa
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ def column_dtype(feature: FeatureSpec) -> str:
 
 
 def _feature_column(feature: FeatureSpec) -> pa.Column:
+    import pandera.pandas as pa
+
     checks = []
     if feature.is_categorical and feature.closed:
         checks.append(pa.Check.isin(list(feature.values)))
@@ -60,6 +64,8 @@ def _feature_column(feature: FeatureSpec) -> pa.Column:
 
 def build_schema(spec: DatasetSpec) -> pa.DataFrameSchema:
     """Every spec column typed by its kind, with its value set or range; no other column allowed."""
+    import pandera.pandas as pa
+
     columns = {f.name: _feature_column(f) for f in spec.features}
     label_values = list(spec.label_values)
     columns[spec.label] = pa.Column(str if spec.label_is_string else "Int64", pa.Check.isin(label_values),
@@ -170,6 +176,8 @@ def check_contract(frame: pd.DataFrame, spec: DatasetSpec) -> list[ContractViola
                 series = series.where(~bad, None)
                 wrong[col] = set(bad.to_numpy().nonzero()[0].tolist())
         typed[col] = type_column(series, feature) if feature is not None else type_label(series, spec)
+
+    import pandera.pandas as pa
 
     schema = build_schema(spec)
     try:

@@ -29,7 +29,14 @@ import yaml
 from mlops_assets import constants as c
 from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.serving.config import APP_NAME, DEPLOYMENT_NAME, ModelRef, ServiceOptions
-from mlops_assets.serving.release import CANDIDATE_DEPLOYMENT_NAME, RELEASE_ROUTE, ReleaseConfig, bucket
+from mlops_assets.serving.release import (
+    CANDIDATE_DEPLOYMENT_NAME,
+    RELEASE_ROUTE,
+    ReleaseConfig,
+    bucket,
+    ingress_user_config,
+    split_ingress_config,
+)
 from mlops_assets.serving.request import build_request_model, parse_predict_matrix
 from mlops_assets.serving.scoring import Scorer, positive_column, scorer_from_loaded
 from mlops_assets.settings import Settings
@@ -119,7 +126,7 @@ def render_serve_config(
         deployments = [{"name": DEPLOYMENT_NAME}]
         app["deployments"].append(deployments[0])
     deployments[0]["user_config"] = ref.to_user_config()
-    _release_entries(app, deployments[0], release or ReleaseConfig(), ref.model_name, candidate_replicas)
+    _release_entries(app, deployments[0], release or ReleaseConfig(), ref, candidate_replicas)
     if env_vars:
         from mlops_assets.core.redaction import has_credentials, redact_uri
 
@@ -145,9 +152,10 @@ def render_serve_config(
     return config
 
 
-def _release_entries(app: dict[str, Any], champion: Mapping[str, Any], release: ReleaseConfig, model_name: str,
+def _release_entries(app: dict[str, Any], champion: Mapping[str, Any], release: ReleaseConfig, champion_ref: ModelRef,
                      candidate_replicas: int) -> None:
-    """Set the ingress's release user_config and the candidate deployment's replicas and version."""
+    """Set the ingress's user_config (the release and the champion's ModelRef) and the candidate
+    deployment's replicas and version."""
     from mlops_assets.serving.app import INGRESS_DEPLOYMENT_NAME
 
     entries = app["deployments"]
@@ -155,7 +163,8 @@ def _release_entries(app: dict[str, Any], champion: Mapping[str, Any], release: 
     if ingress is None:
         ingress = {"name": INGRESS_DEPLOYMENT_NAME}
         entries.append(ingress)
-    ingress["user_config"] = release.to_user_config()
+    ingress["user_config"] = ingress_user_config(release, champion_ref)
+    model_name = champion_ref.model_name
     candidate = next((d for d in entries if d.get("name") == CANDIDATE_DEPLOYMENT_NAME), None)
     if candidate is None:  # the champion's settings, under the candidate's name
         candidate = {k: copy.deepcopy(v) for k, v in champion.items() if k not in ("name", "num_replicas", "user_config")}
@@ -683,7 +692,7 @@ def current_release(target: ServeTarget) -> ReleaseConfig:
             continue
         for deployment in app.get("deployments") or []:
             if deployment.get("name") == INGRESS_DEPLOYMENT_NAME and deployment.get("user_config"):
-                return ReleaseConfig.from_user_config(deployment["user_config"])
+                return split_ingress_config(deployment["user_config"])[0]
     return ReleaseConfig()
 
 
@@ -829,7 +838,7 @@ def end_release(*, target: ServeTarget, promote: bool, model_name: str,
             if deployment.get("name") == DEPLOYMENT_NAME:
                 deployment["user_config"] = ModelRef(model_name=model_name, version=champion).to_user_config()
             elif deployment.get("name") == INGRESS_DEPLOYMENT_NAME:
-                deployment["user_config"] = ended.to_user_config()
+                deployment["user_config"] = ingress_user_config(ended, ModelRef(model_name=model_name, version=champion))
 
     submit(target, _edit_live(target, route_to_champion))
     wait_until_serving(target, champion, timeout_s)

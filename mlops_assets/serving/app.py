@@ -59,6 +59,7 @@ from mlops_assets.serving.release import (
     RayServeReleaseMetrics,
     ReleaseRouter,
     score_mirrors,
+    split_ingress_config,
 )
 from mlops_assets.serving.request import RequestError
 from mlops_assets.serving.scoring import ScoredRecords, Scorer, scorer_from_loaded
@@ -241,6 +242,28 @@ def log_to_serve_files() -> None:
     ours.propagate = False
 
 
+def service_core(opts: ServiceOptions, settings: Settings) -> ServiceCore:
+    """A replica's ServiceCore (a scoring replica's, or an ingress's that scores the champion itself);
+    no log writer: the ingress spools what is answered."""
+    spec = load_spec(opts.dataset_spec_path or settings.dataset_spec_path)
+    return ServiceCore(
+        spec=spec,
+        options=opts,
+        token=settings.serving_token(),
+        metrics=RayServeMetrics(),
+        log_writer=None,
+        loader=registry_loader(mlflow_tracking_uri() or settings.mlflow_tracking_uri, spec),
+    )
+
+
+async def answer_predict(core: ServiceCore, request: ForwardedRequest) -> ForwardedResponse:
+    """`POST /predict` on `core` (`predict_direct`), its prediction-log lines carried on the answer."""
+    lines: list[tuple[bytes, int]] = []
+    response = await predict_direct(core, request, lambda line, rows: lines.append((line, rows)))
+    response.log_lines = lines
+    return response
+
+
 def _prediction_log(opts: ServiceOptions, settings: Settings, metrics: ServingMetrics) -> PredictionLogWriter:
     url = prediction_log_url(settings, opts)
     return PredictionLogWriter(
@@ -270,17 +293,7 @@ class PredictionService:
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         log_to_serve_files()
         opts = ServiceOptions.from_args(options)
-        settings = load_settings()
-        spec = load_spec(opts.dataset_spec_path or settings.dataset_spec_path)
-        metrics: ServingMetrics = RayServeMetrics()
-        core = ServiceCore(
-            spec=spec,
-            options=opts,
-            token=settings.serving_token(),
-            metrics=metrics,
-            log_writer=None,  # the ingress spools what this replica answers
-            loader=registry_loader(mlflow_tracking_uri() or settings.mlflow_tracking_uri, spec),
-        )
+        core = service_core(opts, load_settings())
         if opts.batch_max_size > 1:
             self._score_batched.set_max_batch_size(opts.batch_max_size)  # type: ignore[attr-defined]
             self._score_batched.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)  # type: ignore[attr-defined]
@@ -294,15 +307,11 @@ class PredictionService:
         `POST /predict` takes the direct path (`predict_direct`): the same ServiceCore call, answers,
         errors and metrics as the app's route without Starlette's per-request routing and objects.
         """
-        lines: list[tuple[bytes, int]] = []
-
-        def sink(line: bytes, rows: int) -> None:
-            lines.append((line, rows))
-
         if request.method == "POST" and request.path == "/predict":
-            response = await predict_direct(self._core, request, sink)
-        else:
-            response = await call_asgi(api, request, {"request_id": request.request_id, "log_sink": sink})
+            return await answer_predict(self._core, request)
+        lines: list[tuple[bytes, int]] = []
+        response = await call_asgi(api, request, {"request_id": request.request_id,
+                                                  "log_sink": lambda line, rows: lines.append((line, rows))})
         response.log_lines = lines
         return response
 
@@ -352,6 +361,12 @@ class PredictionIngress:
         self._release = ReleaseRouter(scorer, candidate, RayServeReleaseMetrics())
         self._shadow_log: PredictionLogWriter | None = None
         self._opts = opts
+        # `ingress_scores`: the champion's model in this process too, so its answers skip the handle call.
+        self._local: ServiceCore | None = service_core(opts, load_settings()) if opts.ingress_scores else None
+        if self._local is not None and opts.batch_max_size > 1:
+            self._score_batched.set_max_batch_size(opts.batch_max_size)  # type: ignore[attr-defined]
+            self._score_batched.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)  # type: ignore[attr-defined]
+            self._local.score_fn = self._score_batched
 
     async def __call__(self, request: Request) -> Response:
         import uuid
@@ -365,9 +380,15 @@ class PredictionIngress:
         )
         if forwarded.path == RELEASE_ROUTE and forwarded.method == "GET":
             return _raw_response(200, _JSON, json.dumps(self._release.state()).encode())
+        async def send(deployment: Any) -> tuple[ForwardedResponse, int]:
+            local = self._local
+            if deployment is self._scorer and local is not None and local_answers(local, forwarded):
+                return await answer_predict(local, forwarded), 1
+            return await call_with_retry(lambda: deployment.handle.remote(forwarded),
+                                         what=f"{request.method} {forwarded.path}")
+
         try:
-            answer, tries = await self._release.forward(forwarded, lambda deployment: call_with_retry(
-                lambda: deployment.handle.remote(forwarded), what=f"{request.method} {forwarded.path}"), self._log_shadow)
+            answer, tries = await self._release.forward(forwarded, send, self._log_shadow)
         except BackPressureError as exc:
             return _raw_response(503, [*_JSON, (b"retry-after", b"1")], json.dumps({"error": str(exc)}).encode())
         except Exception as exc:
@@ -384,8 +405,18 @@ class PredictionIngress:
         headers = answer.headers if tries == 1 else [*answer.headers, (ATTEMPTS_HEADER, str(tries).encode())]
         return _raw_response(answer.status, headers, answer.body)
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._release.reconfigure(user_config)
+        champion = split_ingress_config(user_config)[1]
+        if self._local is not None and champion is not None:
+            await self._local.reconfigure(champion)  # a failed load keeps what it had and forwards (local_answers)
+
+    @serve.batch(max_batch_size=DEFAULT_BATCH_MAX_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
+    async def _score_batched(self, matrices: list[np.ndarray]) -> list[ScoredRecords]:
+        scorer = self._local.require_scorer() if self._local is not None else None
+        if scorer is None:
+            raise RuntimeError("this ingress does not score")
+        return await score_off_loop_if_large(scorer, matrices)
 
     def _log_shadow(self, line: bytes, rows: int) -> None:
         """A candidate's mirrored answer: a writer of its own, so its parts carry the `shadow` column."""
@@ -404,6 +435,16 @@ class PredictionIngress:
         for log in (getattr(self, "_log", None), getattr(self, "_shadow_log", None)):
             if log is not None:
                 log.close()
+
+
+def local_answers(core: ServiceCore, request: ForwardedRequest) -> bool:
+    """Does an ingress that scores answer this request itself? Only `POST /predict`, and only while
+    the version it was last asked for is the one it holds: before its first load, or after a failed
+    one, the scoring replicas answer (they report the failure the same way)."""
+    if request.method != "POST" or request.path != "/predict" or core.scorer is None or core.load_error is not None:
+        return False
+    wanted = core.requested
+    return wanted is not None and (wanted.version is None or wanted.version == core.scorer.version)
 
 
 def _app_path(scope: Mapping[str, Any]) -> str:

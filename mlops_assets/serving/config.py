@@ -67,6 +67,13 @@ class ServiceOptions:
     # False: no prediction log at all (what bench/serving.py measures the log's cost against; monitoring
     # then has nothing to read, so no shipped config turns it off)
     prediction_log: bool = True
+    # True (shipped): the ingress loads the champion (the ModelRef in its user_config) and answers the
+    # champion's POST /predict itself, without the handle call to a PredictionService replica, the
+    # hop that was most of a request's time (bench/RESULTS.md). The scoring replicas still answer
+    # /healthz, /model, a release's candidate share, and /predict while the ingress has no model, is
+    # switching, or failed a load. False: every request goes through a scoring replica, and a request
+    # caught on a dying scoring replica is sent again to another one.
+    ingress_scores: bool = True
 
     def __post_init__(self) -> None:
         if float(self.batch_wait_timeout_s) < 0:

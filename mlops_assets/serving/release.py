@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from mlops_assets import constants as c
+from mlops_assets.serving.config import ModelRef
 from mlops_assets.serving.ingress import ForwardedRequest, ForwardedResponse
 from mlops_assets.serving.prediction_log import decode_spool, encode_rows
 
@@ -65,6 +66,9 @@ RELEASE_ROUTE = "/release"  # GET: the ingress's release state (answered by the 
 INGRESS_TUNING = ("sticky_header", "shadow_max_in_flight", "shadow_batch_max_size", "shadow_batch_wait_s",
                   "shadow_sample_share")
 ROLE_CHAMPION, ROLE_CANDIDATE, ROLE_SHADOW = "champion", "candidate", "shadow"
+# In the ingress's user_config beside the release: the champion's ModelRef, which an ingress built
+# with `ingress_scores` loads and answers the champion's share of POST /predict with itself.
+CHAMPION_REF_KEY = "champion"
 SHADOW_FIELD = "shadow"  # the prediction-log column marking a candidate's mirrored answer
 
 
@@ -150,6 +154,21 @@ class ReleaseConfig:
 
         return ReleaseTerms(self.min_requests, self.min_duration_s, self.max_metric_drop, self.max_error_rate_delta,
                             self.min_labelled)
+
+
+def ingress_user_config(release: ReleaseConfig, champion: ModelRef | None) -> dict[str, Any]:
+    """The ingress deployment's user_config: the release, and the champion's ModelRef when known."""
+    out: dict[str, Any] = release.to_user_config()
+    if champion is not None:
+        out[CHAMPION_REF_KEY] = champion.to_user_config()
+    return out
+
+
+def split_ingress_config(raw: Mapping[str, Any] | None) -> tuple[ReleaseConfig, ModelRef | None]:
+    """The ingress's user_config as (release, champion ModelRef or None)."""
+    rest = dict(raw or {})
+    champion = rest.pop(CHAMPION_REF_KEY, None)
+    return ReleaseConfig.from_user_config(rest), (ModelRef.from_user_config(champion) if champion else None)
 
 
 def bucket(key: str) -> float:
@@ -299,7 +318,7 @@ class ReleaseRouter:
         self._shadows: set[asyncio.Task[None]] = set()
 
     def reconfigure(self, user_config: Mapping[str, Any] | None) -> None:
-        config = ReleaseConfig.from_user_config(user_config)
+        config = split_ingress_config(user_config)[0]
         if config.active and self.candidate is None:
             raise ReleaseConfigError("this application has no candidate deployment to release to")
         if config.release_id != self.config.release_id:

@@ -54,11 +54,15 @@ def _resolved_config(asset_def: dg.AssetsDefinition, raw: Mapping[str, Any]) -> 
 
 
 def _config_change(instance: dg.DagsterInstance, asset_def: dg.AssetsDefinition, key: dg.AssetKey,
-                   run_config: Mapping[str, Any] | None) -> str | None:
-    event = instance.get_latest_materialization_event(key)
-    if event is None:
+                   run_config: Mapping[str, Any] | None, last_run_id: str | None,
+                   runs: dict[str, dg.DagsterRun | None]) -> str | None:
+    """Did `run_config` change the asset's parameters since the run that last materialized it
+    (`last_run_id`)? `runs` caches the runs looked up: one training run materialized them all."""
+    if last_run_id is None:
         return None  # never materialized: the resolver says so
-    run = instance.get_run_by_id(event.run_id)
+    if last_run_id not in runs:
+        runs[last_run_id] = instance.get_run_by_id(last_run_id)
+    run = runs[last_run_id]
     if run is None:
         return f"{key.to_user_string()}: the run that last materialized it is gone, its parameters unknown"
     name = key.to_user_string()
@@ -94,6 +98,11 @@ def training_staleness(instance: dg.DagsterInstance, asset_graph: Any, selection
     resolver = CachingStaleStatusResolver(instance, asset_graph, view)
     reasons: list[str] = []
     fresh: list[str] = []
+    keys = [dg.AssetKey.from_user_string(name) for name in selection]
+    # The run that last materialized each asset, for every asset in one query.
+    last_runs = {record.asset_entry.asset_key: (event.run_id if (event := record.asset_entry.last_materialization)
+                                                else None) for record in instance.get_asset_records(keys)}
+    runs: dict[str, dg.DagsterRun | None] = {}
     for name in selection:
         key = dg.AssetKey.from_user_string(name)
         before = len(reasons)
@@ -113,7 +122,7 @@ def training_staleness(instance: dg.DagsterInstance, asset_graph: Any, selection
             if now != recorded and len(reasons) == before:
                 reasons.append(f"{name}: the accepted batches are data version {now}, it was built from {recorded}")
         assets_def = asset_graph.get(key).assets_def
-        change = _config_change(instance, assets_def, key, run_config)
+        change = _config_change(instance, assets_def, key, run_config, last_runs.get(key), runs)
         if change:
             reasons.append(change)
         if len(reasons) == before:

@@ -1,0 +1,94 @@
+"""An ingress that scores the champion itself (`ingress_scores`): which requests it answers, and
+the champion's ModelRef it reads beside the release in its user_config. Without a cluster; the
+real Ray Serve path is in test_serving_integration (`test_an_ingress_that_scores_...`)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from mlops_assets import constants as c
+from mlops_assets.core.dataset_spec import DatasetSpec, default_spec
+from mlops_assets.deployment import rollout as dep
+from mlops_assets.serving.app import local_answers
+from mlops_assets.serving.config import ModelRef, ServiceOptions
+from mlops_assets.serving.ingress import ForwardedRequest
+from mlops_assets.serving.metrics import InMemoryMetrics
+from mlops_assets.serving.release import (
+    CHAMPION_REF_KEY,
+    ReleaseConfig,
+    ReleaseConfigError,
+    ingress_user_config,
+    split_ingress_config,
+)
+from mlops_assets.serving.scoring import Scorer
+from mlops_assets.serving.service import ServiceCore
+from mlops_assets_tests.test_serving_unit import _scorer
+
+TOKEN = "t" * 32
+
+
+def _request(method: str = "POST", path: str = "/predict") -> ForwardedRequest:
+    return ForwardedRequest(method=method, path=path, query_string=b"", headers=[], body=b"{}", request_id="r1")
+
+
+@pytest.fixture()
+def core() -> ServiceCore:
+    spec: DatasetSpec = default_spec()
+    scorers = {"1": _scorer(spec, "1"), "2": _scorer(spec, "2", shift=0.1)}
+
+    def loader(ref: ModelRef) -> Scorer:
+        if ref.version is None:
+            return scorers["1"]  # the alias resolves to version 1
+        if ref.version not in scorers:
+            raise LookupError(f"no version {ref.version}")
+        return scorers[ref.version]
+
+    return ServiceCore(spec=spec, options=ServiceOptions(), token=TOKEN, metrics=InMemoryMetrics(), log_writer=None,
+                       loader=loader)
+
+
+def test_the_ingress_answers_predict_only_while_it_holds_the_version_it_was_asked_for(core: ServiceCore) -> None:
+    assert not local_answers(core, _request())  # nothing loaded yet: the scoring replicas answer
+    asyncio.run(core.reconfigure(ModelRef(version="1")))
+    assert local_answers(core, _request())
+    assert not local_answers(core, _request("GET", "/healthz")) and not local_answers(core, _request("GET", "/model"))
+    assert not local_answers(core, _request("GET", "/predict"))
+    asyncio.run(core.reconfigure(ModelRef(version="9")))  # fails: version 1 stays loaded
+    assert core.scorer is not None and core.scorer.version == "1"
+    assert not local_answers(core, _request()), "after a failed load the scoring replicas answer and report it"
+    asyncio.run(core.reconfigure(ModelRef(version="2")))
+    assert local_answers(core, _request())
+    asyncio.run(core.reconfigure(ModelRef(alias=c.ALIAS_CHAMPION)))  # an alias: whatever it resolved to
+    assert local_answers(core, _request())
+
+
+def test_a_switch_in_progress_is_answered_by_the_scoring_replicas(core: ServiceCore) -> None:
+    asyncio.run(core.reconfigure(ModelRef(version="1")))
+    core.requested = ModelRef(version="2")  # what reconfigure sets before its load finishes
+    assert not local_answers(core, _request())
+
+
+def test_the_ingress_user_config_carries_the_release_and_the_champion() -> None:
+    release = ReleaseConfig(strategy="canary", candidate_version="5", canary_share=0.3, release_id="5-1")
+    raw = ingress_user_config(release, ModelRef(model_name="m", version="4"))
+    assert raw[CHAMPION_REF_KEY] == {"model_name": "m", "version": "4"}
+    assert split_ingress_config(raw) == (release, ModelRef(model_name="m", version="4"))
+    assert split_ingress_config(release.to_user_config()) == (release, None)  # a config written by hand
+    with pytest.raises(ReleaseConfigError, match="unknown release setting"):
+        split_ingress_config({**raw, "percent": 5})
+    with pytest.raises(ValueError, match="unknown user_config key"):
+        split_ingress_config({**raw, CHAMPION_REF_KEY: {"model_name": "m", "stage": "Production"}})
+
+
+def test_the_rendered_serve_config_names_the_champion_to_the_ingress(tmp_path: Path) -> None:
+    config = dep.render_serve_config(dep.load_serve_config(), ref=ModelRef(version="4"),
+                                     args={"ingress_scores": True})
+    app = config["applications"][0]
+    ingress = next(d for d in app["deployments"] if d["name"] == "PredictionIngress")
+    assert split_ingress_config(ingress["user_config"])[1] == ModelRef(version="4")
+    assert app["args"]["ingress_scores"] is True
+    with pytest.raises(ValueError, match="unknown serving option"):
+        dep.render_serve_config(dep.load_serve_config(), ref=ModelRef(version="4"), args={"ingress_score": True})
