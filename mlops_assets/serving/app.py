@@ -3,9 +3,11 @@
 Deployed declaratively from `deploy/serve_config.yaml` (import path
 `mlops_assets.serving.app:build_app`). Two deployments:
 
-- `PredictionIngress` takes the HTTP request, forwards it to a `PredictionService` replica
-  through a handle, sends it again to another replica if that one dies mid-request (see
-  `ingress.py`), and spools the answered request's log line before it answers.
+- `PredictionIngress` takes the HTTP request. With `ingress_scores` (the default) it answers the
+  champion's `POST /predict` itself, with the version its user_config names (`local_answers` says
+  when); everything else it forwards to a `PredictionService` replica through a handle, sending it
+  again to another replica if that one dies mid-request (see `ingress.py`). It spools the answered
+  request's log line before it answers.
 - `PredictionService` runs the FastAPI app below in process over its one `ServiceCore`; its
   `user_config` names the registry version, so switching versions is a `reconfigure` on
   running replicas, not a restart.
