@@ -86,11 +86,13 @@ def test_reports_of_monitoring_and_pipeline_format() -> None:
             "sensor": {"landing_to_run_started_s": 31.0}}
     text = pipeline.report(pipe)
     assert "raw_batches" in text and "landing_to_run_started_s" in text
-    rerun = {"title": "make pipeline: rerun", "goal_met": False,
-             "summary": {"second / first (wall)": 0.3, "second / first (CPU)": 0.2, "goal": "<= 0.25x"},
+    rerun = {"title": "make pipeline: rerun", "goal_met": False, "rounds": 3,
+             "summary": {"second / first (wall, median of rounds)": 0.3, "second / first (CPU, median of rounds)": 0.2,
+                         "goal": "<= 0.25x"},
              "table": [{"run": "first", "wall_s": 10.0}, {"run": "second", "wall_s": 3.0}]}
     text = pipeline.rerun_report(rerun)
-    assert "0.30x wall" in text and "0.20x CPU" in text and "MISSED" in text and " second |" in text
+    assert "medians of 3 round(s): 0.30x wall" in text and "0.20x CPU" in text and "MISSED" in text
+    assert " second |" in text
 
 
 def test_options_parse() -> None:
@@ -137,12 +139,14 @@ def test_load_generator_is_bounded_by_requests_and_checks_answers() -> None:
 def test_training_path_results_carry_what_the_generic_renderer_shows() -> None:
     from bench import training_path
 
-    def side(wall: float) -> list[dict]:
-        return [{"wall": wall, "cpu": wall / 2, "run_seconds": wall / 3, "steps": {"trained_model": 1.0},
+    def side(wall: float) -> list[dict]:  # the training path is `path_*`; `wall`/`cpu` add the ingestion
+        return [{"wall": wall + 1, "cpu": wall / 2 + 1, "path_wall": wall, "path_cpu": wall / 2,
+                 "run_seconds": wall / 3, "steps": {"trained_model": 1.0},
                  "laps": {"trained_model": 0.9, "total_in_process": wall}} for _ in training_path.FILES]
 
     rounds = [{"round": r, "order": ["direct", "dagster"], "direct": side(10.0), "dagster": side(13.0),
-               "ratio_wall": 1.3, "ratio_cpu": 1.3} for r in (1, 2)]
+               "ratio_wall": 1.3, "ratio_cpu": 1.3, "ratio_wall_with_ingest": 1.6, "ratio_cpu_with_ingest": 1.5}
+              for r in (1, 2)]
     out = training_path.summarize(rounds, 2.5, {"cpus": 2, "loadavg": "1 1 1"})
     out["machine_at_end"] = {"loadavg": "1 1 1"}
     assert {"title", "command", "code_version", "summary", "machine"} <= set(out)
@@ -152,6 +156,7 @@ def test_training_path_results_carry_what_the_generic_renderer_shows() -> None:
     assert not training_path.summarize(rounds, 2.5, {"cpus": 2, "loadavg": "1 1 1"})["goal_met"]
     text = training_path.report(out)
     assert "1.30x wall" in text and "trained_model" in text and "met" in text
+    assert "With ingestion" in text and "1.60x wall" in text and "1.50x CPU" in text
     json.dumps(out)  # the results file is plain JSON
 
 
