@@ -258,6 +258,14 @@ def service_core(opts: ServiceOptions, settings: Settings) -> ServiceCore:
     )
 
 
+def use_batching(core: ServiceCore, opts: ServiceOptions, batched: Any) -> None:
+    """Score `core`'s requests through the replica's `@serve.batch` method, sized by `opts` (1: no batching)."""
+    if opts.batch_max_size > 1:
+        batched.set_max_batch_size(opts.batch_max_size)
+        batched.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)
+        core.score_fn = batched
+
+
 async def answer_predict(core: ServiceCore, request: ForwardedRequest) -> ForwardedResponse:
     """`POST /predict` on `core` (`predict_direct`), its prediction-log lines carried on the answer."""
     lines: list[tuple[bytes, int]] = []
@@ -296,10 +304,7 @@ class PredictionService:
         log_to_serve_files()
         opts = ServiceOptions.from_args(options)
         core = service_core(opts, load_settings())
-        if opts.batch_max_size > 1:
-            self._score_batched.set_max_batch_size(opts.batch_max_size)  # type: ignore[attr-defined]
-            self._score_batched.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)  # type: ignore[attr-defined]
-            core.score_fn = self._score_batched
+        use_batching(core, opts, self._score_batched)
         self._core = core
         set_core(core)
 
@@ -358,17 +363,16 @@ class PredictionIngress:
         opts = ServiceOptions.from_args(options)
         self._scorer = scorer
         self._body_cap = opts.max_body_bytes + 1  # one byte over the limit is enough for the scorer's 413
-        self._log = _prediction_log(opts, load_settings(), RayServeMetrics()) if opts.prediction_log else None
+        self._settings = load_settings()
+        self._log = _prediction_log(opts, self._settings, RayServeMetrics()) if opts.prediction_log else None
         # Releases (serving/release.py): canary routing and the shadow mirror, set by this deployment's user_config.
         self._release = ReleaseRouter(scorer, candidate, RayServeReleaseMetrics())
         self._shadow_log: PredictionLogWriter | None = None
         self._opts = opts
         # `ingress_scores`: the champion's model in this process too, so its answers skip the handle call.
-        self._local: ServiceCore | None = service_core(opts, load_settings()) if opts.ingress_scores else None
-        if self._local is not None and opts.batch_max_size > 1:
-            self._score_batched.set_max_batch_size(opts.batch_max_size)  # type: ignore[attr-defined]
-            self._score_batched.set_batch_wait_timeout_s(opts.batch_wait_timeout_s)  # type: ignore[attr-defined]
-            self._local.score_fn = self._score_batched
+        self._local: ServiceCore | None = service_core(opts, self._settings) if opts.ingress_scores else None
+        if self._local is not None:
+            use_batching(self._local, opts, self._score_batched)
 
     async def __call__(self, request: Request) -> Response:
         import uuid
@@ -425,7 +429,7 @@ class PredictionIngress:
         if self._log is None:
             return
         if self._shadow_log is None:
-            self._shadow_log = _prediction_log(self._opts, load_settings(), RayServeMetrics())
+            self._shadow_log = _prediction_log(self._opts, self._settings, RayServeMetrics())
         self._shadow_log.append_encoded(line, rows)
 
     async def __del__(self) -> None:

@@ -103,8 +103,7 @@ def training_staleness(instance: dg.DagsterInstance, asset_graph: Any, selection
     last_runs = {record.asset_entry.asset_key: (event.run_id if (event := record.asset_entry.last_materialization)
                                                 else None) for record in instance.get_asset_records(keys)}
     runs: dict[str, dg.DagsterRun | None] = {}
-    for name in selection:
-        key = dg.AssetKey.from_user_string(name)
+    for name, key in zip(selection, keys, strict=True):
         before = len(reasons)
         status = resolver.get_status(key)
         if status == StaleStatus.MISSING:
