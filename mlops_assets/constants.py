@@ -24,6 +24,7 @@ RUN_SCOPED_AFTER_TRAINING = ("model_deployment", "reference_profile")
 # Folders, relative to the data root unless a setting says otherwise.
 DEFAULT_DATA_DIR = "data"
 LANDING_SUBDIR = "raw"
+DATASETS_SUBDIR = "datasets"  # another data set's data root, under the primary's (MLOPS_DATASETS)
 BATCHES_SUBDIR = "batches"
 QUARANTINE_SUBDIR = "quarantine"
 REPORTS_SUBDIR = "reports"

@@ -11,14 +11,16 @@ gets one. Defaults live in `constants` (and the ports in `serving.config`), neve
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlops_assets import constants as c
 from mlops_assets.core.storage import check_url, join_url  # join_url: callers import it from here
 from mlops_assets.serving.config import (
+    APP_NAME,
     DEFAULT_DASHBOARD_PORT,
     DEFAULT_HTTP_HOST,
     DEFAULT_HTTP_PORT,
@@ -26,6 +28,7 @@ from mlops_assets.serving.config import (
     DEFAULT_RAY_PORT,
     PREDICTION_LOG_ENV,
     PREDICTIONS_SUBDIR,
+    ROUTE_PREFIX,
     TOKEN_ENV,
     TOKEN_FILE_ENV,
     TRACKING_URI_FILE_ENV,
@@ -36,6 +39,7 @@ from mlops_assets.serving.config import (
 DATA_URL_ENV = "MLOPS_DATA_URL"
 LANDING_URL_ENV = "MLOPS_LANDING_URL"
 DATASET_SPEC_ENV = "MLOPS_DATASET_SPEC"
+DATASETS_ENV = "MLOPS_DATASETS"  # several data sets at once: their specs, comma-separated, the first the primary
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 ARTIFACT_ROOT_ENV = "MLOPS_MLFLOW_ARTIFACT_ROOT"
 EXPERIMENT_ENV = "MLOPS_MLFLOW_EXPERIMENT"
@@ -125,6 +129,12 @@ class Settings(DataFolders):
     release_strategy: str = c.RELEASE_STRATEGY  # how model_deployment releases a new champion
     release_canary_share: float = c.RELEASE_CANARY_SHARE
     dagster_ui_url: str | None = None  # None: MLflow runs name their Dagster run by id only
+    # Several data sets at once (MLOPS_DATASETS): the others' names and specs; () with one data set.
+    # These settings are the primary's; `dataset_settings` gives another's.
+    other_datasets: tuple[tuple[str, str], ...] = ()
+    dataset_name: str | None = None  # None: the primary data set (plain asset keys, app `phishing` at /)
+    serve_app_name: str = APP_NAME
+    serve_route_prefix: str = ROUTE_PREFIX
 
     def serving_token(self) -> str:
         return read_api_token(self.api_token, self.api_token_file)
@@ -171,13 +181,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     data_url = _absolute_local(check_url(DATA_URL_ENV, get(DATA_URL_ENV) or c.DEFAULT_DATA_DIR))
     local_mlflow = Path(data_url if "://" not in data_url else c.DEFAULT_DATA_DIR).resolve() / c.MLFLOW_SUBDIR
+    spec_path, others = _datasets(get(DATASETS_ENV), get(DATASET_SPEC_ENV))
     dashboard_port = port(RAY_DASHBOARD_PORT_ENV, DEFAULT_DASHBOARD_PORT)
     metrics_port = port(RAY_METRICS_PORT_ENV, DEFAULT_METRICS_EXPORT_PORT)
     serve_port = port(SERVE_PORT_ENV, DEFAULT_HTTP_PORT)
     return Settings(
         data_url=data_url,
         landing_url=_absolute_local(check_url(LANDING_URL_ENV, get(LANDING_URL_ENV) or join_url(data_url, c.LANDING_SUBDIR))),
-        dataset_spec_path=get(DATASET_SPEC_ENV),
+        dataset_spec_path=spec_path,
         mlflow_tracking_uri=get(TRACKING_URI_ENV) or f"sqlite:///{local_mlflow / 'mlflow.db'}",
         mlflow_artifact_root=check_url(ARTIFACT_ROOT_ENV, get(ARTIFACT_ROOT_ENV) or (local_mlflow / "artifacts").as_uri()),
         mlflow_experiment=get(EXPERIMENT_ENV) or c.MLFLOW_EXPERIMENT,
@@ -204,4 +215,66 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         git_sha=get(GIT_SHA_ENV),
         secrets_in_env=frozenset(name for name in SECRET_ENV if get(name)),
         dagster_ui_url=get(DAGSTER_UI_URL_ENV),
+        other_datasets=others,
     )
+
+
+DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")  # an asset key prefix, a Serve app name and a route
+
+
+def _datasets(raw: str | None, single_spec: str | None) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    """(the primary's spec, the other data sets' (name, spec)) from MLOPS_DATASETS; without it the
+    one data set of MLOPS_DATASET_SPEC. A data set's name is its spec's `name`."""
+    if not raw:
+        return single_spec, ()
+    from mlops_assets.core.dataset_spec import DatasetSpecError, load_spec
+
+    entries = [entry.strip() for entry in raw.split(",") if entry.strip()]
+    if not entries:
+        raise ValueError(f"{DATASETS_ENV}={raw!r} names no data set")
+    if single_spec and single_spec != entries[0]:
+        raise ValueError(f"{DATASETS_ENV} names {entries[0]!r} first and {DATASET_SPEC_ENV}={single_spec!r}: "
+                         f"the first of {DATASETS_ENV} is the primary data set, so set one of them")
+    names: dict[str, str] = {}
+    for position, entry in enumerate(entries, 1):
+        try:
+            name = load_spec(entry).name
+        except DatasetSpecError as exc:
+            raise ValueError(f"{DATASETS_ENV} entry {position} ({entry!r}): {exc}") from None
+        if not DATASET_NAME.match(name):
+            raise ValueError(f"{DATASETS_ENV} entry {position} ({entry!r}): the spec's name {name!r} must be "
+                             "lower-case letters, digits and _ (it prefixes asset keys and names a Serve route)")
+        if name in names:
+            raise ValueError(f"{DATASETS_ENV}: {names[name]!r} and {entry!r} are both named {name!r}")
+        names[name] = entry
+    primary, *others = names.items()
+    return primary[1], tuple(others)
+
+
+def dataset_settings(settings: Settings, name: str | None) -> Settings:
+    """The settings of data set `name` (None or the primary's name: `settings` itself). Another data
+    set lives under <data root>/datasets/<name> (landing folder, reports, prediction log, labels), registers
+    `<name>-classifier` in its own experiment, and is served as the Serve application `name` at `/<name>`."""
+    if name is None or name == settings.dataset_name or name == primary_dataset_name(settings):
+        return settings
+    others = dict(settings.other_datasets)
+    if name not in others:
+        raise ValueError(f"no data set named {name!r}: the configured ones are "
+                         f"{', '.join(dataset_names(settings))} ({DATASETS_ENV})")
+    root = join_url(settings.data_url, c.DATASETS_SUBDIR, name)
+    return replace(
+        settings, data_url=root, landing_url=join_url(root, c.LANDING_SUBDIR), dataset_spec_path=others[name],
+        mlflow_experiment=f"{settings.mlflow_experiment}-{name}", model_name=f"{name}-classifier",
+        prediction_log_url=join_url(root, PREDICTIONS_SUBDIR), labels_url=join_url(root, c.LABELS_SUBDIR),
+        dataset_name=name, serve_app_name=name, serve_route_prefix=f"/{name}", other_datasets=())
+
+
+def primary_dataset_name(settings: Settings) -> str:
+    from mlops_assets.core.dataset_spec import load_spec
+
+    return load_spec(settings.dataset_spec_path).name
+
+
+def dataset_names(settings: Settings) -> list[str]:
+    """Every configured data set's name, the primary first."""
+    return [primary_dataset_name(settings), *(name for name, _ in settings.other_datasets)]

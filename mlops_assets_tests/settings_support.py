@@ -22,11 +22,8 @@ def platform_resources(env: Mapping[str, str] | None = None) -> dict[str, Any]:
 
 
 def platform_definitions(env: Mapping[str, str] | None = None) -> dg.Definitions:
-    """The loaded Definitions with every resource built from `env` (default: the environment now)."""
-    from mlops_assets.definitions import defs
+    """The loaded Definitions (every data set's graph) with every resource built from `env`
+    (default: the environment now)."""
+    from mlops_assets.definitions import build_definitions
 
-    return dg.Definitions(
-        assets=defs.assets, asset_checks=defs.asset_checks, schedules=defs.schedules, sensors=defs.sensors,
-        jobs=defs.jobs, loggers=defs.loggers, executor=defs.executor, metadata=defs.metadata,
-        resources=platform_resources(env),
-    )
+    return build_definitions(load_settings(os.environ if env is None else env))

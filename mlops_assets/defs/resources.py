@@ -24,6 +24,7 @@ from mlops_assets.serving.config import (
     DEFAULT_HTTP_PORT,
     DEFAULT_METRICS_EXPORT_PORT,
     PREDICTIONS_SUBDIR,
+    ROUTE_PREFIX,
     TOKEN_ENV,
 )
 from mlops_assets.settings import (
@@ -31,6 +32,7 @@ from mlops_assets.settings import (
     WEBHOOK_ENV,
     DataFolders,
     Settings,
+    dataset_settings,
     join_url,
     load_settings,
     read_api_token,
@@ -46,7 +48,32 @@ if TYPE_CHECKING:  # MLflow, the deployment client and the live-monitoring maths
     from mlops_assets.monitoring import live as mon
 
 
-class PlatformResource(dg.ConfigurableResource, DataFolders):
+class PerDataset:
+    """A resource whose values differ per data set (MLOPS_DATASETS): its own fields are the primary's,
+    `datasets` holds each other data set's differing values. A run gets its data set's values (the
+    run's tag or selected keys, `defs/datasets.py`); a sensor or the CLI asks `for_dataset`."""
+
+    datasets: dict[str, dict[str, str]] = {}
+
+    def for_dataset(self, dataset: str | None) -> Any:
+        if not dataset:
+            return self
+        if dataset not in self.datasets:
+            raise dg.Failure(f"no data set named {dataset!r} is configured: {sorted(self.datasets)} besides the "
+                             "primary (MLOPS_DATASETS)")
+        fields = {name: getattr(self, name) for name in type(self).model_fields if name != "datasets"}  # type: ignore[attr-defined]  # a pydantic model
+        return type(self)(**{**fields, **self.datasets[dataset]})
+
+    def create_resource(self, context: dg.InitResourceContext) -> Any:
+        run = context.dagster_run
+        if run is None or not self.datasets:
+            return self
+        from mlops_assets.defs.datasets import names_for_run
+
+        return self.for_dataset(names_for_run(run).dataset)
+
+
+class PlatformResource(PerDataset, dg.ConfigurableResource, DataFolders):
     """Where the platform reads and writes, and which data set it serves (built from the settings)."""
 
     data_url: str
@@ -173,7 +200,7 @@ RUNS_DIR = "by-run"
 
 
 
-class MlflowResource(dg.ConfigurableResource):
+class MlflowResource(PerDataset, dg.ConfigurableResource):
     """MLflow tracking and registry, built from the settings (`MLFLOW_TRACKING_URI`,
     `MLOPS_MLFLOW_ARTIFACT_ROOT`, `MLOPS_MLFLOW_EXPERIMENT`, `MLOPS_MODEL_NAME`, `MLFLOW_UI_URL`)."""
 
@@ -289,7 +316,7 @@ def tracking_location(artifact_root: str, experiment: str) -> str:
     return f"{artifact_root.rstrip('/')}/{experiment}"
 
 
-class RayServeResource(dg.ConfigurableResource):
+class RayServeResource(PerDataset, dg.ConfigurableResource):
     """The Ray cluster the model is deployed to, built from the settings (`MLOPS_RAY_DASHBOARD_URL`,
     `MLOPS_SERVE_URL`, `MLOPS_API_TOKEN` / `MLOPS_API_TOKEN_FILE`, `MLOPS_SERVE_CONFIG`,
     `MLOPS_SERVE_HTTP_HOST`); the defaults are the local head's ports."""
@@ -300,6 +327,7 @@ class RayServeResource(dg.ConfigurableResource):
     api_token_file: str | None = None  # or a mounted file holding it, read when a request needs it
     serve_config_path: str | None = None  # None: the repository's deploy/serve_config.yaml
     app_name: str = APP_NAME
+    route_prefix: str = ROUTE_PREFIX  # the application's route under serve_url (another data set's: /<name>)
     http_host: str | None = None  # Serve proxy bind address (0.0.0.0 in containers); None: Ray's loopback
     prediction_log_url: str | None = None  # where replicas log predictions; None: <their data root>/predictions
     timeout_s: float = c.DEPLOY_TIMEOUT_S
@@ -315,13 +343,14 @@ class RayServeResource(dg.ConfigurableResource):
                       "http_host": settings.serve_http_host or "",
                       "prediction_log_url": settings.prediction_log_url,
                       "release_strategy": settings.release_strategy,
-                      "release_canary_share": settings.release_canary_share, **fields})
+                      "release_canary_share": settings.release_canary_share,
+                      "app_name": settings.serve_app_name, "route_prefix": settings.serve_route_prefix, **fields})
 
     def target(self) -> "dep.ServeTarget":
         from mlops_assets.deployment import rollout as dep
 
         return dep.ServeTarget(self.dashboard_url, self.serve_url, self.app_name,
-                               read_api_token(self.api_token, self.api_token_file))
+                               read_api_token(self.api_token, self.api_token_file), route_prefix=self.route_prefix)
 
     def base_config(self) -> dict[str, Any]:
         from mlops_assets.deployment import rollout as dep
@@ -329,7 +358,7 @@ class RayServeResource(dg.ConfigurableResource):
         return dep.load_serve_config(self.serve_config_path)
 
 
-class MonitoringResource(dg.ConfigurableResource):
+class MonitoringResource(PerDataset, dg.ConfigurableResource):
     """Where monitoring reads and alerts, and the limits of the post-deployment watch, built from
     the settings (`MLOPS_PREDICTION_LOG_URL`, `MLOPS_LABELS_URL`, `MLOPS_METRICS_URL`,
     `MLOPS_ALERT_WEBHOOK_URL`)."""
@@ -382,14 +411,19 @@ class MonitoringResource(dg.ConfigurableResource):
 
 
 def build_resources(settings: Settings) -> dict[str, Any]:
-    """Every resource of the platform, with the settings' concrete values (secrets as dg.EnvVar)."""
-    return {
-        "platform": PlatformResource.from_settings(settings),
-        "io_manager": ParquetIOManager(base_url=settings.assets_url),
-        "mlflow": MlflowResource.from_settings(settings),
-        "ray_serve": RayServeResource.from_settings(settings),
-        "monitoring": MonitoringResource.from_settings(settings),
-    }
+    """Every resource of the platform, with the settings' concrete values (secrets as dg.EnvVar);
+    with several data sets, each resource also holds the others' differing values."""
+    resources: dict[str, Any] = {"io_manager": ParquetIOManager(base_url=settings.assets_url)}  # keys carry the data set
+    for key, kind in (("platform", PlatformResource), ("mlflow", MlflowResource), ("ray_serve", RayServeResource),
+                      ("monitoring", MonitoringResource)):
+        primary = kind.from_settings(settings)
+        others = {}
+        for name, _ in settings.other_datasets:
+            other = kind.from_settings(dataset_settings(settings, name))
+            others[name] = {field: getattr(other, field) for field in kind.model_fields
+                            if field != "datasets" and getattr(other, field) != getattr(primary, field)}
+        resources[key] = kind.from_settings(settings, datasets=others) if others else primary
+    return resources
 
 
 # Read once, at definition load: the UI shows these values, and every run uses them.

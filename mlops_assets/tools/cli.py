@@ -261,18 +261,30 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
               "`mlops-assets status` shows the champion and the endpoint")
         return 0
     return _cmd_status(argparse.Namespace(history=False, no_endpoint=False, endpoint=None, tracking_uri=None,
-                                          model_name=None, json=False))
+                                          model_name=None, json=False, dataset=None))
+
+
+def _dataset_settings(args: argparse.Namespace) -> Settings:
+    """The settings of the data set `--dataset` names (default: the primary, the only one unless
+    MLOPS_DATASETS lists several)."""
+    from mlops_assets.settings import dataset_settings, load_settings
+
+    return dataset_settings(load_settings(), getattr(args, "dataset", None))
+
+
+def _add_dataset_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default=None, metavar="NAME",
+                        help="which data set, when MLOPS_DATASETS configures several (default: the first)")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from mlops_assets.settings import load_settings
     from mlops_assets.tools.status import champion_status, format_status, to_json
 
-    settings = load_settings()
+    settings = _dataset_settings(args)
     if args.history:
         return _print_history(args)
-    endpoint = None if args.no_endpoint else (
-        args.endpoint or settings.serve_url
+    endpoint = None if args.no_endpoint else (  # the data set's application, below its route prefix
+        args.endpoint or settings.serve_url.rstrip("/") + settings.serve_route_prefix.rstrip("/")
     )
     status = champion_status(args.tracking_uri or settings.mlflow_tracking_uri,
                              args.model_name or settings.model_name, endpoint)
@@ -286,9 +298,8 @@ def _print_history(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
 
     from mlops_assets.registry import governance
-    from mlops_assets.settings import load_settings
 
-    settings = load_settings()
+    settings = _dataset_settings(args)
     model_name = args.model_name or settings.model_name
     rows = governance.history_rows(MlflowClient(args.tracking_uri or settings.mlflow_tracking_uri), model_name)
     print(json.dumps(rows, indent=2) if args.json else governance.format_history(model_name, rows))
@@ -300,9 +311,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     import os
 
     from mlops_assets.registry import governance
-    from mlops_assets.settings import load_settings
 
-    settings = load_settings()
+    settings = _dataset_settings(args)
     sources = governance.TraceSources(
         prediction_log_url=args.log_url or settings.prediction_log_url,
         tracking_uri=args.tracking_uri or settings.mlflow_tracking_uri,
@@ -343,9 +353,8 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
 
     from mlops_assets.core.dataset_spec import load_spec
     from mlops_assets.deployment import rollout as dep
-    from mlops_assets.settings import load_settings
 
-    settings = load_settings()
+    settings = _dataset_settings(args)
     target = dep.target_from_settings(settings, dashboard_url=args.dashboard_url, serve_url=args.endpoint)
     tracking_uri = args.tracking_uri or settings.mlflow_tracking_uri
     env_vars = _replica_env_vars(settings, tracking_uri)
@@ -368,9 +377,8 @@ def _cmd_serve_restore(args: argparse.Namespace) -> int:
 
     from mlops_assets.core.dataset_spec import load_spec
     from mlops_assets.deployment import rollout as dep
-    from mlops_assets.settings import load_settings
 
-    settings = load_settings()
+    settings = _dataset_settings(args)
     target = dep.target_from_settings(settings, dashboard_url=args.dashboard_url, serve_url=args.endpoint)
     tracking_uri = args.tracking_uri or settings.mlflow_tracking_uri
     try:
@@ -396,9 +404,8 @@ def _cmd_release(args: argparse.Namespace) -> int:
 
     from mlops_assets.deployment import rollout as dep
     from mlops_assets.monitoring.alerts import send_alert
-    from mlops_assets.settings import load_settings
 
-    settings = load_settings()
+    settings = _dataset_settings(args)
     target = dep.target_from_settings(settings, dashboard_url=args.dashboard_url, serve_url=args.endpoint)
     if args.action == "status":
         try:
@@ -569,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--no-endpoint", action="store_true", help="skip the endpoint health check")
     status.add_argument("--history", action="store_true",
                         help="list who registered, promoted, demoted or rolled back which version, and when")
+    _add_dataset_arg(status)
     status.set_defaults(func=_cmd_status)
 
     trace = sub.add_parser("trace", help="provenance of one prediction: version, run, gate, features, "
@@ -579,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI)")
     trace.add_argument("--log-url", default=None,
                        help="prediction log (default: MLOPS_PREDICTION_LOG_URL, else <data>/predictions)")
+    _add_dataset_arg(trace)
     trace.set_defaults(func=_cmd_trace)
 
     rollback = sub.add_parser("rollback", help="champion := previous-champion, redeployed to Ray Serve, in one step")
@@ -588,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Ray dashboard (default: MLOPS_RAY_DASHBOARD_URL, else the local head)")
     rollback.add_argument("--endpoint", default=None,
                           help="serving URL (default: MLOPS_SERVE_URL, else the local Serve port)")
+    _add_dataset_arg(rollback)
     rollback.set_defaults(func=_cmd_rollback)
 
     release = sub.add_parser("release", help="the live shadow or canary release: promote it, abort it, or show it")
@@ -600,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Ray dashboard (default: MLOPS_RAY_DASHBOARD_URL, else the local head)")
     release.add_argument("--endpoint", default=None,
                          help="serving URL (default: MLOPS_SERVE_URL, else the local Serve port)")
+    _add_dataset_arg(release)
     release.set_defaults(func=_cmd_release)
 
     serve = sub.add_parser("serve", help="the Ray Serve application")
@@ -612,6 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Ray dashboard (default: MLOPS_RAY_DASHBOARD_URL, else the local head)")
     restore.add_argument("--endpoint", default=None,
                          help="serving URL (default: MLOPS_SERVE_URL, else the local Serve port)")
+    _add_dataset_arg(restore)
     restore.set_defaults(func=_cmd_serve_restore)
     return parser
 

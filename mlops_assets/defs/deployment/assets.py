@@ -8,6 +8,7 @@ import pandas as pd
 
 from mlops_assets import constants as c
 from mlops_assets.core.records import Deployment, Registration
+from mlops_assets.defs.datasets import names_for_asset
 from mlops_assets.defs.metadata import redact_text, url_value
 from mlops_assets.defs.resources import MlflowResource, PlatformResource, RayServeResource
 from mlops_assets.deployment import rollout as dep
@@ -213,7 +214,7 @@ def rollback_champion_op(
     context.add_output_metadata(metadata)
     # The catalog's model_deployment names what serves: a rollback is a deployment too.
     context.log_event(dg.AssetMaterialization(
-        asset_key=model_deployment.key,
+        asset_key=names_for_asset(context).key(model_deployment.key.path[-1]),  # the run's data set's
         description=f"rollback: version {result.live_version} live again, replacing {result.replaced_version}",
         metadata={**metadata, "deployed_by": "rollback"},
     ))

@@ -12,6 +12,7 @@ from mlops_assets import constants as c
 from mlops_assets.core import records
 from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.core.records import RawDataset, content_hash
+from mlops_assets.defs.datasets import PRIMARY, DatasetNames, names_for_instigator
 from mlops_assets.defs.metadata import path_value, redact_text, redact_uri
 from mlops_assets.defs.resources import PlatformResource, end_mlflow_on_run_finished
 from mlops_assets.defs.training.staleness import sensor_staleness
@@ -199,12 +200,14 @@ class IngestedFile:
     detail: str = ""
 
 
-def ingest_landed_on_instance(instance: dg.DagsterInstance, job: dg.JobDefinition, landing_url: str) -> list[IngestedFile]:
+def ingest_landed_on_instance(instance: dg.DagsterInstance, job: dg.JobDefinition, landing_url: str,
+                              names: DatasetNames = PRIMARY) -> list[IngestedFile]:
     """Register every landed file as a partition of raw_batches and materialize, one run each, those
-    not materialized yet: what the file sensor does through the daemon, for the command line."""
+    not materialized yet: what the file sensor does through the daemon, for the command line.
+    `job` is data set `names`'s ingest job."""
     by_hash = ingestion.hash_landed_files(landing_url)
     instance.add_dynamic_partitions(RAW_BATCHES_PARTITIONS, list(by_hash))  # idempotent
-    done = instance.get_materialized_partitions(dg.AssetKey("raw_batches"))
+    done = instance.get_materialized_partitions(names.key("raw_batches"))
     out = []
     for sha, landed in by_hash.items():
         if sha in done:
@@ -212,7 +215,7 @@ def ingest_landed_on_instance(instance: dg.DagsterInstance, job: dg.JobDefinitio
             continue
         result = job.execute_in_process(instance=instance, partition_key=sha, raise_on_error=False,
                                         tags={LANDED_FILE_TAG: redact_uri(landed.url)})
-        materialized = result.asset_materializations_for_node("raw_batches")
+        materialized = result.asset_materializations_for_node("raw_batches")  # ops keep their names in every data set
         if not materialized:  # the run broke before reporting: not a verdict on the file
             failure = next((e.message for e in result.all_events if e.is_failure), None) or "run failed"
             out.append(IngestedFile(landed.name, sha, "failed", redact_text(failure)))
@@ -239,8 +242,8 @@ class _FilesCursor:
         return json.dumps({"seen": self.seen, "pending": self.pending})
 
 
-def _ingest_finished(instance: dg.DagsterInstance, sha: str, materialized: AbstractSet[str]) -> bool:
-    runs = instance.get_runs(dg.RunsFilter(job_name=INGEST_JOB, tags={"dagster/partition": sha}), limit=5)
+def _ingest_finished(instance: dg.DagsterInstance, sha: str, materialized: AbstractSet[str], names: DatasetNames) -> bool:
+    runs = instance.get_runs(dg.RunsFilter(job_name=names.name(INGEST_JOB), tags={"dagster/partition": sha}), limit=5)
     if any(not run.is_finished for run in runs):
         return False
     return bool(runs) or sha in materialized
@@ -255,7 +258,8 @@ def raw_files_sensor(context: dg.SensorEvaluationContext, platform: PlatformReso
     """Adds a raw_batches partition (and its run) per new landed file; once those runs finished,
     requests one ingestion_onward run if any of the files was accepted and the training path is
     stale (a run since, `make pipeline` say, may have trained on them already)."""
-    settings = platform
+    names = names_for_instigator(context)
+    settings = platform.for_dataset(names.dataset)
     landing = settings.landing_url
     cursor = _FilesCursor.parse(context.cursor)
     try:
@@ -271,14 +275,14 @@ def raw_files_sensor(context: dg.SensorEvaluationContext, platform: PlatformReso
     if new:
         return dg.SensorResult(
             dynamic_partitions_requests=[raw_batch_partitions.build_add_request(list(new))],
-            run_requests=[dg.RunRequest(job_name=INGEST_JOB, partition_key=sha, run_key=f"raw_batch-{sha}",
+            run_requests=[dg.RunRequest(job_name=names.name(INGEST_JOB), partition_key=sha, run_key=f"raw_batch-{sha}",
                                         tags={LANDED_FILE_TAG: redact_uri(f.url)}) for sha, f in new.items()],
             cursor=_FilesCursor(seen, [*cursor.pending, *new]).dump(),
         )
     if not cursor.pending:
         return dg.SensorResult(skip_reason=redact_text(f"no new files in {landing}"), cursor=_FilesCursor(seen, []).dump())
-    materialized = context.instance.get_materialized_partitions(dg.AssetKey("raw_batches"))
-    waiting = [sha for sha in cursor.pending if not _ingest_finished(context.instance, sha, materialized)]
+    materialized = context.instance.get_materialized_partitions(names.key("raw_batches"))
+    waiting = [sha for sha in cursor.pending if not _ingest_finished(context.instance, sha, materialized, names)]
     if waiting:
         return dg.SensorResult(skip_reason=f"waiting for {len(waiting)} raw_batches run(s) to finish",
                                cursor=_FilesCursor(seen, cursor.pending).dump())
@@ -287,14 +291,14 @@ def raw_files_sensor(context: dg.SensorEvaluationContext, platform: PlatformReso
         return dg.SensorResult(skip_reason=f"none of the {len(cursor.pending)} new file(s) met the contract; "
                                            "see the landed_files_meet_contract check of their partitions",
                                cursor=_FilesCursor(seen, []).dump())
-    found = sensor_staleness(context, settings.batches_url)
+    found = sensor_staleness(context, settings.batches_url, names)
     if not found.stale:
         return dg.SensorResult(skip_reason=f"{len(accepted)} new file(s) accepted, no training run: {found.summary()}; "
                                            "a run since has trained on them",
                                cursor=_FilesCursor(seen, []).dump())
     context.log.info(f"requesting ingestion_onward: {found.summary()}")
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(job_name=ingestion_onward_job.name,
+        run_requests=[dg.RunRequest(job_name=names.name(ingestion_onward_job.name),
                                     run_key=f"ingestion_onward-{ingestion.dataset_version(accepted)}",
                                     tags={LANDED_FILES_TAG: ",".join(sha[:16] for sha in accepted)[:200]})],
         cursor=_FilesCursor(seen, []).dump(),

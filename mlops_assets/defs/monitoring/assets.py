@@ -20,6 +20,7 @@ from mlops_assets import constants as c
 from mlops_assets.core import storage
 from mlops_assets.core.dataset_spec import DatasetSpec
 from mlops_assets.core.schema import typed_frame
+from mlops_assets.defs.datasets import names_for_asset
 from mlops_assets.defs.metadata import drift_table, path_value, redact_text
 from mlops_assets.defs.resources import MlflowResource, MonitoringResource, PlatformResource, RayServeResource
 from mlops_assets.deployment import rollout as dep
@@ -369,7 +370,8 @@ def _profile_hour(context: dg.AssetExecutionContext, settings: Settings, log_url
 
     read = mon.read_window(log_url, start, end)
     if partition_key is not None:  # what this hour of the log held, on the prediction_log asset
-        context.log_event(prediction_log_observation(partition_key, read.frame, len(read.files), len(read.skipped)))
+        context.log_event(prediction_log_observation(partition_key, read.frame, len(read.files), len(read.skipped),
+                                                     names_for_asset(context)))
     for path, why in read.skipped:
         context.log.warning(redact_text(f"skipped unreadable prediction log file {path}: {why}"))
     folder = production_folder(settings, start)
@@ -615,7 +617,8 @@ def online_performance(
         context.log.warning(redact_text(f"skipped unreadable label file {path}: {why}"))
     from mlops_assets.defs.monitoring.sources import delayed_labels_observation
 
-    context.log_event(delayed_labels_observation(labels.frame, len(labels.files), len(labels.skipped)))
+    context.log_event(delayed_labels_observation(labels.frame, len(labels.files), len(labels.skipped),
+                                                 names=names_for_asset(context)))
     calibrator, calibration = load_calibrator(mlflow, model)
     judged = []
     for key, (start, end) in zip(context.partition_keys, partition_hours(context), strict=True):

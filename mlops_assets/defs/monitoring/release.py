@@ -15,6 +15,7 @@ import dagster as dg
 import pandas as pd
 
 from mlops_assets import constants as c
+from mlops_assets.defs.datasets import names_for_asset, names_for_instigator
 from mlops_assets.defs.metadata import redact_text
 from mlops_assets.defs.monitoring.assets import (
     _floats,
@@ -185,7 +186,7 @@ def _finish(context: dg.OpExecutionContext, mlflow: MlflowResource, ray_serve: R
                 "seconds": dg.MetadataValue.float(round(result.seconds, 2))}
     if promote:  # a promotion is a deployment: the catalog (and the post-deploy watch) see the new version
         context.log_event(dg.AssetMaterialization(
-            asset_key=dg.AssetKey("model_deployment"), description=summary,
+            asset_key=names_for_asset(context).key("model_deployment"), description=summary,
             metadata={"live_version": result.champion_version, "replaced_version": str(release.champion_version),
                       "endpoint": target.endpoint, "deployed_by": "release", **metadata}))
     context.add_output_metadata(metadata)
@@ -214,6 +215,9 @@ def release_decision_sensor(context: dg.SensorEvaluationContext, platform: Platf
     requests and time; end it as soon as the candidate trails (errors, labels, else estimates)."""
     from mlops_assets.defs.monitoring.sensors import metrics_endpoints
 
+    names = names_for_instigator(context)
+    platform, mlflow = platform.for_dataset(names.dataset), mlflow.for_dataset(names.dataset)
+    ray_serve, monitoring = ray_serve.for_dataset(names.dataset), monitoring.for_dataset(names.dataset)
     target = ray_serve.target()
     release = _release_of(target)
     state = json.loads(context.cursor) if context.cursor else {}
@@ -245,7 +249,7 @@ def release_decision_sensor(context: dg.SensorEvaluationContext, platform: Platf
     context.log.info(f"release {release.release_id}: {decision.action}: {'; '.join(decision.reasons)}")
     return dg.SensorResult(
         run_requests=[dg.RunRequest(run_key=f"release-{release.release_id}-{decision.action}",
-                                    job_name=PROMOTE_JOB if decision.action == "promote" else ABORT_JOB,
+                                    job_name=names.name(PROMOTE_JOB if decision.action == "promote" else ABORT_JOB),
                                     tags={RELEASE_TAG: str(release.release_id),
                                           DECISION_TAG: json.dumps(list(decision.reasons))[:4000],
                                           "mlops_assets/trigger": "release_decision_sensor"})],

@@ -21,6 +21,7 @@ import pandas as pd
 from mlops_assets import constants as c
 from mlops_assets.core import storage
 from mlops_assets.core.dataset_spec import DatasetSpec
+from mlops_assets.defs.datasets import DatasetNames, names_for_instigator
 from mlops_assets.defs.deployment.assets import RayServeResource, replica_env, rollback_job
 from mlops_assets.defs.ingestion.assets import TRAINING_JOB, TRAINING_ONWARD
 from mlops_assets.defs.resources import (
@@ -66,25 +67,27 @@ retraining_job = dg.define_asset_job(
 )
 
 
-def training_run_in_progress(instance: dg.DagsterInstance) -> bool:
+def training_run_in_progress(instance: dg.DagsterInstance, names: DatasetNames) -> bool:
+    """A run of one of this data set's training jobs is queued or running."""
     runs = instance.get_runs(dg.RunsFilter(job_name=None, statuses=IN_PROGRESS), limit=50)
-    return any(run.job_name in TRAINING_JOBS for run in runs)
+    jobs = {names.name(job) for job in TRAINING_JOBS}
+    return any(run.job_name in jobs for run in runs)
 
 
-def latest_metadata(instance: dg.DagsterInstance, asset: str) -> tuple[dict[str, Any], float | None]:
+def latest_metadata(instance: dg.DagsterInstance, asset: str | dg.AssetKey) -> tuple[dict[str, Any], float | None]:
     """(metadata as plain values, timestamp) of the asset's latest materialization."""
-    event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+    event = instance.get_latest_materialization_event(dg.AssetKey.from_coercible(asset))
     if event is None or event.asset_materialization is None:
         return {}, None
     meta = {k: getattr(v, "value", v) for k, v in event.asset_materialization.metadata.items()}
     return meta, event.timestamp
 
 
-def latest_partition_metadata(instance: dg.DagsterInstance, asset: str) -> tuple[dict[str, Any], float | None]:
+def latest_partition_metadata(instance: dg.DagsterInstance, asset: str | dg.AssetKey) -> tuple[dict[str, Any], float | None]:
     """(metadata, timestamp) of the latest materialization of the asset's newest materialized
     partition: a backfill of an older hour, materialized later, does not hide the newest window.
     Hourly keys sort by time. An asset never materialized by partition: its latest materialization."""
-    key = dg.AssetKey(asset)
+    key = dg.AssetKey.from_coercible(asset)
     partitions = instance.get_materialized_partitions(key)
     if not partitions:
         return latest_metadata(instance, asset)
@@ -97,7 +100,7 @@ def latest_partition_metadata(instance: dg.DagsterInstance, asset: str) -> tuple
 
 
 def training_has_work(context: dg.SensorEvaluationContext | dg.ScheduleEvaluationContext, platform: PlatformResource,
-                      monitoring: MonitoringResource) -> tuple[bool, str]:
+                      monitoring: MonitoringResource, names: DatasetNames) -> tuple[bool, str]:
     """(would a retraining run learn anything, why). It does when the training path is stale (a new
     accepted batch, changed code or parameters) or when labelled production records arrived that
     its labelled_production_batch step would turn into a new batch; otherwise it would train the
@@ -105,7 +108,7 @@ def training_has_work(context: dg.SensorEvaluationContext | dg.ScheduleEvaluatio
     from mlops_assets.defs.monitoring.assets import pending_labelled_records
     from mlops_assets.defs.training.staleness import sensor_staleness
 
-    found = sensor_staleness(context, platform.batches_url)
+    found = sensor_staleness(context, platform.batches_url, names)
     if found.stale:
         return True, found.summary()
     pending = pending_labelled_records(platform, monitoring, c.LABEL_LOOKBACK_HOURS, datetime.now(UTC),
@@ -123,17 +126,19 @@ def _retrain_tick(context: dg.SensorEvaluationContext, platform: PlatformResourc
     A drift or degradation event asks for a model trained on newer data: with none (nothing stale,
     no new labelled records) the run would give the same model again, so none is requested and the
     event is not remembered: it asks again on a later tick, once labels or a new batch arrived."""
-    meta, _ = latest_partition_metadata(context.instance, asset)
+    names = names_for_instigator(context)
+    platform, monitoring = platform.for_dataset(names.dataset), monitoring.for_dataset(names.dataset)
+    meta, _ = latest_partition_metadata(context.instance, names.key(asset))
     cursor = mon.RetrainCursor.from_json(context.cursor)
     event = str(meta.get("event_key")) if meta.get(flag) and meta.get("event_key") not in (None, "none") else None
     if event is None and also is not None and meta.get(also[0]) and meta.get(also[1]) not in (None, "none"):
         event = str(meta[also[1]])
     decision = mon.retrain_decision(event, cursor, datetime.now(UTC),
-                                    run_in_progress=event is not None and training_run_in_progress(context.instance),
+                                    run_in_progress=event is not None and training_run_in_progress(context.instance, names),
                                     cooldown_s=monitoring.retrain_cooldown_s)
     if not decision.request:
         return dg.SensorResult(skip_reason=dg.SkipReason(decision.reason), cursor=decision.cursor.to_json())
-    work, why = training_has_work(context, platform, monitoring)
+    work, why = training_has_work(context, platform, monitoring, names)
     if not work:
         return dg.SensorResult(
             skip_reason=dg.SkipReason(f"{trigger} event {decision.run_key}: no retraining, nothing new to learn "
@@ -314,12 +319,12 @@ def watch_rows(log_url: str, deployment: str, live: str, deployed_at: pd.Timesta
     return rows, answered, len(new)
 
 
-def _deployed_by_rollback(instance: dg.DagsterInstance) -> bool:
+def _deployed_by_rollback(instance: dg.DagsterInstance, names: DatasetNames) -> bool:
     """The latest model_deployment was recorded by the rollback job: the version it restored is
     the known good one, and the version it replaced the one that failed."""
-    event = instance.get_latest_materialization_event(dg.AssetKey("model_deployment"))
+    event = instance.get_latest_materialization_event(names.key("model_deployment"))
     run = instance.get_run_by_id(event.run_id) if event is not None and event.run_id else None
-    return run is not None and run.job_name == rollback_job.name
+    return run is not None and run.job_name == names.name(rollback_job.name)
 
 
 # A restore inside a sensor tick must end well within the daemon's evaluation timeout (60 s by
@@ -379,7 +384,10 @@ def post_deploy_watch(
 ) -> dg.SensorResult | dg.SkipReason:
     """After each deployment, watch error rate, latency and the new version's answers against the
     replaced version's on the same inputs; roll back and alert if they break a limit."""
-    meta, at = latest_metadata(context.instance, "model_deployment")
+    names = names_for_instigator(context)
+    platform, monitoring = platform.for_dataset(names.dataset), monitoring.for_dataset(names.dataset)
+    ray_serve, mlflow = ray_serve.for_dataset(names.dataset), mlflow.for_dataset(names.dataset)
+    meta, at = latest_metadata(context.instance, names.key("model_deployment"))
     if not meta or at is None:
         return dg.SkipReason("no deployment yet")
     live = str(meta.get("live_version"))
@@ -394,7 +402,7 @@ def post_deploy_watch(
     if state.get("deployment") != deployment:
         # First tick of a new deployment: the counters' baseline, per node (the replica outlives versions).
         state = {"deployment": deployment, "baseline": _baseline_now(metrics_endpoints(monitoring, ray_serve.target())),
-                 "verdict": "watching", "restored": _deployed_by_rollback(context.instance)}
+                 "verdict": "watching", "restored": _deployed_by_rollback(context.instance, names)}
     elif state.get("baseline") and _node_baseline(state["baseline"]) is None:
         # A cursor of an earlier release (one endpoint's counters): count from now.
         state["baseline"] = _baseline_now(metrics_endpoints(monitoring, ray_serve.target()))
@@ -402,7 +410,7 @@ def post_deploy_watch(
         return dg.SensorResult(skip_reason=dg.SkipReason(f"deployment {deployment}: {state['verdict']}"),
                                cursor=json.dumps(state))
     deployed_at = pd.Timestamp(at, unit="s", tz="UTC")
-    log, answered, _ = watch_rows(monitoring.prediction_log_url, deployment, live, deployed_at, state,
+    log, answered, _ = watch_rows(monitoring.prediction_log_url, names.name(deployment), live, deployed_at, state,
                                   monitoring.watch_max_compared_rows)
     baseline = _node_baseline(state.get("baseline"))
     counters = scrape_nodes(metrics_endpoints(monitoring, ray_serve.target())) if baseline else None
@@ -449,7 +457,7 @@ def post_deploy_watch(
     )
 
 
-_CALIBRATORS: OrderedDict[tuple[str, str], tuple[Any, dict[str, float]]] = OrderedDict()
+_CALIBRATORS: OrderedDict[tuple[str, str, str], tuple[Any, dict[str, float]]] = OrderedDict()
 
 
 def _estimated_accuracy_signal(mlflow: MlflowResource, version: str, rows: pd.DataFrame, positive_class: int | str,
@@ -463,7 +471,7 @@ def _estimated_accuracy_signal(mlflow: MlflowResource, version: str, rows: pd.Da
     rows = served_rows(rows)
     if rows.empty or len(rows) < min_rows:
         return out
-    key = (mlflow.tracking_uri, str(version))
+    key = (mlflow.tracking_uri, mlflow.model_name, str(version))
     if key not in _CALIBRATORS:
         try:
             mv = mlflow.client().get_model_version(mlflow.model_name, str(version))
@@ -498,9 +506,11 @@ def retraining_schedule(context: dg.ScheduleEvaluationContext, platform: Platfor
                         monitoring: MonitoringResource) -> dg.RunRequest | dg.SkipReason:
     """A retraining run on the schedule, as the sensors decide: only with something new to learn
     from (a stale training path or labelled production records), never beside a training run."""
-    if training_run_in_progress(context.instance):
+    names = names_for_instigator(context)
+    platform, monitoring = platform.for_dataset(names.dataset), monitoring.for_dataset(names.dataset)
+    if training_run_in_progress(context.instance, names):
         return dg.SkipReason("a training run is queued or running; this tick adds none")
-    work, why = training_has_work(context, platform, monitoring)
+    work, why = training_has_work(context, platform, monitoring, names)
     if not work:
         return dg.SkipReason(f"no retraining, nothing new to learn from: {why}")
     context.log.info(f"periodic retraining: {why}")

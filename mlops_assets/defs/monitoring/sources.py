@@ -14,6 +14,7 @@ import dagster as dg
 import pandas as pd
 
 from mlops_assets import constants as c
+from mlops_assets.defs.datasets import PRIMARY, DatasetNames
 from mlops_assets.defs.monitoring.assets import monitoring_partitions
 from mlops_assets.monitoring import live as mon
 
@@ -45,8 +46,8 @@ delayed_labels = dg.AssetSpec(
 )
 
 
-def prediction_log_observation(partition_key: str, frame: pd.DataFrame, files: int, skipped: int
-                               ) -> dg.AssetObservation:
+def prediction_log_observation(partition_key: str, frame: pd.DataFrame, files: int, skipped: int,
+                               names: DatasetNames = PRIMARY) -> dg.AssetObservation:
     """What one hour of the prediction log held when a monitoring run read it."""
     versions = frame[mon.MODEL_VERSION].astype(str).value_counts().sort_index() if not frame.empty else pd.Series()
     metadata: dict[str, Any] = {
@@ -61,16 +62,16 @@ def prediction_log_observation(partition_key: str, frame: pd.DataFrame, files: i
     }
     if not frame.empty:
         metadata["newest_record"] = str(pd.Timestamp(frame[mon.TIMESTAMP].max()))
-    return dg.AssetObservation(asset_key=PREDICTION_LOG, partition=partition_key, metadata=metadata)
+    return dg.AssetObservation(asset_key=names.key(PREDICTION_LOG.path[-1]), partition=partition_key, metadata=metadata)
 
 
 def delayed_labels_observation(frame: pd.DataFrame, files: int, skipped: int,
-                               join: Mapping[str, int] | None = None) -> dg.AssetObservation:
+                               join: Mapping[str, int] | None = None, names: DatasetNames = PRIMARY) -> dg.AssetObservation:
     """How many labels had arrived when a monitoring run read them (and, with `join`, how they matched)."""
     metadata: dict[str, Any] = {"rows": len(frame), "files": files, "skipped_files": skipped,
                                 "dagster/row_count": len(frame)}
     metadata.update({f"join_{k}": int(v) for k, v in (join or {}).items()})
-    return dg.AssetObservation(asset_key=DELAYED_LABELS, metadata=metadata)
+    return dg.AssetObservation(asset_key=names.key(DELAYED_LABELS.path[-1]), metadata=metadata)
 
 
 defs = dg.Definitions(assets=[prediction_log, delayed_labels])

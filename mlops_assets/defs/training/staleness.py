@@ -16,6 +16,7 @@ from typing import Any
 import dagster as dg
 
 from mlops_assets import constants as c
+from mlops_assets.defs.datasets import PRIMARY, DatasetNames
 
 RAW_DATASET = "raw_dataset"
 
@@ -65,9 +66,9 @@ def _config_change(instance: dg.DagsterInstance, asset_def: dg.AssetsDefinition,
     run = runs[last_run_id]
     if run is None:
         return f"{key.to_user_string()}: the run that last materialized it is gone, its parameters unknown"
-    name = key.to_user_string()
-    before = _resolved_config(asset_def, op_config(run.run_config, name))
-    now = _resolved_config(asset_def, op_config(run_config, name))
+    name, op = key.to_user_string(), asset_def.op.name  # run config is keyed by op name
+    before = _resolved_config(asset_def, op_config(run.run_config, op))
+    now = _resolved_config(asset_def, op_config(run_config, op))
     if before == now:
         return None
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
@@ -84,11 +85,12 @@ def _cause_text(cause: Any) -> str:
 
 
 def training_staleness(instance: dg.DagsterInstance, asset_graph: Any, selection: Sequence[str],
-                       run_config: Mapping[str, Any] | None, batches_url: str | None) -> Staleness:
+                       run_config: Mapping[str, Any] | None, batches_url: str | None,
+                       names: DatasetNames = PRIMARY) -> Staleness:
     """Why materializing `selection` with `run_config` would do work, from the instance's records.
 
     `batches_url`: the batch store raw_dataset unions (its current version is compared with the one
-    recorded); None skips that comparison."""
+    recorded); None skips that comparison. `selection` names the assets of data set `names`."""
     from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
     from dagster._time import get_current_datetime
@@ -98,7 +100,7 @@ def training_staleness(instance: dg.DagsterInstance, asset_graph: Any, selection
     resolver = CachingStaleStatusResolver(instance, asset_graph, view)
     reasons: list[str] = []
     fresh: list[str] = []
-    keys = [dg.AssetKey.from_user_string(name) for name in selection]
+    keys = [names.key(name) for name in selection]
     # The run that last materialized each asset, for every asset in one query.
     last_runs = {record.asset_entry.asset_key: (event.run_id if (event := record.asset_entry.last_materialization)
                                                 else None) for record in instance.get_asset_records(keys)}
@@ -130,7 +132,7 @@ def training_staleness(instance: dg.DagsterInstance, asset_graph: Any, selection
 
 
 def sensor_staleness(context: dg.SensorEvaluationContext | dg.ScheduleEvaluationContext,
-                     batches_url: str) -> Staleness:
+                     batches_url: str, names: DatasetNames = PRIMARY) -> Staleness:
     """What a training run a sensor or schedule requests would find stale on the training path
     (raw_dataset to registered_model). Such a run has no run config, so the assets' defaults are
     compared with the parameters of their last materialization. Deployment and the reference
@@ -148,4 +150,4 @@ def sensor_staleness(context: dg.SensorEvaluationContext | dg.ScheduleEvaluation
         from mlops_assets.definitions import defs
 
         graph = defs.resolve_asset_graph()
-    return training_staleness(context.instance, graph, c.TRAINING_PATH_ASSETS, None, batches_url)
+    return training_staleness(context.instance, graph, c.TRAINING_PATH_ASSETS, None, batches_url, names)

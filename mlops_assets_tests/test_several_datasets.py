@@ -1,0 +1,117 @@
+"""Several data sets in one Definitions (MLOPS_DATASETS): each its own prefixed asset graph, jobs,
+sensors, landing folder, registered model and Serve route; one real Dagster instance trains both,
+each into its own registered model, from its own landing folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from mlflow import MlflowClient
+
+from mlops_assets.core.dataset_spec import load_spec
+from mlops_assets.defs.datasets import DATASET_TAG, DatasetNames, names_for_run
+from mlops_assets.defs.ingestion import assets as ingestion
+from mlops_assets.settings import dataset_settings, load_settings
+from mlops_assets.tools.simulator import SimulationConfig, simulate_records, write_batch
+from mlops_assets_tests.settings_support import platform_definitions
+
+FLOWS = DatasetNames("network_flows")
+TRAINING_PATH = ["raw_dataset", "validation_report", "feature_set", "train_test_split", "trained_model",
+                 "model_evaluation", "registered_model"]
+
+
+def _env(root: Path) -> dict[str, str]:
+    return {"MLOPS_DATA_URL": str(root), "MLOPS_DATASETS": "phishing_websites,network_flows",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "MLOPS_MLFLOW_ARTIFACT_ROOT": (root / "artifacts").as_uri()}
+
+
+def test_each_data_set_gets_its_own_names_folders_model_and_route(tmp_path: Path) -> None:
+    settings = load_settings(_env(tmp_path))
+    flows = dataset_settings(settings, "network_flows")
+    assert settings.model_name == "phishing-classifier" and settings.serve_route_prefix == "/"
+    assert (flows.model_name, flows.serve_app_name, flows.serve_route_prefix) == (
+        "network_flows-classifier", "network_flows", "/network_flows")
+    assert flows.landing_url == str(tmp_path / "datasets" / "network_flows" / "raw")
+    assert flows.prediction_log_url.startswith(str(tmp_path / "datasets" / "network_flows"))
+
+    defs = platform_definitions(_env(tmp_path))
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert {"raw_dataset", "network_flows/raw_dataset", "network_flows/model_deployment"} <= keys
+    assert graph.get(FLOWS.key("trained_model")).parent_keys == {FLOWS.key("train_test_split")}
+    assert graph.get(FLOWS.key("trained_model")).group_name == "network_flows_training"
+    jobs = {job.name for job in defs.resolve_all_job_defs()}
+    assert {"ingestion_onward", "network_flows__ingestion_onward", "network_flows__rollback",
+            "network_flows__release_promote"} <= jobs
+    sensors = {sensor.name for sensor in defs.sensors or ()}
+    assert {"raw_files_sensor", "network_flows__raw_files_sensor", "network_flows__post_deploy_watch"} <= sensors
+    assert "network_flows__run_failure_alert" not in sensors  # one alert sensor watches every run
+    ray_serve = defs.resources["ray_serve"]
+    assert ray_serve.for_dataset("network_flows").target().endpoint.endswith("/network_flows/predict")
+    assert ray_serve.target().endpoint.endswith(":8000/predict")
+    with pytest.raises(dg.Failure, match="no data set named 'nope'"):
+        ray_serve.for_dataset("nope")
+
+
+def test_bad_dataset_lists_are_refused_naming_the_entry() -> None:
+    with pytest.raises(ValueError, match="MLOPS_DATASETS entry 2 .'nope.json'"):
+        load_settings({"MLOPS_DATASETS": "phishing_websites,nope.json"})
+    with pytest.raises(ValueError, match="both named 'network_flows'"):
+        load_settings({"MLOPS_DATASETS": "network_flows,network_flows"})
+    with pytest.raises(ValueError, match="the first of MLOPS_DATASETS is the primary"):
+        load_settings({"MLOPS_DATASETS": "phishing_websites,network_flows", "MLOPS_DATASET_SPEC": "network_flows"})
+
+
+def test_a_run_selecting_two_data_sets_is_refused() -> None:
+    run = dg.DagsterRun(job_name="__ASSET_JOB", asset_selection={dg.AssetKey("raw_dataset"), FLOWS.key("raw_dataset")})
+    with pytest.raises(dg.DagsterInvariantViolationError, match="several data sets"):
+        names_for_run(run)
+    assert names_for_run(dg.DagsterRun(job_name="x", tags={DATASET_TAG: "network_flows"})) == FLOWS
+    assert names_for_run(dg.DagsterRun(job_name="__ASSET_JOB", asset_selection={FLOWS.key("trained_model")})) == FLOWS
+
+
+def test_one_instance_trains_both_data_sets_each_into_its_own_model(tmp_path: Path) -> None:
+    env = _env(tmp_path)
+    settings = load_settings(env)
+    flows = dataset_settings(settings, "network_flows")
+    write_batch(simulate_records(load_spec(None), SimulationConfig(n_rows=600, seed=3)), settings.landing_url,
+                name="p.csv")
+    write_batch(simulate_records(load_spec("network_flows"), SimulationConfig(n_rows=600, seed=4)),
+                flows.landing_url, name="f.csv")
+    defs = platform_definitions(env)
+    fast = {"iterations": 60, "thread_count": 1}
+    with dg.instance_for_test() as instance:
+        for names, landing in ((DatasetNames(), settings.landing_url), (FLOWS, flows.landing_url)):
+            ingest = defs.resolve_job_def(names.name(ingestion.INGEST_JOB))
+            ingested = ingestion.ingest_landed_on_instance(instance, ingest, landing, names)
+            assert [f.status for f in ingested] == ["accepted"], ingested
+            job = defs.resolve_job_def(names.name(ingestion.TRAINING_JOB))
+            result = job.execute_in_process(
+                instance=instance, asset_selection=[names.key(a) for a in TRAINING_PATH],
+                run_config={"ops": {"trained_model": {"config": fast}}}, raise_on_error=False)
+            assert result.success, [e.message for e in result.all_events if e.is_failure]
+            run = instance.get_run_by_id(result.run_id)
+            assert run is not None and names_for_run(run) == names
+        for names in (DatasetNames(), FLOWS):  # every asset of the path under its own data set's key
+            assert all(instance.get_latest_materialization_event(names.key(a)) for a in TRAINING_PATH)
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiments = set()
+    for name in ("phishing-classifier", "network_flows-classifier"):
+        version = client.get_model_version_by_alias(name, "champion")
+        experiments.add(client.get_run(version.run_id).info.experiment_id)
+    assert len(experiments) == 2  # each data set's runs in its own experiment
+    assert (tmp_path / "datasets" / "network_flows" / "batches").exists()
+
+
+def test_dagster_definitions_validate_with_both_data_sets(tmp_path: Path) -> None:
+    env = {**os.environ, **_env(tmp_path)}
+    env.pop("MLOPS_DATASET_SPEC", None)
+    done = subprocess.run([sys.executable, "-m", "dagster", "definitions", "validate", "-m", "mlops_assets.definitions"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
