@@ -37,9 +37,11 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
               else list(getattr((loaded.resources or {}).get("platform"), "datasets", None) or {}))
     if not others:
         return primary
+    from mlops_assets.defs.ingestion.assets import BUILT_PER_DATASET
     from mlops_assets.defs.monitoring.sensors import run_failure_alert  # one alert sensor sees every run
 
-    copies = [prefixed_definitions(primary, DatasetNames(name), shared_sensors=[run_failure_alert.name]) for name in others]
+    copies = [prefixed_definitions(primary, DatasetNames(name), shared_sensors=[run_failure_alert.name],
+                                   built=BUILT_PER_DATASET) for name in others]
     return dg.Definitions.merge(primary, *copies)
 
 

@@ -100,6 +100,11 @@ def test_one_instance_trains_both_data_sets_each_into_its_own_model(tmp_path: Pa
             assert run is not None and names_for_run(run) == names
         for names in (DatasetNames(), FLOWS):  # every asset of the path under its own data set's key
             assert all(instance.get_latest_materialization_event(names.key(a)) for a in TRAINING_PATH)
+        # each data set's landed files are its own partitions of its own raw_batches
+        primary_files = instance.get_dynamic_partitions(ingestion.RAW_BATCHES_PARTITIONS)
+        flows_files = instance.get_dynamic_partitions(FLOWS.name(ingestion.RAW_BATCHES_PARTITIONS))
+        assert len(primary_files) == len(flows_files) == 1 and primary_files != flows_files
+        assert instance.get_materialized_partitions(FLOWS.key("raw_batches")) == set(flows_files)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiments = set()
     for name in ("phishing-classifier", "network_flows-classifier"):

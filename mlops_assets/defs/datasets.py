@@ -10,7 +10,7 @@ tag (or the keys it selected); resources pick that data set's values the same wa
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,16 +90,21 @@ def names_for_run(run: dg.DagsterRun) -> DatasetNames:
     return names_for_name(run.job_name or "")
 
 
-def prefixed_definitions(primary: dg.Definitions, names: DatasetNames, *, shared_sensors: Iterable[str] = ()) -> dg.Definitions:
+def prefixed_definitions(primary: dg.Definitions, names: DatasetNames, *, shared_sensors: Iterable[str] = (),
+                         built: Mapping[str, Callable[[DatasetNames], dg.AssetsDefinition]] | None = None,
+                         ) -> dg.Definitions:
     """The primary's graph (`primary`, resources left out) as data set `names`: every key, group,
     job, sensor and schedule renamed, runs tagged, dependencies kept inside the data set. Sensors
-    named in `shared_sensors` watch every data set's runs already and are not copied."""
+    named in `shared_sensors` watch every data set's runs already and are not copied; the assets
+    named in `built` are built for the data set by their function (a partition set of its own)."""
     graph = primary.resolve_asset_graph()
     defs = primary
     plain = _plain_keys(defs)
     replacements = {key: names.key(key.path[0]) for key in plain}
 
     def rename(asset: Any) -> Any:
+        if isinstance(asset, dg.AssetsDefinition) and len(asset.keys) == 1 and asset.key.path[0] in (built or {}):
+            return (built or {})[asset.key.path[0]](names)
         if isinstance(asset, dg.AssetSpec):
             return asset.replace_attributes(
                 key=replacements[asset.key], group_name=names.group(asset.group_name or "default"),
@@ -141,9 +146,12 @@ def _renamed_job(job: Any, names: DatasetNames, replacements: dict[dg.AssetKey, 
     if selected_checks:
         selection = selection | dg.AssetSelection.checks(
             *(dg.AssetCheckKey(replacements[check.asset_key], check.name) for check in selected_checks))
+    partitions = job.partitions_def
+    if isinstance(partitions, dg.DynamicPartitionsDefinition) and partitions.name:  # the data set's own set
+        partitions = dg.DynamicPartitionsDefinition(name=names.name(partitions.name))
     return dg.define_asset_job(
         names.name(job.name), selection=selection, config=job.config, description=job.description, tags=tags,
-        run_tags=job.run_tags, metadata=job.metadata, partitions_def=job.partitions_def, executor_def=job.executor_def,
+        run_tags=job.run_tags, metadata=job.metadata, partitions_def=partitions, executor_def=job.executor_def,
         hooks=job.hooks, op_retry_policy=job.op_retry_policy)
 
 

@@ -30,8 +30,13 @@ RAW_DATASET_CODE_VERSION = "2"  # bump when the union of batches is built differ
 CONTRACT_DIR = "contract"  # under the reports folder: each batch's contract findings, per dataset spec
 
 
-# Each landed file is one partition of raw_batches, keyed by the sha256 of its bytes.
-raw_batch_partitions = dg.DynamicPartitionsDefinition(name=RAW_BATCHES_PARTITIONS)
+def raw_batch_partitions_of(names: DatasetNames) -> dg.DynamicPartitionsDefinition:
+    """Each landed file is one partition of raw_batches, keyed by the sha256 of its bytes; each
+    data set has its own set of them."""
+    return dg.DynamicPartitionsDefinition(name=names.name(RAW_BATCHES_PARTITIONS))
+
+
+raw_batch_partitions = raw_batch_partitions_of(PRIMARY)
 
 
 def _contract_result(outcome: ingestion.BatchOutcome) -> dg.AssetCheckResult:
@@ -54,22 +59,34 @@ def _contract_result(outcome: ingestion.BatchOutcome) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset(
-    group_name=c.GROUP_INGESTION, owners=c.ASSET_OWNERS,
-    kinds={"pandas", "parquet"},
-    partitions_def=raw_batch_partitions,
-    check_specs=[
-        # Partitioned checks: the UI shows each file's check results on its own partition.
-        dg.AssetCheckSpec(CONTRACT_CHECK, asset="raw_batches", partitions_def=raw_batch_partitions,
-                          description="The landed file was readable and met the data contract."),
-        # Not blocking: nothing downstream runs in a partition's run, and a bad file's run should
-        # report it (failed checks, quarantine) rather than fail.
-        dg.AssetCheckSpec(NOT_EMPTY_CHECK, asset="raw_batches", partitions_def=raw_batch_partitions,
-                          description="The file became an accepted batch with rows, so there is data to train on."),
-    ],
-)
-def raw_batches(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
-    """One landed file (partition key: its sha256), copied once into the batch store or quarantined."""
+def build_raw_batches(names: DatasetNames = PRIMARY) -> dg.AssetsDefinition:
+    """raw_batches of data set `names`: built per data set (not renamed like the other assets)
+    because each data set's landed files are a partition set of their own."""
+    partitions = raw_batch_partitions_of(names)
+    key = names.key("raw_batches")
+
+    @dg.asset(
+        key=key, group_name=names.group(c.GROUP_INGESTION), owners=c.ASSET_OWNERS,
+        kinds={"pandas", "parquet"},
+        partitions_def=partitions,
+        check_specs=[
+            # Partitioned checks: the UI shows each file's check results on its own partition.
+            dg.AssetCheckSpec(CONTRACT_CHECK, asset=key, partitions_def=partitions,
+                              description="The landed file was readable and met the data contract."),
+            # Not blocking: nothing downstream runs in a partition's run, and a bad file's run should
+            # report it (failed checks, quarantine) rather than fail.
+            dg.AssetCheckSpec(NOT_EMPTY_CHECK, asset=key, partitions_def=partitions,
+                              description="The file became an accepted batch with rows, so there is data to train on."),
+        ],
+    )
+    def raw_batches(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
+        """One landed file (partition key: its sha256), copied once into the batch store or quarantined."""
+        return _ingest_partition(context, platform)
+
+    return raw_batches
+
+
+def _ingest_partition(context: dg.AssetExecutionContext, platform: PlatformResource) -> dg.MaterializeResult:
     settings = platform
     sha = context.partition_key
     try:
@@ -120,6 +137,11 @@ def raw_batches(context: dg.AssetExecutionContext, platform: PlatformResource) -
         # The content is the version: re-ingesting the same bytes is never new data.
         data_version=dg.DataVersion(sha if batch is not None else f"quarantined-{sha}"),
     )
+
+
+raw_batches = build_raw_batches()
+# Assets another data set gets built for itself rather than renamed (definitions.py).
+BUILT_PER_DATASET = {"raw_batches": build_raw_batches}
 
 
 # All partitions: the union of every accepted batch (labelled production batches are stored
@@ -206,7 +228,7 @@ def ingest_landed_on_instance(instance: dg.DagsterInstance, job: dg.JobDefinitio
     not materialized yet: what the file sensor does through the daemon, for the command line.
     `job` is data set `names`'s ingest job."""
     by_hash = ingestion.hash_landed_files(landing_url)
-    instance.add_dynamic_partitions(RAW_BATCHES_PARTITIONS, list(by_hash))  # idempotent
+    instance.add_dynamic_partitions(names.name(RAW_BATCHES_PARTITIONS), list(by_hash))  # idempotent
     done = instance.get_materialized_partitions(names.key("raw_batches"))
     out = []
     for sha, landed in by_hash.items():
@@ -215,7 +237,7 @@ def ingest_landed_on_instance(instance: dg.DagsterInstance, job: dg.JobDefinitio
             continue
         result = job.execute_in_process(instance=instance, partition_key=sha, raise_on_error=False,
                                         tags={LANDED_FILE_TAG: redact_uri(landed.url)})
-        materialized = result.asset_materializations_for_node("raw_batches")  # ops keep their names in every data set
+        materialized = result.asset_materializations_for_node(names.name("raw_batches"))  # its op's name
         if not materialized:  # the run broke before reporting: not a verdict on the file
             failure = next((e.message for e in result.all_events if e.is_failure), None) or "run failed"
             out.append(IngestedFile(landed.name, sha, "failed", redact_text(failure)))
@@ -270,11 +292,11 @@ def raw_files_sensor(context: dg.SensorEvaluationContext, platform: PlatformReso
         return dg.SkipReason(redact_text(f"cannot list landing folder {landing}: {exc}"))
     # Files that left the folder (quarantined ones move away) are forgotten, so the cursor stays small.
     seen = {f.name: f.fingerprint for f in files}
-    known = set(context.instance.get_dynamic_partitions(RAW_BATCHES_PARTITIONS))
+    known = set(context.instance.get_dynamic_partitions(names.name(RAW_BATCHES_PARTITIONS)))
     new = {sha: f for sha, f in hashes.items() if sha not in known and sha not in cursor.pending}
     if new:
         return dg.SensorResult(
-            dynamic_partitions_requests=[raw_batch_partitions.build_add_request(list(new))],
+            dynamic_partitions_requests=[raw_batch_partitions_of(names).build_add_request(list(new))],
             run_requests=[dg.RunRequest(job_name=names.name(INGEST_JOB), partition_key=sha, run_key=f"raw_batch-{sha}",
                                         tags={LANDED_FILE_TAG: redact_uri(f.url)}) for sha, f in new.items()],
             cursor=_FilesCursor(seen, [*cursor.pending, *new]).dump(),
