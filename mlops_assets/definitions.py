@@ -55,3 +55,10 @@ def training_job() -> dg.JobDefinition:
     from mlops_assets.defs.ingestion.assets import TRAINING_JOB
 
     return defs.resolve_job_def(TRAINING_JOB)
+
+
+def dataset_training_job(dataset: str) -> dg.JobDefinition:
+    """Another data set's training job, for `dg.build_reconstructable_job` (`mlops-assets train --dataset`)."""
+    from mlops_assets.defs.ingestion.assets import TRAINING_JOB
+
+    return defs.resolve_job_def(DatasetNames(dataset).name(TRAINING_JOB))

@@ -4,6 +4,7 @@ each into its own registered model, from its own landing folder."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -120,3 +121,42 @@ def test_dagster_definitions_validate_with_both_data_sets(tmp_path: Path) -> Non
     done = subprocess.run([sys.executable, "-m", "dagster", "definitions", "validate", "-m", "mlops_assets.definitions"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_make_pipeline_trains_every_data_set_and_then_each_only_when_stale(tmp_path: Path) -> None:
+    """`mlops-assets pipeline` (what `make pipeline` runs) with two data sets: each landing folder
+    ingested and trained into its own champion; run again, neither trains; `status --dataset` names each."""
+    from mlops_assets_tests.test_postgres_platform import FAST, IN_PROCESS, REPO, training_path
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").touch()
+    env = {**os.environ, **_env(tmp_path / "data"), "DAGSTER_HOME": str(home)}
+    env.pop("MLOPS_DATASET_SPEC", None)
+    settings = load_settings(env)
+    write_batch(simulate_records(load_spec(None), SimulationConfig(n_rows=800, seed=5)), settings.landing_url)
+    write_batch(simulate_records(load_spec("network_flows"), SimulationConfig(n_rows=800, seed=6)),
+                dataset_settings(settings, "network_flows").landing_url)
+    cli = str(Path(sys.executable).with_name("mlops-assets"))
+
+    def pipeline() -> str:
+        done = subprocess.run([cli, "pipeline", "--select", ",".join(training_path()),
+                               "--config-json", json.dumps({**FAST, **IN_PROCESS})],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+        return done.stdout
+
+    first = pipeline()
+    assert first.count("launching a run") == 2, first[-3000:]
+    assert "model phishing-classifier" in first and "model network_flows-classifier" in first
+    again = pipeline()
+    assert again.count("skipped, no run launched") == 2, again[-3000:]
+    done = subprocess.run([cli, "status", "--dataset", "network_flows", "--no-endpoint", "--json"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["champion"]["version"] == "1"
+    bad = subprocess.run([cli, "status", "--dataset", "nope"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "no data set named 'nope'" in bad.stderr

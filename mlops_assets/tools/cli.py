@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from mlops_assets import constants as c
@@ -105,26 +105,32 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     if _no_dagster_home("ingest"):
         return 2
     with dg.DagsterInstance.get() as instance:
-        return _ingest(instance)[0]
+        return _ingest(instance, _dataset_settings(args))[0]
 
 
-def _ingest(instance: Any) -> tuple[int, int]:
-    """Each new landed file as a raw_batches partition on `instance`: (exit code, files ingested now)."""
-    import dagster as dg
+def _names(settings: Settings) -> Any:
+    """The DatasetNames of the data set `settings` are of."""
+    from mlops_assets.defs.datasets import DatasetNames
 
+    return DatasetNames(settings.dataset_name)
+
+
+def _ingest(instance: Any, settings: Settings) -> tuple[int, int]:
+    """Each new landed file of the data set `settings` are of as a raw_batches partition on
+    `instance`: (exit code, files ingested now)."""
     from mlops_assets.ingestion.batches import accepted_batches, hash_landed_files
-    from mlops_assets.settings import load_settings
 
-    settings = load_settings()
+    names = _names(settings)
     by_hash = hash_landed_files(settings.landing_url)
-    done = instance.get_materialized_partitions(dg.AssetKey("raw_batches")) if by_hash else set()
+    done = instance.get_materialized_partitions(names.key("raw_batches")) if by_hash else set()
     if set(by_hash) - done:
         # Only new files pay for loading the definitions (most of this command's time).
         from mlops_assets.definitions import defs
         from mlops_assets.defs.ingestion.assets import INGEST_JOB, ingest_landed_on_instance
 
+        job = defs.resolve_job_def(names.name(INGEST_JOB))
         files = [(f.status, f.sha256, f.file_name, f.detail) for f in
-                 ingest_landed_on_instance(instance, defs.resolve_job_def(INGEST_JOB), settings.landing_url)]
+                 ingest_landed_on_instance(instance, job, settings.landing_url, names)]
     else:
         files = [("already_ingested", sha, landed.name, "") for sha, landed in by_hash.items()]
     for status, sha, name, detail in files:
@@ -176,25 +182,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if _no_dagster_home("train"):
         return 2
     with dg.DagsterInstance.get() as instance:
-        return _train(args, instance)[0]
+        return _train(args, instance, _dataset_settings(args))[0]
 
 
-def _train(args: argparse.Namespace, instance: Any) -> tuple[int, bool]:
-    """Materialize the selection as a run of the training job on `instance`, launched only if something
-    in it is stale: (exit code, whether a run was launched)."""
+def _train(args: argparse.Namespace, instance: Any, settings: Settings) -> tuple[int, bool]:
+    """Materialize the selection (of the data set `settings` are of) as a run of its training job on
+    `instance`, launched only if something in it is stale: (exit code, whether a run was launched)."""
     import dagster as dg
 
-    from mlops_assets.definitions import defs, training_job
+    from mlops_assets.definitions import defs
     from mlops_assets.defs.ingestion.assets import TRAINING_JOB, TRAINING_ONWARD
 
+    names = _names(settings)
     selection = [name.strip() for name in args.select.split(",") if name.strip()]
     graph = defs.resolve_asset_graph()
-    unknown = [name for name in selection if not graph.has(dg.AssetKey(name))]
+    unknown = [name for name in selection if not graph.has(names.key(name))]
     if unknown:
         print(f"mlops-assets train: --select names no asset: {', '.join(unknown)}", file=sys.stderr)
         return 2, False
     in_job = TRAINING_ONWARD.resolve(graph)
-    outside = [name for name in selection if dg.AssetKey(name) not in in_job]
+    outside = [name for name in selection if dg.AssetKey(name) not in in_job]  # the primary's graph: the same shape
     if outside:
         print(f"mlops-assets train: --select names assets outside the {TRAINING_JOB} job (raw_dataset and what "
               f"follows it, up to deployment): {', '.join(outside)}", file=sys.stderr)
@@ -205,28 +212,40 @@ def _train(args: argparse.Namespace, instance: Any) -> tuple[int, bool]:
         print(f"mlops-assets train: {exc}", file=sys.stderr)
         return 2, False
     try:
-        return _train_if_stale(instance, training_job, selection, graph, run_config, args.force)
+        return _train_if_stale(instance, _training_job(settings.dataset_name), selection, graph, run_config,
+                               args.force, settings.batches_url, names)
     except dg.DagsterInvalidConfigError as exc:  # the run config does not fit the job's config schema
         print(f"mlops-assets train: {exc}", file=sys.stderr)
         return 2, False
 
 
-def _train_if_stale(instance: Any, job: Callable[[], Any], selection: list[str], graph: Any,
-                    run_config: dict[str, Any], force: bool) -> tuple[int, bool]:
+def _training_job(dataset: str | None) -> Any:
+    """The data set's training job as a reconstructable target (step processes import it again)."""
+    import dagster as dg
+
+    from mlops_assets.definitions import training_job
+
+    if dataset is None:
+        return dg.reconstructable(training_job)
+    return dg.build_reconstructable_job("mlops_assets.definitions", "dataset_training_job",
+                                        reconstructable_kwargs={"dataset": dataset})
+
+
+def _train_if_stale(instance: Any, job: Any, selection: list[str], graph: Any, run_config: dict[str, Any],
+                    force: bool, batches_url: str, names: Any) -> tuple[int, bool]:
     import dagster as dg
 
     from mlops_assets.defs.training.staleness import training_staleness
-    from mlops_assets.settings import load_settings
 
-    found = training_staleness(instance, graph, selection, run_config, load_settings().batches_url)
+    found = training_staleness(instance, graph, selection, run_config, batches_url, names)
     if not found.stale and not force:
         print(f"mlops-assets train: skipped, no run launched: {found.summary()}")
         return 0, False
     print("mlops-assets train: " + ("--force" if not found.stale else "launching a run, " + found.summary()))
     # A run of the training job on the instance, as the sensors launch (its name keeps them from
     # starting a second training run meanwhile); the executor is the run config's.
-    with dg.execute_job(dg.reconstructable(job), instance, run_config=run_config,
-                        asset_selection=[dg.AssetKey(name) for name in selection], raise_on_error=False) as result:
+    with dg.execute_job(job, instance, run_config=run_config,
+                        asset_selection=[names.key(name) for name in selection], raise_on_error=False) as result:
         if not result.success:
             failures = result.get_step_failure_events()
             # "Steps failed: [...]" as `dagster asset materialize` says it (scripts look for it).
@@ -249,19 +268,35 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 
     if _no_dagster_home("pipeline"):
         return 2
+    from mlops_assets.settings import dataset_names, dataset_settings, load_settings
+
+    settings = load_settings()
+    # Every configured data set in turn, unless --dataset names one.
+    datasets = [args.dataset] if args.dataset else dataset_names(settings)
+    changed = False
     with dg.DagsterInstance.get() as instance:
-        code, ingested_now = _ingest(instance)
-        if code != 0:
-            return code
-        code, launched = _train(args, instance)
-    if code != 0:
-        return code
-    if not launched and not ingested_now:
+        for dataset in datasets:
+            if len(datasets) > 1:
+                print(f"mlops-assets pipeline: data set {dataset}")
+            own = dataset_settings(settings, dataset)
+            code, ingested_now = _ingest(instance, own)
+            if code != 0:
+                return code
+            code, launched = _train(args, instance, own)
+            if code != 0:
+                return code
+            changed = changed or launched or bool(ingested_now)
+    if len(datasets) > 1:
+        for dataset in datasets:
+            _cmd_status(argparse.Namespace(history=False, no_endpoint=False, endpoint=None, tracking_uri=None,
+                                           model_name=None, json=False, dataset=dataset))
+        return 0
+    if not changed:
         print("mlops-assets pipeline: no new file and nothing stale, so the registry is as the last run left it; "
               "`mlops-assets status` shows the champion and the endpoint")
         return 0
     return _cmd_status(argparse.Namespace(history=False, no_endpoint=False, endpoint=None, tracking_uri=None,
-                                          model_name=None, json=False, dataset=None))
+                                          model_name=None, json=False, dataset=args.dataset))
 
 
 def _dataset_settings(args: argparse.Namespace) -> Settings:
@@ -555,16 +590,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     ingest = sub.add_parser("ingest", help="make each landed file a partition of raw_batches and materialize "
                                            "the new ones on the Dagster instance (DAGSTER_HOME)")
+    _add_dataset_arg(ingest)
     ingest.set_defaults(func=_cmd_ingest)
 
     train = sub.add_parser("train", help="materialize the training path (a run of the ingestion_onward job) only if "
                                          "something in it is stale: new raw batches, changed code or parameters")
     _add_training_run_args(train)
+    _add_dataset_arg(train)
     train.set_defaults(func=_cmd_train)
 
     pipeline = sub.add_parser("pipeline", help="what make pipeline runs: ingest, train (only if stale), status, "
                                                "in one process")
     _add_training_run_args(pipeline)
+    _add_dataset_arg(pipeline)
     pipeline.set_defaults(func=_cmd_pipeline)
 
     status = sub.add_parser("status", help="the champion model: version, metrics, data and feature versions, run")
