@@ -28,6 +28,13 @@ else
 DATA_DIR := $(CURDIR)/data
 endif
 
+# DATASETS runs several data sets at once (MLOPS_DATASETS, comma-separated, the first the primary):
+# the primary's data in DATA_DIR as always, every other one's under DATA_DIR/datasets/<name>/.
+DATASETS ?=
+ifneq ($(DATASETS),)
+export MLOPS_DATASETS := $(DATASETS)
+endif
+
 # Absolute paths: the Ray head hands its environment to replicas, which run in other folders.
 export DAGSTER_HOME ?= $(DATA_DIR)/dagster_home
 export MLOPS_DATA_URL ?= $(DATA_DIR)
@@ -79,12 +86,23 @@ $(DAGSTER_HOME)/dagster.yaml: deploy/local/dagster.yaml
 
 demo: install .env $(DAGSTER_HOME)/dagster.yaml
 	mkdir -p $(DATA_DIR)/mlflow
+ifeq ($(DATASETS),)
 	$(BIN)/mlops-assets simulate data --rows $(DEMO_ROWS) --seed $(DEMO_SEED) --name demo-seed$(DEMO_SEED).csv
 	$(BIN)/python -m mlops_assets.tools.ray_cluster up
 	$(BIN)/mlops-assets ingest
 	$(BIN)/dagster asset materialize -m mlops_assets.definitions -c deploy/run_config/in_process.yaml --select '$(TRAINING_PATH),model_deployment,reference_profile'
 	$(BIN)/mlops-assets status
 	$(BIN)/python -m mlops_assets.tools.sample_request
+else
+	set -e; for ds in $$($(BIN)/mlops-assets datasets --names); do \
+	  $(BIN)/mlops-assets simulate data --dataset $$ds --rows $(DEMO_ROWS) --seed $(DEMO_SEED) --name demo-seed$(DEMO_SEED).csv; done
+	$(BIN)/python -m mlops_assets.tools.ray_cluster up
+	set -e; for ds in $$($(BIN)/mlops-assets datasets --names); do \
+	  $(BIN)/mlops-assets ingest --dataset $$ds; \
+	  $(BIN)/mlops-assets train --dataset $$ds --force -c deploy/run_config/in_process.yaml --select '$(TRAINING_PATH),model_deployment,reference_profile'; \
+	  $(BIN)/mlops-assets status --dataset $$ds; \
+	  $(BIN)/python -m mlops_assets.tools.sample_request --dataset $$ds; done
+endif
 	@echo ""
 	@$(BIN)/python -m bench.report --summary
 	@$(BIN)/python -c 'from mlops_assets.settings import load_settings; s = load_settings(); \

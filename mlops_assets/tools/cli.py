@@ -70,10 +70,9 @@ def _cmd_spec_infer(args: argparse.Namespace) -> int:
 
 def _cmd_simulate_data(args: argparse.Namespace) -> int:
     from mlops_assets.core.dataset_spec import load_spec
-    from mlops_assets.settings import load_settings
     from mlops_assets.tools.simulator import SimulationConfig, parse_drift, simulate_records, write_batch
 
-    settings = load_settings()
+    settings = _dataset_settings(args)
     spec = load_spec(args.spec or settings.dataset_spec_path)
     drift = parse_drift(args.drift)
     config = SimulationConfig(
@@ -310,6 +309,18 @@ def _dataset_settings(args: argparse.Namespace) -> Settings:
 def _add_dataset_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", default=None, metavar="NAME",
                         help="which data set, when MLOPS_DATASETS configures several (default: the first)")
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    """The configured data sets, the primary first: name, registered model, endpoint (or names only)."""
+    from mlops_assets.settings import dataset_names, dataset_settings, load_settings
+
+    settings = load_settings()
+    for name in dataset_names(settings):
+        own = dataset_settings(settings, name)
+        endpoint = own.serve_url.rstrip("/") + own.serve_route_prefix.rstrip("/") + "/predict"
+        print(name if args.names else f"{name}\t{own.model_name}\t{endpoint}\t{redact_text(own.landing_url)}")
+    return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -553,6 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="simulate raw data, or traffic and its delayed labels")
     sim_sub = simulate.add_subparsers(dest="what", required=True)
     data = sim_sub.add_parser("data", help="write N seeded records into the landing folder")
+    _add_dataset_arg(data)
     data.add_argument("--rows", type=_positive_int, default=5000, help="records to write (default 5000)")
     data.add_argument("--seed", type=int, default=c.SIMULATOR_SEED, help="random seed")
     data.add_argument("--out", default=None, help="landing folder or fsspec URL (default: MLOPS_LANDING_URL)")
@@ -604,6 +616,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_run_args(pipeline)
     _add_dataset_arg(pipeline)
     pipeline.set_defaults(func=_cmd_pipeline)
+
+    datasets = sub.add_parser("datasets", help="the configured data sets (MLOPS_DATASETS), the primary first: "
+                                                "name, registered model, endpoint and landing folder")
+    datasets.add_argument("--names", action="store_true", help="names only, one a line (for scripts)")
+    datasets.set_defaults(func=_cmd_datasets)
 
     status = sub.add_parser("status", help="the champion model: version, metrics, data and feature versions, run")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")

@@ -1,6 +1,6 @@
 """Send one sample prediction to the endpoint and print it with the curl command that reproduces it.
 
-`python -m mlops_assets.tools.sample_request [--endpoint URL] [--records N]`; the token is
+`python -m mlops_assets.tools.sample_request [--endpoint URL] [--records N] [--dataset NAME]`; the token is
 read from MLOPS_API_TOKEN and shown in the command as `$MLOPS_API_TOKEN`, never printed.
 """
 
@@ -25,13 +25,14 @@ def curl_command(endpoint: str, body: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from mlops_assets.deployment.rollout import simulated_sample, target_from_settings
-    from mlops_assets.settings import load_settings
+    from mlops_assets.settings import dataset_settings, load_settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--endpoint", default=None, help="serving URL (default: MLOPS_SERVE_URL or the local port)")
     parser.add_argument("--records", type=int, default=2)
+    parser.add_argument("--dataset", default=None, help="which data set's endpoint (MLOPS_DATASETS; default: the first)")
     args = parser.parse_args(argv)
-    settings = load_settings()
+    settings = dataset_settings(load_settings(), args.dataset)
     target = target_from_settings(settings, serve_url=args.endpoint)
     spec = load_spec(settings.dataset_spec_path)
     body = {"records": simulated_sample(spec, n=max(1, args.records), seed=7)}
