@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import dagster as dg
+import httpx
 import pytest
 
 from mlops_assets.deployment import rollout as dep
@@ -43,8 +44,10 @@ def test_render_rejects_a_bad_option_or_a_missing_app() -> None:
     base = dep.load_serve_config()
     with pytest.raises(ValueError, match="unknown serving option"):
         dep.render_serve_config(base, ref=ModelRef(version="1"), args={"max_recrods": 10})
-    with pytest.raises(dep.DeploymentError, match="exactly one application"):
-        dep.render_serve_config(base, ref=ModelRef(version="1"), app_name="other")
+    two = {**base, "applications": [base["applications"][0], {**base["applications"][0], "name": "b",
+                                                               "route_prefix": "/b"}]}
+    with pytest.raises(dep.DeploymentError, match="exactly one application named 'other'"):
+        dep.render_serve_config(two, ref=ModelRef(version="1"), app_name="other")
 
 
 def test_mismatches() -> None:
@@ -76,7 +79,7 @@ class FakeCluster:
 
         def submit(target, config):
             self.submitted.append(config)
-            if config is previous:  # the restore: the version that was live answers again
+            if config == previous:  # the restore: the version that was live answers again
                 self.live = before
 
         monkeypatch.setattr(dep, "submit", submit)
@@ -250,3 +253,260 @@ def test_restore_champion_without_a_champion_deploys_nothing(serve_stub, spec, t
     with pytest.raises(NoChampionError, match="nothing to restore"):
         dep.restore_champion(target=serve_stub.target, tracking_uri=uri, spec=spec, model_name="none-yet")
     assert serve_stub.applications["phishing"]["_version"] == "3"  # the stub was only read
+
+
+# --- several data sets: each its own Serve application on one cluster ---------------------------
+
+
+FLOWS = dep.ServeTarget("http://127.0.0.1:8265", "http://127.0.0.1:8000", "network_flows", "t",
+                        route_prefix="/network_flows")
+
+
+def test_a_second_data_set_renders_from_the_single_application_base() -> None:
+    base = dep.load_serve_config()
+    out = dep.render_serve_config(base, ref=ModelRef(model_name="network_flows-classifier", version="2"),
+                                  app_name="network_flows", route_prefix="/network_flows",
+                                  env_vars={"MLOPS_DATASET_SPEC": "network_flows"})
+    [app] = out["applications"]
+    assert (app["name"], app["route_prefix"]) == ("network_flows", "/network_flows")
+    assert app["deployments"][0]["user_config"] == {"model_name": "network_flows-classifier", "version": "2"}
+    assert app["runtime_env"]["env_vars"] == {"MLOPS_DATASET_SPEC": "network_flows"}
+    assert app["import_path"] == _app(base)["import_path"] and app["args"] == _app(base)["args"]
+    assert (_app(base)["name"], _app(base)["route_prefix"]) == ("phishing", "/")  # the base is not changed
+    phishing = _app(dep.render_serve_config(base, ref=ModelRef(version="1")))
+    assert (phishing["name"], phishing["route_prefix"]) == ("phishing", "/")
+
+
+def test_a_target_addresses_its_application_below_its_route_prefix() -> None:
+    assert FLOWS.app_url == "http://127.0.0.1:8000/network_flows"
+    assert FLOWS.endpoint == "http://127.0.0.1:8000/network_flows/predict"
+    trailing = dep.ServeTarget("d", "http://h:1/", route_prefix="/x/")
+    assert trailing.app_url == "http://h:1/x" and trailing.endpoint == "http://h:1/x/predict"
+    root = dep.ServeTarget("d", "http://h:1/")
+    assert (root.app_url, root.endpoint) == ("http://h:1", "http://h:1/predict")
+    with pytest.raises(ValueError, match="must start with '/'"):
+        dep.ServeTarget("d", "http://h:1", route_prefix="x")
+
+
+def _live(*apps: dict[str, Any], port: int = 8000, deleting: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The dashboard's GET /api/serve/applications/ with `apps` (deployed configs) live."""
+    return {"proxy_location": "HeadOnly",
+            "http_options": {"host": "127.0.0.1", "port": port, "request_timeout_s": 30.0, "ssl_keyfile": None},
+            "applications": {a["name"]: {"status": "DELETING" if a["name"] in deleting else "RUNNING",
+                                         "route_prefix": a.get("route_prefix"), "deployed_app_config": a}
+                             for a in apps}}
+
+
+PHISHING_APP = {"name": "phishing", "route_prefix": "/", "import_path": "x:y", "marker": "live"}
+FLOWS_APP = {"name": "network_flows", "route_prefix": "/network_flows", "import_path": "x:y", "marker": "live"}
+
+
+@pytest.fixture()
+def dashboard(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """What the fake dashboard lists (`details`) and every config PUT to it (`put`)."""
+    state: dict[str, Any] = {"details": _live(), "put": []}
+    monkeypatch.setattr(dep, "serve_applications", lambda target, timeout=10.0: state["details"])
+    monkeypatch.setattr(dep, "put_config", lambda target, config: state["put"].append(config))
+    return state
+
+
+def test_submit_keeps_every_other_live_application_unchanged(dashboard) -> None:
+    dashboard["details"] = _live(PHISHING_APP, FLOWS_APP)
+    new = {**FLOWS_APP, "marker": "new"}
+    dep.submit(FLOWS, {"http_options": {"host": "127.0.0.1", "port": 8000}, "applications": [new]})
+    [config] = dashboard["put"]
+    assert config["applications"] == [PHISHING_APP, new]  # the live order; only the target's app is new
+    assert config["http_options"] == {"host": "127.0.0.1", "port": 8000, "request_timeout_s": 30.0}
+    # A first deploy of the second data set adds its application after the live ones.
+    dashboard["details"] = _live(PHISHING_APP)
+    dep.submit(FLOWS, {"applications": [new]})
+    assert dashboard["put"][-1]["applications"] == [PHISHING_APP, new]
+    # An application being deleted is not submitted again (that would bring it back).
+    dashboard["details"] = _live(PHISHING_APP, FLOWS_APP, deleting=("network_flows",))
+    dep.submit(dep.ServeTarget("d", "s"), {"applications": [{**PHISHING_APP, "marker": "new"}]})
+    assert [a["name"] for a in dashboard["put"][-1]["applications"]] == ["phishing"]
+
+
+def test_submit_refuses_a_proxy_port_other_applications_do_not_use(dashboard) -> None:
+    dashboard["details"] = _live(PHISHING_APP, port=8000)
+    with pytest.raises(dep.DeploymentError, match=r"at port 8001, but \['phishing'\] live .* at port 8000"):
+        dep.submit(FLOWS, {"http_options": {"port": 8001}, "applications": [FLOWS_APP]})
+    with pytest.raises(dep.DeploymentError, match="duplicate"):  # two applications at one route prefix
+        dep.submit(FLOWS, {"applications": [{**FLOWS_APP, "route_prefix": "/"}]})
+    assert dashboard["put"] == []
+    dashboard["details"] = _live(PHISHING_APP, port=8000)  # alone on the cluster, its own port as before
+    dep.submit(dep.ServeTarget("d", "s"), {"http_options": {"port": 8001}, "applications": [PHISHING_APP]})
+    assert dashboard["put"][-1]["http_options"] == {"port": 8001}
+
+
+def test_submit_submits_nothing_when_the_live_applications_are_unknown(monkeypatch) -> None:
+    def down(target, timeout=10.0):
+        raise httpx.ConnectError("refused")
+
+    put: list[Any] = []
+    monkeypatch.setattr(dep, "serve_applications", down)
+    monkeypatch.setattr(dep, "put_config", lambda target, config: put.append(config))
+    with pytest.raises(dep.DeploymentError, match="cannot read the applications live.*nothing submitted"):
+        dep.submit(FLOWS, {"applications": [FLOWS_APP]})
+    assert put == []
+
+
+def test_delete_application_removes_only_the_target_application(dashboard, monkeypatch) -> None:
+    dashboard["details"] = _live(PHISHING_APP, FLOWS_APP)
+
+    def put(target, config):
+        dashboard["put"].append(config)
+        dashboard["details"] = _live(*config["applications"])
+
+    monkeypatch.setattr(dep, "put_config", put)
+    dep.delete_application(FLOWS, timeout_s=5)
+    [config] = dashboard["put"]
+    assert config["applications"] == [PHISHING_APP]
+    assert config["http_options"]["port"] == 8000
+    dep.delete_application(FLOWS, timeout_s=5)  # already gone: nothing submitted
+    assert len(dashboard["put"]) == 1
+
+
+class FakeServe:
+    """A fake dashboard and Serve proxy behind one httpx transport: each application of the PUT
+    config serves the version its PredictionService pins, below its route prefix; a pinned
+    `fail_version` does not load (the replicas keep what they had and say why)."""
+
+    def __init__(self, apps: list[dict[str, Any]]) -> None:
+        self.apps = {a["name"]: a for a in apps}
+        self.serving = {a["name"]: self.version(a) for a in apps}
+        self.fail_version: str | None = None
+        self.puts: list[dict[str, Any]] = []
+        self.paths: list[str] = []
+
+    @staticmethod
+    def version(app: dict[str, Any]) -> str:
+        return str(app["deployments"][0]["user_config"].get("version"))
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        import json
+
+        if request.url.port == 8265:  # the dashboard
+            if request.method == "PUT":
+                self.puts.append(json.loads(request.content))
+                self.apps = {a["name"]: a for a in self.puts[-1]["applications"]}
+                self.serving = {name: self.version(a) if self.version(a) != self.fail_version
+                                else self.serving.get(name, "none") for name, a in self.apps.items()}
+                return httpx.Response(200)
+            listed = _live(*self.apps.values())
+            for entry in listed["applications"].values():
+                entry["deployments"] = {"PredictionService": {"replicas": [{"state": "RUNNING"}]}}
+            return httpx.Response(200, json=listed)
+        path = request.url.path
+        self.paths.append(path)
+        prefixes = {a.get("route_prefix", "/").rstrip("/"): name for name, a in self.apps.items()}
+        root = max((p for p in prefixes if path.startswith(p + "/")), key=len)  # the longest prefix, as Serve
+        name, route = prefixes[root], path[len(root):]
+        version, wanted = self.serving[name], self.version(self.apps[name])
+        if route == "/model":
+            error = {"last_load_error": {"message": "boom"}, "requested": f"v {wanted}"} if version != wanted else {}
+            return httpx.Response(200, json={"version": version, "max_records": 100, **error})
+        if route == "/healthz":
+            return httpx.Response(200, json={"status": "ok"})
+        if route == "/release":
+            return httpx.Response(200, json={"strategy": "direct"})
+        if route != "/predict":  # what the app at / answers for another prefix's path
+            return httpx.Response(404, json={"error": "Not Found"})
+        n = len(json.loads(request.content)["records"])
+        return httpx.Response(200, json={"model_version": version,
+                                         "predictions": [{"phishing_probability": 0.25}] * n})
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        transport = httpx.MockTransport(self.handle)
+        monkeypatch.setattr(dep, "_client", lambda timeout=10.0, dashboard=False: httpx.Client(transport=transport))
+        monkeypatch.setattr(dep, "check_candidate", lambda *a, **k: None)
+        monkeypatch.setattr(dep.time, "sleep", lambda s: None)
+
+
+def _rendered(name: str, prefix: str, version: str) -> dict[str, Any]:
+    config = dep.render_serve_config(dep.load_serve_config(), ref=ModelRef(model_name=f"{name}-m", version=version),
+                                     app_name=name, route_prefix=prefix, http_port=8000)
+    return config["applications"][0]
+
+
+def test_deploying_one_data_set_leaves_the_other_application_serving(spec, monkeypatch) -> None:
+    serve = FakeServe([_rendered("phishing", "/", "7")])
+    serve.install(monkeypatch)
+    phishing_before = dict(serve.apps["phishing"])
+    records = [{f.name: f.values[0] for f in spec.features}] * 3
+    deploy = {"tracking_uri": "sqlite:////nowhere.db", "spec": spec, "records": records, "expected": [0.25] * 3}
+
+    result = dep.deploy_version(target=FLOWS, version="2", model_name="network_flows-m", **deploy)
+    assert result.endpoint == "http://127.0.0.1:8000/network_flows/predict" and result.replaced_version is None
+    [put] = serve.puts
+    assert [a["name"] for a in put["applications"]] == ["phishing", "network_flows"]
+    assert put["applications"][0] == phishing_before
+    assert put["applications"][1]["route_prefix"] == "/network_flows"
+    # Every read of the deploy went below the target's prefix, none to the phishing app at /.
+    assert serve.paths and all(p.startswith("/network_flows/") for p in serve.paths)
+    assert dep.live_version(FLOWS) == "2" and dep.release_state(FLOWS) is not None
+    assert dep.serving_outage(FLOWS) is None and dep.current_release(FLOWS).strategy == "direct"
+
+    flows_before = dict(serve.apps["network_flows"])
+    phishing = dep.ServeTarget("http://127.0.0.1:8265", "http://127.0.0.1:8000", token="t")
+    dep.deploy_version(target=phishing, version="8", model_name="phishing-m", **deploy)
+    assert serve.puts[-1]["applications"][1] == flows_before
+    assert (dep.live_version(phishing), dep.live_version(FLOWS)) == ("8", "2")
+
+    # A failed deploy of one restores its own previous config; the other stays as it is.
+    serve.fail_version = "3"
+    with pytest.raises(dep.DeploymentError, match="could not switch.*previous config was restored"):
+        dep.deploy_version(target=FLOWS, version="3", model_name="network_flows-m", **deploy)
+    assert serve.apps["network_flows"] == flows_before and serve.serving == {"phishing": "8", "network_flows": "2"}
+
+
+def test_metrics_count_only_the_target_applications_series() -> None:
+    from mlops_assets.monitoring import comparison as cmp
+    from mlops_assets.monitoring import live as mon
+
+    text = "\n".join([
+        "# TYPE ray_mlops_serving_requests_total counter",
+        'ray_mlops_serving_requests_total{application="phishing",route="/predict",status="200"} 10',
+        'ray_mlops_serving_requests_total{application="phishing",route="/predict",status="500"} 1',
+        'ray_mlops_serving_requests_total{application="network_flows",route="/predict",status="200"} 100',
+        'ray_mlops_serving_requests_total{application="network_flows",route="/predict",status="503"} 7',
+        "# TYPE ray_mlops_serving_release_answers_total counter",
+        'ray_mlops_serving_release_answers_total{application="phishing",role="champion",status="200",version="1"} 4',
+        'ray_mlops_serving_release_answers_total{application="network_flows",role="champion",status="200",version="3"} 40',
+        ""])
+    assert (mon.parse_serving_metrics(text).requests, mon.parse_serving_metrics(text).server_errors) == (11, 1)
+    flows = mon.parse_serving_metrics(text, application="network_flows")
+    assert (flows.requests, flows.server_errors) == (107, 7)
+    assert mon.parse_serving_metrics(text, application=None).requests == 118
+    assert cmp.parse_release_counters(text)["champion"][0] == 4
+    assert cmp.parse_release_counters(text, application="network_flows")["champion"][0] == 40
+    # Series without the label (one application's exporter, or older Ray) still count.
+    bare = 'ray_mlops_serving_requests_total{route="/predict",status="200"} 5\n'
+    assert mon.parse_serving_metrics(bare).requests == 5
+    assert mon.parse_serving_metrics(bare, application="network_flows").requests == 5
+
+
+def test_each_application_spools_and_reads_its_own_data_set() -> None:
+    from mlops_assets.serving.prediction_log import default_spool_dir
+    from mlops_assets.settings import load_settings
+
+    assert default_spool_dir("/data/predictions", "/spool") != default_spool_dir(
+        "/data/datasets/network_flows/predictions", "/spool")
+    env = dep.replica_env_vars(tracking_uri="sqlite:////m.db", data_url="/data/datasets/network_flows",
+                               prediction_log_url="/data/datasets/network_flows/predictions",
+                               dataset_spec_path="network_flows")
+    # A head started with every data set's list: the replica still reads the one spec its app names.
+    head = {"MLOPS_DATASETS": "phishing_websites,network_flows", "MLOPS_DATA_URL": "/data"}
+    replica = load_settings({**head, **env})
+    assert (replica.dataset_spec_path, replica.prediction_log_url) == (
+        "network_flows", "/data/datasets/network_flows/predictions")
+    assert "MLOPS_DATASETS" not in dep.replica_env_vars(tracking_uri="sqlite:////m.db", data_url="/data")
+
+
+def test_a_data_sets_settings_name_its_own_application_and_route(tmp_path) -> None:
+    from mlops_assets.settings import dataset_settings, load_settings
+
+    settings = load_settings({"MLOPS_DATA_URL": str(tmp_path), "MLOPS_DATASETS": "phishing_websites,network_flows"})
+    primary, flows = (dep.target_from_settings(dataset_settings(settings, name)) for name in (None, "network_flows"))
+    assert (primary.app_name, primary.route_prefix, primary.endpoint) == ("phishing", "/", "http://127.0.0.1:8000/predict")
+    assert (flows.app_name, flows.endpoint) == ("network_flows", "http://127.0.0.1:8000/network_flows/predict")

@@ -9,6 +9,10 @@ Steps, each of which fails with a reason and leaves the previous version serving
 3. live check: the application is RUNNING, `/model` names the candidate, `/healthz` is 200
    and the sample answered over HTTP equals the offline answers.
 If step 2 or 3 fails, the config that was live before is submitted again.
+
+Several data sets share one Ray cluster, each its own Serve application (`ServeTarget.app_name`,
+answering below `ServeTarget.route_prefix`). The PUT replaces the cluster's whole config, so every
+submit here carries the other live applications unchanged beside the one it edits (`submit`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import yaml
 
 from mlops_assets import constants as c
 from mlops_assets.core.dataset_spec import DatasetSpec
-from mlops_assets.serving.config import APP_NAME, DEPLOYMENT_NAME, ModelRef, ServiceOptions
+from mlops_assets.serving.config import APP_NAME, DEPLOYMENT_NAME, ROUTE_PREFIX, ModelRef, ServiceOptions
 from mlops_assets.serving.release import (
     CANDIDATE_DEPLOYMENT_NAME,
     RELEASE_ROUTE,
@@ -39,7 +43,7 @@ from mlops_assets.serving.release import (
 )
 from mlops_assets.serving.request import build_request_model, parse_predict_matrix
 from mlops_assets.serving.scoring import Scorer, positive_column, scorer_from_loaded
-from mlops_assets.settings import Settings
+from mlops_assets.settings import DATASETS_ENV, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,8 @@ PROBABILITY_TOLERANCE = 1e-9  # same model file, same inputs: answers must match
 # so it never appears in a config that the dashboard shows. Nor does a tracking URI with a
 # password: replicas read it from a file (MLOPS_MLFLOW_TRACKING_URI_FILE).
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLOPS_DATA_URL", "MLOPS_PREDICTION_LOG_URL", "MLOPS_DATASET_SPEC")
+# The Serve http_options the dashboard reports that a config may carry back.
+HTTP_OPTION_KEYS = ("host", "port", "request_timeout_s", "keep_alive_timeout_s", "root_path")
 
 
 class DeploymentError(RuntimeError):
@@ -58,16 +64,31 @@ class DeploymentError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServeTarget:
-    """Where the Ray dashboard (deploy API) and the Serve HTTP proxy listen."""
+    """Where the Ray dashboard (deploy API) and the Serve HTTP proxy listen, and which application.
+
+    `serve_url` is the proxy's base URL, shared by every application of the cluster; this one
+    answers below its `route_prefix` there (`app_url`): `/` for the primary data set, `/<name>`
+    for the others."""
 
     dashboard_url: str
     serve_url: str
     app_name: str = APP_NAME
     token: str = ""
+    route_prefix: str = ROUTE_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"route prefix {self.route_prefix!r} of application {self.app_name!r} must start with '/'")
+
+    @property
+    def app_url(self) -> str:
+        """`serve_url` with the route prefix: where the app's `/predict`, `/healthz` and `/model` are."""
+        prefix = self.route_prefix.strip("/")
+        return f"{self.serve_url.rstrip('/')}/{prefix}" if prefix else self.serve_url.rstrip("/")
 
     @property
     def endpoint(self) -> str:
-        return f"{self.serve_url.rstrip('/')}/predict"
+        return f"{self.app_url}/predict"
 
 
 @dataclass(frozen=True)
@@ -83,11 +104,14 @@ class DeployResult:
 def target_from_settings(
     settings: Settings, *, dashboard_url: str | None = None, serve_url: str | None = None
 ) -> ServeTarget:
-    """The settings' dashboard and Serve URLs (explicit URLs win) and serving token."""
+    """The settings' dashboard and Serve URLs (explicit URLs win), serving token and application
+    (a data set's own, `settings.dataset_settings`; `phishing` at / for the primary)."""
     return ServeTarget(
         dashboard_url=dashboard_url or settings.ray_dashboard_url,
         serve_url=serve_url or settings.serve_url,
+        app_name=settings.serve_app_name,
         token=settings.serving_token(),
+        route_prefix=settings.serve_route_prefix,
     )
 
 
@@ -105,6 +129,7 @@ def render_serve_config(
     *,
     ref: ModelRef,
     app_name: str = APP_NAME,
+    route_prefix: str | None = None,
     env_vars: Mapping[str, str] | None = None,
     http_port: int | None = None,
     http_host: str | None = None,
@@ -114,13 +139,23 @@ def render_serve_config(
 ) -> dict[str, Any]:
     """The config to submit: `base` with the model pinned and per-environment values filled in.
 
+    The application named `app_name` is rendered; when `base` has none but exactly one application
+    (the shipped file: `phishing`), that one is the template of every data set's, renamed.
+    `route_prefix` replaces the application's (None: keep the base's).
     `release` (serving/release.py) goes on the ingress's user_config; an active one gives the
     candidate deployment `candidate_replicas` replicas serving its version, otherwise it has none."""
     config = copy.deepcopy(dict(base))
-    apps = [a for a in config.get("applications", []) if a.get("name") == app_name]
+    listed = config.get("applications") or []
+    apps = [a for a in listed if a.get("name") == app_name]
+    if not apps and len(listed) == 1:
+        apps = listed
+        apps[0]["name"] = app_name
     if len(apps) != 1:
-        raise DeploymentError(f"serve config must have exactly one application named {app_name!r}")
+        raise DeploymentError(f"serve config must have exactly one application named {app_name!r} "
+                              f"(or a single application to use as its template); it has {[a.get('name') for a in listed]}")
     app = apps[0]
+    if route_prefix is not None:
+        app["route_prefix"] = route_prefix
     deployments = [d for d in app.setdefault("deployments", []) if d.get("name") == DEPLOYMENT_NAME]
     if not deployments:
         deployments = [{"name": DEPLOYMENT_NAME}]
@@ -206,6 +241,8 @@ def replica_env_vars(
 
     out = forwarded_env({"MLOPS_PREDICTION_LOG_URL": prediction_log_url or "",
                          "MLOPS_DATASET_SPEC": dataset_spec_path or ""})
+    if dataset_spec_path:  # a replica serves its application's one spec, whatever data set list the Ray head has
+        out[DATASETS_ENV] = ""
     local = data_url.removeprefix("file://")
     secrets_dir = f"{local.rstrip('/')}/{SECRETS_SUBDIR}" if "://" not in local else None
     mounted = {TRACKING_URI_FILE_ENV: tracking_uri_file} if tracking_uri_file else {}
@@ -300,8 +337,9 @@ def _client(timeout: float = 10.0, *, dashboard: bool = False) -> httpx.Client:
     return httpx.Client(timeout=timeout, trust_env=False, headers=headers)  # loopback: never via an HTTP proxy
 
 
-def serve_applications(target: ServeTarget) -> dict[str, Any]:
-    with _client(dashboard=True) as client:
+def serve_applications(target: ServeTarget, timeout: float = 10.0) -> dict[str, Any]:
+    """The dashboard's GET /api/serve/applications/: every application of the cluster, by name."""
+    with _client(timeout, dashboard=True) as client:
         response = client.get(f"{target.dashboard_url}/api/serve/applications/")
     response.raise_for_status()
     return response.json()
@@ -335,32 +373,116 @@ def app_details(target: ServeTarget) -> dict[str, Any] | None:
         return None
 
 
-def live_config(target: ServeTarget) -> dict[str, Any] | None:
-    """The full ServeDeploySchema as last deployed (to restore it), or None when nothing is deployed."""
-    details = serve_applications(target)
-    apps = details.get("applications") or {}
-    if target.app_name not in apps or not apps[target.app_name].get("deployed_app_config"):
-        return None
-    config = {
+def _live_apps(details: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """name -> deployed config of each application the controller keeps: one being deleted is not
+    submitted again (that would bring it back)."""
+    return {name: app["deployed_app_config"] for name, app in (details.get("applications") or {}).items()
+            if app.get("deployed_app_config") and app.get("status") != "DELETING"}
+
+
+def _cluster_config(details: Mapping[str, Any], apps: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    return {
         "proxy_location": details.get("proxy_location") or "HeadOnly",
-        "http_options": {k: v for k, v in (details.get("http_options") or {}).items()
-                         if k in ("host", "port", "request_timeout_s", "keep_alive_timeout_s", "root_path")},
-        "applications": [a["deployed_app_config"] for a in apps.values() if a.get("deployed_app_config")],
+        "http_options": {k: v for k, v in (details.get("http_options") or {}).items() if k in HTTP_OPTION_KEYS},
+        "applications": [dict(a) for a in apps],
     }
-    return config
 
 
-def submit(target: ServeTarget, config: Mapping[str, Any]) -> None:
-    """PUT a ServeDeploySchema to the dashboard: the declarative path `serve deploy` uses."""
+def live_config(target: ServeTarget) -> dict[str, Any] | None:
+    """The cluster's full ServeDeploySchema as last deployed (every application; to restore the
+    target's), or None when the target's application is not deployed."""
+    details = serve_applications(target)
+    apps = _live_apps(details)
+    if target.app_name not in apps:
+        return None
+    return _cluster_config(details, list(apps.values()))
+
+
+def own_app(target: ServeTarget, config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` with only the target's application: what a deploy, release or restore of it submits."""
+    return {**config, "applications": [a for a in config.get("applications") or [] if a.get("name") == target.app_name]}
+
+
+def with_live_apps(config: Mapping[str, Any], details: Mapping[str, Any]) -> dict[str, Any]:
+    """`config`'s applications beside every other application live on the cluster (`details`, the
+    dashboard's GET), those unchanged: a live one of the same name is replaced, the others kept.
+
+    The PUT carries one http_options for all applications, and Serve keeps the ones it started
+    with, so beside other applications the live ones are submitted; a host or port that differs
+    from them is an error (the application would not answer where its target says)."""
+    merged = copy.deepcopy(dict(config))
+    mine = {str(a.get("name")): a for a in merged.get("applications") or []}
+    live = _live_apps(details)
+    others = {name: app for name, app in live.items() if name not in mine}
+    if others:
+        running = _cluster_config(details, [])
+        wanted = merged.get("http_options") or {}
+        clash = {k: (wanted[k], running["http_options"][k]) for k in ("host", "port")
+                 if k in wanted and k in running["http_options"] and str(wanted[k]) != str(running["http_options"][k])}
+        if clash:
+            asked = ", ".join(f"{k} {a}" for k, (a, _) in clash.items())
+            used = ", ".join(f"{k} {b}" for k, (_, b) in clash.items())
+            raise DeploymentError(
+                f"application(s) {sorted(mine)} ask for the Serve proxy at {asked}, but {sorted(others)} live on "
+                f"the cluster behind it at {used}: all applications share one proxy, so deploy with its host and "
+                "port (or delete the other applications first)")
+        merged["http_options"] = {**wanted, **running["http_options"]}
+        merged.setdefault("proxy_location", running["proxy_location"])
+    order = [*live, *(name for name in mine if name not in live)]  # the live order, then the new applications
+    merged["applications"] = [mine.get(name) or others[name] for name in order]
+    return merged
+
+
+def put_config(target: ServeTarget, config: Mapping[str, Any]) -> None:
+    """PUT a ServeDeploySchema as it is: it replaces every application of the cluster."""
     with _client(30.0, dashboard=True) as client:
         response = client.put(f"{target.dashboard_url}/api/serve/applications/", json=dict(config))
     if response.status_code != 200:
         raise DeploymentError(f"deploy request rejected ({response.status_code}): {response.text[:500]}")
 
 
+def submit(target: ServeTarget, config: Mapping[str, Any]) -> None:
+    """PUT `config`'s applications to the dashboard (the declarative path `serve deploy` uses), with
+    every other application live on the cluster unchanged beside them (`with_live_apps`)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        details = serve_applications(target, timeout=30.0)  # as long as the PUT may take: a fresh head is slow
+    except (httpx.HTTPError, ValueError) as exc:  # unknown: submitting could drop another data set's app
+        raise DeploymentError(f"cannot read the applications live at {target.dashboard_url} "
+                              f"({type(exc).__name__}: {exc}); nothing submitted") from exc
+    merged = with_live_apps(config, details)
+    try:
+        ServeDeploySchema.model_validate(merged)  # two applications at one route prefix fail here, named
+    except ValueError as exc:
+        raise DeploymentError(f"the config with the live applications is invalid: {str(exc)[:500]}") from exc
+    put_config(target, merged)
+
+
+def delete_application(target: ServeTarget, timeout_s: float = 120.0) -> None:
+    """Remove the target's application and no other: the live config without it is submitted.
+
+    Returns once the dashboard no longer lists it (behind the HAProxy ingress its ingress replicas
+    first drain, 30 s by default); DeploymentError when it is still listed after `timeout_s`."""
+    details = serve_applications(target)
+    apps = _live_apps(details)
+    if target.app_name in apps:
+        put_config(target, _cluster_config(details, [a for name, a in apps.items() if name != target.app_name]))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if target.app_name not in (serve_applications(target).get("applications") or {}):
+                return
+        except httpx.HTTPError:  # a busy dashboard: ask again
+            pass
+        time.sleep(1.0)
+    raise DeploymentError(f"application {target.app_name!r} was still listed {timeout_s:.0f}s after its removal")
+
+
 def get_json(target: ServeTarget, path: str, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+    """GET `path` of the target's application (below its route prefix): (status, JSON body)."""
     with _client(timeout) as client:
-        response = client.get(f"{target.serve_url.rstrip('/')}{path}")
+        response = client.get(f"{target.app_url}{path}")
     try:
         return response.status_code, response.json()
     except ValueError:
@@ -456,9 +578,10 @@ def deploy_version(
     replaced = live_version(target)
     http_port = int(httpx.URL(target.serve_url).port or 8000)
     config = render_serve_config(base_config or load_serve_config(), ref=ref, app_name=target.app_name,
-                                 env_vars=env_vars, http_port=http_port, http_host=http_host, args=args)
+                                 route_prefix=_route_prefix(target), env_vars=env_vars, http_port=http_port,
+                                 http_host=http_host, args=args)
     try:
-        submit(target, config)
+        submit(target, own_app(target, config))
         steps.append("config submitted")
         wait_until_serving(target, ref.version or "", timeout_s)
         code, health = get_json(target, "/healthz")
@@ -483,13 +606,19 @@ def deploy_version(
 RESTORE_TIMEOUT_S = 120.0
 
 
+def _route_prefix(target: ServeTarget) -> str | None:
+    """The prefix to render: the target's, or None at `/` (the base config's stays, as before)."""
+    return None if target.route_prefix == ROUTE_PREFIX else target.route_prefix
+
+
 def _restore(target: ServeTarget, previous_config: Mapping[str, Any] | None, previous_version: str | None = None,
              timeout_s: float = RESTORE_TIMEOUT_S) -> str:
-    """Submit the config that was live before, and wait until its version answers again."""
+    """Submit the target's application as it was live before (the others as they are now), and
+    wait until its version answers again."""
     if previous_config is None:
         return "nothing was deployed before"
     try:
-        submit(target, previous_config)
+        submit(target, own_app(target, previous_config))
     except Exception as exc:  # report, but the original failure is what the caller must see
         return f"restoring the previous config failed too: {exc}"
     if not previous_version:
@@ -599,7 +728,7 @@ def serving_outage(target: ServeTarget) -> str | None:
     try:
         code, _ = get_json(target, "/healthz")
     except httpx.HTTPError as exc:
-        return f"endpoint {target.serve_url} unreachable ({type(exc).__name__})"
+        return f"endpoint {target.app_url} unreachable ({type(exc).__name__})"
     return None if code == 200 else f"/healthz answered {code}"
 
 
@@ -790,11 +919,11 @@ def start_release(
     previous = live_config(target)
     http_port = int(httpx.URL(target.serve_url).port or 8000)
     config = render_serve_config(base_config or load_serve_config(), ref=ModelRef(model_name=model_name, version=live),
-                                 app_name=target.app_name, env_vars=env_vars, http_port=http_port,
-                                 http_host=http_host, args=args, release=release,
+                                 app_name=target.app_name, route_prefix=_route_prefix(target), env_vars=env_vars,
+                                 http_port=http_port, http_host=http_host, args=args, release=release,
                                  candidate_replicas=candidate_replicas)
     try:
-        submit(target, config)
+        submit(target, own_app(target, config))
         steps.append(f"{release.strategy} config submitted (champion {live} pinned)")
         _wait_release(target, release, timeout_s, candidate_running=True)
         if release.strategy == "canary" and release.canary_share > 0:
@@ -809,12 +938,13 @@ def start_release(
 
 
 def _edit_live(target: ServeTarget, edit: Any) -> dict[str, Any]:
+    """The target's live application after `edit` (the only one in the config: `submit` keeps the others)."""
     config = live_config(target)
     if config is None:
         raise DeploymentError(f"application {target.app_name!r} is not deployed")
+    config = own_app(target, config)
     for app in config["applications"]:
-        if app.get("name") == target.app_name:
-            edit(app)
+        edit(app)
     return config
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 
 from mlops_assets.monitoring import estimation as est
 from mlops_assets.monitoring import live as mon
+from mlops_assets.serving.config import APP_NAME
 
 SHADOW = "shadow"  # prediction-log column: True for a candidate's answer nobody received
 
@@ -208,8 +209,10 @@ def release_decision(comparison: ReleaseComparison, terms: ReleaseTerms, started
                                        f"{elapsed:.0f} s on {evidence}: {', '.join(compared)}",), evidence)
 
 
-def parse_release_counters(text: str, prefix: str = "mlops_serving_") -> dict[str, tuple[int, int, dict[float, float]]]:
-    """role -> (answered, failed, latency buckets) from the ingress's release metrics (Prometheus text)."""
+def parse_release_counters(text: str, prefix: str = "mlops_serving_", application: str | None = APP_NAME,
+                           ) -> dict[str, tuple[int, int, dict[float, float]]]:
+    """role -> (answered, failed, latency buckets) from the release metrics of the Serve `application`'s
+    ingress (None: every application's; Prometheus text)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, list[Any]] = {}
@@ -217,7 +220,7 @@ def parse_release_counters(text: str, prefix: str = "mlops_serving_") -> dict[st
         for sample in family.samples:
             name = sample.name.removeprefix("ray_")
             role = sample.labels.get("role")
-            if role is None:
+            if role is None or not mon.of_application(sample.labels, application):
                 continue
             entry = out.setdefault(role, [0.0, 0.0, {}])
             if name == f"{prefix}release_answers_total":

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from mlops_assets import constants as c
 from mlops_assets.core import storage
+from mlops_assets.serving.config import APP_NAME
 from mlops_assets.serving.prediction_log import hour_folder
 
 logger = logging.getLogger(__name__)
@@ -844,8 +845,16 @@ class ServingCounters:
                    tuple((float(a), float(b)) for a, b in raw.get("latency_buckets", [])))
 
 
-def parse_serving_metrics(text: str, route: str = "/predict", prefix: str = "mlops_serving_") -> ServingCounters:
-    """Requests, 5xx and the latency histogram of `route` from a Prometheus exposition."""
+def of_application(labels: Mapping[str, str], application: str | None) -> bool:
+    """Is a series the application's? Ray Serve labels replicas' metrics with `application`; one
+    without the label (an exporter of one application) counts, and so does every one for None."""
+    return application is None or labels.get("application", application) == application
+
+
+def parse_serving_metrics(text: str, route: str = "/predict", prefix: str = "mlops_serving_",
+                          application: str | None = APP_NAME) -> ServingCounters:
+    """Requests, 5xx and the latency histogram of `route` of the Serve `application` (None: every
+    application's) from a Prometheus exposition."""
     from prometheus_client.parser import text_string_to_metric_families
 
     requests = errors = 0.0
@@ -853,7 +862,7 @@ def parse_serving_metrics(text: str, route: str = "/predict", prefix: str = "mlo
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name = sample.name.removeprefix("ray_")
-            if sample.labels.get("route") != route:
+            if sample.labels.get("route") != route or not of_application(sample.labels, application):
                 continue
             if name == f"{prefix}requests_total":
                 requests += sample.value
