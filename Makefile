@@ -33,6 +33,10 @@ endif
 DATASETS ?=
 ifneq ($(DATASETS),)
 export MLOPS_DATASETS := $(DATASETS)
+# Each data set's Serve application asks 1.5 logical CPUs (deploy/serve_config.yaml): the local head
+# offers 2 per data set, so every application is placed (they share the machine's real cores).
+comma := ,
+export MLOPS_RAY_NUM_CPUS ?= $(shell echo $$((2 * $(words $(subst $(comma), ,$(DATASETS))))))
 endif
 
 # Absolute paths: the Ray head hands its environment to replicas, which run in other folders.

@@ -224,7 +224,7 @@ def release_decision_sensor(context: dg.SensorEvaluationContext, platform: Platf
     if not release.active or not release.candidate_version or not release.champion_version:
         return dg.SensorResult(skip_reason=dg.SkipReason("no release in progress"), cursor=json.dumps(state))
     if state.get("release_id") != release.release_id:
-        state = {"release_id": release.release_id, "baseline": _to_json(_parse(_scrape(metrics_endpoints(monitoring, target))))}
+        state = {"release_id": release.release_id, "baseline": _to_json(_parse(_scrape(metrics_endpoints(monitoring, target)), target.app_name))}
     if state.get("decided"):
         return dg.SensorResult(skip_reason=dg.SkipReason(f"release {release.release_id}: {state['decided']} requested"),
                                cursor=json.dumps(state))
@@ -233,7 +233,7 @@ def release_decision_sensor(context: dg.SensorEvaluationContext, platform: Platf
     spec = platform.spec()
     log = _since_start(monitoring.prediction_log_url, started, now)
     labels = mon.read_labels(monitoring.labels_url).frame
-    counts = cmp.counts_since(_parse(_scrape(metrics_endpoints(monitoring, target))), _from_json(state.get("baseline")))
+    counts = cmp.counts_since(_parse(_scrape(metrics_endpoints(monitoring, target)), target.app_name), _from_json(state.get("baseline")))
     champion, candidate = str(release.champion_version), str(release.candidate_version)
     result = cmp.compare_release(log, labels, strategy=release.strategy, champion_version=champion,
                                  candidate_version=candidate, positive_class=spec.positive_class,
@@ -272,11 +272,11 @@ def _scrape(urls: list[str]) -> dict[str, str]:
     return out
 
 
-def _parse(texts: dict[str, str] | None) -> "Counters":
-    """The release counters of every node, summed."""
+def _parse(texts: dict[str, str] | None, application: str | None) -> "Counters":
+    """The release counters of `application` (the data set's Serve app) on every node, summed."""
     total: dict[str, tuple[int, int, dict[float, float]]] = {}
     for text in (texts or {}).values():
-        for role, (answered, failed, buckets) in cmp.parse_release_counters(text).items():
+        for role, (answered, failed, buckets) in cmp.parse_release_counters(text, application=application).items():
             a, f, b = total.get(role, (0, 0, {}))
             merged = dict(b)
             for le, count in buckets.items():

@@ -190,12 +190,13 @@ def run_failure_alert(context: dg.RunFailureSensorContext, monitoring: Monitorin
 # The watch after each deployment
 
 
-def scrape_counters(url: str, timeout_s: float = 5.0) -> mon.ServingCounters | None:
+def scrape_counters(url: str, application: str | None, timeout_s: float = 5.0) -> mon.ServingCounters | None:
+    """The serving counters of `application` (the data set's Serve app) at one metrics endpoint."""
     try:
         with httpx.Client(timeout=timeout_s, trust_env=False) as client:
             response = client.get(url)
         response.raise_for_status()
-        return mon.parse_serving_metrics(response.text)
+        return mon.parse_serving_metrics(response.text, application=application)
     except Exception:
         return None
 
@@ -214,14 +215,14 @@ def metrics_endpoints(monitoring: MonitoringResource, target: dep.ServeTarget) -
     return [monitoring.metrics_url]
 
 
-def scrape_nodes(urls: Sequence[str]) -> dict[str, mon.ServingCounters]:
-    """Counters of each endpoint that answered, by URL."""
-    scraped = {url: scrape_counters(url) for url in urls}
+def scrape_nodes(urls: Sequence[str], application: str | None) -> dict[str, mon.ServingCounters]:
+    """Counters of `application` at each endpoint that answered, by URL."""
+    scraped = {url: scrape_counters(url, application) for url in urls}
     return {url: counters for url, counters in scraped.items() if counters is not None}
 
 
-def _baseline_now(urls: Sequence[str]) -> dict[str, Any] | None:
-    return {url: counters.to_dict() for url, counters in scrape_nodes(urls).items()} or None
+def _baseline_now(urls: Sequence[str], application: str | None) -> dict[str, Any] | None:
+    return {url: counters.to_dict() for url, counters in scrape_nodes(urls, application).items()} or None
 
 
 def _node_baseline(raw: Any) -> dict[str, mon.ServingCounters] | None:
@@ -401,11 +402,11 @@ def post_deploy_watch(
         return outage
     if state.get("deployment") != deployment:
         # First tick of a new deployment: the counters' baseline, per node (the replica outlives versions).
-        state = {"deployment": deployment, "baseline": _baseline_now(metrics_endpoints(monitoring, ray_serve.target())),
+        state = {"deployment": deployment, "baseline": _baseline_now(metrics_endpoints(monitoring, ray_serve.target()), ray_serve.app_name),
                  "verdict": "watching", "restored": _deployed_by_rollback(context.instance, names)}
     elif state.get("baseline") and _node_baseline(state["baseline"]) is None:
         # A cursor of an earlier release (one endpoint's counters): count from now.
-        state["baseline"] = _baseline_now(metrics_endpoints(monitoring, ray_serve.target()))
+        state["baseline"] = _baseline_now(metrics_endpoints(monitoring, ray_serve.target()), ray_serve.app_name)
     if state.get("verdict") in ("rollback", "passed"):
         return dg.SensorResult(skip_reason=dg.SkipReason(f"deployment {deployment}: {state['verdict']}"),
                                cursor=json.dumps(state))
@@ -413,7 +414,7 @@ def post_deploy_watch(
     log, answered, _ = watch_rows(monitoring.prediction_log_url, names.name(deployment), live, deployed_at, state,
                                   monitoring.watch_max_compared_rows)
     baseline = _node_baseline(state.get("baseline"))
-    counters = scrape_nodes(metrics_endpoints(monitoring, ray_serve.target())) if baseline else None
+    counters = scrape_nodes(metrics_endpoints(monitoring, ray_serve.target()), ray_serve.app_name) if baseline else None
     spec = platform.spec()
     score_old, load_error = None, None
     if replaced is not None and not state.get("restored"):
