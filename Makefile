@@ -106,6 +106,7 @@ else
 	  $(BIN)/mlops-assets train --dataset $$ds --force -c deploy/run_config/in_process.yaml --select '$(TRAINING_PATH),model_deployment,reference_profile'; \
 	  $(BIN)/mlops-assets status --dataset $$ds; \
 	  $(BIN)/python -m mlops_assets.tools.sample_request --dataset $$ds; done
+	@echo "" && echo "the data sets (name, registered model, endpoint, landing folder):" && $(BIN)/mlops-assets datasets
 endif
 	@echo ""
 	@$(BIN)/python -m bench.report --summary
