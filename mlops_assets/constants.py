@@ -24,6 +24,10 @@ RUN_SCOPED_AFTER_TRAINING = ("model_deployment", "reference_profile")
 # Folders, relative to the data root unless a setting says otherwise.
 DEFAULT_DATA_DIR = "data"
 LANDING_SUBDIR = "raw"
+# Every step that submits a Serve config (deploy, rollback, a release decision) is in this Dagster
+# pool: the dashboard's PUT replaces the cluster's whole config (every data set's application), so
+# two data sets' submits at once could undo each other. The shipped dagster.yaml files limit it to 1.
+SERVE_DEPLOY_POOL = "ray_serve_deploy"
 DATASETS_SUBDIR = "datasets"  # another data set's data root, under the primary's (MLOPS_DATASETS)
 BATCHES_SUBDIR = "batches"
 QUARANTINE_SUBDIR = "quarantine"

@@ -160,3 +160,23 @@ def test_make_pipeline_trains_every_data_set_and_then_each_only_when_stale(tmp_p
     bad = subprocess.run([cli, "status", "--dataset", "nope"], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "no data set named 'nope'" in bad.stderr
+
+
+def test_every_serve_submit_step_is_in_one_pool_the_shipped_instances_limit_to_one(tmp_path: Path) -> None:
+    """A Serve submit replaces every data set's application: two data sets' deploys, rollbacks or
+    release decisions at once could undo each other, so their steps share a pool of one slot."""
+    from mlops_assets import constants as c
+
+    defs = platform_definitions(_env(tmp_path))
+    graph = defs.resolve_asset_graph()
+    for names in (DatasetNames(), FLOWS):
+        assert graph.get(names.key("model_deployment")).pools == {c.SERVE_DEPLOY_POOL}
+        for job, op in (("rollback", "rollback_champion_op"), ("release_promote", "promote_release_op"),
+                        ("release_abort", "abort_release_op")):
+            assert defs.resolve_job_def(names.name(job)).graph.node_named(op).definition.pool == c.SERVE_DEPLOY_POOL
+    repo = Path(__file__).resolve().parents[1] / "deploy"
+    for shipped in ("local/dagster.yaml", "dagster.yaml", "production/dagster.yaml", "production/dagster-k8s.yaml",
+                    "production/dagster-docker.yaml"):
+        import yaml
+
+        assert yaml.safe_load((repo / shipped).read_text())["concurrency"]["pools"]["default_limit"] == 1, shipped

@@ -62,7 +62,8 @@ class DeploymentConfig(dg.Config):
     shadow_sample_share: float = 1.0  # a shadow mirrors this share of the answered requests (1.0: all)
 
 
-@dg.asset(group_name=c.GROUP_DEPLOYMENT, owners=c.ASSET_OWNERS, kinds={"ray", "mlflow"}, code_version=DEPLOYMENT_CODE_VERSION)
+@dg.asset(group_name=c.GROUP_DEPLOYMENT, owners=c.ASSET_OWNERS, kinds={"ray", "mlflow"}, code_version=DEPLOYMENT_CODE_VERSION,
+          pool=c.SERVE_DEPLOY_POOL)
 def model_deployment(
     context: dg.AssetExecutionContext,
     config: DeploymentConfig,
@@ -193,7 +194,8 @@ def serving_health(ray_serve: RayServeResource, model_deployment: Deployment) ->
     )
 
 
-@dg.op(description="Point champion at previous-champion and deploy it; undone if the deploy fails.")
+@dg.op(description="Point champion at previous-champion and deploy it; undone if the deploy fails.",
+       pool=c.SERVE_DEPLOY_POOL)
 def rollback_champion_op(
     context: dg.OpExecutionContext, platform: PlatformResource, mlflow: MlflowResource, ray_serve: RayServeResource
 ) -> dict:

@@ -149,13 +149,15 @@ def _compare_hour(context: dg.AssetExecutionContext, platform: PlatformResource,
 # --- decisions -------------------------------------------------------------------------------
 
 
-@dg.op(description="Promote the live release: champion := candidate everywhere, old champion kept as previous-champion.")
+@dg.op(description="Promote the live release: champion := candidate everywhere, old champion kept as previous-champion.",
+       pool=c.SERVE_DEPLOY_POOL)
 def promote_release_op(context: dg.OpExecutionContext, mlflow: MlflowResource, ray_serve: RayServeResource,
                        monitoring: MonitoringResource) -> dict:
     return _finish(context, mlflow, ray_serve, monitoring, promote=True)
 
 
-@dg.op(description="End the live release: the candidate is removed, every request answered by the champion, alert sent.")
+@dg.op(description="End the live release: the candidate is removed, every request answered by the champion, alert sent.",
+       pool=c.SERVE_DEPLOY_POOL)
 def abort_release_op(context: dg.OpExecutionContext, mlflow: MlflowResource, ray_serve: RayServeResource,
                      monitoring: MonitoringResource) -> dict:
     return _finish(context, mlflow, ray_serve, monitoring, promote=False)
