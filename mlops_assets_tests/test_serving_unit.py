@@ -585,3 +585,31 @@ def test_retry_sends_again_only_when_the_replica_died() -> None:
     with pytest.raises(ActorDiedError):
         asyncio.run(call_with_retry(always_dies, attempts=3, backoff_s=0))
     assert len(calls) == 3
+
+
+def test_a_segment_ships_as_the_same_table_column_wise_as_row_by_row() -> None:
+    """The shipping thread builds a segment's table from the raw arrays (no dict per row): the
+    same schema and values as the row path, JSON frames and a torn tail included."""
+    import pyarrow as pa
+
+    from mlops_assets.serving.prediction_log import (
+        decode_spool,
+        decode_spool_table,
+        encode_request,
+        encode_rows,
+        prediction_rows,
+        rows_to_table,
+    )
+
+    rng = np.random.default_rng(0)
+    frames = [encode_request(request_id=f"r{i}", model_version=str(1 + i % 2), columns=["a", "b", "c"],
+                             matrix=rng.integers(-1, 2, (1 + i % 4, 3)), labels=rng.integers(0, 2, 1 + i % 4),
+                             probabilities=rng.random(1 + i % 4)) for i in range(12)]
+    data = b"".join(frames)
+    assert decode_spool_table(data).equals(rows_to_table(decode_spool(data)))
+    torn = data + frames[0][:-3]
+    assert decode_spool_table(torn).num_rows == decode_spool_table(data).num_rows
+    rows = prediction_rows(request_id="j", model_version="1", records=[{"proto": "tcp", "bytes": 1.5}] * 2,
+                           labels=["attack", "normal"], probabilities=[0.9, 0.2])
+    assert decode_spool_table(encode_rows(rows)).equals(rows_to_table(decode_spool(encode_rows(rows))))
+    assert decode_spool_table(b"").num_rows == 0 and isinstance(decode_spool_table(b""), pa.Table)
