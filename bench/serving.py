@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -535,6 +536,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+    # The command as run (levers and rounds included), so each results file names what made it.
+    out["command"] = "python -m bench.serving " + shlex.join(sys.argv[1:] if argv is None else argv)
     emit(report(out), dict(out), args.json)
     return 0
 
