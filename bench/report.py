@@ -174,7 +174,13 @@ def serving_summary(results_dir: Path = RESULTS) -> str:
     except (OSError, json.JSONDecodeError):
         return "Serving performance: no bench/results/serving.json yet (python -m bench.serving --json ...)"
     return (f"Serving performance (bench/results/serving.json, {data.get('code_version')}, "
-            f"{'quick' if data.get('quick') else 'full'} run): {data.get('summary')}")
+            f"{_run_kind(data)}): {data.get('summary')}")
+
+
+def _run_kind(data: Mapping[str, Any]) -> str:
+    if data.get("quick"):
+        return "quick run"
+    return "run with one lever, --lever" if "--lever" in str(data.get("command")) else "full run"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
