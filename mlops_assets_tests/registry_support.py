@@ -20,13 +20,15 @@ from mlops_assets.training.tracking import use_tracking_uri
 def train_small_model(frame: pd.DataFrame, spec: DatasetSpec, seed: int, iterations: int) -> CatBoostClassifier:
     y = (frame[spec.label] == spec.positive_class).astype(int)
     model = CatBoostClassifier(iterations=iterations, depth=4, random_seed=seed, verbose=False,
-                               thread_count=1, allow_writing_files=False)
+                               thread_count=1, allow_writing_files=False,
+                               cat_features=spec.catboost_cat_features or None)  # string columns as categories
     model.fit(frame[spec.feature_names], y)
     return model
 
 
 def register_simulated_versions(data: Path, spec: DatasetSpec, *, model_name: str, experiment: str,
                                 seeds_and_iterations: Sequence[tuple[int, int]], n_rows: int,
+                                artifacts: str = "artifacts",
                                 ) -> tuple[str, MlflowClient, dict[str, CatBoostClassifier]]:
     """One registered version per (seed, iterations), each trained on its own simulated data, in a
     SQLite store under `data/mlflow`. Returns the tracking URI, a client and the models by version."""
@@ -36,7 +38,7 @@ def register_simulated_versions(data: Path, spec: DatasetSpec, *, model_name: st
     models: dict[str, CatBoostClassifier] = {}
     with use_tracking_uri(tracking_uri):  # scoped: other test modules see no global MLflow state
         experiment_id = mlflow.create_experiment(experiment,
-                                                 artifact_location=(data / "mlflow" / "artifacts").as_uri())
+                                                 artifact_location=(data / "mlflow" / artifacts).as_uri())
         for seed, iterations in seeds_and_iterations:
             frame = simulate_records(spec, SimulationConfig(n_rows=n_rows, seed=seed))
             model = train_small_model(frame, spec, seed, iterations)

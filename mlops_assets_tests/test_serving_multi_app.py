@@ -13,11 +13,9 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
-import mlflow
 import pandas as pd
 import pytest
 from catboost import CatBoostClassifier
@@ -25,11 +23,9 @@ from catboost import CatBoostClassifier
 from mlops_assets.core.dataset_spec import DatasetSpec, default_spec, load_spec
 from mlops_assets.deployment import rollout as dep
 from mlops_assets.monitoring import live as mon
-from mlops_assets.registry import model_store
 from mlops_assets.serving.prediction_log import read_prediction_log
 from mlops_assets.tools.ray_cluster import ClusterConfig, start_head
 from mlops_assets.tools.simulator import SimulationConfig, simulate_records
-from mlops_assets.training.tracking import use_tracking_uri
 from mlops_assets_tests.ray_support import end_test_head, isolated_cluster
 from mlops_assets_tests.registry_support import register_simulated_versions
 
@@ -86,29 +82,6 @@ def _one_replica_each(base: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
-def _register_flows_versions(data: Path, tracking_uri: str, spec: DatasetSpec,
-                             seeds_and_iterations: tuple[tuple[int, int], ...]) -> dict[str, CatBoostClassifier]:
-    """Network-flows versions, trained with the string columns declared categorical to CatBoost."""
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    models: dict[str, CatBoostClassifier] = {}
-    with use_tracking_uri(tracking_uri):
-        experiment_id = mlflow.create_experiment("multi-app-flows",
-                                                 artifact_location=(data / "mlflow" / "artifacts-flows").as_uri())
-        for seed, iterations in seeds_and_iterations:
-            frame = simulate_records(spec, SimulationConfig(n_rows=1000, seed=seed))
-            model = CatBoostClassifier(iterations=iterations, depth=4, random_seed=seed, verbose=False, thread_count=1,
-                                       allow_writing_files=False, cat_features=spec.catboost_cat_features)
-            model.fit(frame[spec.feature_names], (frame[spec.label] == spec.positive_class).astype(int))
-            with mlflow.start_run(experiment_id=experiment_id) as run:
-                info = model_store.log_catboost_model(model, input_example=frame[spec.feature_names].head(5))
-            mv = model_store.register_version(client, FLOWS_MODEL, run_id=run.info.run_id, model_uri=info.model_uri,
-                                              tags={"decision_threshold": "0.5", "feature_version": f"flows-{seed}",
-                                                    "data_version": f"flows-{seed}",
-                                                    "trained_at": f"2026-02-0{seed}T00:00:00+00:00"})
-            models[str(mv.version)] = model
-    return models
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("multi_app")
@@ -117,7 +90,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tracking_uri, client, phishing_models = register_simulated_versions(
         data, phishing_spec, model_name=PHISHING_MODEL, experiment="multi-app-phishing",
         seeds_and_iterations=((1, 20),), n_rows=800)
-    flows_models = _register_flows_versions(data, tracking_uri, flows_spec, ((1, 20), (2, 50)))
+    _, _, flows_models = register_simulated_versions(  # the same store, its own model and experiment
+        data, flows_spec, model_name=FLOWS_MODEL, experiment="multi-app-flows", seeds_and_iterations=((1, 20), (2, 50)),
+        n_rows=1000, artifacts="artifacts-flows")
 
     cluster = isolated_cluster(root)
     flows_root = data / "datasets" / FLOWS  # a second data set's data root (settings.dataset_settings)
