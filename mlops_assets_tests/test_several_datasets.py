@@ -185,3 +185,16 @@ def test_every_serve_submit_step_is_in_one_pool_the_shipped_instances_limit_to_o
         import yaml
 
         assert yaml.safe_load((repo / shipped).read_text())["concurrency"]["pools"]["default_limit"] == 1, shipped
+
+
+def test_trace_looks_up_the_data_sets_own_assets_in_the_instance() -> None:
+    """`mlops-assets trace --dataset network_flows` finds the runs that built that data set's raw
+    data, not the primary's of the same name."""
+    from mlops_assets.defs.registry.lookups import InstanceLookup
+
+    with dg.instance_for_test() as instance:
+        for names, batches in ((DatasetNames(), ["p1"]), (FLOWS, ["f1", "f2"])):
+            instance.report_runless_asset_event(dg.AssetMaterialization(
+                names.key("raw_dataset"), metadata={"data_version": "same-version", "batch_ids": batches}))
+        assert InstanceLookup(instance).batch_ids("same-version") == ["p1"]
+        assert InstanceLookup(instance, FLOWS).batch_ids("same-version") == ["f1", "f2"]

@@ -372,7 +372,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
         from mlops_assets.defs.registry.lookups import InstanceLookup
 
         instance = dg.DagsterInstance.get()
-        sources.dagster = InstanceLookup(instance)
+        sources.dagster = InstanceLookup(instance, _names(settings))  # the data set's own assets
     try:
         report = governance.trace(args.request_id, sources)
     except governance.RequestNotFound as exc:

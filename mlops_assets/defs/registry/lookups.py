@@ -5,14 +5,17 @@ from typing import Any
 
 import dagster as dg
 
+from mlops_assets.defs.datasets import PRIMARY, DatasetNames
+
 MAX_MATERIALIZATIONS = 500  # how far back the lookups page through an asset's history
 
 
 class InstanceLookup:
-    """`lib.governance.DagsterLookup` on a Dagster instance."""
+    """`lib.governance.DagsterLookup` on a Dagster instance, for the assets of data set `names`."""
 
-    def __init__(self, instance: dg.DagsterInstance) -> None:
+    def __init__(self, instance: dg.DagsterInstance, names: DatasetNames = PRIMARY) -> None:
         self.instance = instance
+        self.names = names
 
     def run(self, run_id: str) -> dict[str, Any] | None:
         record = self.instance.get_run_record_by_id(run_id)
@@ -23,7 +26,7 @@ class InstanceLookup:
                 "start_time": record.start_time, "end_time": record.end_time}
 
     def _materializations(self, asset: str) -> list[Any]:
-        return list(self.instance.fetch_materializations(dg.AssetKey(asset), limit=MAX_MATERIALIZATIONS).records)
+        return list(self.instance.fetch_materializations(self.names.key(asset), limit=MAX_MATERIALIZATIONS).records)
 
     @staticmethod
     def _meta(record: Any) -> dict[str, Any]:
