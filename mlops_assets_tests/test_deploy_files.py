@@ -766,6 +766,9 @@ def test_every_shipped_instance_validates_and_enables_freshness(path: Path, monk
         monkeypatch.setenv(variable, "5432" if variable.endswith("PORT") else "x")
     result = process_config(Shape(dagster_instance_config_schema()), config)
     assert result.success, result.errors
+    from dagster._core.instance.config import validate_concurrency_config
+
+    validate_concurrency_config(config)  # what loading the instance checks beyond the schema (run limits in one place)
     assert config["freshness"] == {"enabled": True}
     coordinator = config.get("run_coordinator") or {}
     if coordinator.get("class") == "QueuedRunCoordinator":  # its own config is checked only when it starts
