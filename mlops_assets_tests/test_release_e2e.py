@@ -239,7 +239,9 @@ def test_a_better_shadow_is_promoted_and_a_worse_canary_is_ended_on_live_evidenc
     assert set(direct.versions) == {v1}
 
     # 1. Shadow of the better version 2, from the launchpad's config.
-    shadow_start = platform.release(v2, "shadow", **TERMS)
+    # In-flight room for every mirror of the steady phase: this test checks that each shadowed record
+    # is logged by both versions; dropping mirrors beyond the bound is test_release.py's.
+    shadow_start = platform.release(v2, "shadow", shadow_max_in_flight=4096, **TERMS)
     assert shadow_start.success
     deployed = shadow_start.asset_materializations_for_node("model_deployment")[0].metadata
     assert deployed["release_strategy"].value == "shadow" and deployed["live_version"].value == v1

@@ -12,7 +12,7 @@ from mlops_assets.defs.datasets import names_for_asset
 from mlops_assets.defs.metadata import redact_text, url_value
 from mlops_assets.defs.resources import MlflowResource, PlatformResource, RayServeResource
 from mlops_assets.deployment import rollout as dep
-from mlops_assets.serving.release import ReleaseConfig
+from mlops_assets.serving.release import DEFAULT_SHADOW_MAX_IN_FLIGHT, ReleaseConfig
 
 SAMPLE_RECORDS = 64  # test-set rows the candidate must answer exactly as the offline model does
 DEPLOYMENT_CODE_VERSION = "2"
@@ -60,6 +60,8 @@ class DeploymentConfig(dg.Config):
     min_labelled: int = c.RELEASE_MIN_LABELLED
     candidate_replicas: int = 1
     shadow_sample_share: float = 1.0  # a shadow mirrors this share of the answered requests (1.0: all)
+    # mirrors queued or being scored at once per ingress replica; beyond it a mirror is dropped, counted
+    shadow_max_in_flight: int = DEFAULT_SHADOW_MAX_IN_FLIGHT
 
 
 @dg.asset(group_name=c.GROUP_DEPLOYMENT, owners=c.ASSET_OWNERS, kinds={"ray", "mlflow"}, code_version=DEPLOYMENT_CODE_VERSION,
@@ -141,7 +143,7 @@ def _release(context: dg.AssetExecutionContext, config: DeploymentConfig, platfo
             canary_share=ray_serve.release_canary_share if config.canary_share is None else config.canary_share,
             min_requests=config.min_requests, min_duration_s=config.min_duration_s,
             max_metric_drop=config.max_metric_drop, min_labelled=config.min_labelled,
-            shadow_sample_share=config.shadow_sample_share)
+            shadow_sample_share=config.shadow_sample_share, shadow_max_in_flight=config.shadow_max_in_flight)
         result = dep.launch_release(
             target=target, tracking_uri=mlflow.tracking_uri, spec=platform.spec(), model_name=name, release=release,
             records=records, actor=mlflow.actor, base_config=ray_serve.base_config(),
