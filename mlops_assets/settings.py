@@ -136,6 +136,11 @@ class Settings(DataFolders):
     serve_app_name: str = APP_NAME
     serve_route_prefix: str = ROUTE_PREFIX
 
+    @property
+    def serve_app_url(self) -> str:
+        """The data set's Serve application: the proxy's URL and its route prefix (`/` adds nothing)."""
+        return self.serve_url.rstrip("/") + self.serve_route_prefix.rstrip("/")
+
     def serving_token(self) -> str:
         return read_api_token(self.api_token, self.api_token_file)
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -414,6 +415,8 @@ def build_resources(settings: Settings) -> dict[str, Any]:
     """Every resource of the platform, with the settings' concrete values (secrets as dg.EnvVar);
     with several data sets, each resource also holds the others' differing values."""
     resources: dict[str, Any] = {"io_manager": ParquetIOManager(base_url=settings.assets_url)}  # keys carry the data set
+    if settings.other_datasets:  # the commit once (a git subprocess), not once per data set and resource build
+        settings = replace(settings, git_sha=tracking.git_sha(explicit=settings.git_sha))
     for key, kind in (("platform", PlatformResource), ("mlflow", MlflowResource), ("ray_serve", RayServeResource),
                       ("monitoring", MonitoringResource)):
         primary = kind.from_settings(settings)

@@ -318,7 +318,7 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     settings = load_settings()
     for name in dataset_names(settings):
         own = dataset_settings(settings, name)
-        endpoint = own.serve_url.rstrip("/") + own.serve_route_prefix.rstrip("/") + "/predict"
+        endpoint = own.serve_app_url + "/predict"
         print(name if args.names else f"{name}\t{own.model_name}\t{endpoint}\t{redact_text(own.landing_url)}")
     return 0
 
@@ -330,7 +330,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.history:
         return _print_history(args)
     endpoint = None if args.no_endpoint else (  # the data set's application, below its route prefix
-        args.endpoint or settings.serve_url.rstrip("/") + settings.serve_route_prefix.rstrip("/")
+        args.endpoint or settings.serve_app_url
     )
     status = champion_status(args.tracking_uri or settings.mlflow_tracking_uri,
                              args.model_name or settings.model_name, endpoint)
