@@ -7,7 +7,9 @@ spool as Parquet parts (on a timer, when enough rows wait, and on close) to any 
 (through `core.storage`: a local folder or s3://):
 object stores cannot append to a file, so each spool segment becomes one immutable part under
 `date=YYYY-MM-DD/hour=HH/` of its rows' time (two parts of one name when it spans an hour), and
-is deleted once shipped; monitoring reads one hour's folder per window. A failed ship keeps the segment for the next
+is deleted once shipped; monitoring reads one hour's folder per window. The serving replicas
+ship in a child process (`shipper="process"`, `log_shipper.py`): the thread only hands it each
+segment, so the decoding and Parquet encoding do not hold the answering process's GIL. A failed ship keeps the segment for the next
 attempt (up to a bound, then the oldest segments are dropped) and is reported through
 `on_failure`, which the service counts in a metric.
 
@@ -43,6 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlops_assets.core import storage
+from mlops_assets.serving.log_shipper import ShipperProcess
 from mlops_assets.settings import join_url
 
 logger = logging.getLogger(__name__)
@@ -71,6 +74,7 @@ def prediction_rows(
 
 
 SPOOL_DIR_ENV = "MLOPS_PREDICTION_SPOOL_DIR"
+SHIPPERS = ("thread", "process")  # where spool segments become Parquet parts (PredictionLogWriter)
 SPOOL_SUFFIX = ".spool"
 LOCK_SUFFIX = ".lock"
 
@@ -301,6 +305,25 @@ def write_part(rows: Sequence[Mapping[str, Any]] | pa.Table, log_url: str, part_
     return target
 
 
+def ship_segment(path: str, log_url: str, part_name: str,
+                 writer: Callable[[pa.Table, str, str], str] = write_part) -> int:
+    """Ship one closed spool segment as its part(s), then delete it; its rows.
+
+    A segment that is gone was shipped already, by a shipper that died before it could say so
+    (the part is written before the segment is deleted): 0 rows, not a failure.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return 0
+    table = decode_spool_table(data)
+    if table.num_rows:
+        writer(table, log_url, part_name)
+    _unlink(path)
+    return table.num_rows
+
+
 def read_prediction_log(log_url: str, request_id: str | None = None) -> pd.DataFrame:
     """All parts of the log (or one request's rows), oldest first; empty frame when there is none."""
     fs, _ = storage.filesystem(log_url)
@@ -333,7 +356,11 @@ class PredictionLogWriter:
         name_prefix: str | None = None,
         spool_dir: str | None = None,
         replay_orphans: bool = True,
+        shipper: str = "thread",
     ) -> None:
+        """`shipper`: "thread" ships on this process's shipping thread (with `writer`); "process"
+        ships in a child process (`log_shipper.py`, always with `write_part`), so the shipping
+        work does not hold this process's GIL."""
         self.log_url = log_url
         self.spool_dir = spool_dir or default_spool_dir(log_url)
         self._interval = flush_interval_s
@@ -341,7 +368,12 @@ class PredictionLogWriter:
         self._max_buffer = max_buffer_rows
         self._on_failure = on_failure or (lambda kind, n: None)
         self._on_flush = on_flush or (lambda n: None)
+        if shipper not in SHIPPERS:
+            raise ValueError(f"prediction log shipper must be one of {SHIPPERS}, got {shipper!r}")
+        if shipper == "process" and writer is not write_part:
+            raise ValueError("a shipper process writes with write_part; a custom writer needs shipper='thread'")
         self._writer = writer
+        self._process = ShipperProcess() if shipper == "process" else None
         # Sortable and unique: part names (derived from segment names) stay in write order.
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         self._prefix = f"{stamp}-{name_prefix or uuid.uuid4().hex[:12]}"
@@ -418,12 +450,9 @@ class PredictionLogWriter:
         return f"part-{os.path.basename(segment_path).removesuffix(SPOOL_SUFFIX)}.parquet"
 
     def _ship_segment(self, path: str) -> int:
-        with open(path, "rb") as handle:
-            table = decode_spool_table(handle.read())
-        if table.num_rows:
-            self._writer(table, self.log_url, self.part_name(path))
-        _unlink(path)
-        return table.num_rows
+        if self._process is not None:
+            return self._process.ship(path, self.log_url, self.part_name(path))
+        return ship_segment(path, self.log_url, self.part_name(path), self._writer)
 
     def flush(self) -> int:
         """Ship what is spooled, one part per segment; return rows written (0 on failure or nothing to do)."""
@@ -538,6 +567,8 @@ class PredictionLogWriter:
         self.flush()
         with self._lock:
             left = self._pending_locked()
+        if self._process is not None:
+            self._process.close()
         if not left:
             _unlink(os.path.join(self.spool_dir, f"{self._prefix}{LOCK_SUFFIX}"))
         os.close(self._lock_fd)
