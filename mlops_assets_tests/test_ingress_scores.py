@@ -92,3 +92,39 @@ def test_the_rendered_serve_config_names_the_champion_to_the_ingress(tmp_path: P
     assert app["args"]["ingress_scores"] is True
     with pytest.raises(ValueError, match="unknown serving option"):
         dep.render_serve_config(dep.load_serve_config(), ref=ModelRef(version="4"), args={"ingress_score": True})
+
+
+def test_an_ingress_holding_the_candidate_scores_a_shadow_batch_as_a_candidate_replica_would(
+        core: ServiceCore) -> None:
+    """`score_mirrors_here` (one model call for the batch) answers and logs what the candidate
+    replica's `handle_many` does through the full request path, every row marked shadow."""
+    import orjson
+
+    from mlops_assets.serving.app import answer_predict, score_mirrors_here
+    from mlops_assets.serving.prediction_log import decode_spool_table
+    from mlops_assets.serving.release import score_mirrors
+    from mlops_assets_tests.test_serving_unit import _records
+
+    spec = core.spec
+    asyncio.run(core.reconfigure(ModelRef(version="2")))
+    headers = [(b"authorization", f"Bearer {TOKEN}".encode()), (b"content-type", b"application/json")]
+    batch = [ForwardedRequest(method="POST", path="/predict", query_string=b"", headers=headers,
+                              body=orjson.dumps({"records": _records(spec, n, first=first)}), request_id=f"m{i}")
+             for i, (n, first) in enumerate(((1, 1), (3, -1), (2, 1)))]
+    here = asyncio.run(score_mirrors_here(core, batch))
+    replica = asyncio.run(score_mirrors(lambda r: answer_predict(core, r), batch, lower=False))
+    assert [a.status for a in here] == [200, 200, 200] == [a.status for a in replica]
+    assert [orjson.loads(a.body)["model_version"] for a in here] == ["2"] * 3
+
+    def logged(answers):
+        table = decode_spool_table(b"".join(line for a in answers for line, _ in a.log_lines))
+        return table.drop_columns(["logged_at"]).to_pandas()
+
+    ours, theirs = logged(here), logged(replica)
+    assert len(ours) == 6 and ours["shadow"].all() and list(ours["request_id"].unique()) == ["m0", "m1", "m2"]
+    assert ours.equals(theirs)
+    # A body that fails validation gets its error; the rest are still scored.
+    bad = ForwardedRequest(method="POST", path="/predict", query_string=b"", headers=headers,
+                           body=b'{"records": [{"nope": 1}]}', request_id="bad")
+    answers = asyncio.run(score_mirrors_here(core, [bad, batch[0]]))
+    assert [a.status for a in answers] == [422, 200] and answers[0].log_lines == []

@@ -272,9 +272,20 @@ def test_a_release_needs_a_candidate_deployment() -> None:
 
 
 def test_mark_shadow_keeps_the_rows_and_marks_them() -> None:
-    line, rows = mark_shadow(_line("4", "r1"))
+    from mlops_assets.serving.prediction_log import decode_spool_table, encode_rows
+
+    unmarked = _line("4", "r1")
+    line, rows = mark_shadow(unmarked)
     [row] = decode_spool(line)
     assert rows == 1 and row["shadow"] is True and row["model_version"] == "4" and row["probability"] == 0.7
+    assert line[:1] == b"M"  # a raw-array frame stays one: only its header gains the mark
+    # Marked JSON rows (a data set of strings and floats) read back as the same table, shadow column included.
+    json_line, _ = mark_shadow(encode_rows(decode_spool(unmarked)))
+    assert json_line[:1] == b"J"
+    assert decode_spool_table(line).equals(decode_spool_table(json_line))
+    # A segment holding the champion's frames and a shadow's: one table, `shadow` only on the shadow's rows.
+    table = decode_spool_table(_line("3", "r1") + line).to_pandas()
+    assert list(table["model_version"]) == ["3", "4"] and table["shadow"].tolist()[1] is True
 
 
 def test_the_serve_config_of_a_release_pins_the_champion_and_gives_the_candidate_replicas() -> None:

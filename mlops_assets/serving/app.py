@@ -53,17 +53,26 @@ from mlops_assets.serving.ingress import (
     read_capped,
 )
 from mlops_assets.serving.metrics import RayServeMetrics, ServingMetrics
-from mlops_assets.serving.prediction_log import SPOOL_DIR_ENV, PredictionLogWriter, default_spool_dir
+from mlops_assets.serving.prediction_log import (
+    SPOOL_DIR_ENV,
+    PredictionLogWriter,
+    default_spool_dir,
+    encode_request,
+    encode_rows,
+    prediction_rows,
+)
 from mlops_assets.serving.release import (
     CANDIDATE_DEPLOYMENT_NAME,
     IDLE_CANDIDATE_AUTOSCALING,
     RELEASE_ROUTE,
+    SHADOW_FIELD,
     RayServeReleaseMetrics,
     ReleaseRouter,
+    batch_call,
     score_mirrors,
     split_ingress_config,
 )
-from mlops_assets.serving.request import RequestError
+from mlops_assets.serving.request import RequestError, parse_predict_matrix
 from mlops_assets.serving.scoring import ScoredRecords, Scorer, scorer_from_loaded
 from mlops_assets.serving.service import NO_MODEL_CONFIGURED, ServiceCore, score_off_loop_if_large
 from mlops_assets.settings import Settings, load_settings
@@ -274,6 +283,40 @@ async def answer_predict(core: ServiceCore, request: ForwardedRequest) -> Forwar
     return response
 
 
+async def score_mirrors_here(core: ServiceCore, batch: list[ForwardedRequest]) -> list[ForwardedResponse]:
+    """A shadow's mirrors scored by the candidate this ingress holds (`ingress_scores`): what a
+    candidate replica's `handle_many` answers, without the handle call and its copies.
+
+    Each body is parsed again (the champion's answer already checked the token and the body), the
+    batch is one model call, and each answer carries its log line marked `shadow`. Nothing is
+    counted in `predictions_total`: these answers reach no client (the release counts them).
+    """
+    scorer = core.require_scorer()
+    answers: list[ForwardedResponse | None] = [None] * len(batch)
+    parsed: list[tuple[int, list[dict[str, Any]], Any]] = []
+    for i, request in enumerate(batch):
+        try:
+            records, features = parse_predict_matrix(request.body, core.request_model)
+        except RequestError as exc:
+            answers[i] = ForwardedResponse(exc.status_code, [], orjson.dumps(exc.body()))
+            continue
+        parsed.append((i, records, features))
+    scored = await score_off_loop_if_large(scorer, [features for _, _, features in parsed]) if parsed else []
+    for (i, records, features), result in zip(parsed, scored, strict=True):
+        request_id = batch[i].request_id
+        if isinstance(features, np.ndarray):
+            line = encode_request(request_id=request_id, model_version=result.version,
+                                  columns=core.spec.feature_names, matrix=features, labels=result.labels,
+                                  probabilities=result.probabilities, shadow=True)
+        else:
+            rows = prediction_rows(request_id=request_id, model_version=result.version, records=records,
+                                   labels=result.labels, probabilities=result.probabilities)
+            line = encode_rows([{**row, SHADOW_FIELD: True} for row in rows])
+        body = orjson.dumps({"request_id": request_id, "model_version": result.version})
+        answers[i] = ForwardedResponse(200, [], body, [(line, len(result.labels))])
+    return [answer for answer in answers if answer is not None]
+
+
 def _prediction_log(opts: ServiceOptions, settings: Settings, metrics: ServingMetrics) -> PredictionLogWriter:
     url = prediction_log_url(settings, opts)
     return PredictionLogWriter(
@@ -367,7 +410,11 @@ class PredictionIngress:
         self._settings = load_settings()
         self._log = _prediction_log(opts, self._settings, RayServeMetrics()) if opts.prediction_log else None
         # Releases (serving/release.py): canary routing and the shadow mirror, set by this deployment's user_config.
-        self._release = ReleaseRouter(scorer, candidate, RayServeReleaseMetrics())
+        self._candidate_batch = batch_call(candidate) if candidate is not None else None
+        self._release = ReleaseRouter(scorer, candidate, RayServeReleaseMetrics(), send_mirrors=self._send_mirrors)
+        # `ingress_scores` in a shadow release: the candidate's model in this process too, scoring the
+        # mirrors here (`score_mirrors_here`), not in a call to the candidate deployment.
+        self._local_candidate: ServiceCore | None = None
         self._shadow_log: PredictionLogWriter | None = None
         self._opts = opts
         # `ingress_scores`: the champion's model in this process too, so its answers skip the handle call.
@@ -414,9 +461,26 @@ class PredictionIngress:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._release.reconfigure(user_config)
-        champion = split_ingress_config(user_config)[1]
+        release, champion = split_ingress_config(user_config)
         if self._local is not None and champion is not None:
             await self._local.reconfigure(champion)  # a failed load keeps what it had and forwards (local_answers)
+        if self._local is not None and champion is not None and release.strategy == "shadow":
+            if self._local_candidate is None:
+                self._local_candidate = service_core(self._opts, self._settings)
+            # A failed load leaves the mirrors to the candidate deployment (`_send_mirrors`).
+            await self._local_candidate.reconfigure(ModelRef(model_name=champion.model_name,
+                                                             version=release.candidate_version))
+        else:
+            self._local_candidate = None
+
+    async def _send_mirrors(self, batch: list[ForwardedRequest]) -> list[ForwardedResponse]:
+        """A shadow batch to the candidate held here when it holds the release's version, else to the deployment."""
+        local, wanted = self._local_candidate, self._release.config.candidate_version
+        if local is not None and local.scorer is not None and local.scorer.version == wanted:
+            return await score_mirrors_here(local, batch)
+        if self._candidate_batch is None:
+            raise RuntimeError("this application has no candidate deployment")
+        return await self._candidate_batch(batch)
 
     @serve.batch(max_batch_size=DEFAULT_BATCH_MAX_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
     async def _score_batched(self, matrices: list[np.ndarray]) -> list[ScoredRecords]:

@@ -21,7 +21,12 @@ promoting or ending a release is a `reconfigure` of running replicas, never a re
   or `shadow_batch_wait_s` after the first; the candidate marks the log lines itself and, on its
   first batch, lowers its own CPU priority (`SHADOW_NICENESS`), so on a loaded machine the
   champion's replicas get the cores first. One call per batch instead of one per request is what
-  keeps the shadow off the champion's latency (bench/shadow.py). `shadow_sample_share` mirrors
+  keeps the shadow off the champion's latency (bench/shadow.py). With `ingress_scores` (the
+  shipped default) the ingress also loads the candidate's version and scores each batch itself
+  (`app.score_mirrors_here`: the bodies parsed again, one model call), which takes the handle
+  call, its copies and the candidate replica's request handling off the machine's cores; the
+  candidate deployment scores them while the ingress has not loaded that version (or failed to).
+  `shadow_sample_share` mirrors
   only a share of the requests (by a hash of the request id; default 1.0, every request); a
   sampled-out request is counted, not dropped. The shadow role's latency is its batch call's.
 
@@ -43,7 +48,7 @@ from typing import Any, Protocol
 from mlops_assets import constants as c
 from mlops_assets.serving.config import ModelRef
 from mlops_assets.serving.ingress import ForwardedRequest, ForwardedResponse
-from mlops_assets.serving.prediction_log import decode_spool, encode_rows
+from mlops_assets.serving.prediction_log import mark_shadow_frame as mark_shadow
 
 logger = logging.getLogger(__name__)
 
@@ -194,14 +199,6 @@ def header(headers: list[tuple[bytes, bytes]], name: str) -> str | None:
         if key.lower() == wanted:
             return value.decode("latin-1").strip() or None
     return None
-
-
-def mark_shadow(line: bytes) -> tuple[bytes, int]:
-    """A scorer's spool frame with every row marked `shadow = true` (a JSON-rows frame), and its rows."""
-    rows = decode_spool(line)
-    for row in rows:
-        row[SHADOW_FIELD] = True
-    return encode_rows(rows), len(rows)
 
 
 Handle = Callable[[ForwardedRequest], Awaitable[ForwardedResponse]]
