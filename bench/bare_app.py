@@ -38,7 +38,7 @@ _token = os.environ["MLOPS_API_TOKEN"]
 _log = PredictionLogWriter(os.environ["BENCH_LOG_URL"],
                            spool_dir=os.path.join(os.environ["BENCH_SPOOL_DIR"], str(os.getpid())),
                            flush_interval_s=_options.log_flush_interval_s, flush_rows=_options.log_flush_rows,
-                           max_buffer_rows=_options.log_max_buffer_rows, shipper=_options.log_shipper)
+                           max_buffer_rows=_options.log_max_buffer_rows)
 _JSON = "application/json"
 
 app = FastAPI()

@@ -71,8 +71,6 @@ PROXY_LEVER_ON = True  # False with --lever: no second Ray head
 # (label, app args, replica env, deployment overrides): each the shipped config with one lever off
 APP_LEVERS: tuple[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]], ...] = (
     ("ours: no prediction log", {"prediction_log": False}, {}, {}),
-    # the log's segments shipped on the replica's own thread, as before the shipper process
-    ("ours: the log ships on a thread", {"log_shipper": "thread"}, {}, {}),
     ("ours: no batching", {"batch_max_size": 1}, {}, {}),
     ("ours: user code on a second thread", {}, {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}, {}),
     # a candidate, not shipped: a Ray setting measured beside the shipped default before choosing

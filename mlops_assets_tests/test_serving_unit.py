@@ -352,6 +352,12 @@ def test_rows_spooled_by_a_killed_writer_are_replayed_exactly_once(tmp_path: Pat
     assert list(Path(spool).iterdir()) == []
 
 
+def test_a_segment_already_gone_was_shipped_by_another_writer(tmp_path: Path) -> None:
+    from mlops_assets.serving.prediction_log import ship_segment
+
+    assert ship_segment(str(tmp_path / "gone.spool"), str(tmp_path / "log"), "part-gone.parquet") == 0
+
+
 def test_the_spool_outlives_a_sink_that_is_down_at_close(tmp_path: Path) -> None:
     def down(rows, url, name):
         raise OSError("bucket unreachable")

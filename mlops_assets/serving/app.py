@@ -327,7 +327,6 @@ def _prediction_log(opts: ServiceOptions, settings: Settings, metrics: ServingMe
         max_buffer_rows=opts.log_max_buffer_rows,
         on_failure=metrics.prediction_log_failure,
         on_flush=metrics.prediction_log_written,
-        shipper=opts.log_shipper,
     )
 
 

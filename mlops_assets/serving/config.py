@@ -74,15 +74,8 @@ class ServiceOptions:
     # switching, or failed a load. False: every request goes through a scoring replica, and a request
     # caught on a dying scoring replica is sent again to another one.
     ingress_scores: bool = True
-    # "process" (shipped): the prediction log's segments become Parquet parts in a child process of
-    # the replica, off the GIL of the event loop that answers (serving/log_shipper.py); "thread":
-    # on the replica's own shipping thread, which cost a quarter of the throughput at 100 records
-    # a request (bench/serving.py's "ships on a thread" lever).
-    log_shipper: str = "process"
 
     def __post_init__(self) -> None:
-        if self.log_shipper not in ("process", "thread"):
-            raise ValueError(f"serving option log_shipper must be 'process' or 'thread', got {self.log_shipper!r}")
         if float(self.batch_wait_timeout_s) < 0:
             raise ValueError(f"serving option batch_wait_timeout_s must be >= 0, got {self.batch_wait_timeout_s}")
         for name in ("max_records", "max_body_bytes", "log_flush_rows", "log_max_buffer_rows", "batch_max_size"):

@@ -7,9 +7,7 @@ spool as Parquet parts (on a timer, when enough rows wait, and on close) to any 
 (through `core.storage`: a local folder or s3://):
 object stores cannot append to a file, so each spool segment becomes one immutable part under
 `date=YYYY-MM-DD/hour=HH/` of its rows' time (two parts of one name when it spans an hour), and
-is deleted once shipped; monitoring reads one hour's folder per window. The serving replicas
-ship in a child process (`shipper="process"`, `log_shipper.py`): the thread only hands it each
-segment, so the decoding and Parquet encoding do not hold the answering process's GIL. A failed ship keeps the segment for the next
+is deleted once shipped; monitoring reads one hour's folder per window. A failed ship keeps the segment for the next
 attempt (up to a bound, then the oldest segments are dropped) and is reported through
 `on_failure`, which the service counts in a metric.
 
@@ -45,7 +43,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlops_assets.core import storage
-from mlops_assets.serving.log_shipper import ShipperProcess
 from mlops_assets.settings import join_url
 
 logger = logging.getLogger(__name__)
@@ -74,7 +71,6 @@ def prediction_rows(
 
 
 SPOOL_DIR_ENV = "MLOPS_PREDICTION_SPOOL_DIR"
-SHIPPERS = ("thread", "process")  # where spool segments become Parquet parts (PredictionLogWriter)
 SPOOL_SUFFIX = ".spool"
 LOCK_SUFFIX = ".lock"
 
@@ -345,8 +341,8 @@ def ship_segment(path: str, log_url: str, part_name: str,
                  writer: Callable[[pa.Table, str, str], str] = write_part) -> int:
     """Ship one closed spool segment as its part(s), then delete it; its rows.
 
-    A segment that is gone was shipped already, by a shipper that died before it could say so
-    (the part is written before the segment is deleted): 0 rows, not a failure.
+    A segment that is gone was shipped already (by another writer's replay of the same orphan:
+    the part is written before the segment is deleted): 0 rows, not a failure to retry forever.
     """
     try:
         with open(path, "rb") as handle:
@@ -392,11 +388,7 @@ class PredictionLogWriter:
         name_prefix: str | None = None,
         spool_dir: str | None = None,
         replay_orphans: bool = True,
-        shipper: str = "thread",
     ) -> None:
-        """`shipper`: "thread" ships on this process's shipping thread (with `writer`); "process"
-        ships in a child process (`log_shipper.py`, always with `write_part`), so the shipping
-        work does not hold this process's GIL."""
         self.log_url = log_url
         self.spool_dir = spool_dir or default_spool_dir(log_url)
         self._interval = flush_interval_s
@@ -404,12 +396,7 @@ class PredictionLogWriter:
         self._max_buffer = max_buffer_rows
         self._on_failure = on_failure or (lambda kind, n: None)
         self._on_flush = on_flush or (lambda n: None)
-        if shipper not in SHIPPERS:
-            raise ValueError(f"prediction log shipper must be one of {SHIPPERS}, got {shipper!r}")
-        if shipper == "process" and writer is not write_part:
-            raise ValueError("a shipper process writes with write_part; a custom writer needs shipper='thread'")
         self._writer = writer
-        self._process = ShipperProcess() if shipper == "process" else None
         # Sortable and unique: part names (derived from segment names) stay in write order.
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
         self._prefix = f"{stamp}-{name_prefix or uuid.uuid4().hex[:12]}"
@@ -486,8 +473,6 @@ class PredictionLogWriter:
         return f"part-{os.path.basename(segment_path).removesuffix(SPOOL_SUFFIX)}.parquet"
 
     def _ship_segment(self, path: str) -> int:
-        if self._process is not None:
-            return self._process.ship(path, self.log_url, self.part_name(path))
         return ship_segment(path, self.log_url, self.part_name(path), self._writer)
 
     def flush(self) -> int:
@@ -603,8 +588,6 @@ class PredictionLogWriter:
         self.flush()
         with self._lock:
             left = self._pending_locked()
-        if self._process is not None:
-            self._process.close()
         if not left:
             _unlink(os.path.join(self.spool_dir, f"{self._prefix}{LOCK_SUFFIX}"))
         os.close(self._lock_fd)
