@@ -118,7 +118,7 @@ def set_strategy(target: Any, release: Any, strategy: str, timeout_s: float = 18
     """Switch the ingress to `strategy` (the shadow release, or direct with the candidate kept); seconds."""
     from mlops_assets.deployment import rollout as dep
     from mlops_assets.serving.app import INGRESS_DEPLOYMENT_NAME
-    from mlops_assets.serving.release import ReleaseConfig
+    from mlops_assets.serving.release import CHAMPION_REF_KEY, ReleaseConfig
 
     wanted = release if strategy == "shadow" else ReleaseConfig()
     start = time.monotonic()
@@ -126,7 +126,11 @@ def set_strategy(target: Any, release: Any, strategy: str, timeout_s: float = 18
     def edit(app: dict[str, Any]) -> None:
         for deployment in app.get("deployments") or []:
             if deployment.get("name") == INGRESS_DEPLOYMENT_NAME:
-                deployment["user_config"] = wanted.to_user_config()
+                # The champion's ModelRef stays, as every rollout keeps it (release.ingress_user_config):
+                # the ingress answers the champion and, in a shadow, scores the mirrors with it beside.
+                champion = (deployment.get("user_config") or {}).get(CHAMPION_REF_KEY)
+                deployment["user_config"] = {**wanted.to_user_config(),
+                                             **({CHAMPION_REF_KEY: champion} if champion else {})}
 
     dep.submit(target, dep._edit_live(target, edit))
     dep._wait_release(target, wanted, timeout_s, candidate_running=True)

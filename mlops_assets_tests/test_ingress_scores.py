@@ -123,6 +123,13 @@ def test_an_ingress_holding_the_candidate_scores_a_shadow_batch_as_a_candidate_r
     ours, theirs = logged(here), logged(replica)
     assert len(ours) == 6 and ours["shadow"].all() and list(ours["request_id"].unique()) == ["m0", "m1", "m2"]
     assert ours.equals(theirs)
+    # With the champion's log frames on the mirrors (what the router queues), their features are
+    # read from those frames: the body is not parsed again (here it could not be), same answers.
+    from dataclasses import replace
+
+    champion = [asyncio.run(answer_predict(core, r)) for r in batch]
+    framed = [replace(r, body=b"not parsed again", champion_lines=a.log_lines) for r, a in zip(batch, champion)]
+    assert logged(asyncio.run(score_mirrors_here(core, framed))).equals(ours)
     # A body that fails validation gets its error; the rest are still scored.
     bad = ForwardedRequest(method="POST", path="/predict", query_string=b"", headers=headers,
                            body=b'{"records": [{"nope": 1}]}', request_id="bad")

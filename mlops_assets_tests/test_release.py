@@ -512,3 +512,40 @@ def test_the_release_command_says_when_there_is_no_cluster_to_ask(monkeypatch, c
         assert f"the Ray dashboard at {closed} did not answer" in err and "Traceback" not in err
     with pytest.raises(SystemExit):
         main(["release", "rollout"])
+
+
+def test_a_mirror_carries_the_champions_frames_but_the_call_to_a_candidate_replica_does_not() -> None:
+    """The ingress scoring a mirror reads the features from the champion's frame; the Serve call to a
+    candidate replica (which parses the body itself) does not carry them."""
+    from mlops_assets.serving.release import batch_call
+
+    queued: list[ForwardedRequest] = []
+
+    async def send(batch: list[ForwardedRequest]) -> list[ForwardedResponse]:
+        queued.extend(batch)
+        return [ForwardedResponse(200, [], b'{"model_version":"2"}') for _ in batch]
+
+    router = ReleaseRouter(Deployment("1"), Deployment("2"), send_mirrors=send)
+    router.reconfigure({"strategy": "shadow", "candidate_version": "2"})
+    _route(router, [_request(i) for i in range(3)])
+    assert len(queued) == 3
+    for i, mirror in enumerate(queued):
+        [(frame, rows)] = mirror.champion_lines
+        [row] = decode_spool(frame)
+        assert rows == 1 and (row["request_id"], row["model_version"]) == (f"req-{i}", "1")
+
+    class Remote:
+        def __init__(self) -> None:
+            self.sent: list[ForwardedRequest] = []
+
+        async def remote(self, batch: list[ForwardedRequest]) -> list[ForwardedResponse]:
+            self.sent.extend(batch)
+            return []
+
+    class Handle:
+        handle_many = Remote()
+
+    handle = Handle()
+    asyncio.run(batch_call(handle)(queued))
+    assert [r.request_id for r in handle.handle_many.sent] == ["req-0", "req-1", "req-2"]
+    assert all(r.champion_lines == [] for r in handle.handle_many.sent)

@@ -254,6 +254,9 @@ def test_a_better_shadow_is_promoted_and_a_worse_canary_is_ended_on_live_evidenc
     pairs = log.groupby([mon.REQUEST_ID, mon.RECORD_INDEX])[mon.MODEL_VERSION].agg(lambda v: tuple(sorted(set(v))))
     assert (pairs == tuple(sorted((v1, v2)))).all()  # each shadowed record: both versions' answers
     assert set(log[log["shadow"].fillna(False).astype(bool)][mon.MODEL_VERSION]) == {v2}
+    # The shipped ingress scored the mirrors itself, with the candidate's model beside the champion's.
+    counts = [(dep.release_state(platform.target) or {}).get("counts", {}) for _ in range(6)]  # either replica
+    assert any(n.get("shadow_batches_here", 0) > 0 for n in counts), counts
     platform.label(steady)  # the delayed labels
     request, evidence = platform.decide()
     assert request.job_name == "release_promote" and evidence["action"] == "promote"

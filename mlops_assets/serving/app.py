@@ -59,6 +59,7 @@ from mlops_assets.serving.prediction_log import (
     default_spool_dir,
     encode_request,
     encode_rows,
+    frame_matrix,
     prediction_rows,
 )
 from mlops_assets.serving.release import (
@@ -287,14 +288,21 @@ async def score_mirrors_here(core: ServiceCore, batch: list[ForwardedRequest]) -
     """A shadow's mirrors scored by the candidate this ingress holds (`ingress_scores`): what a
     candidate replica's `handle_many` answers, without the handle call and its copies.
 
-    Each body is parsed again (the champion's answer already checked the token and the body), the
-    batch is one model call, and each answer carries its log line marked `shadow`. Nothing is
-    counted in `predictions_total`: these answers reach no client (the release counts them).
+    The features come from the champion's log frame of the same request (`champion_lines`: the
+    matrix it parsed and scored), or, where there is none (a data set of strings and floats), from
+    the body parsed again; the champion's answer already checked the token and the body. The batch
+    is one model call, and each answer carries its log line marked `shadow`. Nothing is counted in
+    `predictions_total`: these answers reach no client (the release counts them).
     """
     scorer = core.require_scorer()
     answers: list[ForwardedResponse | None] = [None] * len(batch)
     parsed: list[tuple[int, list[dict[str, Any]], Any]] = []
     for i, request in enumerate(batch):
+        lines = request.champion_lines
+        matrix = frame_matrix(lines[0][0], core.spec.feature_names) if len(lines) == 1 else None
+        if matrix is not None:
+            parsed.append((i, [], matrix))
+            continue
         try:
             records, features = parse_predict_matrix(request.body, core.request_model)
         except RequestError as exc:
@@ -476,6 +484,7 @@ class PredictionIngress:
         """A shadow batch to the candidate held here when it holds the release's version, else to the deployment."""
         local, wanted = self._local_candidate, self._release.config.candidate_version
         if local is not None and local.scorer is not None and local.scorer.version == wanted:
+            self._release.counts.shadow_batches_here += 1
             return await score_mirrors_here(local, batch)
         if self._candidate_batch is None:
             raise RuntimeError("this application has no candidate deployment")

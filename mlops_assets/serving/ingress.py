@@ -40,6 +40,9 @@ class ForwardedRequest:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     request_id: str
+    # On a shadow's mirror: the champion's log frames of its answer, which hold the features it
+    # parsed (an ingress that scores the mirror reads them instead of parsing the body again).
+    champion_lines: list[tuple[bytes, int]] = field(default_factory=list)
 
 
 @dataclass

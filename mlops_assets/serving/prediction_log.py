@@ -154,6 +154,17 @@ def mark_shadow_frame(frame: bytes) -> tuple[bytes, int]:
     return b"".join(out), rows
 
 
+def frame_matrix(frame: bytes, columns: Sequence[str]) -> np.ndarray | None:
+    """The features of a one-frame raw-array line with these columns (no copy), else None."""
+    if len(frame) < _FRAME.size:
+        return None
+    kind, size = _FRAME.unpack_from(frame)
+    if kind != _MATRIX or _FRAME.size + size != len(frame):
+        return None
+    header, values, _, _ = _matrix_parts(frame[_FRAME.size:])
+    return values if header["columns"] == list(columns) else None
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()

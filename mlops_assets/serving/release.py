@@ -273,6 +273,7 @@ class ReleaseCounts:
     shadow_in_flight: int = 0  # mirrors queued in this ingress or in a call to the candidate
     shadow_sampled_out: int = 0  # answered requests `shadow_sample_share` left unmirrored
     shadow_batches: int = 0  # calls to the candidate
+    shadow_batches_here: int = 0  # of those, scored by the ingress itself (app.score_mirrors_here)
 
 
 Send = Callable[[Any], Awaitable[tuple[ForwardedResponse, int]]]  # handle -> (answer, tries)
@@ -283,7 +284,8 @@ LogLine = Callable[[bytes, int], None]
 def batch_call(deployment: Any) -> SendMirrors:
     """Mirrors to a Serve handle of the candidate deployment, in one `handle_many` call."""
     async def send(batch: list[ForwardedRequest]) -> list[ForwardedResponse]:
-        return list(await deployment.handle_many.remote(batch))
+        # The candidate replica parses each body itself: the champion's frames stay here.
+        return list(await deployment.handle_many.remote([replace(r, champion_lines=[]) for r in batch]))
     return send
 
 
@@ -367,7 +369,7 @@ class ReleaseRouter:
         answer, tries = await send(self.champion)
         self._note(ROLE_CHAMPION, answer, start)
         if config.strategy == "shadow" and answer.status == 200:
-            self._mirror(request, log)
+            self._mirror(replace(request, champion_lines=answer.log_lines), log)
         return answer, tries
 
     def _mirror(self, request: ForwardedRequest, log: LogLine) -> None:
