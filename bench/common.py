@@ -250,7 +250,9 @@ def code_version(repo: Path | None = None, paths: Sequence[str] = ("mlops_assets
     try:
         sha = subprocess.run(["git", "-C", where, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no", "--", *paths],
+        # Results files are outputs, not code: a run beside a just-written results file is not dirty.
+        dirty = subprocess.run(["git", "-C", where, "status", "--porcelain", "--untracked-files=no", "--", *paths,
+                                ":(exclude)bench/results"],
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -125,8 +125,9 @@ def render_shadow(name: str, data: Mapping[str, Any]) -> str:
     parts += [
         f"One Ray head, one application: champion version {data.get('champion_version')} answers; candidate version "
         f"{data.get('candidate_version')} runs beside it on one replica. The ingress's strategy is switched between "
-        f"`direct` (candidate idle) and `shadow` (candidate scores a mirror of each answered request, sent to it in "
-        f"batches; serving/release.py) in "
+        f"`direct` (candidate idle) and `shadow` (the candidate's version scores a mirror of each answered request, in "
+        f"batches: in the ingress, which loads it beside the champion, else in the candidate replica; "
+        f"serving/release.py) in "
         f"{budget.get('rounds', '?')} interleaved round(s), the order alternating per round, every concurrency once "
         f"per strategy and round ({data.get('records_per_request', '?')} record per request, loads of up to "
         f"{budget.get('max_requests', '?')} requests or {budget.get('max_seconds', '?')} s after a warm-up); medians "

@@ -10,8 +10,9 @@ up in both):
 
 - `direct`: the champion answers, the candidate is idle (today's behaviour, no release);
 - `shadow`: the champion answers, and each answered request is also scored by the candidate off
-  the request path (serving/release.py: mirrors queued in the ingress and sent in batches, the
-  release's default batch size and wait), its answer logged with `shadow = true`.
+  the request path (serving/release.py: mirrors queued in the ingress in batches of the release's
+  default size and wait, each batch scored by the ingress itself with the candidate's version
+  loaded beside the champion's, the shipped `ingress_scores`), its answer logged with `shadow = true`.
 
 Each round measures both strategies, the order alternating per round (direct, shadow, then shadow,
 direct, ...), each at every concurrency with the same clients (closed loop, single-record bodies,
