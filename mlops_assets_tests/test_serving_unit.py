@@ -608,11 +608,17 @@ def test_a_segment_ships_as_the_same_table_column_wise_as_row_by_row() -> None:
     )
 
     rng = np.random.default_rng(0)
-    frames = [encode_request(request_id=f"r{i}", model_version=str(1 + i % 2), columns=["a", "b", "c"],
+    frames = [encode_request(request_id=f"r{i}", model_version=str(1 + i % 2), columns=["a", "b]", "c"],
                              matrix=rng.integers(-1, 2, (1 + i % 4, 3)), labels=rng.integers(0, 2, 1 + i % 4),
-                             probabilities=rng.random(1 + i % 4)) for i in range(12)]
-    data = b"".join(frames)
+                             probabilities=rng.random(1 + i % 4), shadow=i >= 9) for i in range(12)]
+    data = b"".join(frames[:9])
     assert decode_spool_table(data).equals(rows_to_table(decode_spool(data)))
+    shadowed = b"".join(frames[9:])  # a shadow's frames (the shadow log's writer holds only those)
+    assert decode_spool_table(shadowed).equals(rows_to_table(decode_spool(shadowed)))
+    table = decode_spool_table(data + shadowed).to_pandas()  # a name with a bracket; `shadow` on its rows only
+    assert list(table.columns[4:7]) == ["a", "b]", "c"]
+    assert table["shadow"].fillna(False).tolist() == [False] * len(decode_spool(data)) + [True] * len(
+        decode_spool(shadowed))
     torn = data + frames[0][:-3]
     assert decode_spool_table(torn).num_rows == decode_spool_table(data).num_rows
     rows = prediction_rows(request_id="j", model_version="1", records=[{"proto": "tcp", "bytes": 1.5}] * 2,

@@ -34,10 +34,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
+import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -92,6 +93,8 @@ _MATRIX, _ROWS = b"M", b"J"
 _HEADER_LEN = struct.Struct(">I")
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
 _SHADOW_HEADER = ',"shadow":true'  # in a raw-array frame's header: its rows are a shadow's (mark_shadow_frame)
 
 
@@ -117,7 +120,7 @@ def encode_request(
     (a tenth of the cost of JSON for 10 records of 30 features). `shadow` marks a candidate's
     mirrored answer (the log's `shadow` column, serving/release.py).
     """
-    at_ns = time.time_ns() if logged_at is None else int(logged_at.timestamp() * 1_000_000) * 1000
+    at_ns = time.time_ns() if logged_at is None else (logged_at - _EPOCH) // _MICROSECOND * 1000
     values = np.ascontiguousarray(matrix, dtype=np.int64)
     header = (f'{{"t":{at_ns},"request_id":{json.dumps(request_id)},"model_version":{json.dumps(model_version)},'
               f'"n":{values.shape[0]},"columns":{_columns_json(tuple(columns))}'
@@ -181,7 +184,7 @@ def encode_rows(rows: Sequence[Mapping[str, Any]]) -> bytes:
 
 def _matrix_rows(payload: bytes) -> list[dict[str, Any]]:
     header, values, labels, probabilities = _matrix_parts(payload)
-    at = datetime.fromtimestamp(header["t"] / 1e9, UTC)
+    at = _EPOCH + timedelta(microseconds=header["t"] // 1000)  # whole microseconds, as a datetime holds
     marks = {"shadow": True} if header.get("shadow") else {}
     return [{"logged_at": at, "request_id": header["request_id"], "model_version": header["model_version"],
              "record_index": i, **dict(zip(header["columns"], row, strict=True)), "label": int(label),
@@ -212,41 +215,62 @@ def decode_spool_table(data: bytes) -> pa.Table:
     """The rows of a spool segment as one Arrow table, the schema `rows_to_table` gives.
 
     This runs in the answering replica's process for every row of the log (on the shipping thread,
-    which holds the GIL while it works): raw-array frames become columns by concatenating arrays,
-    with no Python object per row, which made the log cost half of the throughput at 100 records
-    a request when each row was a dict first."""
+    which holds the GIL while it works): a run of raw-array frames becomes columns from one buffer
+    per array kind, with no Python object per row (a dict per row made the log cost half of the
+    throughput at 100 records a request) and next to nothing per frame (three arrays and a JSON
+    header per frame made single-record requests cost 15 us a row to ship)."""
     tables: list[pa.Table] = []
-    matrices: list[tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]] = []
-
-    def close_matrices() -> None:
-        if matrices:
-            tables.append(_matrix_table(matrices))
-            matrices.clear()
-
+    run = _MatrixRun()
     for kind, payload in _frames(data):
         if kind == _MATRIX:
-            header, values, labels, probabilities = _matrix_parts(payload)
-            if matrices and (matrices[0][0]["columns"], matrices[0][0].get("shadow")) != (
-                    header["columns"], header.get("shadow")):
-                close_matrices()
-            matrices.append((header, values, labels, probabilities))
+            header, offset = _matrix_header(payload)
+            if not run.takes(header):
+                tables += run.close()
+            run.add(header, payload, offset)
         else:
-            close_matrices()
+            tables += run.close()
             rows = json.loads(payload)
             for row in rows:
                 row["logged_at"] = datetime.fromisoformat(row["logged_at"])
             tables.append(rows_to_table(rows))
-    close_matrices()
+    tables += run.close()
     if not tables:
         return pa.table({})
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="default")
 
 
-def _matrix_parts(payload: bytes) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+_COLUMNS_KEY = b',"columns":'
+
+
+def _matrix_header(payload: bytes) -> tuple[dict[str, Any], int]:
+    """A raw-array frame's header, and the offset of its arrays in the payload.
+
+    The column names, the same in every frame of a replica, are parsed once (`_column_list`): a
+    header's 30 names as new strings each time were most of a single-record frame's decode.
+    """
     (size,) = _HEADER_LEN.unpack_from(payload)
-    header = json.loads(payload[4:4 + size])
+    raw = payload[4:4 + size]
+    cut = raw.find(_COLUMNS_KEY)
+    if cut < 0:
+        return orjson.loads(raw), 4 + size
+    header = orjson.loads(raw[:cut] + b"}")
+    listed = raw[cut + len(_COLUMNS_KEY):-1]  # the list, then any later fields (`"shadow":true`)
+    end = listed.rfind(b"]") + 1
+    header["columns"] = _column_list(listed[:end])
+    if listed[end:]:
+        header.update(orjson.loads(b"{" + listed[end + 1:] + b"}"))
+    return header, 4 + size
+
+
+@functools.lru_cache(maxsize=32)
+def _column_list(raw: bytes) -> list[str]:
+    """Column names from their JSON list, parsed once per distinct list (shared: never mutated)."""
+    return orjson.loads(raw)
+
+
+def _matrix_parts(payload: bytes) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]:
+    header, offset = _matrix_header(payload)
     n, columns = int(header["n"]), header["columns"]
-    offset = 4 + size
     values = np.frombuffer(payload, dtype=np.int64, count=n * len(columns), offset=offset).reshape(n, len(columns))
     offset += values.nbytes
     labels = np.frombuffer(payload, dtype=np.int64, count=n, offset=offset)
@@ -254,36 +278,58 @@ def _matrix_parts(payload: bytes) -> tuple[dict[str, Any], np.ndarray, np.ndarra
     return header, values, labels, probabilities
 
 
-def _logged_at_ns(t_ns: int) -> int:
-    """The frame's time as the row path has it (a datetime: whole microseconds), in ns."""
-    at = datetime.fromtimestamp(t_ns / 1e9, UTC)
-    return (int(at.replace(microsecond=0).timestamp()) * 1_000_000 + at.microsecond) * 1000
+class _MatrixRun:
+    """Consecutive raw-array frames with the same columns and marks: their headers, and their
+    arrays' bytes gathered per kind, to become one table (`close`)."""
 
+    def __init__(self) -> None:
+        self.headers: list[dict[str, Any]] = []
+        self.values: list[bytes] = []
+        self.labels: list[bytes] = []
+        self.probabilities: list[bytes] = []
 
-def _matrix_table(frames: Sequence[tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray]]) -> pa.Table:
-    """Raw-array frames with the same columns as one table: each column one concatenation."""
-    counts = np.array([int(header["n"]) for header, *_ in frames])
-    columns: list[str] = frames[0][0]["columns"]
-    # Column-major in one transpose: each feature column is then a contiguous row, which Arrow
-    # takes without a copy (a copy per column held the GIL for a third of the decode).
-    by_column = np.concatenate([v for _, v, _, _ in frames]).T.copy() if len(frames) > 1 else frames[0][1].T.copy()
-    arrays = {
-        "logged_at": pa.array(np.repeat(np.array([_logged_at_ns(h["t"]) for h, *_ in frames], dtype=np.int64), counts),
-                              type=pa.timestamp("ns", tz="UTC")),
-        "request_id": pa.DictionaryArray.from_arrays(
-            np.repeat(np.arange(len(frames), dtype=np.int32), counts),
-            pa.array([h["request_id"] for h, *_ in frames], pa.string())).cast(pa.string()),
-        "model_version": pa.DictionaryArray.from_arrays(
-            np.repeat(np.arange(len(frames), dtype=np.int32), counts),
-            pa.array([h["model_version"] for h, *_ in frames], pa.string())).cast(pa.string()),
-        "record_index": pa.array(np.concatenate([np.arange(n, dtype=np.int64) for n in counts])),
-        **{name: pa.array(by_column[j]) for j, name in enumerate(columns)},
-        "label": pa.array(np.concatenate([labels for _, _, labels, _ in frames])),
-        "probability": pa.array(np.concatenate([p for _, _, _, p in frames])),
-    }
-    if frames[0][0].get("shadow"):  # one table per run of frames alike (decode_spool_table)
-        arrays["shadow"] = pa.array(np.ones(int(counts.sum()), dtype=bool))
-    return pa.table(arrays)
+    def takes(self, header: Mapping[str, Any]) -> bool:
+        if not self.headers:
+            return True
+        first = self.headers[0]
+        return first["columns"] == header["columns"] and first.get("shadow") == header.get("shadow")
+
+    def add(self, header: dict[str, Any], payload: bytes, offset: int) -> None:
+        n = int(header["n"])
+        values_end = offset + 8 * n * len(header["columns"])
+        self.headers.append(header)
+        self.values.append(payload[offset:values_end])
+        self.labels.append(payload[values_end:values_end + 8 * n])
+        self.probabilities.append(payload[values_end + 8 * n:values_end + 16 * n])
+
+    def close(self) -> list[pa.Table]:
+        """The run as one table (none when empty), and the run emptied."""
+        if not self.headers:
+            return []
+        headers, columns = self.headers, self.headers[0]["columns"]
+        counts = np.fromiter((h["n"] for h in headers), dtype=np.int64, count=len(headers))
+        total = int(counts.sum())
+        frame_of_row = np.repeat(np.arange(len(headers), dtype=np.int32), counts)
+        # Column-major in one transpose: each feature column is then a contiguous row, which Arrow
+        # takes without a copy.
+        by_column = np.frombuffer(b"".join(self.values), dtype=np.int64).reshape(total, len(columns)).T.copy()
+        sent_ns = np.fromiter((h["t"] for h in headers), dtype=np.int64, count=len(headers))
+        arrays = {
+            # Whole microseconds, as the row path's datetime holds them.
+            "logged_at": pa.array((sent_ns // 1000 * 1000)[frame_of_row], type=pa.timestamp("ns", tz="UTC")),
+            "request_id": pa.DictionaryArray.from_arrays(
+                frame_of_row, pa.array([h["request_id"] for h in headers], pa.string())).cast(pa.string()),
+            "model_version": pa.DictionaryArray.from_arrays(
+                frame_of_row, pa.array([h["model_version"] for h in headers], pa.string())).cast(pa.string()),
+            "record_index": pa.array(np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)),
+            **{name: pa.array(by_column[j]) for j, name in enumerate(columns)},
+            "label": pa.array(np.frombuffer(b"".join(self.labels), dtype=np.int64)),
+            "probability": pa.array(np.frombuffer(b"".join(self.probabilities), dtype=np.float64)),
+        }
+        if headers[0].get("shadow"):
+            arrays["shadow"] = pa.array(np.ones(total, dtype=bool))
+        self.headers, self.values, self.labels, self.probabilities = [], [], [], []
+        return [pa.table(arrays)]
 
 
 def decode_spool(data: bytes) -> list[dict[str, Any]]:
