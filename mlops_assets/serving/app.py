@@ -52,7 +52,7 @@ from mlops_assets.serving.ingress import (
     call_with_retry,
     read_capped,
 )
-from mlops_assets.serving.metrics import RayServeMetrics, ServingMetrics
+from mlops_assets.serving.metrics import InMemoryMetrics, RayServeMetrics, ServingMetrics
 from mlops_assets.serving.prediction_log import (
     SPOOL_DIR_ENV,
     PredictionLogWriter,
@@ -254,15 +254,15 @@ def log_to_serve_files() -> None:
     ours.propagate = False
 
 
-def service_core(opts: ServiceOptions, settings: Settings) -> ServiceCore:
+def service_core(opts: ServiceOptions, settings: Settings, metrics: ServingMetrics | None = None) -> ServiceCore:
     """A replica's ServiceCore (a scoring replica's, or an ingress's that scores the champion itself);
-    no log writer: the ingress spools what is answered."""
+    no log writer: the ingress spools what is answered. `metrics`: the replica's Ray metrics unless given."""
     spec = load_spec(opts.dataset_spec_path or settings.dataset_spec_path)
     return ServiceCore(
         spec=spec,
         options=opts,
         token=settings.serving_token(),
-        metrics=RayServeMetrics(),
+        metrics=metrics or RayServeMetrics(),
         log_writer=None,
         loader=registry_loader(mlflow_tracking_uri() or settings.mlflow_tracking_uri, spec),
     )
@@ -473,7 +473,9 @@ class PredictionIngress:
             await self._local.reconfigure(champion)  # a failed load keeps what it had and forwards (local_answers)
         if self._local is not None and champion is not None and release.strategy == "shadow":
             if self._local_candidate is None:
-                self._local_candidate = service_core(self._opts, self._settings)
+                # Metrics kept in the process only: the candidate answers no client, so its load must not
+                # show in `model_info` as a version this replica serves (the candidate replica's does).
+                self._local_candidate = service_core(self._opts, self._settings, InMemoryMetrics())
             # A failed load leaves the mirrors to the candidate deployment (`_send_mirrors`).
             await self._local_candidate.reconfigure(ModelRef(model_name=champion.model_name,
                                                              version=release.candidate_version))

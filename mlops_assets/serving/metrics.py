@@ -24,7 +24,7 @@ class ServingMetrics(Protocol):
 
 
 class InMemoryMetrics:
-    """Counts kept in dicts; what tests assert on."""
+    """Counts kept in dicts: what tests assert on, and the metrics of a core whose answers reach no client."""
 
     def __init__(self) -> None:
         self.requests: _Tally[tuple[str, int]] = _Tally()
