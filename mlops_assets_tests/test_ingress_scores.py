@@ -128,7 +128,7 @@ def test_an_ingress_holding_the_candidate_scores_a_shadow_batch_as_a_candidate_r
     from dataclasses import replace
 
     champion = [asyncio.run(answer_predict(core, r)) for r in batch]
-    framed = [replace(r, body=b"not parsed again", champion_lines=a.log_lines) for r, a in zip(batch, champion)]
+    framed = [replace(r, body=b"not parsed again", champion_lines=a.log_lines) for r, a in zip(batch, champion, strict=True)]
     assert logged(asyncio.run(score_mirrors_here(core, framed))).equals(ours)
     # A body that fails validation gets its error; the rest are still scored.
     bad = ForwardedRequest(method="POST", path="/predict", query_string=b"", headers=headers,
