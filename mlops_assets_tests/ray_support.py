@@ -42,19 +42,31 @@ def isolated_cluster(root: Path) -> ClusterConfig:
     return cfg
 
 
+def distinct_free_ports(host: str, count: int) -> list[int]:
+    """`count` free ports, no two alike: the OS can hand the same free port out twice in a row, and
+    Ray refuses a node whose components share one (a fresh-clone CI run failed on exactly that)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def isolated_two_nodes(root: Path, worker_cpus: int = 2) -> tuple[ClusterConfig, WorkerConfig]:
     """A head (no CPUs, on MULTI_NODE_HEAD) and a worker (on MULTI_NODE_WORKER) on free ports; the
     head's token created and this process's Ray clients pointed at it. Start the head, then the worker."""
     head = isolated_cluster(root)
-    ports = {name: free_port(MULTI_NODE_HEAD) for name in (
-        "port", "dashboard_port", "metrics_export_port", "serve_http_port", "client_server_port", "dashboard_agent_port",
-        "dashboard_agent_grpc_port", "runtime_env_agent_port", "dashboard_metrics_port", "autoscaler_metrics_port")}
+    names = ("port", "dashboard_port", "metrics_export_port", "serve_http_port", "client_server_port",
+             "dashboard_agent_port", "dashboard_agent_grpc_port", "runtime_env_agent_port", "dashboard_metrics_port",
+             "autoscaler_metrics_port")
+    ports = dict(zip(names, distinct_free_ports(MULTI_NODE_HEAD, len(names)), strict=True))
     head = replace(head, host=MULTI_NODE_HEAD, num_cpus=0, **ports)
+    metrics, node, objects, agent, agent_grpc, runtime_env = distinct_free_ports(MULTI_NODE_WORKER, 6)
     worker = WorkerConfig(
         head=head, host=MULTI_NODE_WORKER, num_cpus=worker_cpus,
-        metrics_export_port=free_port(MULTI_NODE_WORKER), node_manager_port=free_port(MULTI_NODE_WORKER),
-        object_manager_port=free_port(MULTI_NODE_WORKER), dashboard_agent_port=free_port(MULTI_NODE_WORKER),
-        dashboard_agent_grpc_port=free_port(MULTI_NODE_WORKER), runtime_env_agent_port=free_port(MULTI_NODE_WORKER),
+        metrics_export_port=metrics, node_manager_port=node, object_manager_port=objects, dashboard_agent_port=agent,
+        dashboard_agent_grpc_port=agent_grpc, runtime_env_agent_port=runtime_env,
         object_store_memory=200 * 1024 * 1024,  # replicas pass small requests: keep the node's memory for models
     )
     return head, worker
