@@ -115,6 +115,8 @@ def test_an_ingress_holding_the_candidate_scores_a_shadow_batch_as_a_candidate_r
     replica = asyncio.run(score_mirrors(lambda r: answer_predict(core, r), batch, lower=False))
     assert [a.status for a in here] == [200, 200, 200] == [a.status for a in replica]
     assert [orjson.loads(a.body)["model_version"] for a in here] == ["2"] * 3
+    # The version rides on each answer too, so the release counts them without parsing the bodies.
+    assert [a.model_version for a in here] == ["2"] * 3 == [a.model_version for a in replica]
 
     def logged(answers):
         table = decode_spool_table(b"".join(line for a in answers for line, _ in a.log_lines))

@@ -549,3 +549,12 @@ def test_a_mirror_carries_the_champions_frames_but_the_call_to_a_candidate_repli
     asyncio.run(batch_call(handle)(queued))
     assert [r.request_id for r in handle.handle_many.sent] == ["req-0", "req-1", "req-2"]
     assert all(r.champion_lines == [] for r in handle.handle_many.sent)
+
+
+def test_the_answering_version_is_read_from_the_answer_without_parsing_when_it_is_known() -> None:
+    from mlops_assets.serving.release import _version_of
+
+    assert _version_of(ForwardedResponse(200, [], b'{"model_version": "3"}')) == "3"
+    # Made in this process: the version it carries wins, the body is not read (here it cannot be).
+    assert _version_of(ForwardedResponse(200, [], b"not json", model_version="4")) == "4"
+    assert _version_of(ForwardedResponse(503, [], b"", model_version="4")) == "none"

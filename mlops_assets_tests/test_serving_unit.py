@@ -625,3 +625,51 @@ def test_a_segment_ships_as_the_same_table_column_wise_as_row_by_row() -> None:
                            labels=["attack", "normal"], probabilities=[0.9, 0.2])
     assert decode_spool_table(encode_rows(rows)).equals(rows_to_table(decode_spool(encode_rows(rows))))
     assert decode_spool_table(b"").num_rows == 0 and isinstance(decode_spool_table(b""), pa.Table)
+
+
+class _RecordingCounter:
+    """A stand-in for a Ray counter: the calls it got, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, dict[str, str] | None]] = []
+
+    def inc(self, value: float, tags: dict[str, str] | None = None) -> None:
+        self.calls.append((value, tags))
+
+
+def test_a_buffered_counter_sums_on_the_loop_and_hands_over_once_per_interval() -> None:
+    import asyncio
+
+    from mlops_assets.serving.metrics import BufferedCounter
+
+    ray_counter = _RecordingCounter()
+    counter = BufferedCounter(ray_counter, ("route", "status"), interval_s=0.05)
+
+    async def traffic() -> list[tuple[float, dict[str, str] | None]]:
+        for _ in range(5):
+            counter.inc(1, "/predict", "200")
+        counter.inc(2, "/predict", "422")
+        before = list(ray_counter.calls)
+        await asyncio.sleep(0.2)
+        assert before == [], "nothing reaches Ray before the interval"
+        return list(ray_counter.calls)
+
+    sent = asyncio.run(traffic())
+    assert sorted(sent, key=lambda c: str(c[1])) == [(5.0, {"route": "/predict", "status": "200"}),
+                                                       (2.0, {"route": "/predict", "status": "422"})]
+    # Off the event loop (the log's shipping thread): straight to Ray.
+    counter.inc(3, "/predict", "200")
+    assert ray_counter.calls[-1] == (3, {"route": "/predict", "status": "200"})
+
+    async def shutdown() -> None:
+        counter.inc(7, "/healthz", "200")
+        counter.flush()  # at once, and the timer it armed is cancelled
+        assert ray_counter.calls[-1] == (7.0, {"route": "/healthz", "status": "200"})
+        await asyncio.sleep(0.1)
+
+    calls = len(ray_counter.calls) + 1
+    asyncio.run(shutdown())
+    assert len(ray_counter.calls) == calls, "a flushed sum is not sent twice"
+    untagged = _RecordingCounter()
+    BufferedCounter(untagged).inc(4)
+    assert untagged.calls == [(4, None)]

@@ -224,10 +224,10 @@ async def predict_direct(core: ServiceCore, request: ForwardedRequest,
     async def chunks() -> AsyncIterator[bytes]:
         yield request.body
 
-    status = 500
+    status, version = 500, None
     try:
         result = await core.predict(headers, chunks(), request_id=request.request_id, log_sink=sink)
-        status, body, extra = 200, orjson.dumps(result.body()), []
+        status, body, extra, version = 200, orjson.dumps(result.body()), [], result.model_version
     except RequestError as exc:
         status, body = exc.status_code, orjson.dumps(exc.body())
         extra = [(b"www-authenticate", b"Bearer")] if status == 401 else []
@@ -236,7 +236,8 @@ async def predict_direct(core: ServiceCore, request: ForwardedRequest,
         body, extra = _INTERNAL_ERROR, []
     finally:
         core.metrics.request("/predict", status, time.perf_counter() - start)
-    return ForwardedResponse(status, [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *extra], body)
+    return ForwardedResponse(status, [*JSON_HEADERS, (b"content-length", str(len(body)).encode()), *extra], body,
+                             model_version=version)
 
 
 # --- the Ray Serve deployments -------------------------------------------------------------
@@ -321,7 +322,7 @@ async def score_mirrors_here(core: ServiceCore, batch: list[ForwardedRequest]) -
                                    labels=result.labels, probabilities=result.probabilities)
             line = encode_rows([{**row, SHADOW_FIELD: True} for row in rows])
         body = orjson.dumps({"request_id": request_id, "model_version": result.version})
-        answers[i] = ForwardedResponse(200, [], body, [(line, len(result.labels))])
+        answers[i] = ForwardedResponse(200, [], body, [(line, len(result.labels))], model_version=result.version)
     return [answer for answer in answers if answer is not None]
 
 
@@ -387,6 +388,9 @@ class PredictionService:
         scorer = self._core.scorer
         if scorer is not None:
             self._core.metrics.model_loaded(scorer.version)
+
+    async def __del__(self) -> None:
+        self._core.metrics.flush()  # the counts summed since the last second (metrics.BufferedCounter)
 
     @serve.batch(max_batch_size=DEFAULT_BATCH_MAX_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
     async def _score_batched(self, matrices: list[np.ndarray]) -> list[ScoredRecords]:
@@ -513,6 +517,10 @@ class PredictionIngress:
         release = getattr(self, "_release", None)
         if release is not None:
             await release.close()
+            release.metrics.flush()
+        local = getattr(self, "_local", None)
+        if local is not None:
+            local.metrics.flush()
         for log in (getattr(self, "_log", None), getattr(self, "_shadow_log", None)):
             if log is not None:
                 log.close()

@@ -51,6 +51,9 @@ class ForwardedResponse:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     log_lines: list[tuple[bytes, int]] = field(default_factory=list)  # (spool line, rows) to log on answer
+    # The version that answered, where the answer was made in this process: the release counts it
+    # without parsing the body again (None: read it from the body).
+    model_version: str | None = None
 
 
 async def read_capped(chunks: AsyncIterator[bytes], cap: int) -> bytes:

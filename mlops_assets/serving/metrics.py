@@ -8,11 +8,55 @@ every replica are aggregated by Prometheus rather than by whichever replica a sc
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter as _Tally
-from typing import Protocol
+from typing import Any, Protocol
 
 PREFIX = "mlops_serving_"
 LATENCY_BOUNDARIES_MS: list[float] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+COUNTER_FLUSH_INTERVAL_S = 1.0  # well inside Ray's export interval: a scrape sees the counts as before
+
+
+class BufferedCounter:
+    """A Ray counter whose increments on the event loop are summed here and handed to Ray once a second.
+
+    Each Ray metrics call merges and checks tags and crosses into C++ (several microseconds), and
+    the ingress made a few per request; a sum per tag set is one dict update. An increment made off
+    the event loop (the prediction log's shipping thread) goes to Ray at once, so the pending sums
+    are touched by the loop's thread only. `flush` hands everything over now (shutdown, tests).
+    """
+
+    def __init__(self, counter: Any, tag_keys: tuple[str, ...] = (),
+                 interval_s: float = COUNTER_FLUSH_INTERVAL_S) -> None:
+        self._counter = counter
+        self._tag_keys = tag_keys
+        self._interval_s = interval_s
+        self._pending: dict[tuple[str, ...], float] = {}
+        self._timer: asyncio.TimerHandle | None = None
+
+    def inc(self, value: float, *tag_values: str) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._send(tag_values, value)
+            return
+        self._pending[tag_values] = self._pending.get(tag_values, 0.0) + value
+        if self._timer is None:
+            self._timer = loop.call_later(self._interval_s, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, {}
+        for tag_values, value in pending.items():
+            self._send(tag_values, value)
+
+    def _send(self, tag_values: tuple[str, ...], value: float) -> None:
+        if self._tag_keys:
+            self._counter.inc(value, dict(zip(self._tag_keys, tag_values, strict=True)))
+        else:
+            self._counter.inc(value)
 
 
 class ServingMetrics(Protocol):
@@ -21,6 +65,7 @@ class ServingMetrics(Protocol):
     def prediction_log_failure(self, kind: str, rows: int) -> None: ...
     def prediction_log_written(self, rows: int) -> None: ...
     def model_loaded(self, version: str) -> None: ...
+    def flush(self) -> None: ...
 
 
 class InMemoryMetrics:
@@ -50,6 +95,9 @@ class InMemoryMetrics:
     def model_loaded(self, version: str) -> None:
         self.versions.append(version)
 
+    def flush(self) -> None:
+        pass
+
 
 class RayServeMetrics:
     """The same counters as Ray metrics (created in the replica, never at import time)."""
@@ -58,14 +106,17 @@ class RayServeMetrics:
         from ray.serve import metrics as m
 
         # Ray annotates tag_keys as a 1-tuple (Tuple[str]); any tuple of names is what it takes.
-        self._requests = m.Counter(PREFIX + "requests_total", "HTTP requests by route and status code.",
-                                   tag_keys=("route", "status"))  # type: ignore[arg-type]
-        self._errors = m.Counter(PREFIX + "errors_total", "HTTP responses with status >= 400 by route and status.",
-                                 tag_keys=("route", "status"))  # type: ignore[arg-type]
+        by_status = ("route", "status")
+        self._requests = BufferedCounter(m.Counter(PREFIX + "requests_total", "HTTP requests by route and status code.",
+                                                   tag_keys=by_status), by_status)  # type: ignore[arg-type]
+        self._errors = BufferedCounter(m.Counter(PREFIX + "errors_total",
+                                                 "HTTP responses with status >= 400 by route and status.",
+                                                 tag_keys=by_status), by_status)  # type: ignore[arg-type]
+        # Histograms stay Ray's own: each observation falls in a bucket, and a sum of them cannot be handed over.
         self._latency = m.Histogram(PREFIX + "request_latency_ms", "Request latency in the replica, ms.",
                                     boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route",))
-        self._predictions = m.Counter(PREFIX + "predictions_total", "Scored records by predicted class.",
-                                      tag_keys=("label",))
+        self._predictions = BufferedCounter(m.Counter(PREFIX + "predictions_total", "Scored records by predicted class.",
+                                                      tag_keys=("label",)), ("label",))
         self._log_failures = m.Counter(PREFIX + "prediction_log_failures_total",
                                        "Prediction-log flush failures and dropped-row events.", tag_keys=("kind",))
         self._log_rows = m.Counter(PREFIX + "prediction_log_rows_written_total", "Rows written to the prediction log.")
@@ -74,14 +125,19 @@ class RayServeMetrics:
         self._version: str | None = None
 
     def request(self, route: str, status: int, latency_s: float) -> None:
-        tags = {"route": route, "status": str(status)}
-        self._requests.inc(1, tags)
+        code = str(status)
+        self._requests.inc(1, route, code)
         if status >= 400:
-            self._errors.inc(1, tags)
+            self._errors.inc(1, route, code)
         self._latency.observe(latency_s * 1000.0, {"route": route})
 
     def predictions(self, label_name: str, count: int) -> None:
-        self._predictions.inc(count, {"label": label_name})
+        self._predictions.inc(count, label_name)
+
+    def flush(self) -> None:
+        """The summed counts to Ray now (a replica's shutdown)."""
+        for counter in (self._requests, self._errors, self._predictions):
+            counter.flush()
 
     def prediction_log_failure(self, kind: str, rows: int) -> None:
         self._log_failures.inc(1, {"kind": kind})

@@ -23,7 +23,7 @@ promoting or ending a release is a `reconfigure` of running replicas, never a re
   champion's replicas get the cores first. One call per batch instead of one per request is what
   keeps the shadow off the champion's latency (bench/shadow.py). With `ingress_scores` (the
   shipped default) the ingress also loads the candidate's version and scores each batch itself
-  (`app.score_mirrors_here`: the bodies parsed again, one model call), which takes the handle
+  (`app.score_mirrors_here`: the features read from the champion's log frame, one model call), which takes the handle
   call, its copies and the candidate replica's request handling off the machine's cores; the
   candidate deployment scores them while the ingress has not loaded that version (or failed to).
   `shadow_sample_share` mirrors
@@ -60,8 +60,10 @@ IDLE_CANDIDATE_AUTOSCALING = {"min_replicas": 0, "initial_replicas": 0, "max_rep
                               "downscale_delay_s": 2.0, "upscale_delay_s": 0.0}
 DEFAULT_STICKY_HEADER = "x-client-key"
 DEFAULT_CANARY_SHARE = c.RELEASE_CANARY_SHARE
-DEFAULT_SHADOW_MAX_IN_FLIGHT = 32
-DEFAULT_SHADOW_BATCH_MAX_SIZE = 16  # mirrors per call to the candidate
+# A model call has a fixed cost (CatBoost builds a Pool per call) that 64 mirrors share better than
+# 16 (bench/shadow.py); in flight room for four full batches, so a slow batch does not drop mirrors.
+DEFAULT_SHADOW_MAX_IN_FLIGHT = 256
+DEFAULT_SHADOW_BATCH_MAX_SIZE = 64  # mirrors per call to the candidate
 DEFAULT_SHADOW_BATCH_WAIT_S = 0.5  # how long the first queued mirror waits for others
 DEFAULT_SHADOW_SAMPLE_SHARE = 1.0  # every answered request is mirrored
 SHADOW_DRAIN_TIMEOUT_S = 10.0  # of the ingress's 25 s graceful shutdown: the rest is for closing the log
@@ -190,7 +192,10 @@ def chooses_candidate(config: ReleaseConfig, client_key: str | None, request_id:
 
 def mirrors(config: ReleaseConfig, request_id: str) -> bool:
     """Is this answered request mirrored to the shadow? All of them unless `shadow_sample_share` < 1."""
-    return config.strategy == "shadow" and bucket("shadow:" + request_id) < config.shadow_sample_share
+    if config.strategy != "shadow":
+        return False
+    # Every request at the default share: no hash to compute on the champion's path.
+    return config.shadow_sample_share >= 1.0 or bucket("shadow:" + request_id) < config.shadow_sample_share
 
 
 def header(headers: list[tuple[bytes, bytes]], name: str) -> str | None:
@@ -245,13 +250,14 @@ async def score_mirrors(handle: Handle, requests: list[ForwardedRequest], *,
             out.append(ForwardedResponse(500, [], b'{"error":"the candidate failed on this mirror"}'))
             continue
         marked = [mark_shadow(line) for line, _ in answer.log_lines] if answer.status == 200 else []
-        out.append(ForwardedResponse(answer.status, [], answer.body, marked))
+        out.append(ForwardedResponse(answer.status, [], answer.body, marked, model_version=answer.model_version))
     return out
 
 
 class ReleaseMetrics(Protocol):
     def answered(self, role: str, version: str, status: int, latency_s: float, count: int = 1) -> None: ...
     def shadow_dropped(self) -> None: ...
+    def flush(self) -> None: ...
 
 
 class NoMetrics:
@@ -259,6 +265,9 @@ class NoMetrics:
         pass
 
     def shadow_dropped(self) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
 
@@ -294,6 +303,8 @@ def _version_of(response: ForwardedResponse) -> str:
 
     if response.status != 200:
         return "none"
+    if response.model_version is not None:
+        return response.model_version
     try:
         return str(json.loads(response.body).get("model_version", "none"))
     except (ValueError, AttributeError):
@@ -457,18 +468,23 @@ class RayServeReleaseMetrics:
     def __init__(self) -> None:
         from ray.serve import metrics as m
 
-        from mlops_assets.serving.metrics import LATENCY_BOUNDARIES_MS, PREFIX
+        from mlops_assets.serving.metrics import LATENCY_BOUNDARIES_MS, PREFIX, BufferedCounter
 
-        self._answers = m.Counter(PREFIX + "release_answers_total", "Release answers by role, version and status.",
-                                  tag_keys=("role", "version", "status"))  # type: ignore[arg-type]
+        keys = ("role", "version", "status")
+        self._answers = BufferedCounter(m.Counter(PREFIX + "release_answers_total",
+                                                  "Release answers by role, version and status.",
+                                                  tag_keys=keys), keys)  # type: ignore[arg-type]
         self._latency = m.Histogram(PREFIX + "release_latency_ms", "Latency of each role's answer in the ingress, ms.",
                                     boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("role",))
         self._dropped = m.Counter(PREFIX + "release_shadow_dropped_total", "Mirrors dropped: too many in flight.")
 
     def answered(self, role: str, version: str, status: int, latency_s: float, count: int = 1) -> None:
         """`count` answers of one latency (a shadow batch: its call's), counted each and timed once."""
-        self._answers.inc(count, {"role": role, "version": version, "status": str(status)})
+        self._answers.inc(count, role, version, str(status))
         self._latency.observe(latency_s * 1000.0, {"role": role})
 
     def shadow_dropped(self) -> None:
         self._dropped.inc(1)
+
+    def flush(self) -> None:
+        self._answers.flush()
