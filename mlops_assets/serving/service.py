@@ -248,7 +248,9 @@ class ServiceCore:
         records, matrix = parse_predict_matrix(raw, self.request_model)
         self.require_scorer()
         try:
-            scored = await asyncio.wait_for(self.score_fn(matrix), timeout=self.options.predict_timeout_s)
+            # A deadline on this task, not `wait_for`, which wraps the call in a second task per request.
+            async with asyncio.timeout(self.options.predict_timeout_s):
+                scored = await self.score_fn(matrix)
         except TimeoutError:
             raise RequestError(
                 504, f"prediction took longer than {self.options.predict_timeout_s}s; retry or send fewer records"
