@@ -59,6 +59,14 @@ class BufferedCounter:
             self._counter.inc(value)
 
 
+def buffered_counter(name: str, description: str, tag_keys: tuple[str, ...] = ()) -> BufferedCounter:
+    """A Ray Serve counter (made in a replica) behind a `BufferedCounter` that knows its tag keys."""
+    from ray.serve import metrics as m
+
+    # Ray annotates tag_keys as a 1-tuple (Tuple[str]); any tuple of names is what it takes.
+    return BufferedCounter(m.Counter(name, description, tag_keys=tag_keys), tag_keys)  # type: ignore[arg-type]
+
+
 class ServingMetrics(Protocol):
     def request(self, route: str, status: int, latency_s: float) -> None: ...
     def predictions(self, label_name: str, count: int) -> None: ...
@@ -105,18 +113,15 @@ class RayServeMetrics:
     def __init__(self) -> None:
         from ray.serve import metrics as m
 
-        # Ray annotates tag_keys as a 1-tuple (Tuple[str]); any tuple of names is what it takes.
-        by_status = ("route", "status")
-        self._requests = BufferedCounter(m.Counter(PREFIX + "requests_total", "HTTP requests by route and status code.",
-                                                   tag_keys=by_status), by_status)  # type: ignore[arg-type]
-        self._errors = BufferedCounter(m.Counter(PREFIX + "errors_total",
-                                                 "HTTP responses with status >= 400 by route and status.",
-                                                 tag_keys=by_status), by_status)  # type: ignore[arg-type]
+        self._requests = buffered_counter(PREFIX + "requests_total", "HTTP requests by route and status code.",
+                                          ("route", "status"))
+        self._errors = buffered_counter(PREFIX + "errors_total", "HTTP responses with status >= 400 by route and status.",
+                                        ("route", "status"))
         # Histograms stay Ray's own: each observation falls in a bucket, and a sum of them cannot be handed over.
         self._latency = m.Histogram(PREFIX + "request_latency_ms", "Request latency in the replica, ms.",
                                     boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("route",))
-        self._predictions = BufferedCounter(m.Counter(PREFIX + "predictions_total", "Scored records by predicted class.",
-                                                      tag_keys=("label",)), ("label",))
+        self._predictions = buffered_counter(PREFIX + "predictions_total", "Scored records by predicted class.",
+                                             ("label",))
         self._log_failures = m.Counter(PREFIX + "prediction_log_failures_total",
                                        "Prediction-log flush failures and dropped-row events.", tag_keys=("kind",))
         self._log_rows = m.Counter(PREFIX + "prediction_log_rows_written_total", "Rows written to the prediction log.")

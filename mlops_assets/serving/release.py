@@ -468,12 +468,10 @@ class RayServeReleaseMetrics:
     def __init__(self) -> None:
         from ray.serve import metrics as m
 
-        from mlops_assets.serving.metrics import LATENCY_BOUNDARIES_MS, PREFIX, BufferedCounter
+        from mlops_assets.serving.metrics import LATENCY_BOUNDARIES_MS, PREFIX, buffered_counter
 
-        keys = ("role", "version", "status")
-        self._answers = BufferedCounter(m.Counter(PREFIX + "release_answers_total",
-                                                  "Release answers by role, version and status.",
-                                                  tag_keys=keys), keys)  # type: ignore[arg-type]
+        self._answers = buffered_counter(PREFIX + "release_answers_total", "Release answers by role, version and status.",
+                                         ("role", "version", "status"))
         self._latency = m.Histogram(PREFIX + "release_latency_ms", "Latency of each role's answer in the ingress, ms.",
                                     boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("role",))
         self._dropped = m.Counter(PREFIX + "release_shadow_dropped_total", "Mirrors dropped: too many in flight.")
