@@ -11,8 +11,9 @@ platform's trainer and registered in a throwaway SQLite MLflow store:
 - `mlflow`: `mlflow models serve --env-manager local --workers N`, N = our scoring replicas;
 - `fastapi`: bench/bare_app.py under `uvicorn --workers N`: the same work per request (token,
   validation, scoring call, response, prediction log) without Ray;
-- levers, each the shipped default with one thing turned off: `ours: Ray's Python proxy` (a second
-  head without HAProxy) and, as applications of their own beside the shipped one on its head,
+- levers, each the shipped default with one thing turned off: on Ray heads of their own, `ours: Ray's
+  Python proxy` (no HAProxy) and `ours: HAProxy at Ray's defaults` (four threads, a log datagram per
+  request to Ray's HAProxyManager) and, as applications of their own beside the shipped one on its head,
   `ours: no prediction log`, `ours: no batching`, `ours: user code on a second thread` (Ray's default).
 
 Each round measures every cell (records x concurrency) on every target, in a shuffled target order,
@@ -66,8 +67,12 @@ CELLS = tuple((n, c) for n in RECORDS for c in CONCURRENCY)
 LEVER_CELLS = ((1, 1), (1, 8), (1, 32), (100, 8))
 SHIPPED = "ours"
 PEERS = ("mlflow", "fastapi")
-PROXY_LEVER = "ours: Ray's Python proxy"
-PROXY_LEVER_ON = True  # False with --lever: no second Ray head
+# (label, Serve ingress, head env): levers that need a Ray head of their own
+HEAD_LEVERS: tuple[tuple[str, str, dict[str, str]], ...] = (
+    ("ours: Ray's Python proxy", "proxy", {}),
+    ("ours: HAProxy at Ray's defaults", "haproxy",
+     {"RAY_SERVE_HAPROXY_NBTHREAD": "4", "RAY_SERVE_HAPROXY_METRICS_ENABLED": "1"}),
+)
 # (label, app args, replica env, deployment overrides): each the shipped config with one lever off
 APP_LEVERS: tuple[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]], ...] = (
     ("ours: no prediction log", {"prediction_log": False}, {}, {}),
@@ -215,8 +220,9 @@ class Target:
 
 
 @contextlib.contextmanager
-def ray_head(setup: Setup, ingress: str, log: Any) -> Iterator[tuple[Any, Any]]:
-    """A Ray head on loopback (free ports) with Serve's `ingress` ("haproxy", the default, or "proxy")."""
+def ray_head(setup: Setup, ingress: str, log: Any, env: Mapping[str, str] | None = None) -> Iterator[tuple[Any, Any]]:
+    """A Ray head on loopback (free ports) with Serve's `ingress` ("haproxy", the default, or "proxy"),
+    `env` over what tools/ray_cluster.py gives it."""
     from mlops_assets.deployment import rollout as dep
     from mlops_assets.tools.ray_cluster import ClusterConfig, auth_env, ensure_token, start_head, stop_head
 
@@ -233,7 +239,7 @@ def ray_head(setup: Setup, ingress: str, log: Any) -> Iterator[tuple[Any, Any]]:
     os.environ.update(auth_env(cluster))  # this process's deploy calls authenticate with the head's token
     target = dep.ServeTarget(cluster.dashboard_url, cluster.serve_url, token=TOKEN)
     started = time.monotonic()
-    start_head(cluster, env={"MLOPS_API_TOKEN": TOKEN, **replica_env(setup)})
+    start_head(cluster, env={"MLOPS_API_TOKEN": TOKEN, **replica_env(setup), **(env or {})})
     log(f"  ray head ({cluster.effective_serve_ingress}) up in {time.monotonic() - started:.0f}s")
     try:
         yield target, cluster
@@ -403,7 +409,7 @@ def goals(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """The comparison table: each cell's targets with their ratios to mlflow, fastapi and the shipped default."""
-    order = [SHIPPED, *PEERS, PROXY_LEVER, *(label for label, *_ in APP_LEVERS)]
+    order = [SHIPPED, *PEERS, *(label for label, *_ in HEAD_LEVERS), *(label for label, *_ in APP_LEVERS)]
     out = []
     for n, conc in CELLS:
         for name in order:
@@ -442,21 +448,21 @@ def parsing_micro(setup: Setup, repeats: int = 200) -> list[dict[str, Any]]:
 
 def _setup_and_measure(setup: Setup, budget: Budget, workers: int, levers: bool, deploy_seconds: dict[str, float],
                        log: Any) -> tuple[dict[tuple[str, int, int], list[LoadResult]], list[Target]]:
-    """Start every target (two Ray heads, the lever applications, the peers), measure, stop them all."""
+    """Start every target (the Ray heads, the lever applications, the peers), measure, stop them all."""
     with contextlib.ExitStack() as stack:
-        # Both heads start before any replica loads the machine: Ray gives a starting raylet 30 s.
+        # Every head starts before any replica loads the machine: Ray gives a starting raylet 30 s.
         target, cluster = stack.enter_context(ray_head(setup, "haproxy", log))
-        if levers and PROXY_LEVER_ON:
-            proxy_target, proxy_cluster = stack.enter_context(ray_head(setup, "proxy", log))
+        heads = [(label, *stack.enter_context(ray_head(setup, ingress, log, env)))
+                 for label, ingress, env in (HEAD_LEVERS if levers else ())]
         deploy_seconds[SHIPPED] = deploy_shipped(setup, target, log)
         port = cluster.serve_http_port
         targets = [Target(SHIPPED, port, "/predict", "records", auth=True)]
         if levers:
             for label, path in deploy_levers(setup, target, log):
                 targets.append(Target(label, port, path, "records", auth=True, cells=LEVER_CELLS))
-        if levers and PROXY_LEVER_ON:
-            deploy_seconds[PROXY_LEVER] = deploy_shipped(setup, proxy_target, log)
-            targets.append(Target(PROXY_LEVER, proxy_cluster.serve_http_port, "/predict", "records", auth=True,
+        for label, head_target, head_cluster in heads:
+            deploy_seconds[label] = deploy_shipped(setup, head_target, log)
+            targets.append(Target(label, head_cluster.serve_http_port, "/predict", "records", auth=True,
                                   cells=LEVER_CELLS))
         targets += stack.enter_context(peers(setup, workers, log))
         return measure(setup, targets, budget, log), targets
@@ -519,17 +525,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 3, or 1 with --quick)")
     parser.add_argument("--no-levers", action="store_true", help="only the shipped default and its peers")
     parser.add_argument("--lever", action="append", metavar="TEXT",
-                        help="only the app levers whose label holds TEXT (repeatable), and not the Python proxy's "
-                             "second head: a shorter run to look at one lever")
+                        help="only the levers whose label holds TEXT (repeatable): a shorter run to look at one")
     parser.add_argument("--json", help="write the results to this file (bench/results/serving.json)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (model, logs)")
     args = parser.parse_args(argv)
     if args.lever:
-        global APP_LEVERS, PROXY_LEVER_ON
+        global APP_LEVERS, HEAD_LEVERS
         APP_LEVERS = tuple(lever for lever in APP_LEVERS if any(text in lever[0] for text in args.lever))
-        if not APP_LEVERS:
+        HEAD_LEVERS = tuple(lever for lever in HEAD_LEVERS if any(text in lever[0] for text in args.lever))
+        if not APP_LEVERS and not HEAD_LEVERS:
             parser.error(f"--lever {args.lever} matches no lever label")
-        PROXY_LEVER_ON = False
     root = Path(tempfile.mkdtemp(prefix="mlops-bench-serving-"))
     try:
         out = run(args.quick, root, levers=not args.no_levers, rounds=args.rounds)

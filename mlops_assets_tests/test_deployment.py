@@ -11,6 +11,7 @@ import pytest
 from mlops_assets.deployment import rollout as dep
 from mlops_assets.serving.config import ModelRef
 from mlops_assets.tools.ray_cluster import ClusterConfig, config_from_env, head_command
+from mlops_assets.tools.serve_ingress import HAPROXY_SETTINGS
 
 
 def _app(config: dict[str, Any]) -> dict[str, Any]:
@@ -196,7 +197,7 @@ def test_deploy_folder_is_consistent_with_the_code() -> None:
                     "DAGSTER_PG_HOST", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB",
                     "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH",  # read by Ray itself (token auth)
                     # read by Ray Serve itself: the HAProxy ingress, run through the loopback wrapper
-                    "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_BINARY_PATH",
+                    "RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_BINARY_PATH", *HAPROXY_SETTINGS,
                     # secret files, read by deploy/production/entrypoint.sh (test_deploy_files.py)
                     "MLOPS_API_TOKEN_FILE", "DAGSTER_PG_PASSWORD_FILE", "RAY_AUTH_TOKEN_FILE"}
     for name in ("ray-head", "dagster-webserver"):
@@ -207,6 +208,13 @@ def test_deploy_folder_is_consistent_with_the_code() -> None:
              for services in (compose, production)}
     assert named == {"/app/deploy/haproxy-loopback"} and (deploy / "haproxy-loopback").is_file()
     assert "/app/deploy/haproxy-loopback" in (deploy / "rayservice.yaml").read_text()
+    # HAProxy's settings (one thread, no per-request log to Ray) are a local head's in every file.
+    for services in (compose, production):
+        environment = services["services"]["ray-head"]["environment"]
+        assert {k: environment.get(k) for k in HAPROXY_SETTINGS} == HAPROXY_SETTINGS
+    pod_env = {item["name"]: item.get("value") for item in
+               service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    assert {k: pod_env.get(k) for k in HAPROXY_SETTINGS} == HAPROXY_SETTINGS
     for dockerfile in ("Dockerfile.serving", "Dockerfile.dagster"):
         text = (deploy / dockerfile).read_text()
         assert "requirements.lock" in text and "MLOPS_SERVE_CONFIG=/app/deploy/serve_config.yaml" in text

@@ -146,6 +146,7 @@ def test_a_single_loopback_head_gets_haproxy_and_a_multi_node_head_the_proxy(tmp
     assert ClusterConfig(serve_ingress="proxy").effective_serve_ingress == "proxy"
     env = serve_ingress.head_env("haproxy", state_dir=tmp_path)
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert {k: env[k] for k in serve_ingress.HAPROXY_SETTINGS} == serve_ingress.HAPROXY_SETTINGS
     assert Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"]).parent == tmp_path
     assert len(env["RAY_SERVE_HAPROXY_SOCKET_PATH"]) + 65 <= 97  # HAProxy's limit on unix socket paths
     ports = {env[k] for k in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
