@@ -173,7 +173,10 @@ def test_a_part_filled_batch_goes_to_the_candidate_after_the_batch_wait() -> Non
     router = _router(champion, candidate)
     router.reconfigure({"strategy": "shadow", "candidate_version": "2", "shadow_batch_wait_s": 0.05})
     _, logged = _route(router, [_request(i) for i in range(5)], drain=False)  # only the timer sends them
-    assert candidate.batches == [5] and len(logged) == 5 and router.counts.shadow_in_flight == 0
+    assert candidate.batches == [5] and router.counts.shadow_in_flight == 0
+    # The batch's five answers in one spool write, each row still its own request's.
+    assert len(logged) == 1 and logged[0][1] == 5
+    assert sorted(row["request_id"] for row in decode_spool(logged[0][0])) == [f"req-{i}" for i in range(5)]
 
 
 def _shadow_then_close(candidate: Deployment, timeout_s: float) -> tuple[bool, list[tuple[bytes, int]], ReleaseRouter]:

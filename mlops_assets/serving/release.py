@@ -448,13 +448,15 @@ class ReleaseRouter:
             logger.warning("shadow: candidate failed on a batch of %d (%s)", len(batch), type(exc).__name__)
         finally:
             self.counts.shadow_in_flight -= len(batch)
-        for answer in answers:
-            if answer is not None and answer.status == 200:
-                for line, rows in answer.log_lines:  # marked `shadow = true` by the candidate
-                    try:
-                        log(line, rows)
-                    except Exception:
-                        logger.exception("shadow: the prediction log refused a mirror's line")
+        # Every answered mirror's lines (marked `shadow = true` by the candidate) in one spool write:
+        # frames are self-delimiting, so a batch's frames joined are a valid line.
+        lines = [line for answer in answers if answer is not None and answer.status == 200
+                 for line in answer.log_lines]
+        if lines:
+            try:
+                log(b"".join(line for line, _ in lines), sum(rows for _, rows in lines))
+            except Exception:
+                logger.exception("shadow: the prediction log refused a batch of %d mirrors' lines", len(lines))
         self._note_batch(answers, start)
 
 
