@@ -296,11 +296,12 @@ async def score_mirrors_here(core: ServiceCore, batch: list[ForwardedRequest]) -
     `predictions_total`: these answers reach no client (the release counts them).
     """
     scorer = core.require_scorer()
+    columns = core.spec.feature_names  # a new list at each call: once per batch
     answers: list[ForwardedResponse | None] = [None] * len(batch)
     parsed: list[tuple[int, list[dict[str, Any]], Any]] = []
     for i, request in enumerate(batch):
         lines = request.champion_lines
-        matrix = frame_matrix(lines[0][0], core.spec.feature_names) if len(lines) == 1 else None
+        matrix = frame_matrix(lines[0][0], columns) if len(lines) == 1 else None
         if matrix is not None:
             parsed.append((i, [], matrix))
             continue
@@ -315,7 +316,7 @@ async def score_mirrors_here(core: ServiceCore, batch: list[ForwardedRequest]) -
         request_id = batch[i].request_id
         if isinstance(features, np.ndarray):
             line = encode_request(request_id=request_id, model_version=result.version,
-                                  columns=core.spec.feature_names, matrix=features, labels=result.labels,
+                                  columns=columns, matrix=features, labels=result.labels,
                                   probabilities=result.probabilities, shadow=True)
         else:
             rows = prediction_rows(request_id=request_id, model_version=result.version, records=records,
