@@ -85,6 +85,7 @@ APP_LEVERS: tuple[tuple[str, dict[str, Any], dict[str, str], dict[str, Any]], ..
     ("candidate: no batching, router on the replica's loop, user code on a second thread", {"batch_max_size": 1},
      {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"}, {}),
     ("candidate: no access log", {}, {}, {"logging_config": {"enable_access_log": False}}),
+    ("ours: log parts of 5,000 rows", {"log_flush_rows": 5000}, {}, {}),  # the shipped default before eab62c7
     # every request through a scoring replica (a handle call), as before the ingress scored itself
     ("ours: the ingress does not score", {"ingress_scores": False}, {}, {}),
 )

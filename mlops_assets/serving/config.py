@@ -40,7 +40,9 @@ DEFAULT_MAX_RECORDS = 1000
 DEFAULT_MAX_BODY_BYTES = 1_000_000  # ~1000 records of 30 features with room to spare
 DEFAULT_PREDICT_TIMEOUT_S = 10.0
 DEFAULT_LOG_FLUSH_INTERVAL_S = 5.0
-DEFAULT_LOG_FLUSH_ROWS = 5000
+# A part per 50,000 rows (or per interval, whichever comes first): Parquet parts of 5,000 rows at
+# 100 records a request were a dozen small files a second, each with its own footer and column metadata.
+DEFAULT_LOG_FLUSH_ROWS = 50_000
 DEFAULT_LOG_MAX_BUFFER_ROWS = 200_000  # beyond this, unflushable rows are dropped and counted
 DEFAULT_DECISION_THRESHOLD = 0.5
 # Dynamic batching (bench/RESULTS.md has the measurements behind these): up to 32 waiting requests
