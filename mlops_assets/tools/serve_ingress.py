@@ -13,8 +13,8 @@ several heads on one machine (tests, benchmarks) never collide.
 
 Two of Ray's HAProxy defaults are changed (`HAPROXY_SETTINGS`, also in the compose files and the
 RayService): one HAProxy thread instead of four, and no per-request log datagram to Ray's
-HAProxyManager, which parsed each one into Serve's HTTP metrics (about an eighth of a core at
-1,700 req/s here). The ingress replicas then count Serve's HTTP metrics themselves, as they do
+HAProxyManager, which parsed each one in Python into Serve's HTTP metrics, on the same cores as
+the replicas. The ingress replicas then count Serve's HTTP metrics themselves, as they do
 without HAProxy, so the same `ray_serve_num_http_requests` series remain.
 """
 
