@@ -181,7 +181,10 @@ def serving_summary(results_dir: Path = RESULTS) -> str:
 def _run_kind(data: Mapping[str, Any]) -> str:
     if data.get("quick"):
         return "quick run"
-    return "run with one lever, --lever" if "--lever" in str(data.get("command")) else "full run"
+    levers = str(data.get("command")).split().count("--lever")
+    if not levers:
+        return "full run"
+    return "run with one lever, --lever" if levers == 1 else f"run with {levers} levers, --lever"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
