@@ -19,6 +19,7 @@ works on a 0/1 target internally (1 = the positive class) and the spec maps it b
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -132,7 +133,12 @@ class DatasetSpec:
 
     @property
     def feature_names(self) -> list[str]:
-        return [f.name for f in self.features]
+        # A copy of the names collected once: this runs several times per served request.
+        return list(self._feature_names)
+
+    @functools.cached_property
+    def _feature_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features)
 
     @property
     def columns(self) -> list[str]:

@@ -296,7 +296,7 @@ async def score_mirrors_here(core: ServiceCore, batch: list[ForwardedRequest]) -
     `predictions_total`: these answers reach no client (the release counts them).
     """
     scorer = core.require_scorer()
-    columns = core.spec.feature_names  # a new list at each call: once per batch
+    columns = core.spec.feature_names
     answers: list[ForwardedResponse | None] = [None] * len(batch)
     parsed: list[tuple[int, list[dict[str, Any]], Any]] = []
     for i, request in enumerate(batch):
